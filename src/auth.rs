@@ -1,0 +1,383 @@
+//! Authentication: JWT verification and signing, claims and the grants they
+//! carry.
+//!
+//! A token is verified with the one algorithm and key the node is configured
+//! with (so `alg: none` and algorithm confusion are refused by construction),
+//! `exp` and `sub` are required, and `iss` / `aud` are checked when set. A
+//! verified token becomes [`Grants`]: the patterns its holder may subscribe
+//! and publish to, with `{sub}` already substituted.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Algorithm, AuthSettings, ConfigError};
+use crate::topic::{Pattern, Topic, is_valid_segment};
+
+/// Clock skew tolerated on `exp` and `nbf`, in seconds.
+pub const LEEWAY_SECS: u64 = 5;
+
+/// The placeholder in a grant pattern that stands for the token's `sub`.
+pub const SUB_PLACEHOLDER: &str = "{sub}";
+
+/// Why a token was refused. The message never contains the token itself.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing token: send `Authorization: Bearer <jwt>` or the `token` query parameter")]
+    Missing,
+    #[error("token expired")]
+    Expired,
+    #[error("token not valid yet (nbf)")]
+    NotYetValid,
+    #[error("token signature does not verify")]
+    BadSignature,
+    #[error("token algorithm is not the one this node accepts")]
+    WrongAlgorithm,
+    #[error("token issuer (iss) is not accepted")]
+    WrongIssuer,
+    #[error("token audience (aud) is not accepted")]
+    WrongAudience,
+    #[error("token lacks the required claim `{0}`")]
+    MissingClaim(String),
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    #[error("token grants an invalid pattern {pattern:?} in `{claim}`: {reason}")]
+    BadGrant {
+        claim: &'static str,
+        pattern: String,
+        reason: String,
+    },
+}
+
+impl From<jsonwebtoken::errors::Error> for AuthError {
+    fn from(e: jsonwebtoken::errors::Error) -> Self {
+        match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                AuthError::WrongAlgorithm
+            }
+            ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+            ErrorKind::InvalidAudience => AuthError::WrongAudience,
+            ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
+            ErrorKind::InvalidToken => AuthError::Malformed("not a JWT".into()),
+            ErrorKind::Base64(_) => AuthError::Malformed("bad base64".into()),
+            ErrorKind::Json(_) | ErrorKind::InvalidClaimFormat(_) => {
+                AuthError::Malformed("claims are not valid".into())
+            }
+            ErrorKind::Utf8(_) => AuthError::Malformed("not UTF-8".into()),
+            _ => AuthError::Malformed("cannot be verified".into()),
+        }
+    }
+}
+
+/// The claims Herald reads from (and writes into) a token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    /// Patterns the holder may subscribe to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<String>,
+    /// Patterns the holder may publish to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<String>,
+}
+
+/// What a verified token allows.
+#[derive(Debug, Clone)]
+pub struct Grants {
+    pub sub: String,
+    /// Unix seconds at which the token expires.
+    pub exp: u64,
+    subscribe: Vec<Pattern>,
+    publish: Vec<Pattern>,
+    /// Some grant used `{sub}` but `sub` is not a valid topic segment, so
+    /// that grant matches nothing. Kept to explain refusals.
+    sub_unusable: bool,
+}
+
+/// Which right a request needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Subscribe,
+    Publish,
+}
+
+/// A refused subscribe or publish, with a message saying why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Forbidden(String);
+
+impl Grants {
+    fn from_claims(claims: Claims) -> Result<Grants, AuthError> {
+        let mut sub_unusable = false;
+        let mut parse = |claim: &'static str, patterns: &[String]| {
+            let mut out = Vec::with_capacity(patterns.len());
+            for raw in patterns {
+                let text = if raw.contains(SUB_PLACEHOLDER) {
+                    if !is_valid_segment(&claims.sub) {
+                        sub_unusable = true;
+                        continue;
+                    }
+                    raw.replace(SUB_PLACEHOLDER, &claims.sub)
+                } else {
+                    raw.clone()
+                };
+                out.push(Pattern::parse(&text).map_err(|e| AuthError::BadGrant {
+                    claim,
+                    pattern: raw.clone(),
+                    reason: e.to_string(),
+                })?);
+            }
+            Ok::<_, AuthError>(out)
+        };
+        let subscribe = parse("topics", &claims.topics)?;
+        let publish = parse("publish", &claims.publish)?;
+        Ok(Grants {
+            sub: claims.sub,
+            exp: claims.exp,
+            subscribe,
+            publish,
+            sub_unusable,
+        })
+    }
+
+    /// Whether these grants allow `action` on `topic`, and if not, why.
+    pub fn check(&self, action: Action, topic: &Topic) -> Result<(), Forbidden> {
+        let (patterns, verb, claim) = match action {
+            Action::Subscribe => (&self.subscribe, "subscribe to", "topics"),
+            Action::Publish => (&self.publish, "publish to", "publish"),
+        };
+        if patterns.iter().any(|p| p.matches(topic)) {
+            return Ok(());
+        }
+        let mut msg = format!("token does not allow to {verb} {topic:?} (claim `{claim}`)");
+        if self.sub_unusable {
+            msg.push_str(
+                "; grants using {sub} match nothing because the token's sub contains \
+                 characters outside [A-Za-z0-9_-]",
+            );
+        }
+        Err(Forbidden(msg))
+    }
+}
+
+fn jwt_algorithm(a: Algorithm) -> jsonwebtoken::Algorithm {
+    match a {
+        Algorithm::HS256 => jsonwebtoken::Algorithm::HS256,
+        Algorithm::RS256 => jsonwebtoken::Algorithm::RS256,
+        Algorithm::ES256 => jsonwebtoken::Algorithm::ES256,
+    }
+}
+
+/// Verifies tokens against the node's configured key.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl Verifier {
+    pub fn new(auth: &AuthSettings) -> Result<Verifier, ConfigError> {
+        let key = match auth.algorithm {
+            Algorithm::HS256 => {
+                let secret = auth.jwt_secret.as_ref().ok_or(ConfigError::NoKey)?;
+                let secret = secret.expose_secret();
+                if secret.len() < 32 {
+                    return Err(ConfigError::invalid(
+                        "auth.jwt_secret",
+                        "HERALD__AUTH__JWT_SECRET",
+                        "must be at least 32 bytes for HS256",
+                    ));
+                }
+                DecodingKey::from_secret(secret.as_bytes())
+            }
+            Algorithm::RS256 | Algorithm::ES256 => {
+                let pem = auth.public_key_pem.as_ref().ok_or(ConfigError::NoKey)?;
+                let parsed = if auth.algorithm == Algorithm::RS256 {
+                    DecodingKey::from_rsa_pem(pem.as_bytes())
+                } else {
+                    DecodingKey::from_ec_pem(pem.as_bytes())
+                };
+                parsed.map_err(|e| {
+                    ConfigError::invalid("auth.public_key_pem", "HERALD__AUTH__PUBLIC_KEY_PEM", e)
+                })?
+            }
+        };
+        let mut validation = Validation::new(jwt_algorithm(auth.algorithm));
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &auth.issuer {
+            Some(iss) => validation.set_issuer(&[iss]),
+            None => validation.iss = None,
+        }
+        match &auth.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        Ok(Verifier { key, validation })
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Grants, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?;
+        Grants::from_claims(data.claims)
+    }
+}
+
+/// Signs tokens with the node's configured key (`herald token`, dev mode).
+pub struct Signer {
+    key: EncodingKey,
+    header: Header,
+    issuer: Option<String>,
+    audience: Option<String>,
+}
+
+impl Signer {
+    pub fn new(auth: &AuthSettings) -> Result<Signer, ConfigError> {
+        let key = match auth.algorithm {
+            Algorithm::HS256 => {
+                let secret = auth.jwt_secret.as_ref().ok_or(ConfigError::NoKey)?;
+                EncodingKey::from_secret(secret.expose_secret().as_bytes())
+            }
+            Algorithm::RS256 | Algorithm::ES256 => {
+                let pem = auth.private_key_pem.as_ref().ok_or_else(|| {
+                    ConfigError::invalid(
+                        "auth.private_key_pem",
+                        "HERALD__AUTH__PRIVATE_KEY_PEM",
+                        "needed to sign tokens with RS256/ES256",
+                    )
+                })?;
+                let pem = pem.expose_secret().as_bytes();
+                let parsed = if auth.algorithm == Algorithm::RS256 {
+                    EncodingKey::from_rsa_pem(pem)
+                } else {
+                    EncodingKey::from_ec_pem(pem)
+                };
+                parsed.map_err(|e| {
+                    ConfigError::invalid("auth.private_key_pem", "HERALD__AUTH__PRIVATE_KEY_PEM", e)
+                })?
+            }
+        };
+        Ok(Signer {
+            key,
+            header: Header::new(jwt_algorithm(auth.algorithm)),
+            issuer: auth.issuer.clone(),
+            audience: auth.audience.clone(),
+        })
+    }
+
+    /// A token for `sub` valid for `ttl`, granting the given patterns.
+    pub fn sign(
+        &self,
+        sub: &str,
+        topics: &[String],
+        publish: &[String],
+        ttl: Duration,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
+        let now = unix_now_secs();
+        let claims = Claims {
+            sub: sub.to_owned(),
+            exp: now + ttl.as_secs(),
+            iat: Some(now),
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+            topics: topics.to_vec(),
+            publish: publish.to_vec(),
+        };
+        jsonwebtoken::encode(&self.header, &claims, &self.key)
+    }
+}
+
+/// Checks grant patterns given on the command line before signing them.
+pub fn check_patterns(claim: &'static str, patterns: &[String]) -> Result<(), AuthError> {
+    let mut seen = HashSet::new();
+    for raw in patterns {
+        if !seen.insert(raw) {
+            continue;
+        }
+        // `{sub}` is substituted at verification; check the rest of the shape.
+        Pattern::parse(&raw.replace(SUB_PLACEHOLDER, "x")).map_err(|e| AuthError::BadGrant {
+            claim,
+            pattern: raw.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+pub fn unix_now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grants(sub: &str, topics: &[&str], publish: &[&str]) -> Grants {
+        Grants::from_claims(Claims {
+            sub: sub.into(),
+            exp: 0,
+            iat: None,
+            iss: None,
+            aud: None,
+            topics: topics.iter().map(|s| s.to_string()).collect(),
+            publish: publish.iter().map(|s| s.to_string()).collect(),
+        })
+        .unwrap()
+    }
+
+    fn t(s: &str) -> Topic {
+        Topic::parse(s).unwrap()
+    }
+
+    #[test]
+    fn sub_placeholder_is_substituted() {
+        let g = grants("alice", &["user.{sub}.>"], &[]);
+        assert!(g.check(Action::Subscribe, &t("user.alice.inbox")).is_ok());
+        assert!(g.check(Action::Subscribe, &t("user.bob.inbox")).is_err());
+        assert!(g.check(Action::Publish, &t("user.alice.inbox")).is_err());
+    }
+
+    #[test]
+    fn unusable_sub_voids_the_grant_and_says_why() {
+        let g = grants("alice@example.com", &["user.{sub}", "news"], &[]);
+        assert!(g.check(Action::Subscribe, &t("news")).is_ok());
+        let err = g
+            .check(Action::Subscribe, &t("user.alice"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("{sub}"), "{err}");
+    }
+
+    #[test]
+    fn bad_grant_pattern_refuses_the_token() {
+        let claims = Claims {
+            sub: "a".into(),
+            exp: 0,
+            iat: None,
+            iss: None,
+            aud: None,
+            topics: vec!["a..b".into()],
+            publish: vec![],
+        };
+        assert!(matches!(
+            Grants::from_claims(claims),
+            Err(AuthError::BadGrant { .. })
+        ));
+    }
+}

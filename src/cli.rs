@@ -1,0 +1,127 @@
+//! The command line: `herald serve`, `herald token`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::auth::{Signer, check_patterns};
+use crate::config::{ConfigError, Settings};
+use crate::startup::Application;
+use crate::{dev, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Live-notification broker: HTTP publish, WebSocket subscribe"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a node.
+    Serve {
+        /// Settings file (TOML), layered over config/default.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Zero-setup mode: create a development signing key if none is
+        /// configured and print ready tokens.
+        #[arg(long)]
+        dev: bool,
+    },
+    /// Print a signed token for the configured key.
+    Token {
+        /// The token's subject (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// Patterns the token may subscribe to, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        topics: Vec<String>,
+        /// Patterns the token may publish to, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        publish: Vec<String>,
+        /// Lifetime, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Settings file (TOML), layered over config/default.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Runs the command line; the binary's `main` is only this.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config, dev } => serve(config, dev),
+        Command::Token {
+            sub,
+            topics,
+            publish,
+            ttl,
+            config,
+        } => token(config, &sub, &topics, &publish, ttl),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: Option<PathBuf>, dev_mode: bool) -> Result<(), String> {
+    telemetry::init();
+    let mut settings = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
+    if dev_mode && dev::no_key_configured(&settings) {
+        let path = &settings.dev.secret_file;
+        let secret = dev::load_or_create_secret(path).map_err(|e| {
+            format!(
+                "cannot read or create the development key {} (setting `dev.secret_file`): {e}",
+                path.display()
+            )
+        })?;
+        settings.auth.jwt_secret = Some(secret);
+    }
+    actix_web::rt::System::new().block_on(async move {
+        let app = Application::build(settings.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        if dev_mode {
+            println!("{}", dev::banner(&settings, app.local_addr())?);
+        }
+        tracing::info!(addr = %app.local_addr(), "herald listening");
+        app.run_until_stopped().await.map_err(|e| e.to_string())
+    })
+}
+
+fn token(
+    config: Option<PathBuf>,
+    sub: &str,
+    topics: &[String],
+    publish: &[String],
+    ttl: Duration,
+) -> Result<(), String> {
+    let mut settings = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
+    if dev::no_key_configured(&settings) {
+        // Reuse the key `serve --dev` created, so its tokens verify.
+        settings.auth.jwt_secret = dev::existing_secret(&settings.dev.secret_file);
+    }
+    check_patterns("topics", topics).map_err(|e| e.to_string())?;
+    check_patterns("publish", publish).map_err(|e| e.to_string())?;
+    if sub.is_empty() {
+        return Err("--sub must not be empty".into());
+    }
+    let signer = Signer::new(&settings.auth).map_err(|e: ConfigError| e.to_string())?;
+    let token = signer
+        .sign(sub, topics, publish, ttl)
+        .map_err(|e| format!("cannot sign: {e}"))?;
+    println!("{token}");
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! Settings: their defaults, layered loading and validation.
+//!
+//! Layers, later ones winning: built-in defaults, `config/default.toml` if
+//! present, the `--config FILE` given on the command line, then environment
+//! variables `HERALD__SECTION__KEY` (e.g. `HERALD__SERVER__BIND`). A setting
+//! that cannot be used stops start-up with an error naming it. Secrets are
+//! held as [`SecretString`] so they cannot be logged by accident.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::{Deserialize, Deserializer};
+
+/// A setting that cannot be used, with the name of the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read settings: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid setting `{key}` (env {env}): {reason}")]
+    Invalid {
+        key: &'static str,
+        env: &'static str,
+        reason: String,
+    },
+    #[error(
+        "no signing key configured: set `auth.jwt_secret` (env HERALD__AUTH__JWT_SECRET) for HS256, \
+         or `auth.algorithm` with `auth.public_key_pem` for RS256/ES256; \
+         or run `herald serve --dev` for a development key"
+    )]
+    NoKey,
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(key: &'static str, env: &'static str, reason: impl ToString) -> Self {
+        ConfigError::Invalid {
+            key,
+            env,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub auth: AuthSettings,
+    pub limits: LimitSettings,
+    pub dev: DevSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address the node listens on; port 0 picks a free port.
+    pub bind: String,
+    /// Browser origins allowed to open a WebSocket; empty allows any.
+    #[serde(deserialize_with = "string_or_list")]
+    pub allowed_origins: Vec<String>,
+}
+
+/// JWT signing algorithms Herald accepts (one per node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Algorithm {
+    HS256,
+    RS256,
+    ES256,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub algorithm: Algorithm,
+    /// Shared secret for HS256.
+    pub jwt_secret: Option<SecretString>,
+    /// Verification key for RS256 / ES256 (PEM text).
+    pub public_key_pem: Option<String>,
+    /// Signing key for RS256 / ES256, used only by `herald token`.
+    pub private_key_pem: Option<SecretString>,
+    /// Required `iss` claim, when set.
+    pub issuer: Option<String>,
+    /// Required `aud` claim, when set.
+    pub audience: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Largest event payload (HTTP body or WebSocket frame), in bytes.
+    pub max_payload_bytes: usize,
+    /// Most events in one `POST /api/v1/events` batch.
+    pub max_batch_events: usize,
+    /// Largest `POST /api/v1/events` body, in bytes.
+    pub max_batch_bytes: usize,
+    /// Events queued for one connection before it is closed as too slow.
+    pub outbound_queue: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevSettings {
+    /// Where `serve --dev` keeps its generated HS256 secret.
+    pub secret_file: PathBuf,
+}
+
+/// Built-in defaults, the first layer. Every setting has one here, so the
+/// README's settings table and this list can be compared line by line.
+const DEFAULTS: &[(&str, &str)] = &[
+    ("server.bind", "127.0.0.1:8080"),
+    ("server.allowed_origins", ""),
+    ("auth.algorithm", "HS256"),
+    ("limits.max_payload_bytes", "65536"),
+    ("limits.max_batch_events", "1000"),
+    ("limits.max_batch_bytes", "1048576"),
+    ("limits.outbound_queue", "1024"),
+    ("dev.secret_file", ".herald/dev-secret"),
+];
+
+impl Settings {
+    /// Loads the layers described in the module doc.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let mut builder = Self::defaults_builder()?
+            .add_source(config::File::with_name("config/default").required(false));
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        let settings: Settings = builder
+            .add_source(
+                config::Environment::with_prefix("HERALD")
+                    .prefix_separator("__")
+                    .separator("__"),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The built-in defaults alone, ignoring files and the environment
+    /// (what tests start from).
+    pub fn defaults() -> Settings {
+        Self::defaults_builder()
+            .and_then(|b| b.build())
+            .and_then(|c| c.try_deserialize())
+            // The defaults are constants checked by the unit test below.
+            .expect("built-in defaults deserialize")
+    }
+
+    fn defaults_builder()
+    -> Result<config::ConfigBuilder<config::builder::DefaultState>, config::ConfigError> {
+        let mut builder = config::Config::builder();
+        for (key, value) in DEFAULTS {
+            builder = builder.set_default(*key, *value)?;
+        }
+        Ok(builder)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.bind_addr()?;
+        for origin in &self.server.allowed_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://"))
+                || origin.ends_with('/')
+            {
+                return Err(ConfigError::invalid(
+                    "server.allowed_origins",
+                    "HERALD__SERVER__ALLOWED_ORIGINS",
+                    format!("{origin:?} is not an origin like https://app.example.com"),
+                ));
+            }
+        }
+        let positive = [
+            (
+                self.limits.max_payload_bytes,
+                "limits.max_payload_bytes",
+                "HERALD__LIMITS__MAX_PAYLOAD_BYTES",
+            ),
+            (
+                self.limits.max_batch_events,
+                "limits.max_batch_events",
+                "HERALD__LIMITS__MAX_BATCH_EVENTS",
+            ),
+            (
+                self.limits.max_batch_bytes,
+                "limits.max_batch_bytes",
+                "HERALD__LIMITS__MAX_BATCH_BYTES",
+            ),
+            (
+                self.limits.outbound_queue,
+                "limits.outbound_queue",
+                "HERALD__LIMITS__OUTBOUND_QUEUE",
+            ),
+        ];
+        for (value, key, env) in positive {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, env, "must be greater than 0"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn bind_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server.bind.parse().map_err(|e| {
+            ConfigError::invalid("server.bind", "HERALD__SERVER__BIND", format!("{e}"))
+        })
+    }
+}
+
+/// Accepts `["a", "b"]` in files and `a,b` in environment variables.
+fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s.split(',').map(str::to_owned).collect(),
+        OneOrMany::Many(v) => v,
+    };
+    Ok(items
+        .into_iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = Settings::defaults();
+        s.validate().unwrap();
+        assert_eq!(s.bind_addr().unwrap().to_string(), "127.0.0.1:8080");
+        assert!(s.server.allowed_origins.is_empty());
+        assert_eq!(s.auth.algorithm, Algorithm::HS256);
+    }
+
+    #[test]
+    fn bad_bind_names_the_setting() {
+        let mut s = Settings::defaults();
+        s.server.bind = "nowhere".into();
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("server.bind"), "{err}");
+        assert!(err.contains("HERALD__SERVER__BIND"), "{err}");
+    }
+}

@@ -1,0 +1,86 @@
+//! Zero-setup development mode: a generated signing key kept in a local file
+//! (so restarts and `herald token` reuse it) and the start-up banner with
+//! ready tokens and copy-paste examples.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use crate::auth::Signer;
+use crate::config::{Algorithm, Settings};
+
+/// Lifetime of the tokens printed by the dev banner.
+pub const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Whether the settings name no signing key at all.
+pub fn no_key_configured(settings: &Settings) -> bool {
+    settings.auth.algorithm == Algorithm::HS256 && settings.auth.jwt_secret.is_none()
+}
+
+/// Reads the development secret from `path`, creating it (mode 0600) with
+/// 32 random bytes when it does not exist yet.
+pub fn load_or_create_secret(path: &Path) -> io::Result<SecretString> {
+    match fs::read_to_string(path) {
+        Ok(secret) => return Ok(SecretString::from(secret.trim().to_owned())),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        Err(_) => {}
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir)?;
+    }
+    let secret: String = rand::random::<[u8; 32]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(secret.as_bytes())?;
+    Ok(SecretString::from(secret))
+}
+
+/// Reads an existing development secret, if `serve --dev` created one.
+pub fn existing_secret(path: &Path) -> Option<SecretString> {
+    fs::read_to_string(path)
+        .ok()
+        .map(|s| SecretString::from(s.trim().to_owned()))
+}
+
+/// The banner `serve --dev` prints on stdout once the node listens.
+pub fn banner(settings: &Settings, addr: std::net::SocketAddr) -> Result<String, String> {
+    let signer = Signer::new(&settings.auth).map_err(|e| e.to_string())?;
+    let all = vec![">".to_owned()];
+    let subscriber = signer
+        .sign("dev-subscriber", &all, &[], DEV_TOKEN_TTL)
+        .map_err(|e| e.to_string())?;
+    let publisher = signer
+        .sign("dev-publisher", &[], &all, DEV_TOKEN_TTL)
+        .map_err(|e| e.to_string())?;
+    let secret_file = settings.dev.secret_file.display();
+    Ok(format!(
+        "\
+Herald dev node listening on http://{addr}  (signing key: {secret_file})
+
+Subscriber token (subscribe to any topic, 24h):
+  {subscriber}
+
+Publisher token (publish to any topic, 24h):
+  {publisher}
+
+Receive: open a WebSocket and subscribe, e.g. with websocat:
+  websocat 'ws://{addr}/ws?token={subscriber}'
+  {{\"op\":\"subscribe\",\"id\":1,\"topic\":\"alerts\"}}
+
+Publish (from another terminal):
+  curl -i -X POST http://{addr}/api/v1/topics/alerts/events \\
+    -H 'Authorization: Bearer {publisher}' \\
+    -H 'Content-Type: application/json' -d '{{\"text\":\"hello\"}}'
+
+More tokens: herald token --sub alice --topics 'user.{{sub}}.>' --publish 'chat.>' --ttl 1h
+"
+    ))
+}

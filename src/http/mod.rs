@@ -1,0 +1,127 @@
+//! The HTTP surface: publish API, health, and the one place where errors
+//! become HTTP statuses and JSON bodies.
+
+mod publish;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use serde::Serialize;
+
+use crate::auth::{AuthError, Forbidden};
+use crate::broker::PublishError;
+use crate::protocol::ErrorCode;
+use crate::topic::TopicError;
+
+/// Registers the HTTP routes (the WebSocket route lives in `ws`).
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route(
+            "/api/v1/topics/{topic}/events",
+            web::post().to(publish::publish_one),
+        )
+        .route("/api/v1/events", web::post().to(publish::publish_batch));
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// Answers every unknown route.
+pub async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound)
+}
+
+/// Every way an HTTP request (or a WebSocket handshake) can be refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Unauthorized(#[from] AuthError),
+    #[error("origin {0:?} is not in server.allowed_origins")]
+    OriginNotAllowed(String),
+    #[error(transparent)]
+    Forbidden(#[from] Forbidden),
+    #[error(transparent)]
+    InvalidTopic(#[from] TopicError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error(transparent)]
+    Unavailable(#[from] PublishError),
+    #[error("no such route")]
+    NotFound,
+}
+
+impl ApiError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            ApiError::Unauthorized(_) => ErrorCode::Unauthorized,
+            ApiError::OriginNotAllowed(_) | ApiError::Forbidden(_) => ErrorCode::Forbidden,
+            ApiError::InvalidTopic(_) => ErrorCode::InvalidTopic,
+            ApiError::BadRequest(_) => ErrorCode::BadRequest,
+            ApiError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            ApiError::Unavailable(_) => ErrorCode::Unavailable,
+            ApiError::NotFound => ErrorCode::NotFound,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'static str,
+    message: &'a str,
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self.code() {
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::BadRequest | ErrorCode::InvalidTopic => StatusCode::BAD_REQUEST,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let message = self.to_string();
+        let mut response = HttpResponse::build(self.status_code());
+        if matches!(self, ApiError::Unauthorized(_)) {
+            response.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        }
+        response.json(ErrorBody {
+            error: self.code().as_str(),
+            message: &message,
+        })
+    }
+}
+
+/// The token from `Authorization: Bearer <jwt>`, if that header is present.
+pub(crate) fn bearer_token(req: &HttpRequest) -> Result<Option<&str>, AuthError> {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| AuthError::Malformed("Authorization header is not ASCII".into()))?;
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(Some(token.trim()))
+        }
+        _ => Err(AuthError::Malformed(
+            "Authorization header must be `Bearer <jwt>`".into(),
+        )),
+    }
+}
+
+/// Turns actix's own extractor failures (bad JSON, bad path, bad query) into
+/// Herald's JSON error body.
+pub fn json_config() -> web::JsonConfig {
+    web::JsonConfig::default()
+        .error_handler(|err, _req| ApiError::BadRequest(err.to_string()).into())
+}

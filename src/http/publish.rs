@@ -1,0 +1,142 @@
+//! `POST /api/v1/topics/{topic}/events` and `POST /api/v1/events`.
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::{ApiError, bearer_token};
+use crate::auth::{Action, AuthError, Grants};
+use crate::event::Payload;
+use crate::startup::AppState;
+use crate::topic::Topic;
+
+fn authenticate(req: &HttpRequest, state: &AppState) -> Result<Grants, ApiError> {
+    let token = bearer_token(req)?.ok_or(AuthError::Missing)?;
+    Ok(state.verifier.verify(token)?)
+}
+
+/// Reads the body, refusing it (413) as soon as it passes `limit` bytes.
+async fn read_body(req: &HttpRequest, body: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    match body.to_bytes_limited(limit).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => Err(ApiError::BadRequest(format!("cannot read body: {e}"))),
+        Err(_) => Err(ApiError::PayloadTooLarge(limit)),
+    }
+}
+
+fn is_json(req: &HttpRequest) -> bool {
+    let Some(ct) = req.headers().get(header::CONTENT_TYPE) else {
+        return false;
+    };
+    let Ok(mime) = ct.to_str().unwrap_or_default().parse::<mime::Mime>() else {
+        return false;
+    };
+    mime.type_() == mime::APPLICATION
+        && (mime.subtype() == mime::JSON || mime.suffix() == Some(mime::JSON))
+}
+
+#[derive(Serialize)]
+struct Published<'a> {
+    topic: &'a str,
+    offset: u64,
+}
+
+pub(super) async fn publish_one(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grants = authenticate(&req, &state)?;
+    let topic = Topic::parse(&path)?;
+    grants.check(Action::Publish, &topic)?;
+    let limit = state.settings.limits.max_payload_bytes;
+    let body = read_body(&req, body, limit).await?;
+    let payload = if is_json(&req) {
+        let raw: Box<RawValue> = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
+        Payload::Json(raw)
+    } else {
+        Payload::Binary(body)
+    };
+    let offset = state.broker.publish(topic.clone(), payload).await?;
+    Ok(HttpResponse::Created().json(Published {
+        topic: topic.as_str(),
+        offset,
+    }))
+}
+
+/// One item of a batch: `data` (JSON) or `data_b64` (binary).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItem {
+    topic: String,
+    #[serde(default, deserialize_with = "crate::protocol::present")]
+    data: Option<Box<RawValue>>,
+    #[serde(default)]
+    data_b64: Option<String>,
+}
+
+#[derive(Serialize)]
+struct BatchPublished {
+    offsets: Vec<u64>,
+}
+
+pub(super) async fn publish_batch(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let grants = authenticate(&req, &state)?;
+    let limits = &state.settings.limits;
+    let body = read_body(&req, body, limits.max_batch_bytes).await?;
+    let items: Vec<BatchItem> = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "body must be a JSON array of {{\"topic\", \"data\" | \"data_b64\"}}: {e}"
+        ))
+    })?;
+    if items.is_empty() {
+        return Err(ApiError::BadRequest("batch is empty".into()));
+    }
+    if items.len() > limits.max_batch_events {
+        return Err(ApiError::BadRequest(format!(
+            "batch has {} events; the limit is {} (limits.max_batch_events)",
+            items.len(),
+            limits.max_batch_events
+        )));
+    }
+    // Check every item before publishing any: a batch is refused whole.
+    let mut events = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let at = |msg: String| ApiError::BadRequest(format!("event {i}: {msg}"));
+        let topic = Topic::parse(&item.topic)?;
+        grants.check(Action::Publish, &topic)?;
+        let payload = match (item.data, item.data_b64) {
+            (Some(data), None) => Payload::Json(data),
+            (None, Some(b64)) => Payload::Binary(Bytes::from(
+                BASE64
+                    .decode(b64.as_bytes())
+                    .map_err(|e| at(format!("`data_b64` is not base64: {e}")))?,
+            )),
+            _ => return Err(at("needs exactly one of `data` or `data_b64`".into())),
+        };
+        if payload.len() > limits.max_payload_bytes {
+            return Err(ApiError::PayloadTooLarge(limits.max_payload_bytes));
+        }
+        events.push((topic, payload));
+    }
+    let offsets = state.broker.publish_batch(events).await?;
+    Ok(HttpResponse::Created().json(BatchPublished { offsets }))
+}

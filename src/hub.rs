@@ -1,0 +1,117 @@
+//! Local subscriptions and fan-out on this node.
+//!
+//! The hub maps each topic to the mailboxes of the connections on this node
+//! that subscribed to it. Delivering an event is a read lock and one
+//! non-blocking `try_send` of a shared `Arc<Event>` per subscriber; no lock
+//! is ever held across an `.await`.
+//!
+//! Overflow policy: each connection's mailbox is bounded
+//! (`limits.outbound_queue`). A subscriber whose mailbox is full is evicted
+//! (its connection closes with 1013, "try again later") rather than slowing
+//! the publisher or the other subscribers; it can reconnect.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::Event;
+use crate::topic::Topic;
+
+/// Identifies one connection on this node.
+pub type ConnId = u64;
+
+/// Where the hub drops events for one connection.
+#[derive(Clone, Debug)]
+pub struct Mailbox {
+    pub id: ConnId,
+    tx: mpsc::Sender<Arc<Event>>,
+    /// Cancelled when the mailbox overflowed: the connection must close.
+    overflowed: CancellationToken,
+}
+
+impl Mailbox {
+    /// A mailbox holding at most `capacity` events, and its receiving end.
+    pub fn new(
+        id: ConnId,
+        capacity: usize,
+    ) -> (Mailbox, mpsc::Receiver<Arc<Event>>, CancellationToken) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let overflowed = CancellationToken::new();
+        (
+            Mailbox {
+                id,
+                tx,
+                overflowed: overflowed.clone(),
+            },
+            rx,
+            overflowed,
+        )
+    }
+
+    fn offer(&self, event: &Arc<Event>) -> bool {
+        match self.tx.try_send(Arc::clone(event)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.overflowed.cancel();
+                false
+            }
+            // The connection is closing and will unsubscribe itself.
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Hub {
+    topics: RwLock<HashMap<Topic, Vec<Mailbox>>>,
+}
+
+impl Hub {
+    /// Adds `mailbox` to `topic`. Returns true when it is the topic's first
+    /// subscriber on this node. Subscribing twice is a no-op.
+    pub fn subscribe(&self, topic: &Topic, mailbox: &Mailbox) -> bool {
+        let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        match topics.entry(topic.clone()) {
+            Entry::Vacant(v) => {
+                v.insert(vec![mailbox.clone()]);
+                true
+            }
+            Entry::Occupied(mut o) => {
+                if !o.get().iter().any(|m| m.id == mailbox.id) {
+                    o.get_mut().push(mailbox.clone());
+                }
+                false
+            }
+        }
+    }
+
+    /// Removes connection `id` from `topic`. Returns true when the topic has
+    /// no subscriber left on this node.
+    pub fn unsubscribe(&self, topic: &Topic, id: ConnId) -> bool {
+        let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        let Some(mailboxes) = topics.get_mut(topic) else {
+            return false;
+        };
+        let Some(pos) = mailboxes.iter().position(|m| m.id == id) else {
+            return false;
+        };
+        mailboxes.swap_remove(pos);
+        if mailboxes.is_empty() {
+            topics.remove(topic);
+            return true;
+        }
+        false
+    }
+
+    /// Offers `event` to every local subscriber of its topic; returns how
+    /// many accepted it.
+    pub fn deliver(&self, event: &Arc<Event>) -> usize {
+        let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
+        topics.get(&event.topic).map_or(0, |mailboxes| {
+            mailboxes.iter().filter(|m| m.offer(event)).count()
+        })
+    }
+}

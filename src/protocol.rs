@@ -1,0 +1,440 @@
+//! The WebSocket wire protocol: client operations, server frames, their two
+//! encodings (`herald.json` text frames, `herald.msgpack` binary frames),
+//! error codes and close codes.
+//!
+//! Both encodings carry the same fields. A binary payload travels as
+//! `data_b64` (base64) in JSON frames and as a MessagePack `bin` in `data`
+//! in MessagePack frames. See `docs/protocol.md` for examples.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use bytestring::ByteString;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+
+use crate::event::{Event, Payload};
+use crate::topic::{Topic, TopicError};
+
+/// Sub-protocol name of the JSON encoding (the default).
+pub const JSON_PROTOCOL: &str = "herald.json";
+/// Sub-protocol name of the MessagePack encoding.
+pub const MSGPACK_PROTOCOL: &str = "herald.msgpack";
+
+/// How frames are encoded on one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Json,
+    MsgPack,
+}
+
+impl Encoding {
+    pub fn protocol_name(self) -> &'static str {
+        match self {
+            Encoding::Json => JSON_PROTOCOL,
+            Encoding::MsgPack => MSGPACK_PROTOCOL,
+        }
+    }
+
+    pub fn from_protocol_name(name: &str) -> Option<Encoding> {
+        match name {
+            JSON_PROTOCOL => Some(Encoding::Json),
+            MSGPACK_PROTOCOL => Some(Encoding::MsgPack),
+            _ => None,
+        }
+    }
+}
+
+/// The `code` of an `error` frame (and of HTTP error bodies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    InvalidTopic,
+    PayloadTooLarge,
+    NotFound,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::InvalidTopic => "invalid_topic",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// A request from a client, decoded and with its topic parsed.
+#[derive(Debug)]
+pub enum ClientOp {
+    Subscribe {
+        id: Option<u64>,
+        topic: Topic,
+    },
+    Unsubscribe {
+        id: Option<u64>,
+        topic: Topic,
+    },
+    Publish {
+        id: Option<u64>,
+        topic: Topic,
+        payload: Payload,
+    },
+    Ping {
+        id: Option<u64>,
+    },
+}
+
+/// A client frame that could not be turned into a [`ClientOp`].
+#[derive(Debug)]
+pub struct DecodeError {
+    /// The request's `id`, when it could be read.
+    pub id: Option<u64>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl DecodeError {
+    fn bad_request(id: Option<u64>, message: impl Into<String>) -> Self {
+        DecodeError {
+            id,
+            code: ErrorCode::BadRequest,
+            message: message.into(),
+        }
+    }
+}
+
+/// The fields any client frame may carry; `D` is how `data` is held in the
+/// frame's encoding. Unknown fields are ignored (forward compatibility).
+#[derive(Deserialize)]
+#[serde(bound(deserialize = "D: Deserialize<'de>"))]
+struct WireOp<D> {
+    op: String,
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default = "Option::default", deserialize_with = "present")]
+    data: Option<D>,
+    #[serde(default)]
+    data_b64: Option<String>,
+}
+
+/// Just the `id`, read again from a frame that failed to decode, so the
+/// error reply can still be correlated.
+#[derive(Deserialize)]
+struct IdOnly {
+    #[serde(default)]
+    id: Option<u64>,
+}
+
+/// Deserializes a field that is present as `Some`, even when it is `null`,
+/// so that `"data": null` is a (null) payload rather than a missing one.
+pub(crate) fn present<'de, De: Deserializer<'de>, T: Deserialize<'de>>(
+    d: De,
+) -> Result<Option<T>, De::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// Decodes one client frame in the connection's encoding.
+pub fn decode(encoding: Encoding, frame: &[u8]) -> Result<ClientOp, DecodeError> {
+    match encoding {
+        Encoding::Json => match serde_json::from_slice::<WireOp<Box<RawValue>>>(frame) {
+            Ok(wire) => wire.into_op(|raw| Ok(Payload::Json(raw))),
+            Err(e) => {
+                let id = serde_json::from_slice::<IdOnly>(frame)
+                    .ok()
+                    .and_then(|i| i.id);
+                Err(DecodeError::bad_request(id, format!("invalid frame: {e}")))
+            }
+        },
+        Encoding::MsgPack => match rmp_serde::from_slice::<WireOp<rmpv::Value>>(frame) {
+            Ok(wire) => wire.into_op(msgpack_payload),
+            Err(e) => {
+                let id = rmp_serde::from_slice::<IdOnly>(frame)
+                    .ok()
+                    .and_then(|i| i.id);
+                Err(DecodeError::bad_request(id, format!("invalid frame: {e}")))
+            }
+        },
+    }
+}
+
+/// MessagePack `bin` is a binary payload; any other value becomes JSON.
+fn msgpack_payload(value: rmpv::Value) -> Result<Payload, String> {
+    match value {
+        rmpv::Value::Binary(bytes) => Ok(Payload::Binary(Bytes::from(bytes))),
+        other => serde_json::value::to_raw_value(&other)
+            .map(Payload::Json)
+            .map_err(|e| format!("`data` cannot be represented as JSON: {e}")),
+    }
+}
+
+impl<D> WireOp<D> {
+    fn into_op(
+        self,
+        to_payload: impl FnOnce(D) -> Result<Payload, String>,
+    ) -> Result<ClientOp, DecodeError> {
+        let id = self.id;
+        let topic = |t: Option<String>| -> Result<Topic, DecodeError> {
+            let t = t.ok_or_else(|| DecodeError::bad_request(id, "missing field `topic`"))?;
+            Topic::parse(&t).map_err(|e: TopicError| DecodeError {
+                id,
+                code: ErrorCode::InvalidTopic,
+                message: e.to_string(),
+            })
+        };
+        match self.op.as_str() {
+            "subscribe" => Ok(ClientOp::Subscribe {
+                id,
+                topic: topic(self.topic)?,
+            }),
+            "unsubscribe" => Ok(ClientOp::Unsubscribe {
+                id,
+                topic: topic(self.topic)?,
+            }),
+            "publish" => {
+                let topic = topic(self.topic)?;
+                let payload = match (self.data, self.data_b64) {
+                    (Some(_), Some(_)) => {
+                        return Err(DecodeError::bad_request(
+                            id,
+                            "send either `data` or `data_b64`, not both",
+                        ));
+                    }
+                    (None, None) => {
+                        return Err(DecodeError::bad_request(
+                            id,
+                            "missing field `data` (or `data_b64` for binary)",
+                        ));
+                    }
+                    (Some(data), None) => {
+                        to_payload(data).map_err(|m| DecodeError::bad_request(id, m))?
+                    }
+                    (None, Some(b64)) => {
+                        Payload::Binary(BASE64.decode(b64.as_bytes()).map(Bytes::from).map_err(
+                            |e| {
+                                DecodeError::bad_request(
+                                    id,
+                                    format!("`data_b64` is not base64: {e}"),
+                                )
+                            },
+                        )?)
+                    }
+                };
+                Ok(ClientOp::Publish { id, topic, payload })
+            }
+            "ping" => Ok(ClientOp::Ping { id }),
+            other => Err(DecodeError::bad_request(
+                id,
+                format!("unknown op {other:?}; expected subscribe, unsubscribe, publish or ping"),
+            )),
+        }
+    }
+}
+
+/// A reply from the server to one client request.
+#[derive(Debug, Serialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Reply<'a> {
+    Subscribed {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        topic: &'a str,
+    },
+    Unsubscribed {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        topic: &'a str,
+    },
+    Published {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        topic: &'a str,
+        offset: u64,
+    },
+    Pong {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
+    Error {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        code: ErrorCode,
+        message: &'a str,
+    },
+}
+
+/// An encoded server frame, ready for the socket.
+#[derive(Debug, Clone)]
+pub enum Frame {
+    Text(ByteString),
+    Binary(Bytes),
+}
+
+impl Reply<'_> {
+    pub fn encode(&self, encoding: Encoding) -> Frame {
+        match encoding {
+            // Serializing these plain structs cannot fail: every key is a
+            // string and every value a string, integer or absent.
+            Encoding::Json => Frame::Text(
+                serde_json::to_string(self)
+                    .expect("reply serializes to JSON")
+                    .into(),
+            ),
+            Encoding::MsgPack => Frame::Binary(
+                rmp_serde::to_vec_named(self)
+                    .expect("reply serializes to MessagePack")
+                    .into(),
+            ),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct EventFrame<'a, D: Serialize> {
+    op: &'static str,
+    topic: &'a str,
+    offset: u64,
+    ts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<D>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_b64: Option<String>,
+}
+
+impl<'a, D: Serialize> EventFrame<'a, D> {
+    fn new(event: &'a Event, data: Option<D>, data_b64: Option<String>) -> Self {
+        EventFrame {
+            op: "event",
+            topic: event.topic.as_str(),
+            offset: event.offset,
+            ts: event.ts,
+            data,
+            data_b64,
+        }
+    }
+}
+
+pub(crate) fn encode_event_json(event: &Event) -> ByteString {
+    let frame = match &event.payload {
+        Payload::Json(raw) => EventFrame::new(event, Some(&**raw), None),
+        Payload::Binary(bytes) => EventFrame::new(event, None, Some(BASE64.encode(bytes))),
+    };
+    // The payload is JSON validated at the edge; the rest are plain fields.
+    serde_json::to_string(&frame)
+        .expect("event serializes to JSON")
+        .into()
+}
+
+pub(crate) fn encode_event_msgpack(event: &Event) -> Bytes {
+    let encoded = match &event.payload {
+        Payload::Json(raw) => {
+            // Validated at the edge, so it parses again.
+            let value: serde_json::Value =
+                serde_json::from_str(raw.get()).expect("stored payload is valid JSON");
+            rmp_serde::to_vec_named(&EventFrame::new(event, Some(value), None))
+        }
+        Payload::Binary(bytes) => rmp_serde::to_vec_named(&EventFrame::new(
+            event,
+            Some(serde_bytes::Bytes::new(bytes)),
+            None,
+        )),
+    };
+    encoded.expect("event serializes to MessagePack").into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(frame: &str) -> Result<ClientOp, DecodeError> {
+        decode(Encoding::Json, frame.as_bytes())
+    }
+
+    #[test]
+    fn decodes_every_op() {
+        assert!(matches!(
+            json(r#"{"op":"subscribe","id":1,"topic":"alerts"}"#),
+            Ok(ClientOp::Subscribe { id: Some(1), .. })
+        ));
+        assert!(matches!(
+            json(r#"{"op":"unsubscribe","topic":"alerts"}"#),
+            Ok(ClientOp::Unsubscribe { id: None, .. })
+        ));
+        assert!(matches!(
+            json(r#"{"op":"ping","id":4}"#),
+            Ok(ClientOp::Ping { id: Some(4) })
+        ));
+        match json(r#"{"op":"publish","id":3,"topic":"a.b","data":{"x":[1,2]}}"#) {
+            Ok(ClientOp::Publish {
+                payload: Payload::Json(raw),
+                ..
+            }) => {
+                assert_eq!(raw.get(), r#"{"x":[1,2]}"#)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn null_data_is_a_payload_and_missing_data_is_an_error() {
+        assert!(matches!(
+            json(r#"{"op":"publish","topic":"a","data":null}"#),
+            Ok(ClientOp::Publish {
+                payload: Payload::Json(_),
+                ..
+            })
+        ));
+        let err = json(r#"{"op":"publish","id":9,"topic":"a"}"#).unwrap_err();
+        assert_eq!((err.id, err.code), (Some(9), ErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn bad_frames_are_bad_requests_with_id_when_readable() {
+        let err = json("not json").unwrap_err();
+        assert_eq!((err.id, err.code), (None, ErrorCode::BadRequest));
+        let err = json(r#"{"op":"dance","id":7}"#).unwrap_err();
+        assert_eq!((err.id, err.code), (Some(7), ErrorCode::BadRequest));
+        let err = json(r#"{"id":8}"#).unwrap_err();
+        assert_eq!((err.id, err.code), (Some(8), ErrorCode::BadRequest));
+        let err = json(r#"{"op":"subscribe","id":2,"topic":"a.*"}"#).unwrap_err();
+        assert_eq!((err.id, err.code), (Some(2), ErrorCode::InvalidTopic));
+    }
+
+    #[test]
+    fn binary_payload_roundtrips_in_both_encodings() {
+        let op = json(r#"{"op":"publish","topic":"a","data_b64":"AAH/"}"#).unwrap();
+        let ClientOp::Publish {
+            payload: Payload::Binary(b),
+            ..
+        } = op
+        else {
+            panic!()
+        };
+        assert_eq!(&b[..], &[0, 1, 255]);
+
+        let event = Event::new(Topic::parse("a").unwrap(), 1, 2, Payload::Binary(b));
+        let text = event.json_frame();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["data_b64"], "AAH/");
+        let m: rmpv::Value = rmp_serde::from_slice(&event.msgpack_frame()).unwrap();
+        let data = m
+            .as_map()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k.as_str() == Some("data"))
+            .unwrap();
+        assert_eq!(data.1, rmpv::Value::Binary(vec![0, 1, 255]));
+    }
+}

@@ -1,0 +1,142 @@
+//! Building and running a node: shared state, the HTTP server, and the
+//! shutdown sequence.
+//!
+//! [`Application::build`] binds the listener (port 0 picks a free port,
+//! which is how tests start isolated nodes) and reports the real address.
+//! [`Application::run_until_stopped`] serves until SIGINT/SIGTERM or until
+//! its [`shutdown`](Application::shutdown_token) token is cancelled, then
+//! closes every WebSocket with 1001 (going away) and drains the server
+//! within [`SHUTDOWN_GRACE`].
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::{App, HttpServer, web};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Verifier;
+use crate::broker::Broker;
+use crate::config::{ConfigError, Settings};
+use crate::{http, ws};
+
+/// How long in-flight requests get to finish once shutdown starts.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr} (setting `server.bind`): {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What every request handler and connection of this node shares.
+pub struct AppState {
+    pub settings: Settings,
+    pub verifier: Verifier,
+    pub broker: Broker,
+    /// Cancelled when the node shuts down; every connection listens to it.
+    pub shutdown: CancellationToken,
+    pub(crate) next_conn_id: AtomicU64,
+}
+
+pub struct Application {
+    server: Server,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Application, StartError> {
+        let verifier = Verifier::new(&settings.auth)?;
+        let addr = settings.bind_addr()?;
+        let listener =
+            TcpListener::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let shutdown = CancellationToken::new();
+        let state = web::Data::new(AppState {
+            settings,
+            verifier,
+            broker: Broker::new(),
+            shutdown: shutdown.clone(),
+            next_conn_id: AtomicU64::new(1),
+        });
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(http::json_config())
+                .configure(http::routes)
+                .configure(ws::routes)
+                .default_service(web::to(http::not_found))
+        })
+        // Signals are handled in `run_until_stopped`, which must close the
+        // WebSockets before the server can drain.
+        .disable_signals()
+        .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+        .listen(listener)
+        .map_err(|source| StartError::Bind { addr, source })?
+        .run();
+        Ok(Application {
+            server,
+            addr,
+            shutdown,
+        })
+    }
+
+    /// The address the node actually listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Cancelling this token shuts the node down, as SIGTERM does.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let handle = self.server.handle();
+        let mut server = std::pin::pin!(self.server);
+        tokio::select! {
+            result = &mut server => {
+                self.shutdown.cancel();
+                return result;
+            }
+            _ = shutdown_signal() => tracing::info!("shutdown signal received"),
+            _ = self.shutdown.cancelled() => tracing::info!("shutdown requested"),
+        }
+        self.shutdown.cancel();
+        let stop = handle.stop(true);
+        let (_, result) = tokio::join!(stop, server);
+        result
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,94 @@
+//! The WebSocket endpoint, `GET /ws`: the handshake (origin, token,
+//! sub-protocol) here, the life of an accepted connection in [`session`].
+
+mod session;
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+
+use crate::auth::AuthError;
+use crate::http::{ApiError, bearer_token};
+use crate::protocol::{Encoding, JSON_PROTOCOL, MSGPACK_PROTOCOL};
+use crate::startup::AppState;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/ws", web::get().to(handshake));
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+async fn handshake(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    check_origin(&req, &state.settings.server.allowed_origins)?;
+    // Browsers cannot set headers on a WebSocket, hence the query parameter.
+    let query = web::Query::<TokenQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
+    let token = match bearer_token(&req)? {
+        Some(token) => token,
+        None => query.token.as_deref().ok_or(AuthError::Missing)?,
+    };
+    let grants = state.verifier.verify(token)?;
+    let encoding = negotiate(&req)?;
+
+    let (response, ws_session, stream) =
+        actix_ws::handle_with_protocols(&req, body, &[JSON_PROTOCOL, MSGPACK_PROTOCOL])
+            .map_err(|e| ApiError::BadRequest(format!("not a WebSocket handshake: {e}")))?;
+    let peer = req.peer_addr();
+    session::spawn(
+        state.into_inner(),
+        grants,
+        encoding,
+        ws_session,
+        stream,
+        peer,
+    );
+    Ok(response)
+}
+
+/// Refuses browser handshakes from origins not listed in
+/// `server.allowed_origins` (cross-site WebSocket hijacking). Requests
+/// without an `Origin` header come from non-browser clients and pass.
+fn check_origin(req: &HttpRequest, allowed: &[String]) -> Result<(), ApiError> {
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or_default();
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+        Ok(())
+    } else {
+        Err(ApiError::OriginNotAllowed(origin.to_owned()))
+    }
+}
+
+/// Picks the encoding from `Sec-WebSocket-Protocol`: JSON when the client
+/// names none, the first Herald protocol it names otherwise.
+fn negotiate(req: &HttpRequest) -> Result<Encoding, ApiError> {
+    let mut offered = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .peekable();
+    if offered.peek().is_none() {
+        return Ok(Encoding::Json);
+    }
+    offered
+        .find_map(Encoding::from_protocol_name)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "no supported sub-protocol offered; use {JSON_PROTOCOL} or {MSGPACK_PROTOCOL}"
+            ))
+        })
+}

@@ -1,0 +1,234 @@
+//! One WebSocket connection: a single task that owns the connection's state
+//! and `select!`s over incoming frames, its mailbox of events, eviction and
+//! node shutdown.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use actix_ws::{
+    AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, MessageStream,
+    ProtocolError, Session,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Action, Grants};
+use crate::event::Event;
+use crate::hub::Mailbox;
+use crate::protocol::{self, ClientOp, Encoding, ErrorCode, Frame, Reply};
+use crate::startup::AppState;
+
+/// Room in a client frame for the envelope around the payload (op, id,
+/// topic, field names).
+const FRAME_ENVELOPE_BYTES: usize = 4096;
+
+/// Set when the client is gone: nothing more can be sent.
+struct Gone;
+
+pub(super) fn spawn(
+    state: Arc<AppState>,
+    grants: Grants,
+    encoding: Encoding,
+    session: Session,
+    stream: MessageStream,
+    peer: Option<SocketAddr>,
+) {
+    let limits = &state.settings.limits;
+    // base64 makes a binary payload 4/3 larger in JSON frames.
+    let max_frame = limits.max_payload_bytes / 3 * 4 + FRAME_ENVELOPE_BYTES;
+    let stream = stream
+        .max_frame_size(max_frame)
+        .aggregate_continuations()
+        .max_continuation_size(max_frame);
+    let id = state.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let (mailbox, events, overflowed) = Mailbox::new(id, limits.outbound_queue);
+    let conn = Connection {
+        state,
+        grants,
+        encoding,
+        session,
+        mailbox,
+        subscriptions: HashSet::new(),
+    };
+    // The message stream is not `Send`, so the session runs on this worker's
+    // local executor; it ends when the client leaves or the node shuts down.
+    actix_web::rt::spawn(conn.run(stream, events, overflowed, peer));
+}
+
+struct Connection {
+    state: Arc<AppState>,
+    grants: Grants,
+    encoding: Encoding,
+    session: Session,
+    mailbox: Mailbox,
+    subscriptions: HashSet<crate::topic::Topic>,
+}
+
+impl Connection {
+    async fn run(
+        mut self,
+        mut stream: AggregatedMessageStream,
+        mut events: mpsc::Receiver<Arc<Event>>,
+        overflowed: CancellationToken,
+        peer: Option<SocketAddr>,
+    ) {
+        let opened = Instant::now();
+        let shutdown = self.state.shutdown.clone();
+        tracing::info!(conn = self.mailbox.id, sub = %self.grants.sub, ?peer, encoding = self.encoding.protocol_name(), "connection opened");
+
+        let close: Option<CloseReason> = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Some(reason(CloseCode::Away, "server shutting down")),
+                _ = overflowed.cancelled() => break Some(reason(CloseCode::Again, "slow consumer: outbound queue full")),
+                Some(event) = events.recv() => {
+                    if self.send_event(&event).await.is_err() {
+                        break None;
+                    }
+                }
+                msg = stream.recv() => match msg {
+                    None => break None,
+                    Some(Ok(msg)) => match self.on_message(msg).await {
+                        Ok(None) => {}
+                        Ok(Some(close)) => break Some(close),
+                        Err(Gone) => break None,
+                    },
+                    Some(Err(err)) => break Some(protocol_error_close(&err)),
+                },
+            }
+        };
+
+        for topic in self.subscriptions.drain() {
+            self.state.broker.unsubscribe(&topic, self.mailbox.id).await;
+        }
+        let code = close.as_ref().map(|c| u16::from(c.code));
+        let _ = self.session.close(close).await;
+        tracing::info!(conn = self.mailbox.id, sub = %self.grants.sub, ?peer, duration_ms = opened.elapsed().as_millis() as u64, close_code = ?code, "connection closed");
+    }
+
+    /// Handles one client message; returns a close reason to end the
+    /// connection.
+    async fn on_message(&mut self, msg: AggregatedMessage) -> Result<Option<CloseReason>, Gone> {
+        match msg {
+            AggregatedMessage::Text(text) => self.on_frame(text.as_bytes()).await.map(|()| None),
+            AggregatedMessage::Binary(bytes) => self.on_frame(&bytes).await.map(|()| None),
+            AggregatedMessage::Ping(bytes) => self
+                .session
+                .pong(&bytes)
+                .await
+                .map(|()| None)
+                .map_err(|_| Gone),
+            AggregatedMessage::Pong(_) => Ok(None),
+            // Echo the client's close code, as RFC 6455 asks.
+            AggregatedMessage::Close(theirs) => Ok(Some(
+                theirs.unwrap_or_else(|| reason(CloseCode::Normal, "")),
+            )),
+        }
+    }
+
+    async fn on_frame(&mut self, frame: &[u8]) -> Result<(), Gone> {
+        match protocol::decode(self.encoding, frame) {
+            Ok(op) => self.on_op(op).await,
+            Err(e) => self.error(e.id, e.code, &e.message).await,
+        }
+    }
+
+    async fn on_op(&mut self, op: ClientOp) -> Result<(), Gone> {
+        match op {
+            ClientOp::Ping { id } => self.reply(&Reply::Pong { id }).await,
+            ClientOp::Subscribe { id, topic } => {
+                if let Err(denied) = self.grants.check(Action::Subscribe, &topic) {
+                    return self
+                        .error(id, ErrorCode::Forbidden, &denied.to_string())
+                        .await;
+                }
+                if self.subscriptions.insert(topic.clone()) {
+                    self.state.broker.subscribe(&topic, &self.mailbox).await;
+                }
+                self.reply(&Reply::Subscribed {
+                    id,
+                    topic: topic.as_str(),
+                })
+                .await
+            }
+            ClientOp::Unsubscribe { id, topic } => {
+                if self.subscriptions.remove(&topic) {
+                    self.state.broker.unsubscribe(&topic, self.mailbox.id).await;
+                }
+                self.reply(&Reply::Unsubscribed {
+                    id,
+                    topic: topic.as_str(),
+                })
+                .await
+            }
+            ClientOp::Publish { id, topic, payload } => {
+                if let Err(denied) = self.grants.check(Action::Publish, &topic) {
+                    return self
+                        .error(id, ErrorCode::Forbidden, &denied.to_string())
+                        .await;
+                }
+                let limit = self.state.settings.limits.max_payload_bytes;
+                if payload.len() > limit {
+                    let msg = format!("payload is larger than the limit of {limit} bytes");
+                    return self.error(id, ErrorCode::PayloadTooLarge, &msg).await;
+                }
+                match self.state.broker.publish(topic.clone(), payload).await {
+                    Ok(offset) => {
+                        self.reply(&Reply::Published {
+                            id,
+                            topic: topic.as_str(),
+                            offset,
+                        })
+                        .await
+                    }
+                    Err(e) => self.error(id, ErrorCode::Unavailable, &e.to_string()).await,
+                }
+            }
+        }
+    }
+
+    async fn error(&mut self, id: Option<u64>, code: ErrorCode, message: &str) -> Result<(), Gone> {
+        self.reply(&Reply::Error { id, code, message }).await
+    }
+
+    async fn reply(&mut self, reply: &Reply<'_>) -> Result<(), Gone> {
+        self.send(reply.encode(self.encoding)).await
+    }
+
+    async fn send_event(&mut self, event: &Event) -> Result<(), Gone> {
+        let frame = match self.encoding {
+            Encoding::Json => Frame::Text(event.json_frame()),
+            Encoding::MsgPack => Frame::Binary(event.msgpack_frame()),
+        };
+        self.send(frame).await
+    }
+
+    async fn send(&mut self, frame: Frame) -> Result<(), Gone> {
+        let sent = match frame {
+            Frame::Text(text) => self.session.text(text).await,
+            Frame::Binary(bytes) => self.session.binary(bytes).await,
+        };
+        sent.map_err(|_| Gone)
+    }
+}
+
+fn reason(code: CloseCode, description: &str) -> CloseReason {
+    CloseReason {
+        code,
+        description: (!description.is_empty()).then(|| description.to_owned()),
+    }
+}
+
+/// The close frame for a frame the client got wrong at the WebSocket level.
+fn protocol_error_close(err: &ProtocolError) -> CloseReason {
+    match err {
+        ProtocolError::Overflow => reason(CloseCode::Size, "message too big"),
+        ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            reason(CloseCode::Invalid, "text frame is not valid UTF-8")
+        }
+        _ => reason(CloseCode::Protocol, "WebSocket protocol error"),
+    }
+}
