@@ -68,7 +68,7 @@ impl From<jsonwebtoken::errors::Error> for AuthError {
             ErrorKind::InvalidToken => AuthError::Malformed("not a JWT".into()),
             ErrorKind::Base64(_) => AuthError::Malformed("bad base64".into()),
             ErrorKind::Json(_) | ErrorKind::InvalidClaimFormat(_) => {
-                AuthError::Malformed("claims are not valid".into())
+                AuthError::Malformed("header or claims are not valid".into())
             }
             ErrorKind::Utf8(_) => AuthError::Malformed("not UTF-8".into()),
             _ => AuthError::Malformed("cannot be verified".into()),
@@ -79,7 +79,11 @@ impl From<jsonwebtoken::errors::Error> for AuthError {
 /// The claims Herald reads from (and writes into) a token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
+    // Defaults only let jsonwebtoken's own required-claim check (`exp`,
+    // `sub`) run and name the missing claim; both are always required.
+    #[serde(default)]
     pub sub: String,
+    #[serde(default)]
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
@@ -122,6 +126,9 @@ pub struct Forbidden(String);
 
 impl Grants {
     fn from_claims(claims: Claims) -> Result<Grants, AuthError> {
+        if claims.sub.is_empty() {
+            return Err(AuthError::MissingClaim("sub".into()));
+        }
         let mut sub_unusable = false;
         let mut parse = |claim: &'static str, patterns: &[String]| {
             let mut out = Vec::with_capacity(patterns.len());

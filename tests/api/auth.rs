@@ -1,0 +1,258 @@
+//! Who may connect, and to what.
+
+use herald::config::Algorithm;
+use jsonwebtoken::{EncodingKey, Header};
+use serde_json::{Value, json};
+
+use crate::helpers::{claims_token, now, spawn_node, spawn_node_with, token};
+
+const RSA_PRIVATE: &str = include_str!("keys/rsa_private.pem");
+const RSA_PUBLIC: &str = include_str!("keys/rsa_public.pem");
+const EC_PRIVATE: &str = include_str!("keys/ec_private.pem");
+const EC_PUBLIC: &str = include_str!("keys/ec_public.pem");
+
+fn b64(v: &Value) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+#[tokio::test]
+async fn handshake_accepts_the_token_in_the_query_or_the_authorization_header() {
+    let node = spawn_node().await;
+    let t = token("alice", &["alerts"], &[]);
+    node.connect(&t).await.subscribe("alerts").await;
+    node.handshake("")
+        .bearer(&t)
+        .open()
+        .await
+        .subscribe("alerts")
+        .await;
+}
+
+#[tokio::test]
+async fn handshake_without_token_is_401_with_a_json_error() {
+    let node = spawn_node().await;
+    let (status, body) = node.handshake("").try_open().await.err().unwrap();
+    assert_eq!(status, 401);
+    assert_eq!(body["error"], "unauthorized");
+    assert!(body["message"].as_str().unwrap().contains("missing token"));
+}
+
+#[tokio::test]
+async fn every_bad_token_is_refused_with_401_and_a_reason() {
+    let node = spawn_node().await;
+    let good = json!({"sub": "a", "exp": now() + 60, "topics": [">"]});
+    let header = b64(&json!({"alg": "HS256", "typ": "JWT"}));
+    let signed_with = |secret: &str, claims: &Value| {
+        jsonwebtoken::encode(
+            &Header::default(),
+            claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "wrong signature",
+            signed_with("another-secret-another-secret-another", &good),
+            "signature",
+        ),
+        (
+            "expired",
+            claims_token(json!({"sub": "a", "exp": now() - 120})),
+            "expired",
+        ),
+        (
+            "not yet valid",
+            claims_token(json!({"sub": "a", "exp": now() + 600, "nbf": now() + 300})),
+            "not valid yet",
+        ),
+        ("missing exp", claims_token(json!({"sub": "a"})), "exp"),
+        (
+            "missing sub",
+            claims_token(json!({"exp": now() + 60})),
+            "sub",
+        ),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                b64(&json!({"alg": "none", "typ": "JWT"})),
+                b64(&good)
+            ),
+            "",
+        ),
+        (
+            "malformed base64",
+            format!("{header}.{}.%%%", b64(&good)),
+            "malformed",
+        ),
+        (
+            "empty sub",
+            claims_token(json!({"sub": "", "exp": now() + 60})),
+            "sub",
+        ),
+        ("not a jwt", "hello".into(), "malformed"),
+        (
+            "invalid grant pattern",
+            claims_token(json!({"sub": "a", "exp": now() + 60, "topics": ["a..b"]})),
+            "a..b",
+        ),
+    ];
+    for (case, bad, expected) in cases {
+        let (status, body) = node
+            .handshake(&format!("?token={bad}"))
+            .try_open()
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{case}: handshake should be refused"));
+        assert_eq!(status, 401, "{case}");
+        assert_eq!(body["error"], "unauthorized", "{case}");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{case}: {message}");
+        assert!(!message.contains(&bad), "{case}: the token is echoed");
+    }
+}
+
+#[tokio::test]
+async fn issuer_and_audience_are_checked_when_configured() {
+    let node = spawn_node_with(|s| {
+        s.auth.issuer = Some("https://auth.example".into());
+        s.auth.audience = Some("herald".into());
+    })
+    .await;
+    let claims = |iss: &str, aud: &str| {
+        claims_token(
+            json!({"sub": "a", "exp": now() + 60, "iss": iss, "aud": aud, "topics": [">"]}),
+        )
+    };
+    node.connect(&claims("https://auth.example", "herald"))
+        .await;
+    for (bad, why) in [
+        (claims("https://evil.example", "herald"), "issuer"),
+        (claims("https://auth.example", "other"), "audience"),
+    ] {
+        let (status, body) = node
+            .handshake(&format!("?token={bad}"))
+            .try_open()
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(status, 401);
+        assert!(body["message"].as_str().unwrap().contains(why), "{body}");
+    }
+}
+
+#[tokio::test]
+async fn rs256_node_verifies_rsa_tokens_and_refuses_algorithm_confusion() {
+    let node = spawn_node_with(|s| {
+        s.auth.algorithm = Algorithm::RS256;
+        s.auth.jwt_secret = None;
+        s.auth.public_key_pem = Some(RSA_PUBLIC.into());
+    })
+    .await;
+    let claims = json!({"sub": "a", "exp": now() + 60, "topics": ["alerts"]});
+    let rsa = jsonwebtoken::encode(
+        &Header::new(jsonwebtoken::Algorithm::RS256),
+        &claims,
+        &EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    node.connect(&rsa).await.subscribe("alerts").await;
+
+    // HS256 "signed" with the public key as the HMAC secret: the classic
+    // confusion attack. It must not verify.
+    let confused = jsonwebtoken::encode(
+        &Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(RSA_PUBLIC.as_bytes()),
+    )
+    .unwrap();
+    let (status, _) = node
+        .handshake(&format!("?token={confused}"))
+        .try_open()
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn es256_node_verifies_ec_tokens() {
+    let node = spawn_node_with(|s| {
+        s.auth.algorithm = Algorithm::ES256;
+        s.auth.jwt_secret = None;
+        s.auth.public_key_pem = Some(EC_PUBLIC.into());
+    })
+    .await;
+    let ec = jsonwebtoken::encode(
+        &Header::new(jsonwebtoken::Algorithm::ES256),
+        &json!({"sub": "a", "exp": now() + 60, "topics": ["alerts"]}),
+        &EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    node.connect(&ec).await.subscribe("alerts").await;
+    let hs = token("a", &["alerts"], &[]);
+    let (status, _) = node
+        .handshake(&format!("?token={hs}"))
+        .try_open()
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn origins_outside_allowed_origins_get_403() {
+    let node = spawn_node_with(|s| {
+        s.server.allowed_origins = vec!["https://app.example".into()];
+    })
+    .await;
+    let t = token("a", &["alerts"], &[]);
+    let q = format!("?token={t}");
+    node.handshake(&q)
+        .header("origin", "https://app.example")
+        .open()
+        .await;
+    // Non-browser clients send no Origin and are let in.
+    node.handshake(&q).open().await;
+    let (status, body) = node
+        .handshake(&q)
+        .header("origin", "https://evil.example")
+        .try_open()
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status, 403);
+    assert_eq!(body["error"], "forbidden");
+}
+
+#[tokio::test]
+async fn sub_placeholder_grants_only_the_subjects_own_topics() {
+    let node = spawn_node().await;
+    let mut ws = node.connect(&token("alice", &["user.{sub}.>"], &[])).await;
+    ws.subscribe("user.alice.inbox").await;
+    let reply = ws
+        .request(json!({"op": "subscribe", "id": 2, "topic": "user.bob.inbox"}))
+        .await;
+    assert_eq!(reply["op"], "error");
+    assert_eq!(reply["id"], 2);
+    assert_eq!(reply["code"], "forbidden");
+}
+
+#[tokio::test]
+async fn a_sub_outside_the_topic_alphabet_voids_sub_grants_and_the_refusal_says_why() {
+    let node = spawn_node().await;
+    let mut ws = node
+        .connect(&token("alice@example.com", &["user.{sub}", "news"], &[]))
+        .await;
+    ws.subscribe("news").await;
+    let reply = ws
+        .request(json!({"op": "subscribe", "id": 3, "topic": "user.alice"}))
+        .await;
+    assert_eq!(reply["code"], "forbidden");
+    assert!(
+        reply["message"].as_str().unwrap().contains("{sub}"),
+        "{reply}"
+    );
+}

@@ -1,0 +1,260 @@
+//! The HTTP publish API and health endpoint.
+
+use serde_json::{Value, json};
+
+use crate::helpers::{claims_token, now, spawn_node, spawn_node_with, token};
+
+fn publisher() -> String {
+    token("pub", &[], &["alerts", "chat.>"])
+}
+
+/// Asserts an error reply: its status, its JSON `error` code and a message.
+async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> String {
+    assert_eq!(response.status().as_u16(), status);
+    let body: Value = response.json().await.expect("error bodies are JSON");
+    assert_eq!(body["error"], code, "{body}");
+    let message = body["message"].as_str().expect("a message").to_owned();
+    assert!(!message.is_empty());
+    message
+}
+
+#[tokio::test]
+async fn healthz_answers_200() {
+    let node = spawn_node().await;
+    let response = node.http.get(node.url("/healthz")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn non_json_bodies_are_published_as_binary() {
+    let node = spawn_node().await;
+    let mut ws = node.connect(&token("s", &["alerts"], &[])).await;
+    ws.subscribe("alerts").await;
+    let response = node
+        .http
+        .post(node.url("/api/v1/topics/alerts/events"))
+        .bearer_auth(publisher())
+        .header("content-type", "application/octet-stream")
+        .body(vec![0u8, 1, 2, 255])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"topic": "alerts", "offset": 1})
+    );
+    assert_eq!(ws.recv().await["data_b64"], "AAEC/w==");
+}
+
+#[tokio::test]
+async fn batch_publishes_in_order_and_lists_the_offsets() {
+    let node = spawn_node().await;
+    let mut ws = node.connect(&token("s", &["chat.>"], &[])).await;
+    ws.subscribe("chat.a").await;
+    let response = node
+        .http
+        .post(node.url("/api/v1/events"))
+        .bearer_auth(publisher())
+        .json(&json!([
+            {"topic": "chat.a", "data": {"n": 1}},
+            {"topic": "chat.b", "data": null},
+            {"topic": "chat.a", "data_b64": "AQ=="},
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"offsets": [1, 1, 2]})
+    );
+    let first = ws.recv().await;
+    assert_eq!(
+        (&first["offset"], &first["data"]),
+        (&json!(1), &json!({"n": 1}))
+    );
+    let second = ws.recv().await;
+    assert_eq!(
+        (&second["offset"], &second["data_b64"]),
+        (&json!(2), &json!("AQ=="))
+    );
+}
+
+#[tokio::test]
+async fn a_batch_with_one_refused_event_publishes_nothing() {
+    let node = spawn_node().await;
+    let p = publisher();
+    let response = node
+        .http
+        .post(node.url("/api/v1/events"))
+        .bearer_auth(&p)
+        .json(&json!([
+            {"topic": "chat.a", "data": 1},
+            {"topic": "secret", "data": 2},
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 403, "forbidden").await;
+    // chat.a's first offset is still free: nothing of the batch went out.
+    assert_eq!(node.publish_ok(&p, "chat.a", &json!(3)).await, 1);
+}
+
+#[tokio::test]
+async fn malformed_batches_are_400() {
+    let node = spawn_node_with(|s| s.limits.max_batch_events = 2).await;
+    let bodies = [
+        json!({"topic": "chat.a", "data": 1}),
+        json!([]),
+        json!([{"topic": "chat.a"}]),
+        json!([{"topic": "chat.a", "data": 1, "data_b64": "AQ=="}]),
+        json!([{"topic": "chat.a", "data_b64": "%%%"}]),
+        json!([{"topic": "chat.a", "data": 1}, {"topic": "chat.a", "data": 2}, {"topic": "chat.a", "data": 3}]),
+    ];
+    for body in bodies {
+        let response = node
+            .http
+            .post(node.url("/api/v1/events"))
+            .bearer_auth(publisher())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_error(response, 400, "bad_request").await;
+    }
+    let response = node
+        .http
+        .post(node.url("/api/v1/events"))
+        .bearer_auth(publisher())
+        .json(&json!([{"topic": "chat..a", "data": 1}]))
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 400, "invalid_topic").await;
+}
+
+#[tokio::test]
+async fn publish_errors_have_the_documented_status_and_code() {
+    let node = spawn_node_with(|s| s.limits.max_payload_bytes = 1024).await;
+    let p = publisher();
+    let url = |topic: &str| node.url(&format!("/api/v1/topics/{topic}/events"));
+
+    let no_token = node
+        .http
+        .post(url("alerts"))
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    assert_error(no_token, 401, "unauthorized").await;
+
+    let expired = claims_token(json!({"sub": "p", "exp": now() - 120, "publish": [">"]}));
+    let response = node
+        .http
+        .post(url("alerts"))
+        .bearer_auth(expired)
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        assert_error(response, 401, "unauthorized")
+            .await
+            .contains("expired")
+    );
+
+    let basic = node
+        .http
+        .post(url("alerts"))
+        .header("authorization", "Basic dXNlcjpwYXNz")
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    assert_error(basic, 401, "unauthorized").await;
+
+    let subscriber_only = token("s", &[">"], &[]);
+    let response = node
+        .http
+        .post(url("alerts"))
+        .bearer_auth(subscriber_only)
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 403, "forbidden").await;
+
+    let response = node
+        .http
+        .post(url("secret"))
+        .bearer_auth(&p)
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 403, "forbidden").await;
+
+    for bad_topic in ["a..b", "chat.*", "chat.%3E", "sp%20ace"] {
+        let response = node
+            .http
+            .post(url(bad_topic))
+            .bearer_auth(&p)
+            .json(&json!(1))
+            .send()
+            .await
+            .unwrap();
+        assert_error(response, 400, "invalid_topic").await;
+    }
+    let long = "a".repeat(256);
+    let response = node
+        .http
+        .post(url(&long))
+        .bearer_auth(&p)
+        .json(&json!(1))
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 400, "invalid_topic").await;
+
+    let response = node
+        .http
+        .post(url("alerts"))
+        .bearer_auth(&p)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 400, "bad_request").await;
+
+    let response = node
+        .http
+        .post(url("alerts"))
+        .bearer_auth(&p)
+        .header("content-type", "application/octet-stream")
+        .body(vec![7u8; 1025])
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 413, "payload_too_large").await;
+
+    // Exactly at the limit is fine.
+    let response = node
+        .http
+        .post(url("alerts"))
+        .bearer_auth(&p)
+        .header("content-type", "application/octet-stream")
+        .body(vec![7u8; 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+}
+
+#[tokio::test]
+async fn unknown_routes_are_404_json() {
+    let node = spawn_node().await;
+    let response = node.http.get(node.url("/nope")).send().await.unwrap();
+    assert_error(response, 404, "not_found").await;
+}

@@ -1,0 +1,7 @@
+//! Black-box tests: each starts a real node on a random port and talks to it
+//! over real WebSocket and HTTP connections.
+
+mod auth;
+mod helpers;
+mod http;
+mod ws;

@@ -1,0 +1,284 @@
+//! The WebSocket contract: subscribe, unsubscribe, publish, ping, both
+//! encodings, and refusals that keep the connection open.
+
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::helpers::{spawn_node, token};
+
+fn subscriber() -> String {
+    token("sub", &[">"], &[])
+}
+
+fn publisher() -> String {
+    token("pub", &[], &[">"])
+}
+
+#[tokio::test]
+async fn subscriber_receives_events_published_over_http() {
+    let node = spawn_node().await;
+    let mut ws = node.connect(&subscriber()).await;
+    ws.subscribe("alerts").await;
+
+    let offset = node
+        .publish_ok(&publisher(), "alerts", &json!({"level": "high"}))
+        .await;
+    assert_eq!(offset, 1);
+    let event = ws.recv().await;
+    assert_eq!(event["op"], "event");
+    assert_eq!(event["topic"], "alerts");
+    assert_eq!(event["offset"], 1);
+    assert_eq!(event["data"], json!({"level": "high"}));
+    let ts = event["ts"].as_u64().unwrap();
+    assert!(ts > 1_700_000_000_000, "ts is Unix milliseconds: {ts}");
+}
+
+#[tokio::test]
+async fn offsets_count_from_one_per_topic() {
+    let node = spawn_node().await;
+    let p = publisher();
+    assert_eq!(node.publish_ok(&p, "a", &json!(1)).await, 1);
+    assert_eq!(node.publish_ok(&p, "a", &json!(2)).await, 2);
+    assert_eq!(node.publish_ok(&p, "b", &json!(3)).await, 1);
+    assert_eq!(node.publish_ok(&p, "a", &json!(4)).await, 3);
+}
+
+#[tokio::test]
+async fn events_arrive_only_for_subscribed_topics_and_stop_after_unsubscribe() {
+    let node = spawn_node().await;
+    let p = publisher();
+    let mut ws = node.connect(&subscriber()).await;
+    ws.subscribe("a").await;
+    ws.subscribe("b").await;
+    node.publish_ok(&p, "other", &json!("not for us")).await;
+    node.publish_ok(&p, "a", &json!("a1")).await;
+    assert_eq!(ws.recv().await["data"], "a1");
+
+    let reply = ws
+        .request(json!({"op": "unsubscribe", "id": 2, "topic": "a"}))
+        .await;
+    assert_eq!(reply, json!({"op": "unsubscribed", "id": 2, "topic": "a"}));
+    node.publish_ok(&p, "a", &json!("a2")).await;
+    node.publish_ok(&p, "b", &json!("b1")).await;
+    // Frames arrive in order, so had "a2" been delivered it would come first.
+    let next = ws.recv().await;
+    assert_eq!((&next["topic"], &next["data"]), (&json!("b"), &json!("b1")));
+}
+
+#[tokio::test]
+async fn subscribing_twice_delivers_once() {
+    let node = spawn_node().await;
+    let mut ws = node.connect(&subscriber()).await;
+    ws.subscribe("a").await;
+    ws.subscribe("a").await;
+    node.publish_ok(&publisher(), "a", &json!(1)).await;
+    node.publish_ok(&publisher(), "a", &json!(2)).await;
+    assert_eq!(ws.recv().await["offset"], 1);
+    assert_eq!(ws.recv().await["offset"], 2);
+}
+
+#[tokio::test]
+async fn websocket_publish_replies_with_the_offset_and_reaches_subscribers() {
+    let node = spawn_node().await;
+    let mut sub = node.connect(&subscriber()).await;
+    sub.subscribe("chat.room1").await;
+    let mut publ = node.connect(&token("p", &[], &["chat.*"])).await;
+    let reply = publ
+        .request(json!({"op": "publish", "id": 3, "topic": "chat.room1", "data": {"text": "hi"}}))
+        .await;
+    assert_eq!(
+        reply,
+        json!({"op": "published", "id": 3, "topic": "chat.room1", "offset": 1})
+    );
+    let event = sub.recv().await;
+    assert_eq!(event["data"], json!({"text": "hi"}));
+    assert_eq!(event["offset"], 1);
+}
+
+#[tokio::test]
+async fn ping_op_and_websocket_ping_are_answered() {
+    let node = spawn_node().await;
+    let mut ws = node.connect(&subscriber()).await;
+    assert_eq!(
+        ws.request(json!({"op": "ping", "id": 4})).await,
+        json!({"op": "pong", "id": 4})
+    );
+    ws.send_raw(Message::Ping(b"hello"[..].into())).await;
+    loop {
+        match ws.stream_next().await {
+            Message::Pong(payload) => {
+                assert_eq!(&payload[..], b"hello");
+                break;
+            }
+            Message::Ping(_) => continue,
+            other => panic!("expected pong, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn refused_requests_get_error_frames_and_the_connection_stays_open() {
+    let node = spawn_node().await;
+    let mut ws = node.connect(&token("s", &["allowed"], &[])).await;
+    let cases = [
+        (
+            json!({"op": "subscribe", "id": 1, "topic": "secret"}),
+            Some(1),
+            "forbidden",
+        ),
+        (
+            json!({"op": "publish", "id": 2, "topic": "allowed", "data": 1}),
+            Some(2),
+            "forbidden",
+        ),
+        (
+            json!({"op": "subscribe", "id": 3, "topic": "a..b"}),
+            Some(3),
+            "invalid_topic",
+        ),
+        (
+            json!({"op": "subscribe", "id": 4, "topic": "a.*"}),
+            Some(4),
+            "invalid_topic",
+        ),
+        (
+            json!({"op": "subscribe", "id": 5, "topic": "caf\u{e9}"}),
+            Some(5),
+            "invalid_topic",
+        ),
+        (json!({"op": "subscribe", "id": 6}), Some(6), "bad_request"),
+        (json!({"op": "dance", "id": 7}), Some(7), "bad_request"),
+        (json!({"id": 8}), Some(8), "bad_request"),
+        (
+            json!({"op": "publish", "id": 9, "topic": "allowed"}),
+            Some(9),
+            "bad_request",
+        ),
+        (json!([1, 2, 3]), None, "bad_request"),
+        (json!("subscribe"), None, "bad_request"),
+    ];
+    for (frame, id, code) in cases {
+        let reply = ws.request(frame.clone()).await;
+        assert_eq!(reply["op"], "error", "{frame}");
+        assert_eq!(reply["code"], code, "{frame}");
+        assert!(reply["message"].as_str().is_some_and(|m| !m.is_empty()));
+        match id {
+            Some(id) => assert_eq!(reply["id"], id, "{frame}"),
+            None => assert!(reply.get("id").is_none(), "{frame}"),
+        }
+    }
+    ws.send_raw(Message::Text("{not json".into())).await;
+    assert_eq!(ws.recv().await["code"], "bad_request");
+    // Still served after all that.
+    ws.subscribe("allowed").await;
+}
+
+#[tokio::test]
+async fn json_clients_send_and_receive_binary_payloads_as_data_b64() {
+    let node = spawn_node().await;
+    let mut ws = node.connect(&token("s", &[">"], &[">"])).await;
+    ws.subscribe("bin").await;
+    let reply = ws
+        .request(json!({"op": "publish", "id": 1, "topic": "bin", "data_b64": "AAEC/w=="}))
+        .await;
+    assert_eq!(reply["op"], "published");
+    let event = ws.recv().await;
+    assert_eq!(event["data_b64"], "AAEC/w==");
+    assert!(event.get("data").is_none());
+}
+
+#[tokio::test]
+async fn msgpack_is_negotiated_by_subprotocol_and_carries_binary_as_bin() {
+    let node = spawn_node().await;
+    let t = token("s", &[">"], &[">"]);
+    let mut mp = node
+        .handshake(&format!("?token={t}"))
+        .protocol("herald.msgpack")
+        .open()
+        .await;
+    assert!(
+        mp.msgpack,
+        "server answered with the herald.msgpack protocol"
+    );
+    let mut js = node.connect(&t).await;
+    mp.subscribe("bin").await;
+    js.subscribe("bin").await;
+
+    // A msgpack client publishes raw bytes (bin) …
+    let frame = rmpv::Value::Map(vec![
+        ("op".into(), "publish".into()),
+        ("id".into(), 5.into()),
+        ("topic".into(), "bin".into()),
+        ("data".into(), rmpv::Value::Binary(vec![0, 1, 2, 255])),
+    ]);
+    let mut bytes = Vec::new();
+    rmpv::encode::write_value(&mut bytes, &frame).unwrap();
+    mp.send_raw(Message::Binary(bytes.into())).await;
+    let reply = mp.recv().await;
+    assert_eq!(
+        reply,
+        json!({"op": "published", "id": 5, "topic": "bin", "offset": 1})
+    );
+
+    // … which arrive intact in both encodings.
+    let event = mp.recv().await;
+    assert_eq!(event["data"], json!({"$bin": [0, 1, 2, 255]}));
+    let event = js.recv().await;
+    assert_eq!(event["data_b64"], "AAEC/w==");
+
+    // JSON data published over HTTP reaches msgpack clients as a map.
+    node.publish_ok(&t, "bin", &json!({"k": [1, "two"]})).await;
+    assert_eq!(mp.recv().await["data"], json!({"k": [1, "two"]}));
+    assert_eq!(js.recv().await["data"], json!({"k": [1, "two"]}));
+}
+
+#[tokio::test]
+async fn malformed_msgpack_is_a_bad_request() {
+    let node = spawn_node().await;
+    let t = subscriber();
+    let mut mp = node
+        .handshake(&format!("?token={t}"))
+        .protocol("herald.msgpack")
+        .open()
+        .await;
+    mp.send_raw(Message::Binary(vec![0xc1, 0x00, 0xff].into()))
+        .await;
+    let reply = mp.recv().await;
+    assert_eq!(reply["code"], "bad_request");
+    mp.subscribe("still-works").await;
+}
+
+#[tokio::test]
+async fn unsupported_subprotocol_is_refused() {
+    let node = spawn_node().await;
+    let t = subscriber();
+    let (status, body) = node
+        .handshake(&format!("?token={t}"))
+        .protocol("mqtt")
+        .try_open()
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status, 400);
+    assert!(body["message"].as_str().unwrap().contains("herald.json"));
+}
+
+#[tokio::test]
+async fn client_close_is_answered_with_a_close_frame() {
+    let node = spawn_node().await;
+    let mut ws = node.connect(&subscriber()).await;
+    ws.stream.close(None).await.unwrap();
+    let frame = ws.closed().await;
+    let code = frame.map(|f| u16::from(f.code));
+    assert!(matches!(code, None | Some(1000)), "{code:?}");
+}
+
+#[tokio::test]
+async fn binary_frames_on_a_json_connection_are_parsed_as_json() {
+    // Some clients send JSON in binary frames; accept it rather than drop it.
+    let node = spawn_node().await;
+    let mut ws = node.connect(&subscriber()).await;
+    ws.send_raw(Message::Binary(br#"{"op":"ping","id":9}"#.to_vec().into()))
+        .await;
+    assert_eq!(ws.recv().await, json!({"op": "pong", "id": 9}));
+}
