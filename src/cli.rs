@@ -1,5 +1,6 @@
 //! The command line: `herald serve`, `herald token`.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -94,7 +95,10 @@ fn serve(config: Option<PathBuf>, dev_mode: bool) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?;
         if dev_mode {
-            println!("{}", dev::banner(&settings, app.local_addr())?);
+            let banner = dev::banner(&settings, app.local_addr())?;
+            // A closed stdout (e.g. piped into `head`) must not stop the node.
+            let mut stdout = std::io::stdout().lock();
+            let _ = writeln!(stdout, "{banner}").and_then(|()| stdout.flush());
         }
         tracing::info!(addr = %app.local_addr(), "herald listening");
         app.run_until_stopped().await.map_err(|e| e.to_string())

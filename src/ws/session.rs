@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix_ws::{
     AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, MessageStream,
@@ -25,7 +25,13 @@ use crate::startup::AppState;
 /// topic, field names).
 const FRAME_ENVELOPE_BYTES: usize = 4096;
 
-/// Set when the client is gone: nothing more can be sent.
+/// How long the close frame may wait for room in the socket's send queue. A
+/// slow client that still reads gets its close code (e.g. 1013) after the
+/// frames already queued; one that stopped reading is cut off after this.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The connection cannot go on: the client is gone, or a write was cut short
+/// by eviction or shutdown (see [`Connection::abort_reason`]).
 struct Gone;
 
 pub(super) fn spawn(
@@ -51,11 +57,12 @@ pub(super) fn spawn(
         encoding,
         session,
         mailbox,
+        overflowed,
         subscriptions: HashSet::new(),
     };
     // The message stream is not `Send`, so the session runs on this worker's
     // local executor; it ends when the client leaves or the node shuts down.
-    actix_web::rt::spawn(conn.run(stream, events, overflowed, peer));
+    actix_web::rt::spawn(conn.run(stream, events, peer));
 }
 
 struct Connection {
@@ -64,6 +71,8 @@ struct Connection {
     encoding: Encoding,
     session: Session,
     mailbox: Mailbox,
+    /// Cancelled by the hub when the mailbox overflowed.
+    overflowed: CancellationToken,
     subscriptions: HashSet<crate::topic::Topic>,
 }
 
@@ -72,21 +81,21 @@ impl Connection {
         mut self,
         mut stream: AggregatedMessageStream,
         mut events: mpsc::Receiver<Arc<Event>>,
-        overflowed: CancellationToken,
         peer: Option<SocketAddr>,
     ) {
         let opened = Instant::now();
         let shutdown = self.state.shutdown.clone();
+        let overflowed = self.overflowed.clone();
         tracing::info!(conn = self.mailbox.id, sub = %self.grants.sub, ?peer, encoding = self.encoding.protocol_name(), "connection opened");
 
         let close: Option<CloseReason> = loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break Some(reason(CloseCode::Away, "server shutting down")),
-                _ = overflowed.cancelled() => break Some(reason(CloseCode::Again, "slow consumer: outbound queue full")),
+                _ = shutdown.cancelled() => break Some(going_away()),
+                _ = overflowed.cancelled() => break Some(slow_consumer()),
                 Some(event) = events.recv() => {
                     if self.send_event(&event).await.is_err() {
-                        break None;
+                        break self.abort_reason();
                     }
                 }
                 msg = stream.recv() => match msg {
@@ -94,7 +103,7 @@ impl Connection {
                     Some(Ok(msg)) => match self.on_message(msg).await {
                         Ok(None) => {}
                         Ok(Some(close)) => break Some(close),
-                        Err(Gone) => break None,
+                        Err(Gone) => break self.abort_reason(),
                     },
                     Some(Err(err)) => break Some(protocol_error_close(&err)),
                 },
@@ -105,7 +114,7 @@ impl Connection {
             self.state.broker.unsubscribe(&topic, self.mailbox.id).await;
         }
         let code = close.as_ref().map(|c| u16::from(c.code));
-        let _ = self.session.close(close).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.session.close(close)).await;
         tracing::info!(conn = self.mailbox.id, sub = %self.grants.sub, ?peer, duration_ms = opened.elapsed().as_millis() as u64, close_code = ?code, "connection closed");
     }
 
@@ -206,13 +215,42 @@ impl Connection {
         self.send(frame).await
     }
 
+    /// Writes one frame. A write waiting for a client that does not read is
+    /// cut short by eviction or shutdown, so neither waits on that client.
     async fn send(&mut self, frame: Frame) -> Result<(), Gone> {
-        let sent = match frame {
-            Frame::Text(text) => self.session.text(text).await,
-            Frame::Binary(bytes) => self.session.binary(bytes).await,
+        let session = &mut self.session;
+        let write = async move {
+            match frame {
+                Frame::Text(text) => session.text(text).await,
+                Frame::Binary(bytes) => session.binary(bytes).await,
+            }
         };
-        sent.map_err(|_| Gone)
+        tokio::select! {
+            sent = write => sent.map_err(|_| Gone),
+            _ = self.overflowed.cancelled() => Err(Gone),
+            _ = self.state.shutdown.cancelled() => Err(Gone),
+        }
     }
+
+    /// The close frame owed after a write was cut short; none when the client
+    /// simply went away.
+    fn abort_reason(&self) -> Option<CloseReason> {
+        if self.state.shutdown.is_cancelled() {
+            Some(going_away())
+        } else if self.overflowed.is_cancelled() {
+            Some(slow_consumer())
+        } else {
+            None
+        }
+    }
+}
+
+fn going_away() -> CloseReason {
+    reason(CloseCode::Away, "server shutting down")
+}
+
+fn slow_consumer() -> CloseReason {
+    reason(CloseCode::Again, "slow consumer: outbound queue full")
 }
 
 fn reason(code: CloseCode, description: &str) -> CloseReason {

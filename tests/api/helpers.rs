@@ -90,6 +90,13 @@ pub struct Handshake {
 }
 
 impl Handshake {
+    /// A handshake to any WebSocket URL.
+    pub fn to(url: &str) -> Handshake {
+        Handshake {
+            request: url.into_client_request().unwrap(),
+        }
+    }
+
     pub fn header(mut self, name: &'static str, value: &str) -> Self {
         self.request
             .headers_mut()
@@ -110,6 +117,23 @@ impl Handshake {
         match self.try_open().await {
             Ok(client) => client,
             Err(refused) => panic!("handshake refused: {refused:?}"),
+        }
+    }
+
+    /// Opens the connection over a socket with a tiny receive buffer, so a
+    /// client that stops reading backs up onto the server quickly.
+    pub async fn open_with_small_receive_buffer(self) -> WsClient {
+        let uri = self.request.uri();
+        let addr = format!("{}:{}", uri.host().unwrap(), uri.port_u16().unwrap());
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let tcp = socket.connect(addr.parse().unwrap()).await.unwrap();
+        let (stream, _) = tokio_tungstenite::client_async(self.request, MaybeTlsStream::Plain(tcp))
+            .await
+            .expect("handshake accepted");
+        WsClient {
+            stream,
+            msgpack: false,
         }
     }
 
@@ -144,10 +168,7 @@ impl TestNode {
 
     /// A handshake to `/ws` with `query` appended (e.g. `?token=…`).
     pub fn handshake(&self, query: &str) -> Handshake {
-        let url = format!("ws://{}/ws{}", self.addr, query);
-        Handshake {
-            request: url.into_client_request().unwrap(),
-        }
+        Handshake::to(&format!("ws://{}/ws{}", self.addr, query))
     }
 
     /// A JSON connection authenticated with `token` in the query string,

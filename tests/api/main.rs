@@ -2,6 +2,7 @@
 //! over real WebSocket and HTTP connections.
 
 mod auth;
+mod cli;
 mod helpers;
 mod http;
 mod ws;

@@ -4,7 +4,7 @@
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{spawn_node, token};
+use crate::helpers::{spawn_node, spawn_node_with, token};
 
 fn subscriber() -> String {
     token("sub", &[">"], &[])
@@ -281,4 +281,40 @@ async fn binary_frames_on_a_json_connection_are_parsed_as_json() {
     ws.send_raw(Message::Binary(br#"{"op":"ping","id":9}"#.to_vec().into()))
         .await;
     assert_eq!(ws.recv().await, json!({"op": "pong", "id": 9}));
+}
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_is_evicted_and_others_get_everything() {
+    const EVENTS: u64 = 300;
+    let node = spawn_node_with(|s| s.limits.outbound_queue = 8).await;
+    let mut slow = node
+        .handshake(&format!("?token={}", subscriber()))
+        .open_with_small_receive_buffer()
+        .await;
+    slow.subscribe("firehose").await;
+    let mut fast = node.connect(&subscriber()).await;
+    fast.subscribe("firehose").await;
+
+    // 32 KiB each: enough to fill the slow client's socket buffers and its
+    // bounded queue many times over. The fast client reads each event
+    // before the next is published, so only the slow one falls behind.
+    let payload = vec![7u8; 32 * 1024];
+    let p = publisher();
+    for expected in 1..=EVENTS {
+        let response = node
+            .http
+            .post(node.url("/api/v1/topics/firehose/events"))
+            .bearer_auth(&p)
+            .header("content-type", "application/octet-stream")
+            .body(payload.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        assert_eq!(fast.recv().await["offset"], expected);
+    }
+
+    let frame = slow.closed().await.expect("a close frame with a code");
+    assert_eq!(u16::from(frame.code), 1013);
+    assert!(frame.reason.contains("slow"), "{}", frame.reason);
 }

@@ -1,0 +1,253 @@
+//! The `herald` binary as a new user runs it: `serve --dev`, `token`, and
+//! refusals of unusable settings.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::json;
+
+use crate::helpers::{Handshake, SECRET};
+
+const HERALD: &str = env!("CARGO_BIN_EXE_herald");
+
+/// A `herald` command in `dir` with no `HERALD__*` from the test's own
+/// environment.
+fn herald(dir: &Path) -> Command {
+    let mut cmd = Command::new(HERALD);
+    cmd.current_dir(dir);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("HERALD__") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("herald-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running `serve --dev` and the lines of its banner.
+struct DevNode {
+    child: Child,
+    addr: String,
+    banner: Vec<String>,
+}
+
+impl Drop for DevNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_dev(dir: &Path) -> DevNode {
+    let mut child = herald(dir)
+        .args(["serve", "--dev"])
+        .env("HERALD__SERVER__BIND", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut banner = Vec::new();
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        let done = line.starts_with("More tokens:");
+        banner.push(line);
+        if done {
+            break;
+        }
+    }
+    let addr = banner[0]
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("banner names the address")
+        .to_owned();
+    DevNode {
+        child,
+        addr,
+        banner,
+    }
+}
+
+impl DevNode {
+    /// The token printed on the line after `heading`.
+    fn token_after(&self, heading: &str) -> String {
+        let i = self
+            .banner
+            .iter()
+            .position(|l| l.starts_with(heading))
+            .unwrap();
+        self.banner[i + 1].trim().to_owned()
+    }
+}
+
+#[tokio::test]
+async fn serve_without_a_key_exits_naming_the_setting() {
+    let dir = temp_dir("nokey");
+    let out = herald(&dir).arg("serve").output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("HERALD__AUTH__JWT_SECRET"), "{stderr}");
+}
+
+#[tokio::test]
+async fn invalid_settings_stop_start_up_with_their_name() {
+    let dir = temp_dir("badsetting");
+    let cases = [
+        ("HERALD__SERVER__BIND", "nowhere", "server.bind"),
+        (
+            "HERALD__LIMITS__MAX_PAYLOAD_BYTES",
+            "lots",
+            "limits.max_payload_bytes",
+        ),
+        (
+            "HERALD__LIMITS__OUTBOUND_QUEUE",
+            "0",
+            "limits.outbound_queue",
+        ),
+        ("HERALD__AUTH__ALGORITHM", "HS512", "auth.algorithm"),
+        ("HERALD__AUTH__JWT_SECRET", "short", "auth.jwt_secret"),
+        (
+            "HERALD__SERVER__ALLOWED_ORIGINS",
+            "example.com",
+            "server.allowed_origins",
+        ),
+    ];
+    for (key, value, name) in cases {
+        let out = herald(&dir)
+            .args(["serve", "--dev"])
+            .env(key, value)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{key}={value} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(name), "{key}={value}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_config_file_is_read_and_a_missing_one_is_an_error() {
+    let dir = temp_dir("configfile");
+    let out = herald(&dir)
+        .args(["serve", "--config", "missing.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+
+    std::fs::write(
+        dir.join("herald.toml"),
+        "[server]\nbind = \"not an address\"\n",
+    )
+    .unwrap();
+    let out = herald(&dir)
+        .args(["serve", "--dev", "--config", "herald.toml"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.bind"));
+}
+
+#[tokio::test]
+async fn dev_mode_prints_working_tokens_and_herald_token_reuses_its_key() {
+    let dir = temp_dir("dev");
+    let node = start_dev(&dir);
+    assert!(dir.join(".herald/dev-secret").exists());
+    let subscriber = node.token_after("Subscriber token");
+    let publisher = node.token_after("Publisher token");
+    assert!(node.banner.iter().any(|l| l.contains("curl")));
+    assert!(node.banner.iter().any(|l| l.contains("ws://")));
+
+    let url = format!("ws://{}/ws?token={subscriber}", node.addr);
+    let mut client = Handshake::to(&url).open().await;
+    client.subscribe("alerts").await;
+
+    let http = reqwest::Client::new();
+    let published = http
+        .post(format!("http://{}/api/v1/topics/alerts/events", node.addr))
+        .bearer_auth(&publisher)
+        .json(&json!({"text": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(published.status(), 201);
+    assert_eq!(client.recv().await["data"], json!({"text": "hello"}));
+
+    // `herald token` in the same directory signs with the same dev key.
+    let out = herald(&dir)
+        .args([
+            "token",
+            "--sub",
+            "alice",
+            "--publish",
+            "user.{sub}.>",
+            "--ttl",
+            "5m",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let alice = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let ok = http
+        .post(format!(
+            "http://{}/api/v1/topics/user.alice.x/events",
+            node.addr
+        ))
+        .bearer_auth(&alice)
+        .json(&1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 201);
+    let denied = http
+        .post(format!(
+            "http://{}/api/v1/topics/user.bob.x/events",
+            node.addr
+        ))
+        .bearer_auth(&alice)
+        .json(&1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 403);
+
+    // A restart keeps the key, so tokens already handed out stay valid.
+    drop(node);
+    let again = start_dev(&dir);
+    // A fresh client: the new node may have been given the same port, and
+    // a pooled connection to the killed one would be reset.
+    let ok = reqwest::Client::new()
+        .post(format!("http://{}/api/v1/topics/alerts/events", again.addr))
+        .bearer_auth(&publisher)
+        .json(&1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 201);
+}
+
+#[tokio::test]
+async fn token_refuses_invalid_patterns_and_missing_keys() {
+    let dir = temp_dir("token");
+    let out = herald(&dir)
+        .args(["token", "--sub", "a", "--topics", "a..b"])
+        .env("HERALD__AUTH__JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a..b"));
+
+    let out = herald(&dir).args(["token", "--sub", "a"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HERALD__AUTH__JWT_SECRET"));
+}
