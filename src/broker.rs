@@ -1,47 +1,40 @@
 //! The routing interface the WebSocket and HTTP layers talk to.
 //!
-//! [`Broker`] owns what happens to a publish (assign the topic's next offset,
-//! build the event once, hand it to every subscriber) and to a subscription.
-//! Today routing is in-process: offsets are counted in memory and events go
-//! straight to the local [`Hub`]. Relaying between nodes plugs in here
-//! without changing the callers.
+//! [`Broker`] ties the local [`Hub`] (who on this node wants which topic) to
+//! the [`Relay`] (how a publish gets its offset and reaches every node).
+//! Callers never see which relay runs: single node or cluster, the
+//! WebSocket and HTTP code is the same.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use crate::event::{Event, Payload, now_ms};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigError, Settings};
+use crate::event::Payload;
 use crate::hub::{ConnId, Hub, Mailbox};
+pub use crate::relay::PublishError;
+use crate::relay::Relay;
 use crate::topic::Topic;
 
-/// Why a publish was not accepted. Nothing was delivered when this is
-/// returned.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    #[error("publishing is unavailable: {0}")]
-    Unavailable(String),
-}
-
-#[derive(Default)]
 pub struct Broker {
-    hub: Hub,
-    /// Last offset per topic. Held while an event is delivered so that
-    /// concurrent publishers to one topic reach subscribers in offset order.
-    offsets: Mutex<HashMap<Topic, u64>>,
+    hub: Arc<Hub>,
+    relay: Relay,
 }
 
 impl Broker {
-    pub fn new() -> Broker {
-        Broker::default()
+    pub fn new(settings: &Settings, shutdown: CancellationToken) -> Result<Broker, ConfigError> {
+        let hub = Arc::new(Hub::default());
+        let relay = Relay::from_settings(settings, Arc::clone(&hub), shutdown)?;
+        Ok(Broker { hub, relay })
     }
 
     /// Publishes one event and returns its offset.
     pub async fn publish(&self, topic: Topic, payload: Payload) -> Result<u64, PublishError> {
-        let mut offsets = self.offsets.lock().unwrap_or_else(|e| e.into_inner());
-        let last = offsets.entry(topic.clone()).or_insert(0);
-        *last += 1;
-        let event = Arc::new(Event::new(topic, *last, now_ms(), payload));
-        self.hub.deliver(&event);
-        Ok(event.offset)
+        let offsets = self.relay.publish(vec![(topic, payload)]).await?;
+        offsets
+            .first()
+            .copied()
+            .ok_or_else(|| PublishError::Unavailable("no offset returned".into()))
     }
 
     /// Publishes events in order; returns their offsets in the same order.
@@ -49,20 +42,31 @@ impl Broker {
         &self,
         events: Vec<(Topic, Payload)>,
     ) -> Result<Vec<u64>, PublishError> {
-        let mut offsets = Vec::with_capacity(events.len());
-        for (topic, payload) in events {
-            offsets.push(self.publish(topic, payload).await?);
-        }
-        Ok(offsets)
+        self.relay.publish(events).await
     }
 
-    /// Starts delivering `topic`'s events to `mailbox`.
+    /// Starts delivering `topic`'s events to `mailbox`. Returns once events
+    /// published from now on will reach it.
     pub async fn subscribe(&self, topic: &Topic, mailbox: &Mailbox) {
-        self.hub.subscribe(topic, mailbox);
+        if self.hub.subscribe(topic, mailbox) {
+            self.relay.interest_changed(topic).await;
+        }
     }
 
     /// Stops delivering `topic`'s events to connection `id`.
     pub async fn unsubscribe(&self, topic: &Topic, id: ConnId) {
-        self.hub.unsubscribe(topic, id);
+        if self.hub.unsubscribe(topic, id) {
+            self.relay.interest_changed(topic).await;
+        }
+    }
+
+    /// Whether this node can publish and receive events right now.
+    pub fn is_ready(&self) -> bool {
+        self.relay.is_ready()
+    }
+
+    /// Waits for background work to finish once shutdown was requested.
+    pub async fn stopped(&self) {
+        self.relay.stopped().await;
     }
 }

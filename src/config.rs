@@ -47,7 +47,19 @@ pub struct Settings {
     pub server: ServerSettings,
     pub auth: AuthSettings,
     pub limits: LimitSettings,
+    pub redis: RedisSettings,
     pub dev: DevSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// Setting it turns cluster mode on: events are relayed between nodes
+    /// through this Redis. May hold a password, hence secret.
+    pub url: Option<SecretString>,
+    /// Prefix of every Redis key and channel Herald uses, so deployments can
+    /// share one Redis.
+    pub prefix: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,6 +126,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("limits.max_batch_events", "1000"),
     ("limits.max_batch_bytes", "1048576"),
     ("limits.outbound_queue", "1024"),
+    ("redis.prefix", "herald:"),
     ("dev.secret_file", ".herald/dev-secret"),
 ];
 
@@ -191,6 +204,19 @@ impl Settings {
                 "HERALD__LIMITS__OUTBOUND_QUEUE",
             ),
         ];
+        let prefix = &self.redis.prefix;
+        if prefix.is_empty()
+            || prefix.len() > 64
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-:.".contains(&b))
+        {
+            return Err(ConfigError::invalid(
+                "redis.prefix",
+                "HERALD__REDIS__PREFIX",
+                "must be 1-64 characters of [A-Za-z0-9_-:.]",
+            ));
+        }
         for (value, key, env) in positive {
             if value == 0 {
                 return Err(ConfigError::invalid(key, env, "must be greater than 0"));

@@ -106,6 +106,18 @@ impl Hub {
         false
     }
 
+    /// Whether any local connection subscribes to `topic`.
+    pub fn has_subscribers(&self, topic: &Topic) -> bool {
+        let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
+        topics.contains_key(topic)
+    }
+
+    /// Every topic with a local subscriber.
+    pub fn topics(&self) -> Vec<Topic> {
+        let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
+        topics.keys().cloned().collect()
+    }
+
     /// Offers `event` to every local subscriber of its topic; returns how
     /// many accepted it.
     pub fn deliver(&self, event: &Arc<Event>) -> usize {

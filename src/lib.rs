@@ -41,6 +41,7 @@ pub mod event;
 pub mod http;
 pub mod hub;
 pub mod protocol;
+pub mod relay;
 pub mod startup;
 pub mod telemetry;
 pub mod topic;

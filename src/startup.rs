@@ -50,6 +50,7 @@ pub struct Application {
     server: Server,
     addr: SocketAddr,
     shutdown: CancellationToken,
+    state: web::Data<AppState>,
 }
 
 impl Application {
@@ -62,13 +63,15 @@ impl Application {
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
         let shutdown = CancellationToken::new();
+        let broker = Broker::new(&settings, shutdown.clone())?;
         let state = web::Data::new(AppState {
             settings,
             verifier,
-            broker: Broker::new(),
+            broker,
             shutdown: shutdown.clone(),
             next_conn_id: AtomicU64::new(1),
         });
+        let state_handle = state.clone();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
@@ -88,6 +91,7 @@ impl Application {
             server,
             addr,
             shutdown,
+            state: state_handle,
         })
     }
 
@@ -106,15 +110,18 @@ impl Application {
         let mut server = std::pin::pin!(self.server);
         tokio::select! {
             result = &mut server => {
+                // The server stopped on its own: stop everything else too.
                 self.shutdown.cancel();
+                self.state.broker.stopped().await;
                 return result;
             }
             _ = shutdown_signal() => tracing::info!("shutdown signal received"),
             _ = self.shutdown.cancelled() => tracing::info!("shutdown requested"),
         }
+        // Connections close with 1001 on this; then the server drains.
         self.shutdown.cancel();
-        let stop = handle.stop(true);
-        let (_, result) = tokio::join!(stop, server);
+        let (_, result) = tokio::join!(handle.stop(true), server);
+        self.state.broker.stopped().await;
         result
     }
 }

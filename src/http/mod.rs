@@ -9,13 +9,15 @@ use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use serde::Serialize;
 
 use crate::auth::{AuthError, Forbidden};
-use crate::broker::PublishError;
 use crate::protocol::ErrorCode;
+use crate::relay::PublishError;
+use crate::startup::AppState;
 use crate::topic::TopicError;
 
 /// Registers the HTTP routes (the WebSocket route lives in `ws`).
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
         .route(
             "/api/v1/topics/{topic}/events",
             web::post().to(publish::publish_one),
@@ -25,6 +27,18 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// Ready when the node can publish and receive events (in cluster mode:
+/// when its Redis relay is connected). Load balancers route on this.
+async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    if state.broker.is_ready() {
+        Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
+    } else {
+        Err(ApiError::Unavailable(PublishError::Unavailable(
+            "the relay (Redis) is not connected".into(),
+        )))
+    }
 }
 
 /// Answers every unknown route.

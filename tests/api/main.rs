@@ -3,6 +3,7 @@
 
 mod auth;
 mod cli;
+mod cluster;
 mod helpers;
 mod http;
 mod ws;

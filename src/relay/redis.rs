@@ -1,0 +1,400 @@
+//! Cluster mode: the Redis relay.
+//!
+//! Publishing runs one Lua script per publish (or batch) that, atomically,
+//! increments each topic's offset counter and `PUBLISH`es the event with
+//! that offset. Because scripts run one at a time, Redis hands every node a
+//! topic's events in offset order.
+//!
+//! Receiving runs on a dedicated pub/sub connection owned by one background
+//! task. It subscribes only to the topics this node's connections hold
+//! (first local subscriber → `SUBSCRIBE`, last one gone → `UNSUBSCRIBE`),
+//! reconnects with capped exponential backoff when Redis goes away, and then
+//! re-subscribes every topic the hub holds, without any client action.
+//!
+//! Keys and channels all start with `redis.prefix`; topic names can only
+//! hold `[A-Za-z0-9_.-]` and are never used as patterns, so a topic cannot
+//! collide with or inject into anything else.
+//!
+//! Relay message, on channel `{prefix}topic:{topic}`:
+//! `{offset} {ts} {kind} {payload}`, where `kind` is `j` (JSON text) or `b`
+//! (raw bytes).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::value::RawValue;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::PublishError;
+use crate::config::ConfigError;
+use crate::event::{Event, Payload, now_ms};
+use crate::hub::Hub;
+use crate::topic::Topic;
+
+/// A Redis command that takes longer than this fails, so a publish answers
+/// 503 instead of hanging while Redis is unreachable.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// First and largest wait between reconnection attempts of the subscriber.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Pending subscription changes; sessions wait when it is full.
+const INTEREST_QUEUE: usize = 1024;
+
+/// Increments each topic's offset and publishes its event, atomically.
+/// KEYS: offset key and channel of each event, in pairs.
+/// ARGV: `"{ts} {kind} {payload}"` of each event.
+const PUBLISH_SCRIPT: &str = r"
+local offsets = {}
+for i = 1, #ARGV do
+  local offset = redis.call('INCR', KEYS[2 * i - 1])
+  redis.call('PUBLISH', KEYS[2 * i], offset .. ' ' .. ARGV[i])
+  offsets[i] = offset
+end
+return offsets
+";
+
+/// Builds the namespaced Redis names.
+#[derive(Clone)]
+struct Names {
+    prefix: String,
+}
+
+impl Names {
+    fn channel(&self, topic: &Topic) -> String {
+        format!("{}topic:{}", self.prefix, topic)
+    }
+
+    fn offset_key(&self, topic: &Topic) -> String {
+        format!("{}offset:{}", self.prefix, topic)
+    }
+
+    fn topic_of(&self, channel: &str) -> Option<Topic> {
+        let name = channel.strip_prefix(&self.prefix)?.strip_prefix("topic:")?;
+        Topic::parse(name).ok()
+    }
+}
+
+/// A subscription change for the subscriber task, with an optional
+/// acknowledgement once Redis confirmed it.
+struct Interest {
+    topic: Topic,
+    done: Option<oneshot::Sender<()>>,
+}
+
+pub struct RedisRelay {
+    publisher: ConnectionManager,
+    script: redis::Script,
+    names: Names,
+    interest: mpsc::Sender<Interest>,
+    connected: Arc<AtomicBool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl RedisRelay {
+    /// Opens the publishing connection lazily and starts the subscriber
+    /// task. A Redis that is down at start-up is not an error: the node
+    /// starts unready and connects when Redis appears.
+    pub fn start(
+        url: &SecretString,
+        prefix: &str,
+        hub: Arc<Hub>,
+        shutdown: CancellationToken,
+    ) -> Result<RedisRelay, ConfigError> {
+        let client = redis::Client::open(url.expose_secret())
+            .map_err(|e| ConfigError::invalid("redis.url", "HERALD__REDIS__URL", e))?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(MAX_BACKOFF);
+        let publisher = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| ConfigError::invalid("redis.url", "HERALD__REDIS__URL", e))?;
+        let names = Names {
+            prefix: prefix.to_owned(),
+        };
+        let (interest, interest_rx) = mpsc::channel(INTEREST_QUEUE);
+        let connected = Arc::new(AtomicBool::new(false));
+        let subscriber = Subscriber {
+            client,
+            hub,
+            names: names.clone(),
+            interest: interest_rx,
+            connected: Arc::clone(&connected),
+            shutdown,
+        };
+        let task = tokio::spawn(subscriber.run());
+        Ok(RedisRelay {
+            publisher,
+            script: redis::Script::new(PUBLISH_SCRIPT),
+            names,
+            interest,
+            connected,
+            task: Mutex::new(Some(task)),
+        })
+    }
+
+    pub async fn publish(&self, events: Vec<(Topic, Payload)>) -> Result<Vec<u64>, PublishError> {
+        let ts = now_ms();
+        let mut invocation = self.script.prepare_invoke();
+        for (topic, payload) in &events {
+            invocation
+                .key(self.names.offset_key(topic))
+                .key(self.names.channel(topic))
+                .arg(encode_tail(ts, payload));
+        }
+        let mut conn = self.publisher.clone();
+        let offsets: Vec<u64> = invocation.invoke_async(&mut conn).await.map_err(|e| {
+            tracing::debug!(error = %e, "publish through redis failed");
+            PublishError::Unavailable("the relay (Redis) cannot be reached; retry".into())
+        })?;
+        if offsets.len() != events.len() {
+            return Err(PublishError::Unavailable(
+                "redis: unexpected script reply".into(),
+            ));
+        }
+        Ok(offsets)
+    }
+
+    pub async fn interest_changed(&self, topic: &Topic) {
+        let (done, confirmed) = oneshot::channel();
+        let change = Interest {
+            topic: topic.clone(),
+            done: Some(done),
+        };
+        if self.interest.send(change).await.is_ok() {
+            // Dropped without an answer only when the task stopped.
+            let _ = confirmed.await;
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    pub async fn stopped(&self) {
+        if let Some(task) = self.task.lock().await.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+fn encode_tail(ts: u64, payload: &Payload) -> Vec<u8> {
+    let (kind, body): (&str, &[u8]) = match payload {
+        Payload::Json(raw) => ("j", raw.get().as_bytes()),
+        Payload::Binary(bytes) => ("b", bytes),
+    };
+    let mut tail = format!("{ts} {kind} ").into_bytes();
+    tail.extend_from_slice(body);
+    tail
+}
+
+/// Parses `{offset} {ts} {kind} {payload}`; `None` for anything else.
+fn decode_message(topic: Topic, message: &[u8]) -> Option<Event> {
+    let mut parts = message.splitn(4, |b| *b == b' ');
+    let mut number = || -> Option<u64> { std::str::from_utf8(parts.next()?).ok()?.parse().ok() };
+    let offset = number()?;
+    let ts = number()?;
+    let kind = parts.next()?;
+    let body = parts.next()?;
+    let payload = match kind {
+        b"j" => Payload::Json(serde_json::from_slice::<Box<RawValue>>(body).ok()?),
+        b"b" => Payload::Binary(Bytes::copy_from_slice(body)),
+        _ => return None,
+    };
+    Some(Event::new(topic, offset, ts, payload))
+}
+
+/// The background task that owns the pub/sub connection.
+struct Subscriber {
+    client: redis::Client,
+    hub: Arc<Hub>,
+    names: Names,
+    interest: mpsc::Receiver<Interest>,
+    connected: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+}
+
+/// Why a connected session of the subscriber ended.
+enum Ended {
+    Shutdown,
+    Lost,
+}
+
+impl Subscriber {
+    async fn run(mut self) {
+        let mut backoff = MIN_BACKOFF;
+        let mut was_down_logged = false;
+        loop {
+            let attempt = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub());
+            let pubsub = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                attempt = attempt => attempt.ok().and_then(Result::ok),
+            };
+            if let Some(pubsub) = pubsub {
+                let (sink, stream) = pubsub.split();
+                match self.serve(sink, stream, &mut backoff).await {
+                    Ended::Shutdown => return,
+                    Ended::Lost => {
+                        tracing::warn!("redis relay disconnected; reconnecting");
+                        was_down_logged = true;
+                    }
+                }
+            } else if !was_down_logged {
+                tracing::warn!("redis relay unavailable; retrying with backoff");
+                was_down_logged = true;
+            }
+            if self.wait(backoff).await.is_err() {
+                return;
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Waits `delay` before reconnecting. Subscription changes meanwhile are
+    /// acknowledged at once: the topics are restored from the hub on
+    /// reconnect. `Err` on shutdown.
+    async fn wait(&mut self, delay: Duration) -> Result<(), ()> {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Err(()),
+                _ = &mut sleep => return Ok(()),
+                Some(change) = self.interest.recv() => acknowledge(change),
+            }
+        }
+    }
+
+    /// Runs one connected session: restore subscriptions, then deliver
+    /// messages and apply subscription changes until the connection drops.
+    async fn serve(
+        &mut self,
+        mut sink: PubSubSink,
+        mut stream: redis::aio::PubSubStream,
+        backoff: &mut Duration,
+    ) -> Ended {
+        let mut subscribed: HashSet<Topic> = HashSet::new();
+        let wanted = self.hub.topics();
+        if !wanted.is_empty() {
+            let channels: Vec<String> = wanted.iter().map(|t| self.names.channel(t)).collect();
+            if sink.subscribe(channels).await.is_err() {
+                return Ended::Lost;
+            }
+            subscribed.extend(wanted);
+        }
+        self.connected.store(true, Ordering::Relaxed);
+        *backoff = MIN_BACKOFF;
+        tracing::info!(topics = subscribed.len(), "redis relay connected");
+
+        let ended = loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break Ended::Shutdown,
+                message = stream.next() => match message {
+                    Some(message) => self.deliver(&message),
+                    None => break Ended::Lost,
+                },
+                Some(change) = self.interest.recv() => {
+                    if reconcile(&self.hub, &self.names, &mut sink, &mut subscribed, &change.topic).await.is_err() {
+                        acknowledge(change);
+                        break Ended::Lost;
+                    }
+                    acknowledge(change);
+                }
+            }
+        };
+        self.connected.store(false, Ordering::Relaxed);
+        ended
+    }
+
+    fn deliver(&self, message: &redis::Msg) {
+        let event = self
+            .names
+            .topic_of(message.get_channel_name())
+            .and_then(|topic| decode_message(topic, message.get_payload_bytes()));
+        match event {
+            Some(event) => {
+                self.hub.deliver(&Arc::new(event));
+            }
+            None => tracing::warn!(
+                channel = message.get_channel_name(),
+                "dropped a relay message that is not Herald's format"
+            ),
+        }
+    }
+}
+
+/// Brings the Redis subscription of `topic` in line with the hub: the hub
+/// is the truth, so changes that raced each other settle correctly.
+async fn reconcile(
+    hub: &Hub,
+    names: &Names,
+    sink: &mut PubSubSink,
+    subscribed: &mut HashSet<Topic>,
+    topic: &Topic,
+) -> redis::RedisResult<()> {
+    let wanted = hub.has_subscribers(topic);
+    if wanted && !subscribed.contains(topic) {
+        sink.subscribe(names.channel(topic)).await?;
+        subscribed.insert(topic.clone());
+    } else if !wanted && subscribed.contains(topic) {
+        sink.unsubscribe(names.channel(topic)).await?;
+        subscribed.remove(topic);
+    }
+    Ok(())
+}
+
+fn acknowledge(change: Interest) {
+    if let Some(done) = change.done {
+        let _ = done.send(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_messages_roundtrip() {
+        let topic = Topic::parse("a.b").unwrap();
+        let raw = serde_json::value::to_raw_value(&serde_json::json!({"x": "y z"})).unwrap();
+        let mut message = b"7 ".to_vec();
+        message.extend(encode_tail(1234, &Payload::Json(raw)));
+        let event = decode_message(topic.clone(), &message).unwrap();
+        assert_eq!((event.offset, event.ts), (7, 1234));
+        assert!(matches!(&event.payload, Payload::Json(r) if r.get() == r#"{"x":"y z"}"#));
+
+        let mut message = b"8 ".to_vec();
+        message.extend(encode_tail(
+            5,
+            &Payload::Binary(Bytes::from_static(b" \x00 ")),
+        ));
+        let event = decode_message(topic.clone(), &message).unwrap();
+        assert!(matches!(&event.payload, Payload::Binary(b) if &b[..] == b" \x00 "));
+
+        assert!(decode_message(topic.clone(), b"x 1 j 1").is_none());
+        assert!(decode_message(topic, b"1 1 q 1").is_none());
+    }
+
+    #[test]
+    fn names_are_namespaced_and_reversible() {
+        let names = Names {
+            prefix: "herald:".into(),
+        };
+        let topic = Topic::parse("chat.room-1").unwrap();
+        assert_eq!(names.channel(&topic), "herald:topic:chat.room-1");
+        assert_eq!(names.offset_key(&topic), "herald:offset:chat.room-1");
+        assert_eq!(names.topic_of("herald:topic:chat.room-1"), Some(topic));
+        assert_eq!(names.topic_of("other:topic:chat"), None);
+        assert_eq!(names.topic_of("herald:topic:a.*"), None);
+    }
+}

@@ -1,0 +1,221 @@
+//! Cluster mode: several nodes relaying through a private Redis.
+
+use std::collections::HashSet;
+
+use serde_json::json;
+
+use crate::helpers::{RedisServer, TestNode, eventually, spawn_node_with, token};
+
+fn subscriber() -> String {
+    token("sub", &[">"], &[])
+}
+
+fn publisher() -> String {
+    token("pub", &[], &[">"])
+}
+
+#[tokio::test]
+async fn events_published_on_one_node_reach_subscribers_on_every_node_once() {
+    let redis = RedisServer::start().await;
+    let a = TestNode::clustered(&redis).await;
+    let b = TestNode::clustered(&redis).await;
+    let mut on_a = a.connect(&subscriber()).await;
+    let mut on_b = b.connect(&subscriber()).await;
+    on_a.subscribe("alerts").await;
+    on_b.subscribe("alerts").await;
+
+    // HTTP publish on A.
+    assert_eq!(a.publish_ok(&publisher(), "alerts", &json!("one")).await, 1);
+    // WebSocket publish on B.
+    let mut p = b.connect(&publisher()).await;
+    let reply = p
+        .request(json!({"op": "publish", "id": 1, "topic": "alerts", "data": "two"}))
+        .await;
+    assert_eq!(reply["offset"], 2);
+
+    for ws in [&mut on_a, &mut on_b] {
+        let first = ws.recv().await;
+        assert_eq!(
+            (&first["offset"], &first["data"]),
+            (&json!(1), &json!("one"))
+        );
+        let second = ws.recv().await;
+        assert_eq!(
+            (&second["offset"], &second["data"]),
+            (&json!(2), &json!("two"))
+        );
+        // Nothing twice: the next frame answers this ping.
+        assert_eq!(
+            ws.request(json!({"op": "ping", "id": 9})).await["op"],
+            "pong"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_on_three_nodes_give_unique_increasing_offsets_delivered_exactly_once()
+ {
+    const PER_PUBLISHER: u64 = 40;
+    const PUBLISHERS_PER_NODE: u64 = 2;
+    let redis = RedisServer::start().await;
+    let nodes = [
+        TestNode::clustered(&redis).await,
+        TestNode::clustered(&redis).await,
+        TestNode::clustered(&redis).await,
+    ];
+    let mut subscribers = Vec::new();
+    for node in &nodes {
+        let mut ws = node.connect(&subscriber()).await;
+        ws.subscribe("orders").await;
+        subscribers.push(ws);
+    }
+    let total = PER_PUBLISHER * PUBLISHERS_PER_NODE * nodes.len() as u64;
+
+    let mut publishers = Vec::new();
+    for node in &nodes {
+        for _ in 0..PUBLISHERS_PER_NODE {
+            let http = node.http.clone();
+            let url = node.url("/api/v1/topics/orders/events");
+            publishers.push(tokio::spawn(async move {
+                let mut offsets = Vec::new();
+                for i in 0..PER_PUBLISHER {
+                    let response = http
+                        .post(&url)
+                        .bearer_auth(publisher())
+                        .json(&json!({"i": i}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 201);
+                    let body: serde_json::Value = response.json().await.unwrap();
+                    offsets.push(body["offset"].as_u64().unwrap());
+                }
+                offsets
+            }));
+        }
+    }
+    let mut acknowledged = HashSet::new();
+    for publisher in publishers {
+        for offset in publisher.await.unwrap() {
+            assert!(acknowledged.insert(offset), "offset {offset} given twice");
+        }
+    }
+    assert_eq!(acknowledged, (1..=total).collect::<HashSet<_>>());
+
+    for ws in &mut subscribers {
+        for expected in 1..=total {
+            assert_eq!(ws.recv().await["offset"], expected);
+        }
+        assert_eq!(ws.request(json!({"op": "ping"})).await["op"], "pong");
+    }
+}
+
+#[tokio::test]
+async fn a_node_subscribes_in_redis_only_while_it_has_local_subscribers() {
+    let redis = RedisServer::start().await;
+    let node = TestNode::clustered(&redis).await;
+    let numsub = || async {
+        let reply: (String, u64) = redis
+            .query(redis::cmd("PUBSUB").arg("NUMSUB").arg("herald:topic:news"))
+            .await;
+        reply.1
+    };
+    assert_eq!(numsub().await, 0);
+    let mut first = node.connect(&subscriber()).await;
+    let mut second = node.connect(&subscriber()).await;
+    first.subscribe("news").await;
+    assert_eq!(numsub().await, 1);
+    second.subscribe("news").await;
+    assert_eq!(
+        numsub().await,
+        1,
+        "one Redis subscription per node, not per client"
+    );
+
+    let reply = first
+        .request(json!({"op": "unsubscribe", "id": 1, "topic": "news"}))
+        .await;
+    assert_eq!(reply["op"], "unsubscribed");
+    assert_eq!(numsub().await, 1);
+    // The last local subscriber leaving by disconnecting counts too.
+    drop(second);
+    eventually("the node unsubscribed in Redis", || async {
+        numsub().await == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deployments_with_different_prefixes_share_a_redis_without_crosstalk() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let blue = spawn_node_with(|s| {
+        s.redis.url = Some(url.clone().into());
+        s.redis.prefix = "blue:".into();
+    })
+    .await;
+    let green = spawn_node_with(|s| {
+        s.redis.url = Some(url.clone().into());
+        s.redis.prefix = "green:".into();
+    })
+    .await;
+    blue.wait_ready().await;
+    green.wait_ready().await;
+    let mut on_green = green.connect(&subscriber()).await;
+    on_green.subscribe("alerts").await;
+    assert_eq!(
+        blue.publish_ok(&publisher(), "alerts", &json!("blue"))
+            .await,
+        1
+    );
+    assert_eq!(
+        green
+            .publish_ok(&publisher(), "alerts", &json!("green"))
+            .await,
+        1
+    );
+    let event = on_green.recv().await;
+    assert_eq!(event["data"], "green");
+}
+
+#[tokio::test]
+async fn while_redis_is_down_publishes_get_503_and_delivery_resumes_after_without_client_action() {
+    let mut redis = RedisServer::start().await;
+    let a = TestNode::clustered(&redis).await;
+    let b = TestNode::clustered(&redis).await;
+    let mut on_b = b.connect(&subscriber()).await;
+    on_b.subscribe("alerts").await;
+    assert_eq!(
+        a.publish_ok(&publisher(), "alerts", &json!("before")).await,
+        1
+    );
+    assert_eq!(on_b.recv().await["data"], "before");
+
+    redis.kill();
+    eventually("readyz reports the outage", || async {
+        b.readyz().await == 503
+    })
+    .await;
+    let response = a.publish(&publisher(), "alerts", &json!("during")).await;
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "unavailable");
+    let healthz = b.http.get(b.url("/healthz")).send().await.unwrap();
+    assert_eq!(healthz.status(), 200, "the process is alive");
+    // The WebSocket stays open and served.
+    assert_eq!(
+        on_b.request(json!({"op": "ping", "id": 2})).await["op"],
+        "pong"
+    );
+
+    redis.restart().await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    // This Redis kept nothing, so the topic's counter starts again.
+    let offset = a.publish_ok(&publisher(), "alerts", &json!("after")).await;
+    let event = on_b.recv().await;
+    assert_eq!(
+        (&event["data"], &event["offset"]),
+        (&json!("after"), &json!(offset))
+    );
+}
