@@ -251,3 +251,122 @@ async fn token_refuses_invalid_patterns_and_missing_keys() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("HERALD__AUTH__JWT_SECRET"));
 }
+
+#[tokio::test]
+async fn sigterm_closes_every_websocket_with_1001_and_exits() {
+    let dir = temp_dir("sigterm");
+    let port = crate::helpers::free_port();
+    let mut child = herald(&dir)
+        .arg("serve")
+        .env("HERALD__AUTH__JWT_SECRET", SECRET)
+        .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    crate::helpers::eventually("the node answers", || async {
+        http.get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+            .is_ok()
+    })
+    .await;
+    let token = crate::helpers::token("a", &["alerts"], &[]);
+    let mut ws = Handshake::to(&format!("ws://127.0.0.1:{port}/ws?token={token}"))
+        .open()
+        .await;
+    ws.subscribe("alerts").await;
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let frame = ws.closed().await.expect("a close frame with a code");
+    assert_eq!(u16::from(frame.code), 1001);
+
+    let mut status = None;
+    crate::helpers::eventually("the process exits", || {
+        status = status.or_else(|| child.try_wait().unwrap());
+        let exited = status.is_some();
+        async move { exited }
+    })
+    .await;
+    assert!(status.unwrap().success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn cluster_script_runs_three_relaying_nodes_and_stops_everything_it_started() {
+    use crate::helpers::free_port;
+    let ports = [free_port(), free_port(), free_port()];
+    let redis_port = free_port();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh");
+    let mut child = Command::new("bash")
+        .arg(script)
+        .env("HERALD_BIN", HERALD)
+        .env(
+            "HERALD_CLUSTER_PORTS",
+            format!("{} {} {}", ports[0], ports[1], ports[2]),
+        )
+        .env("HERALD_CLUSTER_REDIS_PORT", redis_port.to_string())
+        .env("HERALD_JWT_SECRET", SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Read stdout to its end (so the script never writes to a closed pipe)
+    // and report the ready line as soon as it comes.
+    let stdout = child.stdout.take().unwrap();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut ready_tx = Some(ready_tx);
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("Herald cluster ready")
+                && let Some(tx) = ready_tx.take()
+            {
+                let _ = tx.send(());
+            }
+        }
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(60), ready_rx)
+        .await
+        .expect("the cluster is ready within a minute")
+        .expect("the script printed its ready line");
+
+    let sub = crate::helpers::token("s", &["alerts"], &[]);
+    let mut ws = Handshake::to(&format!("ws://127.0.0.1:{}/ws?token={sub}", ports[2]))
+        .open()
+        .await;
+    ws.subscribe("alerts").await;
+    let response = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/api/v1/topics/alerts/events",
+            ports[0]
+        ))
+        .bearer_auth(crate::helpers::token("p", &[], &["alerts"]))
+        .json(&json!("across nodes"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(ws.recv().await["data"], "across nodes");
+
+    let stopped = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    assert_eq!(u16::from(ws.closed().await.unwrap().code), 1001);
+    crate::helpers::eventually("the script exits", || {
+        let exited = child.try_wait().unwrap().is_some();
+        async move { exited }
+    })
+    .await;
+    for port in ports.into_iter().chain([redis_port]) {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "port {port} is still served after the script stopped"
+        );
+    }
+}

@@ -1,0 +1,19 @@
+# Multi-stage build: compile in the Rust image, run from a slim Debian with
+# only the binary, as an unprivileged user.
+FROM rust:1.95-slim-trixie AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked \
+ && strip target/release/herald
+
+FROM debian:trixie-slim
+RUN useradd --system --uid 10001 --no-create-home herald
+COPY --from=build /src/target/release/herald /usr/local/bin/herald
+USER herald
+ENV HERALD__SERVER__BIND=0.0.0.0:8080
+EXPOSE 8080
+# SIGTERM makes a node close its WebSockets with 1001 and exit.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["herald"]
+CMD ["serve"]

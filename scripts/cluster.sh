@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The docker-compose topology as local processes, for machines without
+# Docker: a private redis-server on a spare port and three Herald nodes on
+# loopback ports, all in cluster mode. Ctrl-C (or SIGTERM) stops every
+# process this script started.
+#
+#   scripts/cluster.sh
+#
+# Environment:
+#   HERALD_BIN            herald binary to run (default: builds target/release/herald)
+#   HERALD_CLUSTER_PORTS  three node ports (default: "8081 8082 8083")
+#   HERALD_CLUSTER_REDIS_PORT  Redis port (default: a spare port from 6400 up)
+#   HERALD_JWT_SECRET     HS256 secret shared by the nodes (32+ bytes)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+secret=${HERALD_JWT_SECRET:-local-cluster-secret-change-me-0123456789}
+read -r -a ports <<<"${HERALD_CLUSTER_PORTS:-8081 8082 8083}"
+logs=.herald/cluster
+mkdir -p "$logs"
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+if [[ -z "${HERALD_BIN:-}" ]]; then
+    cargo build --release --quiet
+    HERALD_BIN=target/release/herald
+fi
+
+redis_port=${HERALD_CLUSTER_REDIS_PORT:-}
+if [[ -z "$redis_port" ]]; then
+    for candidate in $(seq 6400 6499); do
+        if ! port_in_use "$candidate"; then redis_port=$candidate; break; fi
+    done
+fi
+[[ -n "$redis_port" ]] || { echo "no spare port for Redis" >&2; exit 1; }
+for port in "${ports[@]}"; do
+    if port_in_use "$port"; then echo "port $port is in use" >&2; exit 1; fi
+done
+
+node_pids=()
+redis_pid=
+stop() {
+    trap - EXIT INT TERM
+    echo "stopping cluster"
+    # Nodes first (they close WebSockets with 1001), then Redis.
+    for pid in "${node_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${node_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    if [[ -n "$redis_pid" ]]; then
+        kill -TERM "$redis_pid" 2>/dev/null || true
+        wait "$redis_pid" 2>/dev/null || true
+    fi
+}
+# Whatever ends the script (Ctrl-C, SIGTERM, a closed terminal or stdout),
+# the EXIT trap stops what it started.
+trap stop EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+trap '' PIPE
+
+redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no \
+    >"$logs/redis.log" 2>&1 &
+redis_pid=$!
+
+i=0
+for port in "${ports[@]}"; do
+    i=$((i + 1))
+    HERALD__SERVER__BIND="127.0.0.1:$port" \
+    HERALD__REDIS__URL="redis://127.0.0.1:$redis_port" \
+    HERALD__AUTH__JWT_SECRET="$secret" \
+        "$HERALD_BIN" serve >"$logs/node$i.log" 2>&1 &
+    node_pids+=($!)
+done
+
+# Wait (at most 30 s) until every node reports ready.
+for port in "${ports[@]}"; do
+    for _ in $(seq 300); do
+        if curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then continue 2; fi
+        sleep 0.1
+    done
+    echo "node on port $port did not become ready; see $logs/" >&2
+    exit 1
+done
+
+echo "Herald cluster ready: redis 127.0.0.1:$redis_port, logs in $logs/"
+for port in "${ports[@]}"; do echo "  node http://127.0.0.1:$port  ws://127.0.0.1:$port/ws"; done
+echo "Tokens: HERALD__AUTH__JWT_SECRET='$secret' $HERALD_BIN token --sub alice --topics alerts --publish alerts"
+echo "Press Ctrl-C to stop."
+wait -n "${node_pids[@]}" "$redis_pid" || true
+echo "a cluster process exited; see $logs/" >&2
+exit 1
