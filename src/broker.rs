@@ -48,9 +48,11 @@ impl Broker {
     /// Starts delivering `topic`'s events to `mailbox`. Returns once events
     /// published from now on will reach it.
     pub async fn subscribe(&self, topic: &Topic, mailbox: &Mailbox) {
-        if self.hub.subscribe(topic, mailbox) {
-            self.relay.interest_changed(topic).await;
-        }
+        self.hub.subscribe(topic, mailbox);
+        // Not only for the topic's first local subscriber: a second one
+        // must also wait until the first one's Redis subscription is
+        // confirmed. The relay applies changes in order and skips no-ops.
+        self.relay.interest_changed(topic).await;
     }
 
     /// Stops delivering `topic`'s events to connection `id`.

@@ -64,9 +64,10 @@ impl Relay {
         }
     }
 
-    /// The local subscriber set of `topic` changed between empty and not
-    /// empty; returns once this node receives the topic's events (or, when
-    /// Redis is down, once the topic will be restored on reconnect).
+    /// The local subscribers of `topic` changed; returns once this node's
+    /// subscription matches the hub, so that a subscriber receives every
+    /// event published after this returns (when Redis is down: once the
+    /// topic will be restored on reconnect).
     pub async fn interest_changed(&self, topic: &Topic) {
         if let Relay::Redis(redis) = self {
             redis.interest_changed(topic).await;
