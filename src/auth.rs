@@ -170,7 +170,7 @@ impl Grants {
         if patterns.iter().any(|p| p.matches(topic)) {
             return Ok(());
         }
-        let mut msg = format!("token does not allow to {verb} {topic:?} (claim `{claim}`)");
+        let mut msg = format!("token does not allow to {verb} \"{topic}\" (claim `{claim}`)");
         if self.sub_unusable {
             msg.push_str(
                 "; grants using {sub} match nothing because the token's sub contains \

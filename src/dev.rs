@@ -52,6 +52,8 @@ pub fn existing_secret(path: &Path) -> Option<SecretString> {
 
 /// The banner `serve --dev` prints on stdout once the node listens.
 pub fn banner(settings: &Settings, addr: std::net::SocketAddr) -> Result<String, String> {
+    // The command as the user can run it from here (e.g. target/release/herald).
+    let program = std::env::args().next().unwrap_or_else(|| "herald".into());
     let signer = Signer::new(&settings.auth).map_err(|e| e.to_string())?;
     let all = vec![">".to_owned()];
     let subscriber = signer
@@ -80,7 +82,7 @@ Publish (from another terminal):
     -H 'Authorization: Bearer {publisher}' \\
     -H 'Content-Type: application/json' -d '{{\"text\":\"hello\"}}'
 
-More tokens: herald token --sub alice --topics 'user.{{sub}}.>' --publish 'chat.>' --ttl 1h
+More tokens: {program} token --sub alice --topics 'user.{{sub}}.>' --publish 'chat.>' --ttl 1h
 "
     ))
 }
