@@ -11,10 +11,13 @@
 #   HERALD_CLUSTER_PORTS  three node ports (default: "8081 8082 8083")
 #   HERALD_CLUSTER_REDIS_PORT  Redis port (default: a spare port from 6400 up)
 #   HERALD_JWT_SECRET     HS256 secret shared by the nodes (32+ bytes)
+#   HERALD_CLUSTER_STORE_URL  the shared event store (default:
+#                         postgres://postgres@127.0.0.1:5432/herald_cluster, created if missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 secret=${HERALD_JWT_SECRET:-local-cluster-secret-change-me-0123456789}
+store_url=${HERALD_CLUSTER_STORE_URL:-postgres://postgres@127.0.0.1:5432/herald_cluster}
 read -r -a ports <<<"${HERALD_CLUSTER_PORTS:-8081 8082 8083}"
 logs=.herald/cluster
 mkdir -p "$logs"
@@ -67,6 +70,7 @@ for port in "${ports[@]}"; do
     i=$((i + 1))
     HERALD__SERVER__BIND="127.0.0.1:$port" \
     HERALD__REDIS__URL="redis://127.0.0.1:$redis_port" \
+    HERALD__STORE__URL="$store_url" \
     HERALD__AUTH__JWT_SECRET="$secret" \
         "$HERALD_BIN" serve >"$logs/node$i.log" 2>&1 &
     node_pids+=($!)

@@ -1,58 +1,143 @@
 //! The routing interface the WebSocket and HTTP layers talk to.
 //!
-//! [`Broker`] ties the local [`Hub`] (who on this node wants which topic) to
-//! the [`Relay`] (how a publish gets its offset and reaches every node).
-//! Callers never see which relay runs: single node or cluster, the
+//! [`Broker`] ties together the local [`Hub`] (who on this node wants which
+//! topic), the [`Store`] (the durable log of topics with history) and the
+//! [`Relay`] (how events reach every node). Callers never see which relay
+//! or store runs: single node or cluster, SQLite or PostgreSQL, the
 //! WebSocket and HTTP code is the same.
+//!
+//! A publish to a topic with history is acknowledged only after its commit;
+//! then it is broadcast. A publish to a topic without history is relayed
+//! live only.
 
 use std::sync::Arc;
 
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, Settings};
-use crate::event::Payload;
+use crate::event::{Event, Payload, now_ms};
 use crate::hub::{ConnId, Hub, Mailbox};
 pub use crate::relay::PublishError;
-use crate::relay::Relay;
+use crate::relay::{Relay, Shared};
+use crate::store::retention::{Retention, run_pruner};
+use crate::store::{Backend, Head, NewEvent, Store, StoreError};
 use crate::topic::Topic;
 
 pub struct Broker {
     hub: Arc<Hub>,
     relay: Relay,
+    store: Arc<Store>,
+    retention: Arc<Retention>,
+    pruner: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Broker {
-    pub fn new(settings: &Settings, shutdown: CancellationToken) -> Result<Broker, ConfigError> {
+    /// Opens the store (applying migrations), starts the relay and the
+    /// pruner; both background tasks stop when `shutdown` is cancelled.
+    pub async fn new(
+        settings: &Settings,
+        shutdown: CancellationToken,
+    ) -> Result<Broker, ConfigError> {
+        let store = Arc::new(Store::open(&settings.store.url).await?);
+        if settings.redis.url.is_some() && store.backend() == Backend::Sqlite {
+            return Err(ConfigError::invalid(
+                "store.url",
+                "HERALD__STORE__URL",
+                "a cluster (redis.url set) needs a shared store: set store.url to postgres://…; \
+                 with a SQLite file per node, nodes would assign conflicting offsets",
+            ));
+        }
+        let retention = Arc::new(Retention::from_settings(settings)?);
         let hub = Arc::new(Hub::default());
-        let relay = Relay::from_settings(settings, Arc::clone(&hub), shutdown)?;
-        Ok(Broker { hub, relay })
-    }
-
-    /// Publishes one event and returns its offset.
-    pub async fn publish(&self, topic: Topic, payload: Payload) -> Result<u64, PublishError> {
-        let offsets = self.relay.publish(vec![(topic, payload)]).await?;
-        offsets
-            .first()
-            .copied()
-            .ok_or_else(|| PublishError::Unavailable("no offset returned".into()))
+        let shared = Shared {
+            hub: Arc::clone(&hub),
+            store: Arc::clone(&store),
+            retention: Arc::clone(&retention),
+        };
+        let relay = Relay::from_settings(settings, shared, shutdown.clone())?;
+        let pruner = tokio::spawn(run_pruner(
+            Arc::clone(&store),
+            Arc::clone(&retention),
+            shutdown,
+        ));
+        Ok(Broker {
+            hub,
+            relay,
+            store,
+            retention,
+            pruner: Mutex::new(Some(pruner)),
+        })
     }
 
     /// Publishes events in order; returns their offsets in the same order.
-    pub async fn publish_batch(
-        &self,
-        events: Vec<(Topic, Payload)>,
-    ) -> Result<Vec<u64>, PublishError> {
-        self.relay.publish(events).await
+    /// An event whose idempotency key was seen before gets its first
+    /// offset back and is not published again.
+    pub async fn publish(&self, events: Vec<NewEvent>) -> Result<Vec<u64>, PublishError> {
+        if !self.relay.is_ready() {
+            return Err(PublishError::Unavailable(
+                "the relay (Redis) is not connected; retry".into(),
+            ));
+        }
+        let ts = now_ms();
+        let (durable, live): (Vec<_>, Vec<_>) = events
+            .into_iter()
+            .enumerate()
+            .partition(|(_, e)| self.retention.history(&e.topic));
+        let mut offsets = vec![0; durable.len() + live.len()];
+
+        if !durable.is_empty() {
+            let (slots, events): (Vec<usize>, Vec<NewEvent>) = durable.into_iter().unzip();
+            let appended = self.store.append(&events, ts).await.map_err(|e| {
+                tracing::warn!(error = %e, "publish not committed");
+                PublishError::Unavailable("the event store is unavailable; retry".into())
+            })?;
+            let mut fresh = Vec::new();
+            for ((slot, event), done) in slots.into_iter().zip(events).zip(appended) {
+                offsets[slot] = done.offset;
+                if !done.duplicate {
+                    fresh.push(Arc::new(Event::new(
+                        event.topic,
+                        done.offset,
+                        ts,
+                        event.payload,
+                    )));
+                }
+            }
+            self.relay.broadcast(fresh).await;
+        }
+        if !live.is_empty() {
+            let (slots, events): (Vec<usize>, Vec<(Topic, Payload)>) = live
+                .into_iter()
+                .map(|(slot, e)| (slot, (e.topic, e.payload)))
+                .unzip();
+            let assigned = self.relay.publish_ephemeral(events, ts).await?;
+            for (slot, offset) in slots.into_iter().zip(assigned) {
+                offsets[slot] = offset;
+            }
+        }
+        Ok(offsets)
     }
 
     /// Starts delivering `topic`'s events to `mailbox`. Returns once events
-    /// published from now on will reach it.
-    pub async fn subscribe(&self, topic: &Topic, mailbox: &Mailbox) {
+    /// published from now on will reach it, with the topic's head when it
+    /// keeps history.
+    pub async fn subscribe(
+        &self,
+        topic: &Topic,
+        mailbox: &Mailbox,
+    ) -> Result<Option<Head>, StoreError> {
         self.hub.subscribe(topic, mailbox);
         // Not only for the topic's first local subscriber: a second one
         // must also wait until the first one's Redis subscription is
         // confirmed. The relay applies changes in order and skips no-ops.
         self.relay.interest_changed(topic).await;
+        if self.retention.history(topic) {
+            Ok(Some(self.store.head(topic).await?))
+        } else {
+            Ok(None)
+        }
     }
 
     /// Stops delivering `topic`'s events to connection `id`.
@@ -60,6 +145,14 @@ impl Broker {
         if self.hub.unsubscribe(topic, id) {
             self.relay.interest_changed(topic).await;
         }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn retention(&self) -> &Retention {
+        &self.retention
     }
 
     /// Whether this node can publish and receive events right now.
@@ -70,5 +163,8 @@ impl Broker {
     /// Waits for background work to finish once shutdown was requested.
     pub async fn stopped(&self) {
         self.relay.stopped().await;
+        if let Some(pruner) = self.pruner.lock().await.take() {
+            let _ = pruner.await;
+        }
     }
 }

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::auth::{Signer, check_patterns};
 use crate::config::{ConfigError, Settings};
 use crate::startup::Application;
+use crate::store::Store;
 use crate::{dev, telemetry};
 
 #[derive(Parser)]
@@ -34,6 +35,12 @@ enum Command {
         /// configured and print ready tokens.
         #[arg(long)]
         dev: bool,
+    },
+    /// Apply the event store's migrations (also done at every start-up).
+    Migrate {
+        /// Settings file (TOML), layered over config/default.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Print a signed token for the configured key.
     Token {
@@ -60,6 +67,7 @@ pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config, dev } => serve(config, dev),
+        Command::Migrate { config } => migrate(config),
         Command::Token {
             sub,
             topics,
@@ -102,6 +110,17 @@ fn serve(config: Option<PathBuf>, dev_mode: bool) -> Result<(), String> {
         }
         tracing::info!(addr = %app.local_addr(), "herald listening");
         app.run_until_stopped().await.map_err(|e| e.to_string())
+    })
+}
+
+fn migrate(config: Option<PathBuf>) -> Result<(), String> {
+    let settings = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
+    actix_web::rt::System::new().block_on(async move {
+        let store = Store::open(&settings.store.url)
+            .await
+            .map_err(|e| e.to_string())?;
+        println!("event store is up to date ({:?})", store.backend());
+        Ok(())
     })
 }
 

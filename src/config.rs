@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use secrecy::SecretString;
 use serde::{Deserialize, Deserializer};
@@ -48,7 +49,45 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub limits: LimitSettings,
     pub redis: RedisSettings,
+    pub store: StoreSettings,
+    pub retention: RetentionSettings,
+    /// Per-pattern retention rules (`[[topics]]`), first match wins.
+    #[serde(default)]
+    pub topics: Vec<TopicRule>,
     pub dev: DevSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    /// `sqlite://FILE` (single node) or `postgres://…` (any node count).
+    pub url: SecretString,
+}
+
+/// Defaults for topics that no `[[topics]]` rule matches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Whether events are stored (and can be replayed).
+    pub history: bool,
+    /// Events older than this are pruned.
+    #[serde(deserialize_with = "duration")]
+    pub max_age: Duration,
+    /// At most this many events are kept per topic.
+    pub max_events: u64,
+    /// How often old events are pruned.
+    #[serde(deserialize_with = "duration")]
+    pub prune_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicRule {
+    pub pattern: String,
+    pub history: Option<bool>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub max_age: Option<Duration>,
+    pub max_events: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,6 +166,11 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("limits.max_batch_bytes", "1048576"),
     ("limits.outbound_queue", "1024"),
     ("redis.prefix", "herald:"),
+    ("store.url", "sqlite://.herald/herald.db"),
+    ("retention.history", "true"),
+    ("retention.max_age", "24h"),
+    ("retention.max_events", "10000"),
+    ("retention.prune_interval", "1m"),
     ("dev.secret_file", ".herald/dev-secret"),
 ];
 
@@ -204,6 +248,13 @@ impl Settings {
                 "HERALD__LIMITS__OUTBOUND_QUEUE",
             ),
         ];
+        if self.retention.prune_interval.is_zero() {
+            return Err(ConfigError::invalid(
+                "retention.prune_interval",
+                "HERALD__RETENTION__PRUNE_INTERVAL",
+                "must be greater than 0",
+            ));
+        }
         let prefix = &self.redis.prefix;
         if prefix.is_empty()
             || prefix.len() > 64
@@ -249,6 +300,16 @@ fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Err
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
         .collect())
+}
+
+/// Reads a duration written like `90s`, `15m`, `24h`, `7d`.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}")))
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 #[cfg(test)]

@@ -43,6 +43,7 @@ pub mod hub;
 pub mod protocol;
 pub mod relay;
 pub mod startup;
+pub mod store;
 pub mod telemetry;
 pub mod topic;
 pub mod ws;

@@ -80,6 +80,10 @@ pub enum ClientOp {
     Subscribe {
         id: Option<u64>,
         topic: Topic,
+        /// Replay retained events after this offset first.
+        since: Option<u64>,
+        /// The epoch `since` belongs to.
+        epoch: Option<String>,
     },
     Unsubscribe {
         id: Option<u64>,
@@ -89,6 +93,8 @@ pub enum ClientOp {
         id: Option<u64>,
         topic: Topic,
         payload: Payload,
+        /// Idempotency key: a retry with the same key publishes nothing new.
+        key: Option<String>,
     },
     Ping {
         id: Option<u64>,
@@ -128,6 +134,27 @@ struct WireOp<D> {
     data: Option<D>,
     #[serde(default)]
     data_b64: Option<String>,
+    #[serde(default)]
+    since: Option<u64>,
+    #[serde(default)]
+    epoch: Option<String>,
+    #[serde(default)]
+    key: Option<String>,
+}
+
+/// Longest idempotency key, in bytes.
+pub const MAX_KEY_BYTES: usize = 255;
+/// Longest epoch a client may send back, in bytes.
+const MAX_EPOCH_BYTES: usize = 64;
+
+/// Checks an idempotency key: 1 to 255 visible ASCII characters.
+pub fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "idempotency key must be 1 to {MAX_KEY_BYTES} visible ASCII characters"
+        ));
+    }
+    Ok(())
 }
 
 /// Just the `id`, read again from a frame that failed to decode, so the
@@ -195,16 +222,30 @@ impl<D> WireOp<D> {
             })
         };
         match self.op.as_str() {
-            "subscribe" => Ok(ClientOp::Subscribe {
-                id,
-                topic: topic(self.topic)?,
-            }),
+            "subscribe" => {
+                if self
+                    .epoch
+                    .as_ref()
+                    .is_some_and(|e| e.len() > MAX_EPOCH_BYTES)
+                {
+                    return Err(DecodeError::bad_request(id, "`epoch` is too long"));
+                }
+                Ok(ClientOp::Subscribe {
+                    id,
+                    topic: topic(self.topic)?,
+                    since: self.since,
+                    epoch: self.epoch,
+                })
+            }
             "unsubscribe" => Ok(ClientOp::Unsubscribe {
                 id,
                 topic: topic(self.topic)?,
             }),
             "publish" => {
                 let topic = topic(self.topic)?;
+                if let Some(key) = &self.key {
+                    check_key(key).map_err(|m| DecodeError::bad_request(id, m))?;
+                }
                 let payload = match (self.data, self.data_b64) {
                     (Some(_), Some(_)) => {
                         return Err(DecodeError::bad_request(
@@ -232,7 +273,12 @@ impl<D> WireOp<D> {
                         )?)
                     }
                 };
-                Ok(ClientOp::Publish { id, topic, payload })
+                Ok(ClientOp::Publish {
+                    id,
+                    topic,
+                    payload,
+                    key: self.key,
+                })
             }
             "ping" => Ok(ClientOp::Ping { id }),
             other => Err(DecodeError::bad_request(
@@ -251,6 +297,15 @@ pub enum Reply<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
         topic: &'a str,
+        /// The topic's last offset, for topics with history.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        /// The topic log's epoch, for topics with history.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        /// Present (true) when the requested replay cannot be complete.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        truncated: Option<bool>,
     },
     Unsubscribed {
         #[serde(skip_serializing_if = "Option::is_none")]

@@ -63,7 +63,7 @@ impl Application {
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
         let shutdown = CancellationToken::new();
-        let broker = Broker::new(&settings, shutdown.clone())?;
+        let broker = Broker::new(&settings, shutdown.clone()).await?;
         let state = web::Data::new(AppState {
             settings,
             verifier,

@@ -1,6 +1,7 @@
 //! The HTTP surface: publish API, health, and the one place where errors
 //! become HTTP statuses and JSON bodies.
 
+mod history;
 mod publish;
 
 use actix_web::http::StatusCode;
@@ -8,11 +9,13 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use serde::Serialize;
 
+use crate::auth::Grants;
 use crate::auth::{AuthError, Forbidden};
 use crate::protocol::ErrorCode;
 use crate::relay::PublishError;
 use crate::startup::AppState;
-use crate::topic::TopicError;
+use crate::store::StoreError;
+use crate::topic::{Topic, TopicError};
 
 /// Registers the HTTP routes (the WebSocket route lives in `ws`).
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -21,6 +24,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/api/v1/topics/{topic}/events",
             web::post().to(publish::publish_one),
+        )
+        .route(
+            "/api/v1/topics/{topic}/events",
+            web::get().to(history::history),
         )
         .route("/api/v1/events", web::post().to(publish::publish_batch));
 }
@@ -63,6 +70,10 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error(transparent)]
     Unavailable(#[from] PublishError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("topic \"{0}\" keeps no history (history = false in its retention rule)")]
+    NoHistory(Topic),
     #[error("no such route")]
     NotFound,
 }
@@ -75,8 +86,8 @@ impl ApiError {
             ApiError::InvalidTopic(_) => ErrorCode::InvalidTopic,
             ApiError::BadRequest(_) => ErrorCode::BadRequest,
             ApiError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
-            ApiError::Unavailable(_) => ErrorCode::Unavailable,
-            ApiError::NotFound => ErrorCode::NotFound,
+            ApiError::Unavailable(_) | ApiError::Store(_) => ErrorCode::Unavailable,
+            ApiError::NotFound | ApiError::NoHistory(_) => ErrorCode::NotFound,
         }
     }
 }
@@ -111,6 +122,12 @@ impl ResponseError for ApiError {
             message: &message,
         })
     }
+}
+
+/// Verifies the request's bearer token.
+pub(crate) fn authenticate(req: &HttpRequest, state: &AppState) -> Result<Grants, ApiError> {
+    let token = bearer_token(req)?.ok_or(AuthError::Missing)?;
+    Ok(state.verifier.verify(token)?)
 }
 
 /// The token from `Authorization: Bearer <jwt>`, if that header is present.

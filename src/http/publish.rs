@@ -8,16 +8,13 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{ApiError, bearer_token};
-use crate::auth::{Action, AuthError, Grants};
+use super::{ApiError, authenticate};
+use crate::auth::Action;
 use crate::event::Payload;
+use crate::protocol::check_key;
 use crate::startup::AppState;
+use crate::store::NewEvent;
 use crate::topic::Topic;
-
-fn authenticate(req: &HttpRequest, state: &AppState) -> Result<Grants, ApiError> {
-    let token = bearer_token(req)?.ok_or(AuthError::Missing)?;
-    Ok(state.verifier.verify(token)?)
-}
 
 /// Reads the body, refusing it (413) as soon as it passes `limit` bytes.
 async fn read_body(req: &HttpRequest, body: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
@@ -47,6 +44,18 @@ fn is_json(req: &HttpRequest) -> bool {
         && (mime.subtype() == mime::JSON || mime.suffix() == Some(mime::JSON))
 }
 
+/// The `Idempotency-Key` header, checked.
+fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let Some(value) = req.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .map_err(|_| ApiError::BadRequest("Idempotency-Key is not ASCII".into()))?;
+    check_key(key).map_err(ApiError::BadRequest)?;
+    Ok(Some(key.to_owned()))
+}
+
 #[derive(Serialize)]
 struct Published<'a> {
     topic: &'a str,
@@ -71,10 +80,16 @@ pub(super) async fn publish_one(
     } else {
         Payload::Binary(body)
     };
-    let offset = state.broker.publish(topic.clone(), payload).await?;
+    let key = idempotency_key(&req)?;
+    let event = NewEvent {
+        topic: topic.clone(),
+        payload,
+        key,
+    };
+    let offsets = state.broker.publish(vec![event]).await?;
     Ok(HttpResponse::Created().json(Published {
         topic: topic.as_str(),
-        offset,
+        offset: offsets[0],
     }))
 }
 
@@ -87,6 +102,9 @@ struct BatchItem {
     data: Option<Box<RawValue>>,
     #[serde(default)]
     data_b64: Option<String>,
+    /// Idempotency key of this event.
+    #[serde(default)]
+    key: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -135,8 +153,15 @@ pub(super) async fn publish_batch(
         if payload.len() > limits.max_payload_bytes {
             return Err(ApiError::PayloadTooLarge(limits.max_payload_bytes));
         }
-        events.push((topic, payload));
+        if let Some(key) = &item.key {
+            check_key(key).map_err(at)?;
+        }
+        events.push(NewEvent {
+            topic,
+            payload,
+            key: item.key,
+        });
     }
-    let offsets = state.broker.publish_batch(events).await?;
+    let offsets = state.broker.publish(events).await?;
     Ok(HttpResponse::Created().json(BatchPublished { offsets }))
 }

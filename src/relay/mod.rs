@@ -1,15 +1,20 @@
-//! Between nodes: how a publish gets its offset and reaches every node's
+//! Between nodes: how an event gets its offset and reaches every node's
 //! hub.
 //!
-//! - [`Relay::Local`] (no `redis.url`): one node; offsets are counted in
-//!   memory and events go straight to the local hub.
-//! - [`Relay::Redis`] (cluster mode): offsets are counted in Redis and each
-//!   event is published on a namespaced Redis channel by one atomic script,
-//!   so all nodes see a topic's events in offset order. Every node,
-//!   including the one that took the publish, delivers an event when it
-//!   comes back from Redis: one path, so each subscriber gets it once.
+//! Topics with history get their offsets from the store (see
+//! [`crate::store`]); the relay only broadcasts them once committed, and
+//! each node's [`order::Orderer`] delivers them in order, filling gaps from
+//! the store. Topics without history get their offsets from the relay.
+//!
+//! - [`Relay::Local`] (no `redis.url`): one node; events go straight to the
+//!   local hub.
+//! - [`Relay::Redis`] (cluster mode): events travel on namespaced Redis
+//!   channels. Every node, the one that took the publish included, delivers
+//!   an event when it comes back from Redis: one path, so each subscriber
+//!   gets it once.
 
 mod local;
+pub mod order;
 pub mod redis;
 
 use std::sync::Arc;
@@ -17,8 +22,10 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, Settings};
-use crate::event::Payload;
+use crate::event::{Event, Payload};
 use crate::hub::Hub;
+use crate::store::Store;
+use crate::store::retention::Retention;
 use crate::topic::Topic;
 
 pub use self::local::LocalRelay;
@@ -32,6 +39,14 @@ pub enum PublishError {
     Unavailable(String),
 }
 
+/// What the relays share with the rest of the node.
+#[derive(Clone)]
+pub struct Shared {
+    pub hub: Arc<Hub>,
+    pub store: Arc<Store>,
+    pub retention: Arc<Retention>,
+}
+
 pub enum Relay {
     Local(LocalRelay),
     Redis(RedisRelay),
@@ -42,25 +57,40 @@ impl Relay {
     /// stops when `shutdown` is cancelled.
     pub fn from_settings(
         settings: &Settings,
-        hub: Arc<Hub>,
+        shared: Shared,
         shutdown: CancellationToken,
     ) -> Result<Relay, ConfigError> {
         Ok(match &settings.redis.url {
-            None => Relay::Local(LocalRelay::new(hub)),
+            None => Relay::Local(LocalRelay::new(shared)),
             Some(url) => Relay::Redis(RedisRelay::start(
                 url,
                 &settings.redis.prefix,
-                hub,
+                shared,
                 shutdown,
             )?),
         })
     }
 
-    /// Publishes events in order and returns their offsets.
-    pub async fn publish(&self, events: Vec<(Topic, Payload)>) -> Result<Vec<u64>, PublishError> {
+    /// Assigns offsets to events of topics without history and broadcasts
+    /// them, in order.
+    pub async fn publish_ephemeral(
+        &self,
+        events: Vec<(Topic, Payload)>,
+        ts: u64,
+    ) -> Result<Vec<u64>, PublishError> {
         match self {
-            Relay::Local(local) => Ok(local.publish(events)),
-            Relay::Redis(redis) => redis.publish(events).await,
+            Relay::Local(local) => Ok(local.publish_ephemeral(events, ts)),
+            Relay::Redis(redis) => redis.publish_ephemeral(events, ts).await,
+        }
+    }
+
+    /// Broadcasts events already committed to the store. They are durable,
+    /// so a failure here is not the publisher's: nodes fill the gap from the
+    /// store when the next event or the relay comes back.
+    pub async fn broadcast(&self, events: Vec<Arc<Event>>) {
+        match self {
+            Relay::Local(local) => local.broadcast(events).await,
+            Relay::Redis(redis) => redis.broadcast(&events).await,
         }
     }
 
@@ -69,8 +99,9 @@ impl Relay {
     /// event published after this returns (when Redis is down: once the
     /// topic will be restored on reconnect).
     pub async fn interest_changed(&self, topic: &Topic) {
-        if let Relay::Redis(redis) = self {
-            redis.interest_changed(topic).await;
+        match self {
+            Relay::Local(local) => local.interest_changed(topic).await,
+            Relay::Redis(redis) => redis.interest_changed(topic).await,
         }
     }
 

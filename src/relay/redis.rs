@@ -1,9 +1,11 @@
 //! Cluster mode: the Redis relay.
 //!
-//! Publishing runs one Lua script per publish (or batch) that, atomically,
-//! increments each topic's offset counter and `PUBLISH`es the event with
-//! that offset. Because scripts run one at a time, Redis hands every node a
-//! topic's events in offset order.
+//! Events of topics with history are committed to the store first (which
+//! assigns their offsets) and then `PUBLISH`ed; receiving nodes put them in
+//! order with their [`Orderer`]. For topics without history, one Lua script
+//! per publish (or batch) atomically increments each topic's offset counter
+//! in Redis and `PUBLISH`es the event with that offset; scripts run one at a
+//! time, so Redis hands every node those events in offset order.
 //!
 //! Receiving runs on a dedicated pub/sub connection owned by one background
 //! task. It subscribes only to the topics this node's connections hold
@@ -33,10 +35,10 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::PublishError;
+use super::order::Orderer;
+use super::{PublishError, Shared};
 use crate::config::ConfigError;
-use crate::event::{Event, Payload, now_ms};
-use crate::hub::Hub;
+use crate::event::{Event, Payload};
 use crate::topic::Topic;
 
 /// A Redis command that takes longer than this fails, so a publish answers
@@ -47,6 +49,13 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// First and largest wait between reconnection attempts of the subscriber.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Waits before each retry of relaying committed events (the last entry is
+/// unused: it marks the final attempt).
+const BROADCAST_RETRY_DELAYS: [Duration; 3] = [
+    Duration::from_millis(50),
+    Duration::from_millis(250),
+    Duration::ZERO,
+];
 /// Pending subscription changes; sessions wait when it is full.
 const INTEREST_QUEUE: usize = 1024;
 
@@ -107,7 +116,7 @@ impl RedisRelay {
     pub fn start(
         url: &SecretString,
         prefix: &str,
-        hub: Arc<Hub>,
+        shared: Shared,
         shutdown: CancellationToken,
     ) -> Result<RedisRelay, ConfigError> {
         let client = redis::Client::open(url.expose_secret())
@@ -126,7 +135,8 @@ impl RedisRelay {
         let connected = Arc::new(AtomicBool::new(false));
         let subscriber = Subscriber {
             client,
-            hub,
+            shared,
+            orderer: Orderer::default(),
             names: names.clone(),
             interest: interest_rx,
             connected: Arc::clone(&connected),
@@ -143,8 +153,11 @@ impl RedisRelay {
         })
     }
 
-    pub async fn publish(&self, events: Vec<(Topic, Payload)>) -> Result<Vec<u64>, PublishError> {
-        let ts = now_ms();
+    pub async fn publish_ephemeral(
+        &self,
+        events: Vec<(Topic, Payload)>,
+        ts: u64,
+    ) -> Result<Vec<u64>, PublishError> {
         let mut invocation = self.script.prepare_invoke();
         for (topic, payload) in &events {
             invocation
@@ -163,6 +176,28 @@ impl RedisRelay {
             ));
         }
         Ok(offsets)
+    }
+
+    pub async fn broadcast(&self, events: &[Arc<Event>]) {
+        let mut pipe = redis::pipe();
+        for event in events {
+            let mut message = format!("{} ", event.offset).into_bytes();
+            message.extend(encode_tail(event.ts, &event.payload));
+            pipe.publish(self.names.channel(&event.topic), message)
+                .ignore();
+        }
+        // The publishing connection reconnects after a failed command (e.g.
+        // the first one after Redis came back), so retrying is worth it.
+        let mut conn = self.publisher.clone();
+        for (attempt, delay) in BROADCAST_RETRY_DELAYS.iter().enumerate() {
+            match pipe.query_async::<()>(&mut conn).await {
+                Ok(()) => return,
+                Err(e) if attempt + 1 == BROADCAST_RETRY_DELAYS.len() => {
+                    tracing::warn!(error = %e, "committed events not relayed; nodes fill the gap from the store with the next event");
+                }
+                Err(_) => tokio::time::sleep(*delay).await,
+            }
+        }
     }
 
     pub async fn interest_changed(&self, topic: &Topic) {
@@ -217,7 +252,8 @@ fn decode_message(topic: Topic, message: &[u8]) -> Option<Event> {
 /// The background task that owns the pub/sub connection.
 struct Subscriber {
     client: redis::Client,
-    hub: Arc<Hub>,
+    shared: Shared,
+    orderer: Orderer,
     names: Names,
     interest: mpsc::Receiver<Interest>,
     connected: Arc<AtomicBool>,
@@ -270,7 +306,12 @@ impl Subscriber {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(()),
                 _ = &mut sleep => return Ok(()),
-                Some(change) = self.interest.recv() => acknowledge(change),
+                Some(change) = self.interest.recv() => {
+                    // Keep the orderer in step with the hub meanwhile.
+                    let Shared { hub, store, retention } = &self.shared;
+                    self.orderer.sync(&change.topic, hub, store, retention).await;
+                    acknowledge(change);
+                }
             }
         }
     }
@@ -284,7 +325,7 @@ impl Subscriber {
         backoff: &mut Duration,
     ) -> Ended {
         let mut subscribed: HashSet<Topic> = HashSet::new();
-        let wanted = self.hub.topics();
+        let wanted = self.shared.hub.topics();
         if !wanted.is_empty() {
             let channels: Vec<String> = wanted.iter().map(|t| self.names.channel(t)).collect();
             if sink.subscribe(channels).await.is_err() {
@@ -295,19 +336,25 @@ impl Subscriber {
         self.connected.store(true, Ordering::Relaxed);
         *backoff = MIN_BACKOFF;
         tracing::info!(topics = subscribed.len(), "redis relay connected");
+        // Events relayed while we were away are in the store.
+        self.orderer
+            .catch_up(&self.shared.hub, &self.shared.store)
+            .await;
 
         let ended = loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break Ended::Shutdown,
                 message = stream.next() => match message {
-                    Some(message) => self.deliver(&message),
+                    Some(message) => self.deliver(&message).await,
                     None => break Ended::Lost,
                 },
                 Some(change) = self.interest.recv() => {
-                    if reconcile(&self.hub, &self.names, &mut sink, &mut subscribed, &change.topic).await.is_err() {
+                    let Shared { hub, store, retention } = &self.shared;
+                    if reconcile(hub, &self.names, &mut sink, &mut subscribed, &change.topic).await.is_err() {
                         acknowledge(change);
                         break Ended::Lost;
                     }
+                    self.orderer.sync(&change.topic, hub, store, retention).await;
                     acknowledge(change);
                 }
             }
@@ -316,14 +363,15 @@ impl Subscriber {
         ended
     }
 
-    fn deliver(&self, message: &redis::Msg) {
+    async fn deliver(&mut self, message: &redis::Msg) {
         let event = self
             .names
             .topic_of(message.get_channel_name())
             .and_then(|topic| decode_message(topic, message.get_payload_bytes()));
         match event {
             Some(event) => {
-                self.hub.deliver(&Arc::new(event));
+                let Shared { hub, store, .. } = &self.shared;
+                self.orderer.accept(Arc::new(event), hub, store).await;
             }
             None => tracing::warn!(
                 channel = message.get_channel_name(),
@@ -336,7 +384,7 @@ impl Subscriber {
 /// Brings the Redis subscription of `topic` in line with the hub: the hub
 /// is the truth, so changes that raced each other settle correctly.
 async fn reconcile(
-    hub: &Hub,
+    hub: &crate::hub::Hub,
     names: &Names,
     sink: &mut PubSubSink,
     subscribed: &mut HashSet<Topic>,

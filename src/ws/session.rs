@@ -2,7 +2,7 @@
 //! and `select!`s over incoming frames, its mailbox of events, eviction and
 //! node shutdown.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,6 +20,11 @@ use crate::event::Event;
 use crate::hub::Mailbox;
 use crate::protocol::{self, ClientOp, Encoding, ErrorCode, Frame, Reply};
 use crate::startup::AppState;
+use crate::store::NewEvent;
+use crate::topic::Topic;
+
+/// Events read from the store per query while replaying.
+const REPLAY_PAGE: u64 = 500;
 
 /// Room in a client frame for the envelope around the payload (op, id,
 /// topic, field names).
@@ -59,6 +64,7 @@ pub(super) fn spawn(
         mailbox,
         overflowed,
         subscriptions: HashSet::new(),
+        delivered: HashMap::new(),
     };
     // The message stream is not `Send`, so the session runs on this worker's
     // local executor; it ends when the client leaves or the node shuts down.
@@ -73,7 +79,10 @@ struct Connection {
     mailbox: Mailbox,
     /// Cancelled by the hub when the mailbox overflowed.
     overflowed: CancellationToken,
-    subscriptions: HashSet<crate::topic::Topic>,
+    subscriptions: HashSet<Topic>,
+    /// Last offset sent, per subscribed topic with history: events at or
+    /// below it (already replayed) are not sent again.
+    delivered: HashMap<Topic, u64>,
 }
 
 impl Connection {
@@ -94,7 +103,7 @@ impl Connection {
                 _ = shutdown.cancelled() => break Some(going_away()),
                 _ = overflowed.cancelled() => break Some(slow_consumer()),
                 Some(event) = events.recv() => {
-                    if self.send_event(&event).await.is_err() {
+                    if self.send_live(&event).await.is_err() {
                         break self.abort_reason();
                     }
                 }
@@ -148,23 +157,15 @@ impl Connection {
     async fn on_op(&mut self, op: ClientOp) -> Result<(), Gone> {
         match op {
             ClientOp::Ping { id } => self.reply(&Reply::Pong { id }).await,
-            ClientOp::Subscribe { id, topic } => {
-                if let Err(denied) = self.grants.check(Action::Subscribe, &topic) {
-                    return self
-                        .error(id, ErrorCode::Forbidden, &denied.to_string())
-                        .await;
-                }
-                if self.subscriptions.insert(topic.clone()) {
-                    self.state.broker.subscribe(&topic, &self.mailbox).await;
-                }
-                self.reply(&Reply::Subscribed {
-                    id,
-                    topic: topic.as_str(),
-                })
-                .await
-            }
+            ClientOp::Subscribe {
+                id,
+                topic,
+                since,
+                epoch,
+            } => self.subscribe(id, topic, since, epoch).await,
             ClientOp::Unsubscribe { id, topic } => {
                 if self.subscriptions.remove(&topic) {
+                    self.delivered.remove(&topic);
                     self.state.broker.unsubscribe(&topic, self.mailbox.id).await;
                 }
                 self.reply(&Reply::Unsubscribed {
@@ -173,7 +174,12 @@ impl Connection {
                 })
                 .await
             }
-            ClientOp::Publish { id, topic, payload } => {
+            ClientOp::Publish {
+                id,
+                topic,
+                payload,
+                key,
+            } => {
                 if let Err(denied) = self.grants.check(Action::Publish, &topic) {
                     return self
                         .error(id, ErrorCode::Forbidden, &denied.to_string())
@@ -184,19 +190,123 @@ impl Connection {
                     let msg = format!("payload is larger than the limit of {limit} bytes");
                     return self.error(id, ErrorCode::PayloadTooLarge, &msg).await;
                 }
-                match self.state.broker.publish(topic.clone(), payload).await {
-                    Ok(offset) => {
-                        self.reply(&Reply::Published {
+                let event = NewEvent {
+                    topic: topic.clone(),
+                    payload,
+                    key,
+                };
+                match self.state.broker.publish(vec![event]).await {
+                    Ok(offsets) => {
+                        let reply = Reply::Published {
                             id,
                             topic: topic.as_str(),
-                            offset,
-                        })
-                        .await
+                            offset: offsets[0],
+                        };
+                        self.reply(&reply).await
                     }
                     Err(e) => self.error(id, ErrorCode::Unavailable, &e.to_string()).await,
                 }
             }
         }
+    }
+
+    /// Subscribes, answers with the topic's head, replays what the client
+    /// missed since `since`, and from then on sends live events above the
+    /// replayed ones: no gap and no duplicate at the seam.
+    async fn subscribe(
+        &mut self,
+        id: Option<u64>,
+        topic: Topic,
+        since: Option<u64>,
+        epoch: Option<String>,
+    ) -> Result<(), Gone> {
+        if let Err(denied) = self.grants.check(Action::Subscribe, &topic) {
+            return self
+                .error(id, ErrorCode::Forbidden, &denied.to_string())
+                .await;
+        }
+        // Registered before the head is read: every event after the head
+        // arrives live, every one up to it can be replayed.
+        self.subscriptions.insert(topic.clone());
+        let head = match self.state.broker.subscribe(&topic, &self.mailbox).await {
+            Ok(head) => head,
+            Err(e) => {
+                tracing::warn!(%topic, error = %e, "subscribe failed");
+                self.subscriptions.remove(&topic);
+                self.state.broker.unsubscribe(&topic, self.mailbox.id).await;
+                return self
+                    .error(
+                        id,
+                        ErrorCode::Unavailable,
+                        "the event store is unavailable; retry",
+                    )
+                    .await;
+            }
+        };
+        let Some(head) = head else {
+            // No history: live events only, so a resume cannot be complete.
+            let truncated = since.map(|_| true);
+            let reply = Reply::Subscribed {
+                id,
+                topic: topic.as_str(),
+                offset: None,
+                epoch: None,
+                truncated,
+            };
+            return self.reply(&reply).await;
+        };
+        let plan = head.plan_replay(since, epoch.as_deref());
+        let reply = Reply::Subscribed {
+            id,
+            topic: topic.as_str(),
+            offset: Some(head.last),
+            epoch: Some(&head.epoch),
+            truncated: plan.truncated.then_some(true),
+        };
+        self.reply(&reply).await?;
+        let mut after = plan.after.unwrap_or(head.last);
+        while after < head.last {
+            let page = match self
+                .state
+                .broker
+                .store()
+                .read(&topic, after, REPLAY_PAGE)
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(%topic, error = %e, "replay failed");
+                    return self
+                        .error(
+                            id,
+                            ErrorCode::Unavailable,
+                            "replay failed: the event store is unavailable; resubscribe with since",
+                        )
+                        .await;
+                }
+            };
+            let Some(newest) = page.last().map(|e| e.offset) else {
+                break;
+            };
+            for event in page.iter().filter(|e| e.offset <= head.last) {
+                self.send_event(event).await?;
+            }
+            after = newest;
+        }
+        let delivered = self.delivered.entry(topic).or_insert(0);
+        *delivered = (*delivered).max(head.last);
+        Ok(())
+    }
+
+    /// Sends a live event unless it was replayed already.
+    async fn send_live(&mut self, event: &Event) -> Result<(), Gone> {
+        if let Some(last) = self.delivered.get_mut(&event.topic) {
+            if event.offset <= *last {
+                return Ok(());
+            }
+            *last = event.offset;
+        }
+        self.send_event(event).await
     }
 
     async fn error(&mut self, id: Option<u64>, code: ErrorCode, message: &str) -> Result<(), Gone> {

@@ -301,6 +301,7 @@ async fn cluster_script_runs_three_relaying_nodes_and_stops_everything_it_starte
     use crate::helpers::free_port;
     let ports = [free_port(), free_port(), free_port()];
     let redis_port = free_port();
+    let pg = crate::helpers::PgDatabase::create().await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh");
     let mut child = Command::new("bash")
         .arg(script)
@@ -311,6 +312,7 @@ async fn cluster_script_runs_three_relaying_nodes_and_stops_everything_it_starte
         )
         .env("HERALD_CLUSTER_REDIS_PORT", redis_port.to_string())
         .env("HERALD_JWT_SECRET", SECRET)
+        .env("HERALD_CLUSTER_STORE_URL", pg.url())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

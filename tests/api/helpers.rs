@@ -26,23 +26,39 @@ pub struct TestNode {
     pub addr: SocketAddr,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
+    /// Holds the node's SQLite file, when it has one.
+    dir: std::path::PathBuf,
 }
 
 impl Drop for TestNode {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A fresh, empty directory under the system's temp dir.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("herald-{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 pub async fn spawn_node() -> TestNode {
     spawn_node_with(|_| {}).await
 }
 
-/// Starts a node with test defaults, adjusted by `adjust`.
+/// Starts a node with test defaults (its own SQLite store), adjusted by
+/// `adjust`.
 pub async fn spawn_node_with(adjust: impl FnOnce(&mut Settings)) -> TestNode {
+    let dir = temp_dir("node");
     let mut settings = Settings::defaults();
     settings.server.bind = "127.0.0.1:0".into();
     settings.auth.jwt_secret = Some(SECRET.into());
+    settings.store.url = format!("sqlite://{}", dir.join("herald.db").display()).into();
     adjust(&mut settings);
     let app = Application::build(settings)
         .await
@@ -54,6 +70,7 @@ pub async fn spawn_node_with(adjust: impl FnOnce(&mut Settings)) -> TestNode {
         addr,
         http: reqwest::Client::new(),
         shutdown,
+        dir,
     }
 }
 
@@ -246,11 +263,19 @@ impl WsClient {
         self.recv().await
     }
 
-    pub async fn subscribe(&mut self, topic: &str) {
-        let reply = self
-            .request(json!({"op": "subscribe", "id": 1, "topic": topic}))
-            .await;
-        assert_eq!(reply, json!({"op": "subscribed", "id": 1, "topic": topic}));
+    /// Subscribes and returns the `subscribed` reply.
+    pub async fn subscribe(&mut self, topic: &str) -> Value {
+        self.subscribe_with(json!({"op": "subscribe", "id": 1, "topic": topic}))
+            .await
+    }
+
+    /// Sends a subscribe request and asserts it was accepted.
+    pub async fn subscribe_with(&mut self, request: Value) -> Value {
+        let reply = self.request(request.clone()).await;
+        assert_eq!(reply["op"], "subscribed", "{reply}");
+        assert_eq!(reply["topic"], request["topic"]);
+        assert_eq!(reply["id"], request["id"]);
+        reply
     }
 
     /// Waits for the server's close frame and returns it.
@@ -381,11 +406,79 @@ where
     panic!("timed out waiting until {what}");
 }
 
+/// A PostgreSQL database of its own for one test, dropped afterwards. The
+/// server is `HERALD_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432`);
+/// the test fails, naming that setting, when no server answers.
+pub struct PgDatabase {
+    server: String,
+    name: String,
+}
+
+impl PgDatabase {
+    pub async fn create() -> PgDatabase {
+        use sqlx::Connection as _;
+        let server = std::env::var("HERALD_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let name = format!("herald_test_{:016x}", rand::random::<u64>());
+        let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
+            .await
+            .unwrap_or_else(|e| {
+                panic!("cannot connect to PostgreSQL at {server} (set HERALD_TEST_POSTGRES): {e}")
+            });
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        PgDatabase { server, name }
+    }
+
+    pub fn url(&self) -> String {
+        format!("{}/{}", self.server, self.name)
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let admin = format!("{}/postgres", self.server);
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        // Drop cannot await; a short-lived runtime on its own thread can.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                use sqlx::Connection as _;
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
 impl TestNode {
-    /// A node in cluster mode on `redis`, once it is ready.
-    pub async fn clustered(redis: &RedisServer) -> TestNode {
-        let url = redis.url();
-        let node = spawn_node_with(|s| s.redis.url = Some(url.into())).await;
+    /// A node in cluster mode on `redis` and the shared store `pg`, once it
+    /// is ready.
+    pub async fn clustered(redis: &RedisServer, pg: &PgDatabase) -> TestNode {
+        Self::clustered_with(redis, pg, |_| {}).await
+    }
+
+    pub async fn clustered_with(
+        redis: &RedisServer,
+        pg: &PgDatabase,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> TestNode {
+        let (redis_url, store_url) = (redis.url(), pg.url());
+        let node = spawn_node_with(|s| {
+            s.redis.url = Some(redis_url.into());
+            s.store.url = store_url.into();
+            adjust(s);
+        })
+        .await;
         node.wait_ready().await;
         node
     }

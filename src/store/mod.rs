@@ -1,0 +1,482 @@
+//! The durable event log.
+//!
+//! Every event of a topic with history is committed here before its publish
+//! is acknowledged. The store assigns offsets: per topic, gap-free (1, 2, 3
+//! …), under a row lock on the topic so concurrent publishers on any number
+//! of nodes serialize. Each topic's log has an `epoch`, a random id fixed
+//! when its row is created: a fresh SQLite file or a reset database gives
+//! new epochs, so offsets from a lost log are never mistaken for current
+//! ones.
+//!
+//! One SQL dialect serves both backends through sqlx's `Any` driver (`$N`
+//! placeholders work in SQLite and PostgreSQL); only the migrations differ,
+//! under `migrations/sqlite` and `migrations/postgres`. All SQL binds its
+//! parameters.
+
+pub mod retention;
+
+use std::path::Path;
+use std::str::FromStr;
+
+use bytes::Bytes;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::value::RawValue;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use crate::config::ConfigError;
+use crate::event::{Event, Payload};
+use crate::topic::Topic;
+
+/// Connections in the pool of one node.
+const POOL_SIZE: u32 = 8;
+/// How many times a batch is retried when a concurrent publish with the same
+/// idempotency key won the race.
+const IDEMPOTENCY_RETRIES: usize = 3;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the event store is unavailable: {0}")]
+    Unavailable(#[from] sqlx::Error),
+    #[error("a stored event of {topic} at offset {offset} cannot be read")]
+    Corrupt { topic: Topic, offset: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// An event to append.
+pub struct NewEvent {
+    pub topic: Topic,
+    pub payload: Payload,
+    /// Idempotency key: a second append with the same key on the same topic
+    /// returns the first one's offset and appends nothing.
+    pub key: Option<String>,
+}
+
+/// What an append did with one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub offset: u64,
+    /// The idempotency key was seen before: nothing was appended.
+    pub duplicate: bool,
+}
+
+/// A topic's log as it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub epoch: String,
+    /// The last offset assigned (0 when nothing was published yet).
+    pub last: u64,
+    /// The oldest retained offset, if any event is retained.
+    pub oldest: Option<u64>,
+}
+
+/// What to replay for a client resuming at `since` in `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replay {
+    /// Replay retained events with offsets above this, up to the head.
+    pub after: Option<u64>,
+    /// Some events the client asked for are gone (pruned, or the log was
+    /// recreated since its epoch).
+    pub truncated: bool,
+}
+
+impl Head {
+    /// Plans a resume. `since` is trusted only within the current epoch
+    /// (`since = 0` needs none: it means "from the start"); otherwise the
+    /// replay starts at the oldest retained event and is reported truncated.
+    pub fn plan_replay(&self, since: Option<u64>, epoch: Option<&str>) -> Replay {
+        let Some(since) = since else {
+            return Replay {
+                after: None,
+                truncated: false,
+            };
+        };
+        let trusted = since == 0 || epoch == Some(self.epoch.as_str());
+        let since = if trusted { since } else { 0 };
+        // Events after `since` that should exist but are not retained.
+        let first_missing = since + 1;
+        let lost = match self.oldest {
+            Some(oldest) => oldest > first_missing,
+            None => self.last >= first_missing,
+        };
+        Replay {
+            after: Some(match self.oldest {
+                Some(oldest) if lost => oldest - 1,
+                _ => since,
+            }),
+            truncated: !trusted || lost,
+        }
+    }
+}
+
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://…` or `postgres://…`) and applies the
+    /// backend's migrations.
+    pub async fn open(url: &SecretString) -> Result<Store, ConfigError> {
+        let invalid =
+            |reason: String| ConfigError::invalid("store.url", "HERALD__STORE__URL", reason);
+        let url = url.expose_secret();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(invalid("must start with sqlite:// or postgres://".into()));
+        };
+        sqlx::any::install_default_drivers();
+        match backend {
+            Backend::Sqlite => prepare_sqlite(url).await,
+            Backend::Postgres => prepare_postgres(url).await,
+        }
+        .map_err(|e| invalid(format!("cannot prepare the database: {e}")))?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .connect(url)
+            .await
+            .map_err(|e| invalid(format!("cannot connect: {e}")))?;
+        let store = Store { pool, backend };
+        store
+            .migrate()
+            .await
+            .map_err(|e| invalid(format!("cannot apply migrations: {e}")))?;
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Applies any migration not applied yet; a no-op when up to date.
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        match self.backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await,
+            Backend::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await,
+        }
+    }
+
+    /// Appends events in order, in one transaction, and returns what
+    /// happened to each. `ts` is the publish time of the new ones.
+    pub async fn append(&self, events: &[NewEvent], ts: u64) -> Result<Vec<Appended>, StoreError> {
+        let mut attempt = 0;
+        loop {
+            match self.try_append(events, ts).await {
+                Err(StoreError::Unavailable(sqlx::Error::Database(e)))
+                    if e.is_unique_violation() && attempt < IDEMPOTENCY_RETRIES =>
+                {
+                    // A concurrent publish with the same key committed first;
+                    // the next attempt finds it.
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn try_append(&self, events: &[NewEvent], ts: u64) -> Result<Vec<Appended>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut appended = Vec::with_capacity(events.len());
+        for event in events {
+            let topic = event.topic.as_str();
+            if let Some(key) = &event.key {
+                let existing =
+                    sqlx::query("SELECT seq FROM herald_events WHERE topic = $1 AND idem_key = $2")
+                        .bind(topic)
+                        .bind(key.as_str())
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if let Some(row) = existing {
+                    appended.push(Appended {
+                        offset: row.try_get::<i64, _>(0)? as u64,
+                        duplicate: true,
+                    });
+                    continue;
+                }
+            }
+            // Creates the topic's log on its first event, else takes the
+            // row lock that serializes this topic's publishers.
+            let row = sqlx::query(
+                "INSERT INTO herald_topics (topic, epoch, last_seq, created_ms) VALUES ($1, $2, 1, $3) \
+                 ON CONFLICT (topic) DO UPDATE SET last_seq = herald_topics.last_seq + 1 \
+                 RETURNING last_seq",
+            )
+            .bind(topic)
+            .bind(new_epoch())
+            .bind(ts as i64)
+            .fetch_one(&mut *tx)
+            .await?;
+            let offset: i64 = row.try_get(0)?;
+            let (is_binary, body): (i64, &[u8]) = match &event.payload {
+                Payload::Json(raw) => (0, raw.get().as_bytes()),
+                Payload::Binary(bytes) => (1, bytes),
+            };
+            sqlx::query(
+                "INSERT INTO herald_events (topic, seq, ts, is_binary, payload, idem_key) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(topic)
+            .bind(offset)
+            .bind(ts as i64)
+            .bind(is_binary)
+            .bind(body.to_vec())
+            .bind(event.key.clone())
+            .execute(&mut *tx)
+            .await?;
+            appended.push(Appended {
+                offset: offset as u64,
+                duplicate: false,
+            });
+        }
+        tx.commit().await?;
+        Ok(appended)
+    }
+
+    /// The topic's epoch, last offset and oldest retained offset, creating
+    /// its (empty) log if it has none yet so the epoch is fixed from now on.
+    pub async fn head(&self, topic: &Topic) -> Result<Head, StoreError> {
+        sqlx::query(
+            "INSERT INTO herald_topics (topic, epoch, last_seq, created_ms) VALUES ($1, $2, 0, $3) \
+             ON CONFLICT (topic) DO NOTHING",
+        )
+        .bind(topic.as_str())
+        .bind(new_epoch())
+        .bind(crate::event::now_ms() as i64)
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query(
+            "SELECT t.epoch, t.last_seq, (SELECT MIN(e.seq) FROM herald_events e WHERE e.topic = t.topic) \
+             FROM herald_topics t WHERE t.topic = $1",
+        )
+        .bind(topic.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Head {
+            epoch: row.try_get(0)?,
+            last: row.try_get::<i64, _>(1)? as u64,
+            oldest: row.try_get::<Option<i64>, _>(2)?.map(|o| o as u64),
+        })
+    }
+
+    /// Up to `limit` retained events of `topic` with offsets above `after`,
+    /// in offset order.
+    pub async fn read(
+        &self,
+        topic: &Topic,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<Event>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, ts, is_binary, payload FROM herald_events \
+             WHERE topic = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(topic.as_str())
+        .bind(after as i64)
+        .bind(limit.min(i64::MAX as u64) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| decode_event(topic, row)).collect()
+    }
+
+    /// Every topic that has a log.
+    pub async fn topics(&self) -> Result<Vec<Topic>, StoreError> {
+        let rows = sqlx::query("SELECT topic FROM herald_topics")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut topics = Vec::with_capacity(rows.len());
+        for row in rows {
+            let name: String = row.try_get(0)?;
+            // Only valid topics are ever written; skip anything else.
+            if let Ok(topic) = Topic::parse(&name) {
+                topics.push(topic);
+            }
+        }
+        Ok(topics)
+    }
+
+    /// Deletes `topic`'s events published before `before_ms` and all but its
+    /// newest `keep` events. The topic's row (epoch, last offset) stays.
+    pub async fn prune(&self, topic: &Topic, before_ms: u64, keep: u64) -> Result<u64, StoreError> {
+        let result = sqlx::query(
+            "DELETE FROM herald_events WHERE topic = $1 AND (ts < $2 OR seq <= \
+             (SELECT last_seq FROM herald_topics WHERE topic = $1) - $3)",
+        )
+        .bind(topic.as_str())
+        .bind(before_ms.min(i64::MAX as u64) as i64)
+        .bind(keep.min(i64::MAX as u64) as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+}
+
+fn decode_event(topic: &Topic, row: &AnyRow) -> Result<Event, StoreError> {
+    let offset = row.try_get::<i64, _>(0)? as u64;
+    let ts = row.try_get::<i64, _>(1)? as u64;
+    let is_binary: i64 = row.try_get(2)?;
+    let body: Vec<u8> = row.try_get(3)?;
+    let payload = if is_binary == 0 {
+        let text = String::from_utf8(body).map_err(|_| StoreError::Corrupt {
+            topic: topic.clone(),
+            offset,
+        })?;
+        Payload::Json(
+            RawValue::from_string(text).map_err(|_| StoreError::Corrupt {
+                topic: topic.clone(),
+                offset,
+            })?,
+        )
+    } else {
+        Payload::Binary(Bytes::from(body))
+    };
+    Ok(Event::new(topic.clone(), offset, ts, payload))
+}
+
+/// A fresh epoch: 128 random bits, hex.
+fn new_epoch() -> String {
+    rand::random::<[u8; 16]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Creates the PostgreSQL database if it does not exist yet.
+async fn prepare_postgres(url: &str) -> Result<(), sqlx::Error> {
+    use sqlx::migrate::MigrateDatabase;
+    if !sqlx::Postgres::database_exists(url).await? {
+        sqlx::Postgres::create_database(url).await?;
+        tracing::info!("created the event store database");
+    }
+    Ok(())
+}
+
+/// Creates the SQLite file (and its folder) if missing and turns on WAL, so
+/// that readers do not block the writer.
+async fn prepare_sqlite(url: &str) -> Result<(), sqlx::Error> {
+    use sqlx::ConnectOptions;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+    let options = SqliteConnectOptions::from_str(url)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal);
+    if let Some(dir) = options
+        .get_filename()
+        .parent()
+        .filter(|d| d != &Path::new(""))
+    {
+        std::fs::create_dir_all(dir).map_err(sqlx::Error::Io)?;
+    }
+    let conn = options.connect().await?;
+    sqlx::Connection::close(conn).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(last: u64, oldest: Option<u64>) -> Head {
+        Head {
+            epoch: "e1".into(),
+            last,
+            oldest,
+        }
+    }
+
+    #[test]
+    fn replay_plans() {
+        let h = head(10, Some(4));
+        assert_eq!(
+            h.plan_replay(None, None),
+            Replay {
+                after: None,
+                truncated: false
+            }
+        );
+        // Within the epoch and retained: exactly what was missed.
+        assert_eq!(
+            h.plan_replay(Some(5), Some("e1")),
+            Replay {
+                after: Some(5),
+                truncated: false
+            }
+        );
+        assert_eq!(
+            h.plan_replay(Some(3), Some("e1")),
+            Replay {
+                after: Some(3),
+                truncated: false
+            }
+        );
+        // Pruned past the client's position: from the oldest, truncated.
+        assert_eq!(
+            h.plan_replay(Some(1), Some("e1")),
+            Replay {
+                after: Some(3),
+                truncated: true
+            }
+        );
+        // Another epoch (or none) is never trusted.
+        assert_eq!(
+            h.plan_replay(Some(7), Some("e0")),
+            Replay {
+                after: Some(3),
+                truncated: true
+            }
+        );
+        assert_eq!(
+            h.plan_replay(Some(7), None),
+            Replay {
+                after: Some(3),
+                truncated: true
+            }
+        );
+        // From the start: no epoch needed.
+        assert_eq!(
+            h.plan_replay(Some(0), None),
+            Replay {
+                after: Some(3),
+                truncated: true
+            }
+        );
+        assert_eq!(
+            head(3, Some(1)).plan_replay(Some(0), None),
+            Replay {
+                after: Some(0),
+                truncated: false
+            }
+        );
+        // Up to date, and an empty log.
+        assert_eq!(
+            h.plan_replay(Some(10), Some("e1")),
+            Replay {
+                after: Some(10),
+                truncated: false
+            }
+        );
+        assert_eq!(
+            head(0, None).plan_replay(Some(0), None),
+            Replay {
+                after: Some(0),
+                truncated: false
+            }
+        );
+        // Everything pruned.
+        assert_eq!(
+            head(5, None).plan_replay(Some(2), Some("e1")),
+            Replay {
+                after: Some(2),
+                truncated: true
+            }
+        );
+    }
+}
