@@ -4,6 +4,7 @@
 mod auth;
 mod cli;
 mod cluster;
+mod durability;
 mod helpers;
 mod http;
 mod ws;

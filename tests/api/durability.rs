@@ -1,0 +1,433 @@
+//! The durable log: replay on resume, epochs, retention, idempotency, the
+//! history API and migrations, against real SQLite and PostgreSQL.
+
+use std::process::{Command, Stdio};
+
+use herald::config::TopicRule;
+use serde_json::{Value, json};
+
+use crate::helpers::{
+    PgDatabase, RedisServer, SECRET, TestNode, WsClient, eventually, free_port, spawn_node,
+    spawn_node_with, temp_dir, token,
+};
+
+fn subscriber() -> String {
+    token("sub", &[">"], &[])
+}
+
+fn publisher() -> String {
+    token("pub", &[], &[">"])
+}
+
+/// Subscribes with `since` and `epoch` and returns the reply.
+async fn resume(ws: &mut WsClient, topic: &str, since: u64, epoch: &Value) -> Value {
+    ws.subscribe_with(
+        json!({"op": "subscribe", "id": 7, "topic": topic, "since": since, "epoch": epoch}),
+    )
+    .await
+}
+
+/// Receives `count` events and returns their offsets.
+async fn offsets(ws: &mut WsClient, count: usize) -> Vec<u64> {
+    let mut got = Vec::with_capacity(count);
+    for _ in 0..count {
+        let event = ws.recv().await;
+        assert_eq!(event["op"], "event", "{event}");
+        got.push(event["offset"].as_u64().unwrap());
+    }
+    got
+}
+
+/// Asserts nothing else is pending: the next frame answers a ping.
+async fn nothing_more(ws: &mut WsClient) {
+    assert_eq!(
+        ws.request(json!({"op": "ping", "id": 99})).await["op"],
+        "pong"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_resumes_with_since_gets_exactly_the_missed_events_then_live_ones() {
+    let node = spawn_node().await;
+    let p = publisher();
+    node.publish_ok(&p, "alerts", &json!(1)).await;
+    node.publish_ok(&p, "alerts", &json!(2)).await;
+
+    let mut ws = node.connect(&subscriber()).await;
+    let reply = ws.subscribe("alerts").await;
+    assert_eq!(reply["offset"], 2);
+    assert!(reply.get("truncated").is_none());
+    let epoch = reply["epoch"].clone();
+    assert!(epoch.as_str().is_some_and(|e| !e.is_empty()));
+    node.publish_ok(&p, "alerts", &json!(3)).await;
+    assert_eq!(offsets(&mut ws, 1).await, [3]);
+    drop(ws);
+
+    node.publish_ok(&p, "alerts", &json!(4)).await;
+    node.publish_ok(&p, "alerts", &json!(5)).await;
+    let mut ws = node.connect(&subscriber()).await;
+    let reply = resume(&mut ws, "alerts", 3, &epoch).await;
+    assert_eq!((&reply["offset"], &reply["epoch"]), (&json!(5), &epoch));
+    assert!(reply.get("truncated").is_none());
+    let replayed = ws.recv().await;
+    assert_eq!(
+        (&replayed["offset"], &replayed["data"]),
+        (&json!(4), &json!(4))
+    );
+    assert_eq!(offsets(&mut ws, 1).await, [5]);
+    node.publish_ok(&p, "alerts", &json!(6)).await;
+    assert_eq!(offsets(&mut ws, 1).await, [6]);
+    nothing_more(&mut ws).await;
+}
+
+#[tokio::test]
+async fn replay_and_live_meet_without_gap_or_duplicate_under_concurrent_publishing() {
+    const EVENTS: u64 = 200;
+    let node = spawn_node().await;
+    let p = publisher();
+    for i in 1..=50 {
+        node.publish_ok(&p, "busy", &json!(i)).await;
+    }
+    let http = node.http.clone();
+    let url = node.url("/api/v1/topics/busy/events");
+    let publishing = tokio::spawn(async move {
+        for i in 51..=EVENTS {
+            let response = http
+                .post(&url)
+                .bearer_auth(publisher())
+                .json(&json!(i))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 201);
+        }
+    });
+    let mut ws = node.connect(&subscriber()).await;
+    ws.subscribe_with(json!({"op": "subscribe", "id": 1, "topic": "busy", "since": 0}))
+        .await;
+    publishing.await.unwrap();
+    assert_eq!(
+        offsets(&mut ws, EVENTS as usize).await,
+        (1..=EVENTS).collect::<Vec<_>>()
+    );
+    nothing_more(&mut ws).await;
+}
+
+#[tokio::test]
+async fn a_since_from_another_epoch_is_not_trusted() {
+    let node = spawn_node().await;
+    let p = publisher();
+    for i in 1..=3 {
+        node.publish_ok(&p, "alerts", &json!(i)).await;
+    }
+    let mut ws = node.connect(&subscriber()).await;
+    let reply = resume(&mut ws, "alerts", 2, &json!("an-old-epoch")).await;
+    assert_eq!(reply["truncated"], true);
+    assert_eq!(offsets(&mut ws, 3).await, [1, 2, 3]);
+    nothing_more(&mut ws).await;
+}
+
+#[tokio::test]
+async fn a_new_log_has_a_new_epoch_and_a_restarted_node_keeps_its_epoch() {
+    let dir = temp_dir("epoch");
+    let url = format!("sqlite://{}", dir.join("herald.db").display());
+    let epoch_of = |node: TestNode| async move {
+        let mut ws = node.connect(&subscriber()).await;
+        ws.subscribe("alerts").await["epoch"].clone()
+    };
+    let first = epoch_of(spawn_node_with(|s| s.store.url = url.clone().into()).await).await;
+    let again = epoch_of(spawn_node_with(|s| s.store.url = url.clone().into()).await).await;
+    assert_eq!(first, again, "same file, same log");
+    let fresh = epoch_of(spawn_node().await).await;
+    assert_ne!(first, fresh, "a fresh file is a new log");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn pruned_events_make_a_resume_truncated_from_the_oldest_retained() {
+    let node = spawn_node_with(|s| {
+        s.retention.max_events = 2;
+        s.retention.prune_interval = std::time::Duration::from_millis(100);
+    })
+    .await;
+    let p = publisher();
+    for i in 1..=5 {
+        node.publish_ok(&p, "alerts", &json!(i)).await;
+    }
+    let history = |node: &TestNode| {
+        let request = node
+            .http
+            .get(node.url("/api/v1/topics/alerts/events?since=0"))
+            .bearer_auth(subscriber());
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    eventually("old events are pruned", || async {
+        history(&node).await["events"].as_array().unwrap().len() == 2
+    })
+    .await;
+    let body = history(&node).await;
+    assert_eq!(body["truncated"], true);
+    let epoch = body["epoch"].clone();
+
+    let mut ws = node.connect(&subscriber()).await;
+    let reply = resume(&mut ws, "alerts", 1, &epoch).await;
+    assert_eq!(reply["truncated"], true);
+    assert_eq!(offsets(&mut ws, 2).await, [4, 5]);
+    nothing_more(&mut ws).await;
+}
+
+#[tokio::test]
+async fn retries_with_an_idempotency_key_publish_once() {
+    let node = spawn_node().await;
+    let mut ws = node.connect(&subscriber()).await;
+    ws.subscribe("orders").await;
+    let post = |key: &str| {
+        node.http
+            .post(node.url("/api/v1/topics/orders/events"))
+            .bearer_auth(publisher())
+            .header("idempotency-key", key)
+            .json(&json!({"order": key}))
+            .send()
+    };
+    for _ in 0..3 {
+        let response = post("order-1").await.unwrap();
+        assert_eq!(response.status(), 201);
+        assert_eq!(response.json::<Value>().await.unwrap()["offset"], 1);
+    }
+    assert_eq!(
+        post("order-2")
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()["offset"],
+        2
+    );
+    // Over the WebSocket, `key` does the same.
+    let mut publishing = node.connect(&publisher()).await;
+    for _ in 0..2 {
+        let reply = publishing
+            .request(
+                json!({"op": "publish", "id": 3, "topic": "orders", "data": 3, "key": "order-3"}),
+            )
+            .await;
+        assert_eq!(reply["offset"], 3);
+    }
+    assert_eq!(offsets(&mut ws, 3).await, [1, 2, 3]);
+    nothing_more(&mut ws).await;
+
+    let bad = post("has space").await.unwrap();
+    assert_eq!(bad.status(), 400);
+}
+
+#[tokio::test]
+async fn history_api_returns_retained_events_under_the_subscribe_rules() {
+    let node = spawn_node().await;
+    let p = publisher();
+    for i in 1..=5 {
+        node.publish_ok(&p, "alerts", &json!({"n": i})).await;
+    }
+    let get = |query: &str, token: String| {
+        node.http
+            .get(node.url(&format!("/api/v1/topics/alerts/events{query}")))
+            .bearer_auth(token)
+            .send()
+    };
+    // Without an epoch only `since=0` is trusted; the reply names the epoch.
+    let first: Value = get("?since=0&limit=1", subscriber())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["events"][0]["offset"], 1);
+    let epoch = first["epoch"].as_str().unwrap().to_owned();
+    let body: Value = get(&format!("?since=2&limit=2&epoch={epoch}"), subscriber())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["topic"], "alerts");
+    assert_eq!(body["offset"], 5);
+    assert_eq!(body["truncated"], false);
+    assert!(body["epoch"].as_str().is_some());
+    let events = body["events"].as_array().unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(
+        (&events[0]["offset"], &events[0]["data"]),
+        (&json!(3), &json!({"n": 3}))
+    );
+    assert_eq!(events[1]["offset"], 4);
+
+    assert_eq!(
+        get("", token("s", &["other"], &[])).await.unwrap().status(),
+        403
+    );
+    assert_eq!(get("?limit=0", subscriber()).await.unwrap().status(), 400);
+    assert_eq!(get("?since=x", subscriber()).await.unwrap().status(), 400);
+    let no_token = node
+        .http
+        .get(node.url("/api/v1/topics/alerts/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_token.status(), 401);
+}
+
+#[tokio::test]
+async fn topics_without_history_skip_the_store() {
+    let node = spawn_node_with(|s| {
+        s.topics = vec![TopicRule {
+            pattern: "ticker.>".into(),
+            history: Some(false),
+            max_age: None,
+            max_events: None,
+        }]
+    })
+    .await;
+    let mut ws = node.connect(&subscriber()).await;
+    let reply = ws.subscribe("ticker.btc").await;
+    assert!(reply.get("epoch").is_none(), "{reply}");
+    assert_eq!(
+        node.publish_ok(&publisher(), "ticker.btc", &json!(1)).await,
+        1
+    );
+    assert_eq!(offsets(&mut ws, 1).await, [1]);
+    let history = node
+        .http
+        .get(node.url("/api/v1/topics/ticker.btc/events"))
+        .bearer_auth(subscriber())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(history.status(), 404);
+    let mut again = node.connect(&subscriber()).await;
+    let reply = again
+        .subscribe_with(json!({"op": "subscribe", "id": 1, "topic": "ticker.btc", "since": 0}))
+        .await;
+    assert_eq!(
+        reply["truncated"], true,
+        "no history: a resume cannot be complete"
+    );
+}
+
+fn herald_migrate(store_url: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("migrate")
+        .env("HERALD__STORE__URL", store_url)
+        .current_dir(temp_dir("migrate"))
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn migrations_apply_to_a_fresh_database_and_reapply_as_a_no_op() {
+    let pg = PgDatabase::create().await;
+    let dir = temp_dir("sqlite-migrate");
+    let sqlite = format!("sqlite://{}", dir.join("fresh.db").display());
+    for url in [pg.url(), sqlite] {
+        for _ in 0..2 {
+            let out = herald_migrate(&url);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(&pg.url()).await.unwrap();
+    let (applied,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM _sqlx_migrations")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres"))
+        .unwrap()
+        .count();
+    assert_eq!(applied as usize, migrations);
+}
+
+#[tokio::test]
+async fn a_cluster_with_a_sqlite_store_is_refused_at_start_up() {
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("serve")
+        .env("HERALD__AUTH__JWT_SECRET", SECRET)
+        .env("HERALD__REDIS__URL", "redis://127.0.0.1:1")
+        .current_dir(temp_dir("cluster-sqlite"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("store.url") && stderr.contains("shared store"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn clients_of_a_node_killed_with_sigkill_resume_on_another_node_without_loss() {
+    let redis = RedisServer::start().await;
+    let pg = PgDatabase::create().await;
+    let port = free_port();
+    let mut doomed = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("serve")
+        .env("HERALD__AUTH__JWT_SECRET", SECRET)
+        .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
+        .env("HERALD__REDIS__URL", redis.url())
+        .env("HERALD__STORE__URL", pg.url())
+        .current_dir(temp_dir("doomed"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let survivor = TestNode::clustered(&redis, &pg).await;
+    let http = reqwest::Client::new();
+    eventually("the doomed node is ready", || async {
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        http.get(url).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+
+    let mut ws =
+        crate::helpers::Handshake::to(&format!("ws://127.0.0.1:{port}/ws?token={}", subscriber()))
+            .open()
+            .await;
+    let epoch = ws.subscribe("alerts").await["epoch"].clone();
+    survivor.publish_ok(&publisher(), "alerts", &json!(1)).await;
+    assert_eq!(offsets(&mut ws, 1).await, [1]);
+
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    for i in 2..=4 {
+        survivor.publish_ok(&publisher(), "alerts", &json!(i)).await;
+    }
+    let mut ws = survivor.connect(&subscriber()).await;
+    let reply = resume(&mut ws, "alerts", 1, &epoch).await;
+    assert!(reply.get("truncated").is_none(), "{reply}");
+    assert_eq!(offsets(&mut ws, 3).await, [2, 3, 4]);
+    survivor.publish_ok(&publisher(), "alerts", &json!(5)).await;
+    assert_eq!(offsets(&mut ws, 1).await, [5]);
+    nothing_more(&mut ws).await;
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_another_node_of_a_postgres_cluster() {
+    let redis = RedisServer::start().await;
+    let pg = PgDatabase::create().await;
+    let a = TestNode::clustered(&redis, &pg).await;
+    let b = TestNode::clustered(&redis, &pg).await;
+    let mut ws = a.connect(&subscriber()).await;
+    let epoch = ws.subscribe("alerts").await["epoch"].clone();
+    b.publish_ok(&publisher(), "alerts", &json!(1)).await;
+    assert_eq!(offsets(&mut ws, 1).await, [1]);
+    drop(ws);
+    b.publish_ok(&publisher(), "alerts", &json!(2)).await;
+    a.publish_ok(&publisher(), "alerts", &json!(3)).await;
+    let mut ws = b.connect(&subscriber()).await;
+    resume(&mut ws, "alerts", 1, &epoch).await;
+    assert_eq!(offsets(&mut ws, 2).await, [2, 3]);
+    a.publish_ok(&publisher(), "alerts", &json!(4)).await;
+    assert_eq!(offsets(&mut ws, 1).await, [4]);
+    nothing_more(&mut ws).await;
+}
