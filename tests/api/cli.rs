@@ -256,14 +256,16 @@ async fn token_refuses_invalid_patterns_and_missing_keys() {
 async fn sigterm_closes_every_websocket_with_1001_and_exits() {
     let dir = temp_dir("sigterm");
     let port = crate::helpers::free_port();
-    let mut child = herald(&dir)
-        .arg("serve")
-        .env("HERALD__AUTH__JWT_SECRET", SECRET)
-        .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = crate::helpers::KillOnDrop(
+        herald(&dir)
+            .arg("serve")
+            .env("HERALD__AUTH__JWT_SECRET", SECRET)
+            .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let http = reqwest::Client::new();
     crate::helpers::eventually("the node answers", || async {
         http.get(format!("http://127.0.0.1:{port}/healthz"))
@@ -279,7 +281,7 @@ async fn sigterm_closes_every_websocket_with_1001_and_exits() {
     ws.subscribe("alerts").await;
 
     let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
@@ -288,7 +290,7 @@ async fn sigterm_closes_every_websocket_with_1001_and_exits() {
 
     let mut status = None;
     crate::helpers::eventually("the process exits", || {
-        status = status.or_else(|| child.try_wait().unwrap());
+        status = status.or_else(|| child.0.try_wait().unwrap());
         let exited = status.is_some();
         async move { exited }
     })
@@ -303,23 +305,25 @@ async fn cluster_script_runs_three_relaying_nodes_and_stops_everything_it_starte
     let redis_port = free_port();
     let pg = crate::helpers::PgDatabase::create().await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh");
-    let mut child = Command::new("bash")
-        .arg(script)
-        .env("HERALD_BIN", HERALD)
-        .env(
-            "HERALD_CLUSTER_PORTS",
-            format!("{} {} {}", ports[0], ports[1], ports[2]),
-        )
-        .env("HERALD_CLUSTER_REDIS_PORT", redis_port.to_string())
-        .env("HERALD_JWT_SECRET", SECRET)
-        .env("HERALD_CLUSTER_STORE_URL", pg.url())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = crate::helpers::KillOnDrop(
+        Command::new("bash")
+            .arg(script)
+            .env("HERALD_BIN", HERALD)
+            .env(
+                "HERALD_CLUSTER_PORTS",
+                format!("{} {} {}", ports[0], ports[1], ports[2]),
+            )
+            .env("HERALD_CLUSTER_REDIS_PORT", redis_port.to_string())
+            .env("HERALD_JWT_SECRET", SECRET)
+            .env("HERALD_CLUSTER_STORE_URL", pg.url())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     // Read stdout to its end (so the script never writes to a closed pipe)
     // and report the ready line as soon as it comes.
-    let stdout = child.stdout.take().unwrap();
+    let stdout = child.0.stdout.take().unwrap();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let mut ready_tx = Some(ready_tx);
@@ -355,13 +359,13 @@ async fn cluster_script_runs_three_relaying_nodes_and_stops_everything_it_starte
     assert_eq!(ws.recv().await["data"], "across nodes");
 
     let stopped = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(stopped.success());
     assert_eq!(u16::from(ws.closed().await.unwrap().code), 1001);
     crate::helpers::eventually("the script exits", || {
-        let exited = child.try_wait().unwrap().is_some();
+        let exited = child.0.try_wait().unwrap().is_some();
         async move { exited }
     })
     .await;

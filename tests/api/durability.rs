@@ -370,17 +370,19 @@ async fn clients_of_a_node_killed_with_sigkill_resume_on_another_node_without_lo
     let redis = RedisServer::start().await;
     let pg = PgDatabase::create().await;
     let port = free_port();
-    let mut doomed = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .arg("serve")
-        .env("HERALD__AUTH__JWT_SECRET", SECRET)
-        .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
-        .env("HERALD__REDIS__URL", redis.url())
-        .env("HERALD__STORE__URL", pg.url())
-        .current_dir(temp_dir("doomed"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut doomed = crate::helpers::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .arg("serve")
+            .env("HERALD__AUTH__JWT_SECRET", SECRET)
+            .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
+            .env("HERALD__REDIS__URL", redis.url())
+            .env("HERALD__STORE__URL", pg.url())
+            .current_dir(temp_dir("doomed"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let survivor = TestNode::clustered(&redis, &pg).await;
     let http = reqwest::Client::new();
     eventually("the doomed node is ready", || async {
@@ -397,8 +399,8 @@ async fn clients_of_a_node_killed_with_sigkill_resume_on_another_node_without_lo
     survivor.publish_ok(&publisher(), "alerts", &json!(1)).await;
     assert_eq!(offsets(&mut ws, 1).await, [1]);
 
-    doomed.kill().unwrap();
-    doomed.wait().unwrap();
+    doomed.0.kill().unwrap();
+    doomed.0.wait().unwrap();
     for i in 2..=4 {
         survivor.publish_ok(&publisher(), "alerts", &json!(i)).await;
     }

@@ -494,3 +494,26 @@ impl TestNode {
         eventually("the node is ready", || async { self.readyz().await == 200 }).await;
     }
 }
+
+/// A child process stopped when the test ends, even when it fails first:
+/// SIGTERM (so a script can stop what it started), SIGKILL after 5 s.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
