@@ -354,11 +354,18 @@ fn new_epoch() -> String {
 /// Creates the PostgreSQL database if it does not exist yet.
 async fn prepare_postgres(url: &str) -> Result<(), sqlx::Error> {
     use sqlx::migrate::MigrateDatabase;
-    if !sqlx::Postgres::database_exists(url).await? {
-        sqlx::Postgres::create_database(url).await?;
-        tracing::info!("created the event store database");
+    if sqlx::Postgres::database_exists(url).await? {
+        return Ok(());
     }
-    Ok(())
+    match sqlx::Postgres::create_database(url).await {
+        Ok(()) => {
+            tracing::info!("created the event store database");
+            Ok(())
+        }
+        // Nodes starting together race to create it; one winner is enough.
+        Err(_) if sqlx::Postgres::database_exists(url).await? => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Creates the SQLite file (and its folder) if missing and turns on WAL, so
