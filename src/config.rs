@@ -109,6 +109,15 @@ pub struct ServerSettings {
     /// Browser origins allowed to open a WebSocket; empty allows any.
     #[serde(deserialize_with = "string_or_list")]
     pub allowed_origins: Vec<String>,
+    /// Time a client gets to send its request headers (the handshake).
+    #[serde(deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    /// How often the node pings each WebSocket.
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// A WebSocket silent for this long (no frame, no pong) is closed.
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_timeout: Duration,
 }
 
 /// JWT signing algorithms Herald accepts (one per node).
@@ -146,6 +155,15 @@ pub struct LimitSettings {
     pub max_batch_bytes: usize,
     /// Events queued for one connection before it is closed as too slow.
     pub outbound_queue: usize,
+    /// Payload bytes queued for one connection before it is closed as too
+    /// slow.
+    pub outbound_queue_bytes: usize,
+    /// WebSocket connections one node accepts; past it handshakes get 503.
+    pub max_connections: usize,
+    /// Topics one connection may subscribe to at once.
+    pub max_subscriptions: usize,
+    /// WebSocket publishes per second per connection (also the burst).
+    pub publish_rate: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -160,11 +178,18 @@ pub struct DevSettings {
 const DEFAULTS: &[(&str, &str)] = &[
     ("server.bind", "127.0.0.1:8080"),
     ("server.allowed_origins", ""),
+    ("server.handshake_timeout", "5s"),
+    ("server.heartbeat_interval", "20s"),
+    ("server.heartbeat_timeout", "60s"),
     ("auth.algorithm", "HS256"),
     ("limits.max_payload_bytes", "65536"),
     ("limits.max_batch_events", "1000"),
     ("limits.max_batch_bytes", "1048576"),
     ("limits.outbound_queue", "1024"),
+    ("limits.outbound_queue_bytes", "8388608"),
+    ("limits.max_connections", "10000"),
+    ("limits.max_subscriptions", "100"),
+    ("limits.publish_rate", "100"),
     ("redis.prefix", "herald:"),
     ("store.url", "sqlite://.herald/herald.db"),
     ("retention.history", "true"),
@@ -247,7 +272,56 @@ impl Settings {
                 "limits.outbound_queue",
                 "HERALD__LIMITS__OUTBOUND_QUEUE",
             ),
+            (
+                self.limits.outbound_queue_bytes,
+                "limits.outbound_queue_bytes",
+                "HERALD__LIMITS__OUTBOUND_QUEUE_BYTES",
+            ),
+            (
+                self.limits.max_connections,
+                "limits.max_connections",
+                "HERALD__LIMITS__MAX_CONNECTIONS",
+            ),
+            (
+                self.limits.max_subscriptions,
+                "limits.max_subscriptions",
+                "HERALD__LIMITS__MAX_SUBSCRIPTIONS",
+            ),
+            (
+                self.limits.publish_rate as usize,
+                "limits.publish_rate",
+                "HERALD__LIMITS__PUBLISH_RATE",
+            ),
         ];
+        let server = &self.server;
+        for (value, key, env) in [
+            (
+                server.handshake_timeout,
+                "server.handshake_timeout",
+                "HERALD__SERVER__HANDSHAKE_TIMEOUT",
+            ),
+            (
+                server.heartbeat_interval,
+                "server.heartbeat_interval",
+                "HERALD__SERVER__HEARTBEAT_INTERVAL",
+            ),
+            (
+                server.heartbeat_timeout,
+                "server.heartbeat_timeout",
+                "HERALD__SERVER__HEARTBEAT_TIMEOUT",
+            ),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::invalid(key, env, "must be greater than 0"));
+            }
+        }
+        if server.heartbeat_timeout <= server.heartbeat_interval {
+            return Err(ConfigError::invalid(
+                "server.heartbeat_timeout",
+                "HERALD__SERVER__HEARTBEAT_TIMEOUT",
+                "must be longer than server.heartbeat_interval",
+            ));
+        }
         if self.retention.prune_interval.is_zero() {
             return Err(ConfigError::invalid(
                 "retention.prune_interval",

@@ -5,13 +5,16 @@
 //! non-blocking `try_send` of a shared `Arc<Event>` per subscriber; no lock
 //! is ever held across an `.await`.
 //!
-//! Overflow policy: each connection's mailbox is bounded
-//! (`limits.outbound_queue`). A subscriber whose mailbox is full is evicted
-//! (its connection closes with 1013, "try again later") rather than slowing
-//! the publisher or the other subscribers; it can reconnect.
+//! Overflow policy: each connection's mailbox is bounded, in events
+//! (`limits.outbound_queue`) and in payload bytes
+//! (`limits.outbound_queue_bytes`). A subscriber whose mailbox is full is
+//! evicted (its connection closes with 1013, "try again later") rather than
+//! slowing the publisher or the other subscribers; it can reconnect and
+//! resume with `since`.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::mpsc;
@@ -28,38 +31,70 @@ pub type ConnId = u64;
 pub struct Mailbox {
     pub id: ConnId,
     tx: mpsc::Sender<Arc<Event>>,
+    /// Payload bytes queued and not yet taken by the connection.
+    queued_bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
     /// Cancelled when the mailbox overflowed: the connection must close.
     overflowed: CancellationToken,
 }
 
+/// The connection's end of its mailbox.
+pub struct Inbox {
+    rx: mpsc::Receiver<Arc<Event>>,
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+impl Inbox {
+    pub async fn recv(&mut self) -> Option<Arc<Event>> {
+        let event = self.rx.recv().await?;
+        self.queued_bytes
+            .fetch_sub(event.payload.len(), Ordering::Relaxed);
+        Some(event)
+    }
+}
+
 impl Mailbox {
-    /// A mailbox holding at most `capacity` events, and its receiving end.
+    /// A mailbox holding at most `capacity` events and `max_bytes` payload
+    /// bytes, its receiving end, and the token cancelled on overflow.
     pub fn new(
         id: ConnId,
         capacity: usize,
-    ) -> (Mailbox, mpsc::Receiver<Arc<Event>>, CancellationToken) {
+        max_bytes: usize,
+    ) -> (Mailbox, Inbox, CancellationToken) {
         let (tx, rx) = mpsc::channel(capacity);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
         let overflowed = CancellationToken::new();
-        (
-            Mailbox {
-                id,
-                tx,
-                overflowed: overflowed.clone(),
-            },
-            rx,
-            overflowed,
-        )
+        let mailbox = Mailbox {
+            id,
+            tx,
+            queued_bytes: Arc::clone(&queued_bytes),
+            max_bytes,
+            overflowed: overflowed.clone(),
+        };
+        (mailbox, Inbox { rx, queued_bytes }, overflowed)
     }
 
     fn offer(&self, event: &Arc<Event>) -> bool {
+        let size = event.payload.len();
+        // Counted before sending so the receiver's decrement never comes
+        // first; undone when the event is not queued. One event larger
+        // than the limit still goes into an empty mailbox.
+        let before = self.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        if before > 0 && before + size > self.max_bytes {
+            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+            self.overflowed.cancel();
+            return false;
+        }
         match self.tx.try_send(Arc::clone(event)) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.overflowed.cancel();
+            Err(e) => {
+                self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                    self.overflowed.cancel();
+                }
+                // Closed: the connection is closing and will unsubscribe.
                 false
             }
-            // The connection is closing and will unsubscribe itself.
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 }

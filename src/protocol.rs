@@ -21,6 +21,12 @@ pub const JSON_PROTOCOL: &str = "herald.json";
 /// Sub-protocol name of the MessagePack encoding.
 pub const MSGPACK_PROTOCOL: &str = "herald.msgpack";
 
+/// Close codes Herald sends beyond RFC 6455's.
+pub mod close {
+    /// The token's `exp` passed and no `refresh` replaced it.
+    pub const TOKEN_EXPIRED: u16 = 4001;
+}
+
 /// How frames are encoded on one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
@@ -54,6 +60,8 @@ pub enum ErrorCode {
     Forbidden,
     InvalidTopic,
     PayloadTooLarge,
+    RateLimited,
+    TooManySubscriptions,
     NotFound,
     Unavailable,
     Internal,
@@ -67,6 +75,8 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::InvalidTopic => "invalid_topic",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
@@ -98,6 +108,11 @@ pub enum ClientOp {
     },
     Ping {
         id: Option<u64>,
+    },
+    /// Replace the connection's token (and grants) before it expires.
+    Refresh {
+        id: Option<u64>,
+        token: String,
     },
 }
 
@@ -140,6 +155,8 @@ struct WireOp<D> {
     epoch: Option<String>,
     #[serde(default)]
     key: Option<String>,
+    #[serde(default)]
+    token: Option<String>,
 }
 
 /// Longest idempotency key, in bytes.
@@ -177,7 +194,10 @@ pub(crate) fn present<'de, De: Deserializer<'de>, T: Deserialize<'de>>(
 pub fn decode(encoding: Encoding, frame: &[u8]) -> Result<ClientOp, DecodeError> {
     match encoding {
         Encoding::Json => match serde_json::from_slice::<WireOp<Box<RawValue>>>(frame) {
-            Ok(wire) => wire.into_op(|raw| Ok(Payload::Json(raw))),
+            Ok(wire) => wire.into_op(|raw| {
+                check_json_nesting(raw.get())?;
+                Ok(Payload::Json(raw))
+            }),
             Err(e) => {
                 let id = serde_json::from_slice::<IdOnly>(frame)
                     .ok()
@@ -185,16 +205,56 @@ pub fn decode(encoding: Encoding, frame: &[u8]) -> Result<ClientOp, DecodeError>
                 Err(DecodeError::bad_request(id, format!("invalid frame: {e}")))
             }
         },
-        Encoding::MsgPack => match rmp_serde::from_slice::<WireOp<rmpv::Value>>(frame) {
-            Ok(wire) => wire.into_op(msgpack_payload),
-            Err(e) => {
-                let id = rmp_serde::from_slice::<IdOnly>(frame)
-                    .ok()
-                    .and_then(|i| i.id);
-                Err(DecodeError::bad_request(id, format!("invalid frame: {e}")))
+        Encoding::MsgPack => {
+            // Read with a depth limit first: deserializing nested values
+            // straight from the bytes recurses without one.
+            let value = rmpv::decode::read_value_with_max_depth(&mut &frame[..], MAX_NESTING)
+                .map_err(|e| DecodeError::bad_request(None, format!("invalid frame: {e}")))?;
+            let id = value
+                .as_map()
+                .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("id")))
+                .and_then(|(_, v)| v.as_u64());
+            match rmpv::ext::from_value::<WireOp<rmpv::Value>>(value) {
+                Ok(wire) => wire.into_op(msgpack_payload),
+                Err(e) => Err(DecodeError::bad_request(id, format!("invalid frame: {e}"))),
             }
-        },
+        }
     }
+}
+
+/// Deepest nesting accepted in a client frame; serde_json's own limit, so
+/// both encodings refuse the same frames (and deep nesting cannot exhaust
+/// the stack).
+pub const MAX_NESTING: usize = 128;
+
+/// Refuses JSON nested deeper than [`MAX_NESTING`]. Payloads are kept as
+/// raw JSON, which serde_json validates without applying its own depth
+/// limit, so the edge checks it here.
+pub fn check_json_nesting(json: &str) -> Result<(), String> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(format!("JSON is nested deeper than {MAX_NESTING} levels"));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// MessagePack `bin` is a binary payload; any other value becomes JSON.
@@ -281,9 +341,15 @@ impl<D> WireOp<D> {
                 })
             }
             "ping" => Ok(ClientOp::Ping { id }),
+            "refresh" => match self.token {
+                Some(token) => Ok(ClientOp::Refresh { id, token }),
+                None => Err(DecodeError::bad_request(id, "missing field `token`")),
+            },
             other => Err(DecodeError::bad_request(
                 id,
-                format!("unknown op {other:?}; expected subscribe, unsubscribe, publish or ping"),
+                format!(
+                    "unknown op {other:?}; expected subscribe, unsubscribe, publish, ping or refresh"
+                ),
             )),
         }
     }
@@ -322,11 +388,19 @@ pub enum Reply<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
     },
+    Refreshed {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+    },
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
         code: ErrorCode,
         message: &'a str,
+        /// The topic concerned, when the error is about one (e.g. a
+        /// subscription dropped after a refresh).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        topic: Option<&'a str>,
     },
 }
 
@@ -465,6 +539,15 @@ mod tests {
         assert_eq!((err.id, err.code), (Some(8), ErrorCode::BadRequest));
         let err = json(r#"{"op":"subscribe","id":2,"topic":"a.*"}"#).unwrap_err();
         assert_eq!((err.id, err.code), (Some(2), ErrorCode::InvalidTopic));
+    }
+
+    #[test]
+    fn json_nesting_is_bounded_and_strings_do_not_count() {
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(check_json_nesting(&nested(MAX_NESTING)).is_ok());
+        assert!(check_json_nesting(&nested(MAX_NESTING + 1)).is_err());
+        let in_string = format!(r#"{{"a":"{}\"["}}"#, "[".repeat(500));
+        assert!(check_json_nesting(&in_string).is_ok());
     }
 
     #[test]

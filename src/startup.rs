@@ -9,7 +9,7 @@
 //! within [`SHUTDOWN_GRACE`].
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::Duration;
 
 use actix_web::dev::Server;
@@ -44,6 +44,8 @@ pub struct AppState {
     /// Cancelled when the node shuts down; every connection listens to it.
     pub shutdown: CancellationToken,
     pub(crate) next_conn_id: AtomicU64,
+    /// Open WebSocket connections on this node.
+    pub(crate) connections: AtomicUsize,
 }
 
 pub struct Application {
@@ -70,8 +72,10 @@ impl Application {
             broker,
             shutdown: shutdown.clone(),
             next_conn_id: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
         });
         let state_handle = state.clone();
+        let handshake_timeout = state.settings.server.handshake_timeout;
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
@@ -84,6 +88,7 @@ impl Application {
         // WebSockets before the server can drain.
         .disable_signals()
         .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+        .client_request_timeout(handshake_timeout)
         .listen(listener)
         .map_err(|source| StartError::Bind { addr, source })?
         .run();

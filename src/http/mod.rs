@@ -74,6 +74,8 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error("topic \"{0}\" keeps no history (history = false in its retention rule)")]
     NoHistory(Topic),
+    #[error("this node is at its connection limit ({0}, limits.max_connections); try another node")]
+    TooManyConnections(usize),
     #[error("no such route")]
     NotFound,
 }
@@ -86,7 +88,9 @@ impl ApiError {
             ApiError::InvalidTopic(_) => ErrorCode::InvalidTopic,
             ApiError::BadRequest(_) => ErrorCode::BadRequest,
             ApiError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
-            ApiError::Unavailable(_) | ApiError::Store(_) => ErrorCode::Unavailable,
+            ApiError::Unavailable(_) | ApiError::Store(_) | ApiError::TooManyConnections(_) => {
+                ErrorCode::Unavailable
+            }
             ApiError::NotFound | ApiError::NoHistory(_) => ErrorCode::NotFound,
         }
     }
@@ -107,6 +111,8 @@ impl ResponseError for ApiError {
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::TooManySubscriptions => StatusCode::BAD_REQUEST,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 use super::{ApiError, authenticate};
 use crate::auth::Action;
 use crate::event::Payload;
-use crate::protocol::check_key;
+use crate::protocol::{check_json_nesting, check_key};
 use crate::startup::AppState;
 use crate::store::NewEvent;
 use crate::topic::Topic;
@@ -76,6 +76,7 @@ pub(super) async fn publish_one(
     let payload = if is_json(&req) {
         let raw: Box<RawValue> = serde_json::from_slice(&body)
             .map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
+        check_json_nesting(raw.get()).map_err(ApiError::BadRequest)?;
         Payload::Json(raw)
     } else {
         Payload::Binary(body)
@@ -142,7 +143,10 @@ pub(super) async fn publish_batch(
         let topic = Topic::parse(&item.topic)?;
         grants.check(Action::Publish, &topic)?;
         let payload = match (item.data, item.data_b64) {
-            (Some(data), None) => Payload::Json(data),
+            (Some(data), None) => {
+                check_json_nesting(data.get()).map_err(at)?;
+                Payload::Json(data)
+            }
             (None, Some(b64)) => Payload::Binary(Bytes::from(
                 BASE64
                     .decode(b64.as_bytes())

@@ -1,7 +1,11 @@
 //! The WebSocket endpoint, `GET /ws`: the handshake (origin, token,
 //! sub-protocol) here, the life of an accepted connection in [`session`].
 
+mod rate;
 mod session;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -36,6 +40,7 @@ async fn handshake(
     };
     let grants = state.verifier.verify(token)?;
     let encoding = negotiate(&req)?;
+    let slot = ConnectionSlot::acquire(&state)?;
 
     let (response, ws_session, stream) =
         actix_ws::handle_with_protocols(&req, body, &[JSON_PROTOCOL, MSGPACK_PROTOCOL])
@@ -43,6 +48,7 @@ async fn handshake(
     let peer = req.peer_addr();
     session::spawn(
         state.into_inner(),
+        slot,
         grants,
         encoding,
         ws_session,
@@ -50,6 +56,26 @@ async fn handshake(
         peer,
     );
     Ok(response)
+}
+
+/// One place under `limits.max_connections`, given back when dropped.
+pub(crate) struct ConnectionSlot(Arc<AppState>);
+
+impl ConnectionSlot {
+    fn acquire(state: &web::Data<AppState>) -> Result<ConnectionSlot, ApiError> {
+        let max = state.settings.limits.max_connections;
+        if state.connections.fetch_add(1, Ordering::Relaxed) >= max {
+            state.connections.fetch_sub(1, Ordering::Relaxed);
+            return Err(ApiError::TooManyConnections(max));
+        }
+        Ok(ConnectionSlot(state.clone().into_inner()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Refuses browser handshakes from origins not listed in

@@ -1,6 +1,6 @@
 //! One WebSocket connection: a single task that owns the connection's state
-//! and `select!`s over incoming frames, its mailbox of events, eviction and
-//! node shutdown.
+//! and `select!`s over incoming frames, its mailbox of events, eviction,
+//! the heartbeat, the token's expiry and node shutdown.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -12,16 +12,21 @@ use actix_ws::{
     AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, MessageStream,
     ProtocolError, Session,
 };
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{Action, Grants};
+use super::ConnectionSlot;
+use super::rate::TokenBucket;
+use crate::auth::{Action, Grants, unix_now_secs};
 use crate::event::Event;
-use crate::hub::Mailbox;
+use crate::hub::{Inbox, Mailbox};
 use crate::protocol::{self, ClientOp, Encoding, ErrorCode, Frame, Reply};
 use crate::startup::AppState;
 use crate::store::NewEvent;
 use crate::topic::Topic;
+
+/// Publishes refused by the rate limit before the connection is closed
+/// (1008): one burst is a mistake, a stream of them abuse.
+const RATE_LIMIT_STRIKES: u32 = 20;
 
 /// Events read from the store per query while replaying.
 const REPLAY_PAGE: u64 = 500;
@@ -41,6 +46,7 @@ struct Gone;
 
 pub(super) fn spawn(
     state: Arc<AppState>,
+    slot: ConnectionSlot,
     grants: Grants,
     encoding: Encoding,
     session: Session,
@@ -55,10 +61,15 @@ pub(super) fn spawn(
         .aggregate_continuations()
         .max_continuation_size(max_frame);
     let id = state.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    let (mailbox, events, overflowed) = Mailbox::new(id, limits.outbound_queue);
+    let (mailbox, events, overflowed) =
+        Mailbox::new(id, limits.outbound_queue, limits.outbound_queue_bytes);
+    let publish_rate = TokenBucket::new(limits.publish_rate);
     let conn = Connection {
         state,
+        _slot: slot,
         grants,
+        publish_rate,
+        rate_strikes: 0,
         encoding,
         session,
         mailbox,
@@ -73,7 +84,12 @@ pub(super) fn spawn(
 
 struct Connection {
     state: Arc<AppState>,
+    /// Frees this connection's place under `limits.max_connections` on drop.
+    _slot: ConnectionSlot,
     grants: Grants,
+    publish_rate: TokenBucket,
+    /// Publishes refused by the rate limit since the last accepted one.
+    rate_strikes: u32,
     encoding: Encoding,
     session: Session,
     mailbox: Mailbox,
@@ -89,12 +105,19 @@ impl Connection {
     async fn run(
         mut self,
         mut stream: AggregatedMessageStream,
-        mut events: mpsc::Receiver<Arc<Event>>,
+        mut events: Inbox,
         peer: Option<SocketAddr>,
     ) {
         let opened = Instant::now();
         let shutdown = self.state.shutdown.clone();
         let overflowed = self.overflowed.clone();
+        let server = &self.state.settings.server;
+        let heartbeat_timeout = server.heartbeat_timeout;
+        let mut heartbeat = tokio::time::interval(server.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_seen = Instant::now();
+        let expiry = tokio::time::sleep_until(expiry_instant(self.grants.exp));
+        tokio::pin!(expiry);
         tracing::info!(conn = self.mailbox.id, sub = %self.grants.sub, ?peer, encoding = self.encoding.protocol_name(), "connection opened");
 
         let close: Option<CloseReason> = loop {
@@ -102,6 +125,15 @@ impl Connection {
                 biased;
                 _ = shutdown.cancelled() => break Some(going_away()),
                 _ = overflowed.cancelled() => break Some(slow_consumer()),
+                _ = &mut expiry => break Some(reason(CloseCode::Other(protocol::close::TOKEN_EXPIRED), "token expired")),
+                _ = heartbeat.tick() => {
+                    if last_seen.elapsed() > heartbeat_timeout {
+                        break Some(reason(CloseCode::Policy, "heartbeat timeout: no pong"));
+                    }
+                    if self.session.ping(b"").await.is_err() {
+                        break self.abort_reason();
+                    }
+                }
                 Some(event) = events.recv() => {
                     if self.send_live(&event).await.is_err() {
                         break self.abort_reason();
@@ -110,7 +142,11 @@ impl Connection {
                 msg = stream.recv() => match msg {
                     None => break None,
                     Some(Ok(msg)) => match self.on_message(msg).await {
-                        Ok(None) => {}
+                        Ok(None) => {
+                            last_seen = Instant::now();
+                            // A refresh may have moved the expiry.
+                            expiry.as_mut().reset(expiry_instant(self.grants.exp));
+                        }
                         Ok(Some(close)) => break Some(close),
                         Err(Gone) => break self.abort_reason(),
                     },
@@ -131,8 +167,8 @@ impl Connection {
     /// connection.
     async fn on_message(&mut self, msg: AggregatedMessage) -> Result<Option<CloseReason>, Gone> {
         match msg {
-            AggregatedMessage::Text(text) => self.on_frame(text.as_bytes()).await.map(|()| None),
-            AggregatedMessage::Binary(bytes) => self.on_frame(&bytes).await.map(|()| None),
+            AggregatedMessage::Text(text) => self.on_frame(text.as_bytes()).await,
+            AggregatedMessage::Binary(bytes) => self.on_frame(&bytes).await,
             AggregatedMessage::Ping(bytes) => self
                 .session
                 .pong(&bytes)
@@ -147,16 +183,36 @@ impl Connection {
         }
     }
 
-    async fn on_frame(&mut self, frame: &[u8]) -> Result<(), Gone> {
-        match protocol::decode(self.encoding, frame) {
-            Ok(op) => self.on_op(op).await,
-            Err(e) => self.error(e.id, e.code, &e.message).await,
+    async fn on_frame(&mut self, frame: &[u8]) -> Result<Option<CloseReason>, Gone> {
+        let op = match protocol::decode(self.encoding, frame) {
+            Ok(op) => op,
+            Err(e) => return self.error(e.id, e.code, &e.message).await.map(|()| None),
+        };
+        if let ClientOp::Publish { id, .. } = &op {
+            if !self.publish_rate.try_take() {
+                self.rate_strikes += 1;
+                if self.rate_strikes > RATE_LIMIT_STRIKES {
+                    return Ok(Some(reason(
+                        CloseCode::Policy,
+                        "publish rate limit exceeded repeatedly",
+                    )));
+                }
+                let limit = self.state.settings.limits.publish_rate;
+                let message = format!("more than {limit} publishes per second; slow down");
+                return self
+                    .error(*id, ErrorCode::RateLimited, &message)
+                    .await
+                    .map(|()| None);
+            }
+            self.rate_strikes = 0;
         }
+        self.on_op(op).await.map(|()| None)
     }
 
     async fn on_op(&mut self, op: ClientOp) -> Result<(), Gone> {
         match op {
             ClientOp::Ping { id } => self.reply(&Reply::Pong { id }).await,
+            ClientOp::Refresh { id, token } => self.refresh(id, &token).await,
             ClientOp::Subscribe {
                 id,
                 topic,
@@ -223,6 +279,14 @@ impl Connection {
         if let Err(denied) = self.grants.check(Action::Subscribe, &topic) {
             return self
                 .error(id, ErrorCode::Forbidden, &denied.to_string())
+                .await;
+        }
+        let max = self.state.settings.limits.max_subscriptions;
+        if !self.subscriptions.contains(&topic) && self.subscriptions.len() >= max {
+            let message =
+                format!("a connection may hold {max} subscriptions (limits.max_subscriptions)");
+            return self
+                .error(id, ErrorCode::TooManySubscriptions, &message)
                 .await;
         }
         // Registered before the head is read: every event after the head
@@ -309,8 +373,52 @@ impl Connection {
         self.send_event(event).await
     }
 
+    /// Replaces the token with a newer one for the same `sub`; topics the
+    /// new grants no longer allow are unsubscribed, each with an error.
+    async fn refresh(&mut self, id: Option<u64>, token: &str) -> Result<(), Gone> {
+        let grants = match self.state.verifier.verify(token) {
+            Ok(grants) => grants,
+            Err(e) => {
+                return self
+                    .error(id, ErrorCode::Unauthorized, &e.to_string())
+                    .await;
+            }
+        };
+        if grants.sub != self.grants.sub {
+            let message = "the new token is for another sub";
+            return self.error(id, ErrorCode::Forbidden, message).await;
+        }
+        self.grants = grants;
+        let dropped: Vec<Topic> = self
+            .subscriptions
+            .iter()
+            .filter(|t| self.grants.check(Action::Subscribe, t).is_err())
+            .cloned()
+            .collect();
+        for topic in dropped {
+            self.subscriptions.remove(&topic);
+            self.delivered.remove(&topic);
+            self.state.broker.unsubscribe(&topic, self.mailbox.id).await;
+            let message = format!("unsubscribed from \"{topic}\": the new token does not grant it");
+            let reply = Reply::Error {
+                id: None,
+                code: ErrorCode::Forbidden,
+                message: &message,
+                topic: Some(topic.as_str()),
+            };
+            self.reply(&reply).await?;
+        }
+        self.reply(&Reply::Refreshed { id }).await
+    }
+
     async fn error(&mut self, id: Option<u64>, code: ErrorCode, message: &str) -> Result<(), Gone> {
-        self.reply(&Reply::Error { id, code, message }).await
+        self.reply(&Reply::Error {
+            id,
+            code,
+            message,
+            topic: None,
+        })
+        .await
     }
 
     async fn reply(&mut self, reply: &Reply<'_>) -> Result<(), Gone> {
@@ -361,6 +469,12 @@ fn going_away() -> CloseReason {
 
 fn slow_consumer() -> CloseReason {
     reason(CloseCode::Again, "slow consumer: outbound queue full")
+}
+
+/// When a token with `exp` (Unix seconds) expires, on the runtime's clock.
+fn expiry_instant(exp: u64) -> tokio::time::Instant {
+    let left = Duration::from_secs(exp.saturating_sub(unix_now_secs()));
+    tokio::time::Instant::now() + left
 }
 
 fn reason(code: CloseCode, description: &str) -> CloseReason {

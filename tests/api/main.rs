@@ -6,5 +6,6 @@ mod cli;
 mod cluster;
 mod durability;
 mod helpers;
+mod hostile;
 mod http;
 mod ws;
