@@ -376,3 +376,72 @@ async fn cluster_script_runs_three_relaying_nodes_and_stops_everything_it_starte
         );
     }
 }
+
+#[tokio::test]
+async fn tokens_and_secrets_never_reach_the_logs_even_at_trace_level() {
+    let dir = temp_dir("logs");
+    let port = crate::helpers::free_port();
+    let log = dir.join("stderr.log");
+    let mut child = crate::helpers::KillOnDrop(
+        herald(&dir)
+            .arg("serve")
+            .env("HERALD__AUTH__JWT_SECRET", SECRET)
+            .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let http = reqwest::Client::new();
+    crate::helpers::eventually("the node answers", || async {
+        http.get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+            .is_ok()
+    })
+    .await;
+    let sub = crate::helpers::token("logged-sub", &["alerts"], &[]);
+    let publ = crate::helpers::token("logged-pub", &[], &["alerts"]);
+    let mut ws = Handshake::to(&format!("ws://127.0.0.1:{port}/ws?token={sub}"))
+        .open()
+        .await;
+    ws.subscribe("alerts").await;
+    let refreshed = crate::helpers::token("logged-sub", &["alerts"], &[]);
+    ws.send(json!({"op": "refresh", "id": 2, "token": refreshed})).await;
+    let published = http
+        .post(format!("http://127.0.0.1:{port}/api/v1/topics/alerts/events"))
+        .bearer_auth(&publ)
+        .json(&json!({"secret-payload": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(published.status(), 201);
+    let refused = http
+        .get(format!("http://127.0.0.1:{port}/ws?token={publ}x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    drop(ws);
+    let stopped = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let _ = child.0.wait();
+
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("logged-sub"), "the log has the connection lines");
+    for (what, secret) in [
+        ("subscriber token", sub.as_str()),
+        ("publisher token", publ.as_str()),
+        ("refresh token", refreshed.as_str()),
+        ("signing secret", SECRET),
+        ("payload", "secret-payload"),
+    ] {
+        // A JWT's signature part alone is as secret as the whole token.
+        let needle = secret.rsplit('.').next().unwrap();
+        assert!(!logs.contains(needle), "the {what} is in the logs");
+    }
+}
