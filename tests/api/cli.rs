@@ -7,28 +7,14 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::json;
 
-use crate::helpers::{Handshake, SECRET};
+use crate::helpers::{Handshake, SECRET, ServeProcess, herald_command, temp_dir};
 
 const HERALD: &str = env!("CARGO_BIN_EXE_herald");
 
 /// A `herald` command in `dir` with no `HERALD__*` from the test's own
 /// environment.
 fn herald(dir: &Path) -> Command {
-    let mut cmd = Command::new(HERALD);
-    cmd.current_dir(dir);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("HERALD__") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd
-}
-
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("herald-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    herald_command(dir)
 }
 
 /// A running `serve --dev` and the lines of its banner.
@@ -254,48 +240,18 @@ async fn token_refuses_invalid_patterns_and_missing_keys() {
 
 #[tokio::test]
 async fn sigterm_closes_every_websocket_with_1001_and_exits() {
-    let dir = temp_dir("sigterm");
-    let port = crate::helpers::free_port();
-    let mut child = crate::helpers::KillOnDrop(
-        herald(&dir)
-            .arg("serve")
-            .env("HERALD__AUTH__JWT_SECRET", SECRET)
-            .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let http = reqwest::Client::new();
-    crate::helpers::eventually("the node answers", || async {
-        http.get(format!("http://127.0.0.1:{port}/healthz"))
-            .send()
-            .await
-            .is_ok()
-    })
-    .await;
-    let token = crate::helpers::token("a", &["alerts"], &[]);
-    let mut ws = Handshake::to(&format!("ws://127.0.0.1:{port}/ws?token={token}"))
-        .open()
+    let mut node = ServeProcess::start("sigterm", &[], Stdio::null()).await;
+    let mut ws = node
+        .connect(&crate::helpers::token("a", &["alerts"], &[]))
         .await;
     ws.subscribe("alerts").await;
-
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    let stopping = tokio::spawn(async move {
+        let status = node.stop_with("TERM").await;
+        assert!(status.success(), "{status:?}");
+    });
     let frame = ws.closed().await.expect("a close frame with a code");
     assert_eq!(u16::from(frame.code), 1001);
-
-    let mut status = None;
-    crate::helpers::eventually("the process exits", || {
-        status = status.or_else(|| child.0.try_wait().unwrap());
-        let exited = status.is_some();
-        async move { exited }
-    })
-    .await;
-    assert!(status.unwrap().success(), "{status:?}");
+    stopping.await.expect("the process exits successfully");
 }
 
 #[tokio::test]
@@ -379,38 +335,19 @@ async fn cluster_script_runs_three_relaying_nodes_and_stops_everything_it_starte
 
 #[tokio::test]
 async fn tokens_and_secrets_never_reach_the_logs_even_at_trace_level() {
-    let dir = temp_dir("logs");
-    let port = crate::helpers::free_port();
-    let log = dir.join("stderr.log");
-    let mut child = crate::helpers::KillOnDrop(
-        herald(&dir)
-            .arg("serve")
-            .env("HERALD__AUTH__JWT_SECRET", SECRET)
-            .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "trace")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let log = temp_dir("logs").join("stderr.log");
+    let stderr = Stdio::from(std::fs::File::create(&log).unwrap());
+    let mut node = ServeProcess::start("logs", &[("RUST_LOG", "trace".into())], stderr).await;
     let http = reqwest::Client::new();
-    crate::helpers::eventually("the node answers", || async {
-        http.get(format!("http://127.0.0.1:{port}/healthz"))
-            .send()
-            .await
-            .is_ok()
-    })
-    .await;
     let sub = crate::helpers::token("logged-sub", &["alerts"], &[]);
     let publ = crate::helpers::token("logged-pub", &[], &["alerts"]);
-    let mut ws = Handshake::to(&format!("ws://127.0.0.1:{port}/ws?token={sub}"))
-        .open()
-        .await;
+    let mut ws = node.connect(&sub).await;
     ws.subscribe("alerts").await;
     let refreshed = crate::helpers::token("logged-sub", &["alerts"], &[]);
-    ws.send(json!({"op": "refresh", "id": 2, "token": refreshed})).await;
+    ws.send(json!({"op": "refresh", "id": 2, "token": refreshed}))
+        .await;
     let published = http
-        .post(format!("http://127.0.0.1:{port}/api/v1/topics/alerts/events"))
+        .post(node.url("/api/v1/topics/alerts/events"))
         .bearer_auth(&publ)
         .json(&json!({"secret-payload": 1}))
         .send()
@@ -418,21 +355,19 @@ async fn tokens_and_secrets_never_reach_the_logs_even_at_trace_level() {
         .unwrap();
     assert_eq!(published.status(), 201);
     let refused = http
-        .get(format!("http://127.0.0.1:{port}/ws?token={publ}x"))
+        .get(node.url(&format!("/ws?token={publ}x")))
         .send()
         .await
         .unwrap();
     assert_eq!(refused.status(), 401);
     drop(ws);
-    let stopped = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(stopped.success());
-    let _ = child.0.wait();
+    node.stop_with("TERM").await;
 
     let logs = std::fs::read_to_string(&log).unwrap();
-    assert!(logs.contains("logged-sub"), "the log has the connection lines");
+    assert!(
+        logs.contains("logged-sub"),
+        "the log has the connection lines"
+    );
     for (what, secret) in [
         ("subscriber token", sub.as_str()),
         ("publisher token", publ.as_str()),

@@ -7,7 +7,7 @@ use herald::config::TopicRule;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    PgDatabase, RedisServer, SECRET, TestNode, WsClient, eventually, free_port, spawn_node,
+    PgDatabase, RedisServer, SECRET, ServeProcess, TestNode, WsClient, eventually, spawn_node,
     spawn_node_with, temp_dir, token,
 };
 
@@ -369,38 +369,24 @@ async fn a_cluster_with_a_sqlite_store_is_refused_at_start_up() {
 async fn clients_of_a_node_killed_with_sigkill_resume_on_another_node_without_loss() {
     let redis = RedisServer::start().await;
     let pg = PgDatabase::create().await;
-    let port = free_port();
-    let mut doomed = crate::helpers::KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_herald"))
-            .arg("serve")
-            .env("HERALD__AUTH__JWT_SECRET", SECRET)
-            .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
-            .env("HERALD__REDIS__URL", redis.url())
-            .env("HERALD__STORE__URL", pg.url())
-            .current_dir(temp_dir("doomed"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let env = [
+        ("HERALD__REDIS__URL", redis.url()),
+        ("HERALD__STORE__URL", pg.url()),
+    ];
+    let mut doomed = ServeProcess::start("doomed", &env, Stdio::null()).await;
     let survivor = TestNode::clustered(&redis, &pg).await;
-    let http = reqwest::Client::new();
     eventually("the doomed node is ready", || async {
-        let url = format!("http://127.0.0.1:{port}/readyz");
-        http.get(url).send().await.is_ok_and(|r| r.status() == 200)
+        let ready = reqwest::get(doomed.url("/readyz")).await;
+        ready.is_ok_and(|r| r.status() == 200)
     })
     .await;
 
-    let mut ws =
-        crate::helpers::Handshake::to(&format!("ws://127.0.0.1:{port}/ws?token={}", subscriber()))
-            .open()
-            .await;
+    let mut ws = doomed.connect(&subscriber()).await;
     let epoch = ws.subscribe("alerts").await["epoch"].clone();
     survivor.publish_ok(&publisher(), "alerts", &json!(1)).await;
     assert_eq!(offsets(&mut ws, 1).await, [1]);
 
-    doomed.0.kill().unwrap();
-    doomed.0.wait().unwrap();
+    doomed.stop_with("KILL").await;
     for i in 2..=4 {
         survivor.publish_ok(&publisher(), "alerts", &json!(i)).await;
     }

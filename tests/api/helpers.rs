@@ -517,3 +517,82 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The `herald` binary, run in `dir`, without the test's own `HERALD__*`
+/// environment.
+pub fn herald_command(dir: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.current_dir(dir);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("HERALD__") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// `herald serve` as its own process on a free loopback port, with the test
+/// secret; stopped when dropped.
+pub struct ServeProcess {
+    pub child: KillOnDrop,
+    pub port: u16,
+}
+
+impl ServeProcess {
+    /// Starts the process with `env` added and waits until `/healthz`
+    /// answers. Its stderr goes to `stderr`.
+    pub async fn start(
+        name: &str,
+        env: &[(&str, String)],
+        stderr: std::process::Stdio,
+    ) -> ServeProcess {
+        let port = free_port();
+        let mut cmd = herald_command(&temp_dir(name));
+        cmd.arg("serve")
+            .env("HERALD__AUTH__JWT_SECRET", SECRET)
+            .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr);
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        let process = ServeProcess {
+            child: KillOnDrop(cmd.spawn().unwrap()),
+            port,
+        };
+        let http = reqwest::Client::new();
+        eventually("the node answers", || async {
+            http.get(process.url("/healthz")).send().await.is_ok()
+        })
+        .await;
+        process
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// A JSON WebSocket to this process, authenticated with `token`.
+    pub async fn connect(&self, token: &str) -> WsClient {
+        Handshake::to(&format!("ws://127.0.0.1:{}/ws?token={token}", self.port))
+            .open()
+            .await
+    }
+
+    /// Sends `signal` (e.g. `TERM`) and waits until the process exits.
+    pub async fn stop_with(&mut self, signal: &str) -> std::process::ExitStatus {
+        let sent = std::process::Command::new("kill")
+            .args([format!("-{signal}"), self.child.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let mut status = None;
+        eventually("the process exits", || {
+            status = status.or_else(|| self.child.0.try_wait().unwrap());
+            let exited = status.is_some();
+            async move { exited }
+        })
+        .await;
+        status.unwrap()
+    }
+}

@@ -138,24 +138,28 @@ async fn malformed_batches_are_400() {
 async fn publish_errors_have_the_documented_status_and_code() {
     let node = spawn_node_with(|s| s.limits.max_payload_bytes = 1024).await;
     let p = publisher();
-    let url = |topic: &str| node.url(&format!("/api/v1/topics/{topic}/events"));
+    // A publish to `topic` with `authorization` (if any) and a body.
+    let post = |topic: &str, authorization: Option<String>, content_type: &str, body: Vec<u8>| {
+        let mut request = node
+            .http
+            .post(node.url(&format!("/api/v1/topics/{topic}/events")))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(value) = authorization {
+            request = request.header("authorization", value);
+        }
+        request.send()
+    };
+    let bearer = |token: &str| Some(format!("Bearer {token}"));
+    let json_one = || b"1".to_vec();
+    const JSON: &str = "application/json";
+    const BYTES: &str = "application/octet-stream";
 
-    let no_token = node
-        .http
-        .post(url("alerts"))
-        .json(&json!(1))
-        .send()
-        .await
-        .unwrap();
-    assert_error(no_token, 401, "unauthorized").await;
+    let response = post("alerts", None, JSON, json_one()).await.unwrap();
+    assert_error(response, 401, "unauthorized").await;
 
     let expired = claims_token(json!({"sub": "p", "exp": now() - 120, "publish": [">"]}));
-    let response = node
-        .http
-        .post(url("alerts"))
-        .bearer_auth(expired)
-        .json(&json!(1))
-        .send()
+    let response = post("alerts", bearer(&expired), JSON, json_one())
         .await
         .unwrap();
     assert!(
@@ -164,89 +168,41 @@ async fn publish_errors_have_the_documented_status_and_code() {
             .contains("expired")
     );
 
-    let basic = node
-        .http
-        .post(url("alerts"))
-        .header("authorization", "Basic dXNlcjpwYXNz")
-        .json(&json!(1))
-        .send()
-        .await
-        .unwrap();
-    assert_error(basic, 401, "unauthorized").await;
+    let basic = Some("Basic dXNlcjpwYXNz".to_owned());
+    let response = post("alerts", basic, JSON, json_one()).await.unwrap();
+    assert_error(response, 401, "unauthorized").await;
 
     let subscriber_only = token("s", &[">"], &[]);
-    let response = node
-        .http
-        .post(url("alerts"))
-        .bearer_auth(subscriber_only)
-        .json(&json!(1))
-        .send()
+    let response = post("alerts", bearer(&subscriber_only), JSON, json_one())
         .await
         .unwrap();
     assert_error(response, 403, "forbidden").await;
 
-    let response = node
-        .http
-        .post(url("secret"))
-        .bearer_auth(&p)
-        .json(&json!(1))
-        .send()
-        .await
-        .unwrap();
+    let response = post("secret", bearer(&p), JSON, json_one()).await.unwrap();
     assert_error(response, 403, "forbidden").await;
 
-    for bad_topic in ["a..b", "chat.*", "chat.%3E", "sp%20ace"] {
-        let response = node
-            .http
-            .post(url(bad_topic))
-            .bearer_auth(&p)
-            .json(&json!(1))
-            .send()
-            .await
-            .unwrap();
+    let long = "a".repeat(256);
+    for bad_topic in ["a..b", "chat.*", "chat.%3E", "sp%20ace", long.as_str()] {
+        let response = post(bad_topic, bearer(&p), JSON, json_one()).await.unwrap();
         assert_error(response, 400, "invalid_topic").await;
     }
-    let long = "a".repeat(256);
-    let response = node
-        .http
-        .post(url(&long))
-        .bearer_auth(&p)
-        .json(&json!(1))
-        .send()
-        .await
-        .unwrap();
-    assert_error(response, 400, "invalid_topic").await;
 
-    let response = node
-        .http
-        .post(url("alerts"))
-        .bearer_auth(&p)
-        .header("content-type", "application/json")
-        .body("{not json")
-        .send()
+    let response = post("alerts", bearer(&p), JSON, b"{not json".to_vec())
         .await
         .unwrap();
     assert_error(response, 400, "bad_request").await;
 
-    let response = node
-        .http
-        .post(url("alerts"))
-        .bearer_auth(&p)
-        .header("content-type", "application/octet-stream")
-        .body(vec![7u8; 1025])
-        .send()
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200)).into_bytes();
+    let response = post("alerts", bearer(&p), JSON, deep).await.unwrap();
+    assert_error(response, 400, "bad_request").await;
+
+    let response = post("alerts", bearer(&p), BYTES, vec![7u8; 1025])
         .await
         .unwrap();
     assert_error(response, 413, "payload_too_large").await;
 
     // Exactly at the limit is fine.
-    let response = node
-        .http
-        .post(url("alerts"))
-        .bearer_auth(&p)
-        .header("content-type", "application/octet-stream")
-        .body(vec![7u8; 1024])
-        .send()
+    let response = post("alerts", bearer(&p), BYTES, vec![7u8; 1024])
         .await
         .unwrap();
     assert_eq!(response.status(), 201);
