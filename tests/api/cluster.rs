@@ -218,3 +218,56 @@ async fn while_redis_is_down_publishes_get_503_and_delivery_resumes_after_withou
         (&json!("after"), &json!(2))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_stream_every_subscriber_still_gets_every_acknowledged_event_in_order() {
+    const ATTEMPTS: u64 = 300;
+    let mut redis = RedisServer::start().await;
+    let pg = PgDatabase::create().await;
+    let a = TestNode::clustered(&redis, &pg).await;
+    let b = TestNode::clustered(&redis, &pg).await;
+    let mut on_a = a.connect(&subscriber()).await;
+    let mut on_b = b.connect(&subscriber()).await;
+    on_a.subscribe("stream").await;
+    on_b.subscribe("stream").await;
+
+    // Publish steadily (bounded in count and time) while Redis goes away
+    // and comes back; count what was acknowledged.
+    let http = a.http.clone();
+    let url = a.url("/api/v1/topics/stream/events");
+    let publishing = tokio::spawn(async move {
+        let mut acknowledged = 0u64;
+        for i in 0..ATTEMPTS {
+            let response = http
+                .post(&url)
+                .bearer_auth(publisher())
+                .json(&json!(i))
+                .send()
+                .await
+                .unwrap();
+            match response.status().as_u16() {
+                201 => acknowledged += 1,
+                503 => {}
+                other => panic!("unexpected status {other}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        acknowledged
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    redis.kill();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    redis.restart().await;
+    let acknowledged = publishing.await.unwrap();
+    assert!(
+        acknowledged > 0 && acknowledged < ATTEMPTS,
+        "some publishes were refused while Redis was down: {acknowledged}"
+    );
+
+    for ws in [&mut on_a, &mut on_b] {
+        for expected in 1..=acknowledged {
+            assert_eq!(ws.recv().await["offset"], expected);
+        }
+        assert_eq!(ws.request(json!({"op": "ping"})).await["op"], "pong");
+    }
+}
