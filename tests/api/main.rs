@@ -8,4 +8,5 @@ mod durability;
 mod helpers;
 mod hostile;
 mod http;
+mod regressions;
 mod ws;
