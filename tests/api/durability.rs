@@ -419,3 +419,100 @@ async fn a_client_resumes_on_another_node_of_a_postgres_cluster() {
     assert_eq!(offsets(&mut ws, 1).await, [4]);
     nothing_more(&mut ws).await;
 }
+
+/// A single node on each store backend, adjusted by `adjust`; the
+/// PostgreSQL database lives as long as the returned guard.
+async fn on_each_backend(
+    adjust: impl Fn(&mut herald::config::Settings) + Clone,
+) -> Vec<(&'static str, TestNode, Option<PgDatabase>)> {
+    let pg = PgDatabase::create().await;
+    let url = pg.url();
+    let sqlite = spawn_node_with(adjust.clone()).await;
+    let postgres = spawn_node_with(move |s| {
+        adjust(s);
+        s.store.url = url.into();
+    })
+    .await;
+    vec![("sqlite", sqlite, None), ("postgres", postgres, Some(pg))]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_get_gap_free_unique_offsets_on_both_backends() {
+    const PUBLISHERS: u64 = 8;
+    const EACH: u64 = 25;
+    for (backend, node, _db) in on_each_backend(|_| {}).await {
+        let mut ws = node.connect(&subscriber()).await;
+        ws.subscribe("orders").await;
+        let mut tasks = Vec::new();
+        for _ in 0..PUBLISHERS {
+            let (http, url) = (node.http.clone(), node.url("/api/v1/topics/orders/events"));
+            tasks.push(tokio::spawn(async move {
+                let mut offsets = Vec::new();
+                for i in 0..EACH {
+                    let response = http
+                        .post(&url)
+                        .bearer_auth(publisher())
+                        .json(&json!(i))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 201);
+                    offsets.push(
+                        response.json::<Value>().await.unwrap()["offset"]
+                            .as_u64()
+                            .unwrap(),
+                    );
+                }
+                offsets
+            }));
+        }
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        all.sort_unstable();
+        let total = PUBLISHERS * EACH;
+        assert_eq!(all, (1..=total).collect::<Vec<_>>(), "{backend}");
+        assert_eq!(
+            offsets(&mut ws, total as usize).await,
+            (1..=total).collect::<Vec<_>>(),
+            "{backend}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn pruning_keeps_max_events_on_both_backends() {
+    let adjust = |s: &mut herald::config::Settings| {
+        s.retention.max_events = 3;
+        s.retention.prune_interval = std::time::Duration::from_millis(100);
+    };
+    for (backend, node, _db) in on_each_backend(adjust).await {
+        for i in 1..=6 {
+            node.publish_ok(&publisher(), "alerts", &json!(i)).await;
+        }
+        let oldest = || async {
+            let body: Value = node
+                .http
+                .get(node.url("/api/v1/topics/alerts/events?since=0"))
+                .bearer_auth(subscriber())
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body["events"][0]["offset"].as_u64()
+        };
+        eventually(&format!("{backend} prunes to the newest 3"), || async {
+            oldest().await == Some(4)
+        })
+        .await;
+        // The log's offsets go on from where they were.
+        assert_eq!(
+            node.publish_ok(&publisher(), "alerts", &json!(7)).await,
+            7,
+            "{backend}"
+        );
+    }
+}
