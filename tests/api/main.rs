@@ -8,5 +8,6 @@ mod durability;
 mod helpers;
 mod hostile;
 mod http;
+mod js_client;
 mod regressions;
 mod ws;

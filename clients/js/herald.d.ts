@@ -1,0 +1,69 @@
+export type HeraldState = "connecting" | "open" | "reconnecting" | "closed";
+
+export interface EventMeta {
+  topic: string;
+  /** The event's offset in its topic: 1, 2, 3 … */
+  offset: number;
+  /** Publish time, Unix milliseconds. */
+  ts: number;
+}
+
+/** JSON data, or the bytes of a binary payload. */
+export type EventData = unknown | Uint8Array;
+
+export interface HeraldOptions {
+  /** The node's WebSocket URL, e.g. "wss://herald.example.com/ws". */
+  url: string;
+  /** A JWT. Give this or `getToken`. */
+  token?: string;
+  /** Called at every connect and before the token expires (then sent with `refresh`). */
+  getToken?: () => string | Promise<string>;
+  /** WebSocket constructor; defaults to the global one (pass the `ws` package's in Node.js 20). */
+  WebSocket?: unknown;
+  /** First reconnect delay in ms (default 250); doubles per attempt, with jitter. */
+  minDelay?: number;
+  /** Largest reconnect delay in ms (default 15000). */
+  maxDelay?: number;
+  /** Refresh the token this many ms before it expires (default 30000). */
+  refreshBefore?: number;
+}
+
+export interface SubscribeOptions {
+  /** Replay events published after this offset … */
+  since?: number;
+  /** … in this epoch of the topic's log. */
+  epoch?: string;
+}
+
+export interface PublishOptions {
+  /** Idempotency key; a random one by default, reused across retries. */
+  key?: string;
+}
+
+export interface Truncated {
+  topic: string;
+  epoch?: string;
+}
+
+export declare class HeraldError extends Error {
+  /** Herald's error code, e.g. "forbidden", "invalid_topic", "rate_limited". */
+  code: string;
+}
+
+export declare class Herald {
+  constructor(options: HeraldOptions);
+  readonly state: HeraldState;
+  on(event: "state", listener: (state: HeraldState) => void): () => void;
+  /** A resume could not be complete: events were pruned or the log was recreated. */
+  on(event: "truncated", listener: (info: Truncated) => void): () => void;
+  on(event: "error", listener: (error: HeraldError) => void): () => void;
+  /** Returns a function that unsubscribes. */
+  subscribe(
+    topic: string,
+    onEvent: (data: EventData, meta: EventMeta) => void,
+    options?: SubscribeOptions,
+  ): () => void;
+  /** Resolves with the event's offset. */
+  publish(topic: string, data: unknown | Uint8Array, options?: PublishOptions): Promise<number>;
+  close(): void;
+}

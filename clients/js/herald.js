@@ -1,0 +1,297 @@
+// Herald client: one WebSocket, automatic reconnect with jittered
+// exponential backoff, and resume with `since`/`epoch` so the application
+// sees every event of a topic once, in order, across dropped networks,
+// node restarts and moves to another node. No dependencies.
+
+const STATES = ["connecting", "open", "reconnecting", "closed"];
+
+/** Decodes a JWT's `exp` (seconds), or undefined. */
+function tokenExpiry(token) {
+  try {
+    const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const json = JSON.parse(atob(payload.padEnd(payload.length + ((4 - (payload.length % 4)) % 4), "=")));
+    return typeof json.exp === "number" ? json.exp : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function toBase64(bytes) {
+  let binary = "";
+  for (let i = 0; i < bytes.length; i++) binary += String.fromCharCode(bytes[i]);
+  return btoa(binary);
+}
+
+function fromBase64(text) {
+  const binary = atob(text);
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  return bytes;
+}
+
+function randomKey() {
+  const bytes = new Uint8Array(16);
+  globalThis.crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+export class HeraldError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.name = "HeraldError";
+    this.code = code;
+  }
+}
+
+export class Herald {
+  /**
+   * @param {object} options
+   * @param {string} options.url  e.g. "wss://herald.example.com/ws"
+   * @param {string} [options.token]  a JWT
+   * @param {() => Promise<string>|string} [options.getToken]  called at each connect and before the token expires
+   * @param {typeof WebSocket} [options.WebSocket]  constructor to use (e.g. the `ws` package in Node.js 20)
+   */
+  constructor({
+    url,
+    token,
+    getToken,
+    WebSocket: Socket = globalThis.WebSocket,
+    minDelay = 250,
+    maxDelay = 15000,
+    refreshBefore = 30000,
+  }) {
+    if (!url) throw new TypeError("Herald: `url` is required");
+    if (!token && !getToken) throw new TypeError("Herald: `token` or `getToken` is required");
+    if (!Socket) throw new TypeError("Herald: no WebSocket here; pass `WebSocket` (e.g. from the `ws` package)");
+    this._url = url;
+    this._getToken = getToken ?? (() => token);
+    this._Socket = Socket;
+    this._minDelay = minDelay;
+    this._maxDelay = maxDelay;
+    this._refreshBefore = refreshBefore;
+    this._state = "connecting";
+    this._listeners = new Map();
+    this._topics = new Map(); // topic -> { handlers: Set, last, epoch }
+    this._pending = new Map(); // id -> { resolve, reject, frame, resend }
+    this._nextId = 1;
+    this._attempt = 0;
+    this._closed = false;
+    this._connect();
+  }
+
+  /** connecting | open | reconnecting | closed */
+  get state() {
+    return this._state;
+  }
+
+  /**
+   * Listens to "state" (state), "truncated" ({ topic, epoch }), "error" (HeraldError).
+   * Returns a function that removes the listener.
+   */
+  on(event, listener) {
+    if (!this._listeners.has(event)) this._listeners.set(event, new Set());
+    this._listeners.get(event).add(listener);
+    return () => this._listeners.get(event)?.delete(listener);
+  }
+
+  /**
+   * Calls `onEvent(data, { topic, offset, ts })` for every event of `topic`.
+   * `since` (with its `epoch`) replays what was published after that offset.
+   * Returns a function that unsubscribes.
+   */
+  subscribe(topic, onEvent, { since, epoch } = {}) {
+    let entry = this._topics.get(topic);
+    if (!entry) {
+      entry = { handlers: new Set(), last: since, epoch };
+      this._topics.set(topic, entry);
+      if (this._state === "open") this._sendSubscribe(topic, entry);
+    }
+    entry.handlers.add(onEvent);
+    return () => {
+      entry.handlers.delete(onEvent);
+      if (entry.handlers.size === 0 && this._topics.get(topic) === entry) {
+        this._topics.delete(topic);
+        if (this._state === "open") this._request({ op: "unsubscribe", topic }).catch(() => {});
+      }
+    };
+  }
+
+  /**
+   * Publishes `data` (any JSON value, or a Uint8Array for binary) and
+   * resolves with its offset. Retried across reconnects with the same
+   * idempotency key, so it is published once.
+   */
+  publish(topic, data, { key = randomKey() } = {}) {
+    const frame = { op: "publish", topic, key };
+    if (data instanceof Uint8Array) frame.data_b64 = toBase64(data);
+    else frame.data = data === undefined ? null : data;
+    return this._request(frame, { resend: true }).then((reply) => reply.offset);
+  }
+
+  /** Closes the connection for good. */
+  close() {
+    this._closed = true;
+    clearTimeout(this._retryTimer);
+    clearTimeout(this._refreshTimer);
+    for (const { reject } of this._pending.values()) reject(new HeraldError("closed", "client closed"));
+    this._pending.clear();
+    this._socket?.close(1000);
+    this._setState("closed");
+  }
+
+  // ---- internals ----
+
+  _emit(event, value) {
+    for (const listener of this._listeners.get(event) ?? []) {
+      try {
+        listener(value);
+      } catch (e) {
+        queueMicrotask(() => {
+          throw e;
+        });
+      }
+    }
+  }
+
+  _setState(state) {
+    if (this._state !== state && STATES.includes(state)) {
+      this._state = state;
+      this._emit("state", state);
+    }
+  }
+
+  async _connect() {
+    let token;
+    try {
+      token = await this._getToken();
+    } catch (e) {
+      this._emit("error", new HeraldError("token", `getToken failed: ${e?.message ?? e}`));
+      return this._retry();
+    }
+    if (this._closed) return;
+    const separator = this._url.includes("?") ? "&" : "?";
+    const socket = new this._Socket(`${this._url}${separator}token=${encodeURIComponent(token)}`, "herald.json");
+    this._socket = socket;
+    socket.onopen = () => {
+      if (socket !== this._socket) return;
+      this._attempt = 0;
+      this._setState("open");
+      this._scheduleRefresh(token);
+      for (const [topic, entry] of this._topics) this._sendSubscribe(topic, entry);
+      for (const [id, pending] of this._pending) {
+        if (pending.resend) socket.send(JSON.stringify({ ...pending.frame, id }));
+      }
+    };
+    socket.onmessage = (message) => {
+      if (socket === this._socket) this._onFrame(message.data);
+    };
+    socket.onclose = (event) => {
+      if (socket !== this._socket) return;
+      clearTimeout(this._refreshTimer);
+      for (const [id, pending] of this._pending) {
+        if (!pending.resend) {
+          this._pending.delete(id);
+          pending.reject(new HeraldError("disconnected", `connection closed (${event.code})`));
+        }
+      }
+      if (this._closed) return;
+      this._retry();
+    };
+    socket.onerror = () => {};
+  }
+
+  _retry() {
+    if (this._closed) return;
+    this._setState("reconnecting");
+    const ceiling = Math.min(this._maxDelay, this._minDelay * 2 ** this._attempt);
+    this._attempt += 1;
+    // Full jitter: clients that lost the same node do not return together.
+    const delay = ceiling / 2 + Math.random() * (ceiling / 2);
+    this._retryTimer = setTimeout(() => this._connect(), delay);
+  }
+
+  _scheduleRefresh(token) {
+    clearTimeout(this._refreshTimer);
+    const exp = tokenExpiry(token);
+    if (exp === undefined) return;
+    const wait = Math.max(0, exp * 1000 - Date.now() - this._refreshBefore);
+    this._refreshTimer = setTimeout(async () => {
+      try {
+        const fresh = await this._getToken();
+        await this._request({ op: "refresh", token: fresh });
+        this._scheduleRefresh(fresh);
+      } catch (e) {
+        this._emit("error", e instanceof HeraldError ? e : new HeraldError("refresh", String(e?.message ?? e)));
+      }
+    }, wait);
+  }
+
+  _sendSubscribe(topic, entry) {
+    const frame = { op: "subscribe", topic };
+    const resuming = entry.last !== undefined;
+    if (resuming) {
+      frame.since = entry.last;
+      if (entry.epoch !== undefined) frame.epoch = entry.epoch;
+    }
+    this._request(frame)
+      .then((reply) => {
+        // Runs before the replayed events that follow the reply.
+        if (this._topics.get(topic) !== entry) return;
+        if (reply.truncated) this._emit("truncated", { topic, epoch: reply.epoch });
+        if (reply.epoch === undefined) return; // a topic without history
+        entry.epoch = reply.epoch;
+        if (!resuming) entry.last = reply.offset; // live from the head on
+        else if (reply.truncated) entry.last = 0; // replay restarts at the oldest retained event
+      })
+      .catch((e) => {
+        if (e.code !== "disconnected") this._emit("error", e);
+      });
+  }
+
+  _request(frame, { resend = false } = {}) {
+    return new Promise((resolve, reject) => {
+      const id = this._nextId++;
+      this._pending.set(id, { resolve, reject, frame, resend });
+      if (this._state === "open") this._socket.send(JSON.stringify({ ...frame, id }));
+    });
+  }
+
+  _onFrame(text) {
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (frame.op === "event") return this._onEvent(frame);
+    if (frame.id !== undefined && this._pending.has(frame.id)) {
+      const pending = this._pending.get(frame.id);
+      this._pending.delete(frame.id);
+      if (frame.op === "error") pending.reject(new HeraldError(frame.code, frame.message));
+      else pending.resolve(frame);
+      return;
+    }
+    if (frame.op === "error") {
+      if (frame.topic) this._topics.delete(frame.topic);
+      this._emit("error", new HeraldError(frame.code, frame.message));
+    }
+  }
+
+  _onEvent(frame) {
+    const entry = this._topics.get(frame.topic);
+    if (!entry) return;
+    if (entry.last !== undefined && frame.offset <= entry.last) return;
+    entry.last = frame.offset;
+    const data = frame.data_b64 !== undefined ? fromBase64(frame.data_b64) : frame.data;
+    const meta = { topic: frame.topic, offset: frame.offset, ts: frame.ts };
+    for (const handler of entry.handlers) {
+      try {
+        handler(data, meta);
+      } catch (e) {
+        queueMicrotask(() => {
+          throw e;
+        });
+      }
+    }
+  }
+}

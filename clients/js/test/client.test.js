@@ -1,0 +1,119 @@
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+
+import { Herald } from "../herald.js";
+import { Node, eventually, sleep, subscriber, token } from "./node.js";
+
+let node;
+before(async () => {
+  node = await Node.start();
+});
+after(async () => {
+  await node?.stop();
+});
+
+/** A client plus the events it received, per topic. */
+function client(options = {}) {
+  const h = new Herald({ url: node.url, token: token({ sub: "js", topics: [">"], publish: [">"] }), ...options });
+  const received = [];
+  const states = [];
+  h.on("state", (s) => states.push(s));
+  return { h, received, states };
+}
+
+const opened = (h) => eventually("the client is open", () => h.state === "open");
+
+/** Resolves once the client's earlier requests (subscribes) were answered:
+ * the node answers each connection's frames in order. */
+const synced = (h) => h.publish("js.sync", null);
+
+test("publish resolves with the offset and subscribers receive data in order", async () => {
+  const { h, received } = client();
+  h.subscribe("js.basic", (data, meta) => received.push({ data, ...meta }));
+  await synced(h);
+  const first = await h.publish("js.basic", { n: 1 });
+  const second = await h.publish("js.basic", new Uint8Array([0, 1, 255]));
+  assert.equal(second, first + 1);
+  await eventually("both events arrive", () => received.length === 2);
+  assert.deepEqual(received[0].data, { n: 1 });
+  assert.equal(received[0].topic, "js.basic");
+  assert.ok(received[1].data instanceof Uint8Array);
+  assert.deepEqual([...received[1].data], [0, 1, 255]);
+  assert.deepEqual(received.map((e) => e.offset), [first, second]);
+  h.close();
+  assert.equal(h.state, "closed");
+});
+
+test("unsubscribe stops delivery", async () => {
+  const { h, received } = client();
+  const off = h.subscribe("js.unsub", (data) => received.push(data));
+  const marker = [];
+  h.subscribe("js.unsub-marker", (data) => marker.push(data));
+  await synced(h);
+  await node.publish("js.unsub", "one");
+  await eventually("the first event", () => received.length === 1);
+  off();
+  await synced(h);
+  await node.publish("js.unsub", "two");
+  await node.publish("js.unsub-marker", "after");
+  await eventually("the marker", () => marker.length === 1);
+  assert.deepEqual(received, ["one"]);
+  h.close();
+});
+
+test("after the node restarts the client reconnects and gets every missed event once, in order", async () => {
+  const { h, received, states } = client({ minDelay: 300, maxDelay: 1000 });
+  h.subscribe("js.resume", (data, meta) => received.push(meta.offset));
+  await synced(h);
+  const first = await node.publish("js.resume", 1);
+  await eventually("the first event", () => received.length === 1);
+
+  await node.kill();
+  await node.restart();
+  // Published while the client is still away.
+  const missed = [await node.publish("js.resume", 2), await node.publish("js.resume", 3)];
+  await eventually("the client is back", () => states.includes("reconnecting") && h.state === "open");
+  const live = await node.publish("js.resume", 4);
+  await eventually("all four events", () => received.length >= 4);
+  await sleep(200);
+  assert.deepEqual(received, [first, ...missed, live]);
+  h.close();
+});
+
+test("a short-lived token is refreshed before it expires and the connection stays", async () => {
+  let calls = 0;
+  const getToken = () => {
+    calls += 1;
+    return token({ sub: "js-refresh", topics: [">"], publish: [">"], exp: Math.floor(Date.now() / 1000) + 3 });
+  };
+  const { h, states, received } = client({ token: undefined, getToken, refreshBefore: 2000 });
+  h.subscribe("js.refresh", (data) => received.push(data));
+  await synced(h);
+  await sleep(4500);
+  assert.ok(calls >= 2, `getToken was called ${calls} times`);
+  assert.ok(!states.includes("reconnecting"), `states: ${states}`);
+  await node.publish("js.refresh", "still here");
+  await eventually("the event", () => received.length === 1);
+  h.close();
+});
+
+test("a resume that cannot be complete is reported as truncated", async () => {
+  const { h } = client();
+  const truncated = [];
+  h.on("truncated", (info) => truncated.push(info));
+  h.subscribe("js.truncated", () => {}, { since: 5, epoch: "not-the-current-epoch" });
+  await eventually("truncated is reported", () => truncated.length === 1);
+  assert.equal(truncated[0].topic, "js.truncated");
+  assert.ok(truncated[0].epoch);
+  h.close();
+});
+
+test("a refused subscription is reported as an error", async () => {
+  const h = new Herald({ url: node.url, token: subscriber({ topics: ["only.this"] }) });
+  const errors = [];
+  h.on("error", (e) => errors.push(e));
+  h.subscribe("not.granted", () => {});
+  await eventually("the error", () => errors.length === 1);
+  assert.equal(errors[0].code, "forbidden");
+  h.close();
+});

@@ -1,0 +1,111 @@
+// Starts real Herald nodes (the binary in HERALD_BIN) for the client tests,
+// and signs their tokens.
+import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
+import { mkdtempSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+export const SECRET = "js-client-test-secret-0123456789-abcdef";
+
+const b64url = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
+
+/** An HS256 token for the test secret. */
+export function token(claims) {
+  const body = { exp: Math.floor(Date.now() / 1000) + 3600, ...claims };
+  const unsigned = `${b64url({ alg: "HS256", typ: "JWT" })}.${b64url(body)}`;
+  const signature = createHmac("sha256", SECRET).update(unsigned).digest("base64url");
+  return `${unsigned}.${signature}`;
+}
+
+export const subscriber = (claims = {}) => token({ sub: "js-sub", topics: [">"], ...claims });
+export const publisher = () => token({ sub: "js-pub", publish: [">"] });
+
+async function freePort() {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+    server.on("error", reject);
+  });
+}
+
+export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Polls `check` until it holds (at most `ms`). */
+export async function eventually(what, check, ms = 10000) {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    if (await check()) return;
+    await sleep(25);
+  }
+  throw new Error(`timed out waiting until ${what}`);
+}
+
+/** One node with its own SQLite store; `restart()` keeps port and store. */
+export class Node {
+  static async start() {
+    const bin = process.env.HERALD_BIN;
+    if (!bin) throw new Error("set HERALD_BIN to the herald binary (cargo test does)");
+    const node = new Node(bin, await freePort(), mkdtempSync(join(tmpdir(), "herald-js-")));
+    await node.restart();
+    return node;
+  }
+
+  constructor(bin, port, dir) {
+    this.bin = bin;
+    this.port = port;
+    this.dir = dir;
+    this.url = `ws://127.0.0.1:${port}/ws`;
+    this.http = `http://127.0.0.1:${port}`;
+  }
+
+  async restart() {
+    this.child = spawn(this.bin, ["serve"], {
+      cwd: this.dir,
+      env: {
+        ...process.env,
+        HERALD__AUTH__JWT_SECRET: SECRET,
+        HERALD__SERVER__BIND: `127.0.0.1:${this.port}`,
+        RUST_LOG: "warn",
+      },
+      stdio: ["ignore", "ignore", "inherit"],
+    });
+    await eventually("the node answers", async () => {
+      try {
+        return (await fetch(`${this.http}/healthz`)).ok;
+      } catch {
+        return false;
+      }
+    });
+  }
+
+  /** Kills the process at once (SIGKILL) and waits for it to exit. */
+  async kill() {
+    const exited = new Promise((resolve) => this.child.once("exit", resolve));
+    this.child.kill("SIGKILL");
+    await exited;
+  }
+
+  async stop() {
+    if (this.child.exitCode === null && this.child.signalCode === null) {
+      const exited = new Promise((resolve) => this.child.once("exit", resolve));
+      this.child.kill("SIGTERM");
+      await exited;
+    }
+  }
+
+  /** Publishes over HTTP and returns the offset. */
+  async publish(topic, data) {
+    const response = await fetch(`${this.http}/api/v1/topics/${topic}/events`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${publisher()}`, "content-type": "application/json" },
+      body: JSON.stringify(data),
+    });
+    if (response.status !== 201) throw new Error(`publish answered ${response.status}`);
+    return (await response.json()).offset;
+  }
+}

@@ -1,0 +1,22 @@
+//! The JavaScript client's own tests (Node's test runner), run against
+//! real nodes of this build.
+
+use std::process::Command;
+
+#[test]
+fn javascript_client_tests_pass_against_real_nodes() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/js");
+    let output = Command::new("node")
+        .args(["--experimental-websocket", "--test", "test/client.test.js"])
+        .current_dir(dir)
+        .env("HERALD_BIN", env!("CARGO_BIN_EXE_herald"))
+        .output()
+        .expect("Node.js 20+ runs the JavaScript client tests (apt-get install nodejs)");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "node --test failed:\n{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(report.contains("# fail 0"), "{report}");
+}
