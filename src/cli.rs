@@ -88,6 +88,9 @@ pub fn run() -> ExitCode {
 fn serve(config: Option<PathBuf>, dev_mode: bool) -> Result<(), String> {
     telemetry::init();
     let mut settings = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
+    if dev_mode {
+        settings.ui.enabled = true;
+    }
     if dev_mode && dev::no_key_configured(&settings) {
         let path = &settings.dev.secret_file;
         let secret = dev::load_or_create_secret(path).map_err(|e| {

@@ -54,7 +54,15 @@ pub struct Settings {
     /// Per-pattern retention rules (`[[topics]]`), first match wins.
     #[serde(default)]
     pub topics: Vec<TopicRule>,
+    pub ui: UiSettings,
     pub dev: DevSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UiSettings {
+    /// Serve the live console page at `/` (always on with `serve --dev`).
+    pub enabled: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -196,6 +204,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("retention.max_age", "24h"),
     ("retention.max_events", "10000"),
     ("retention.prune_interval", "1m"),
+    ("ui.enabled", "false"),
     ("dev.secret_file", ".herald/dev-secret"),
 ];
 

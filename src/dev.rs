@@ -62,10 +62,16 @@ pub fn banner(settings: &Settings, addr: std::net::SocketAddr) -> Result<String,
     let publisher = signer
         .sign("dev-publisher", &[], &all, DEV_TOKEN_TTL)
         .map_err(|e| e.to_string())?;
+    let console = signer
+        .sign("dev-console", &all, &all, DEV_TOKEN_TTL)
+        .map_err(|e| e.to_string())?;
     let secret_file = settings.dev.secret_file.display();
     Ok(format!(
         "\
 Herald dev node listening on http://{addr}  (signing key: {secret_file})
+
+Console (live events, publish from the browser):
+  http://{addr}/#token={console}
 
 Subscriber token (subscribe to any topic, 24h):
   {subscriber}

@@ -82,6 +82,11 @@ impl Application {
                 .app_data(http::json_config())
                 .configure(http::routes)
                 .configure(ws::routes)
+                .configure(|cfg| {
+                    if state.settings.ui.enabled {
+                        http::ui::routes(cfg);
+                    }
+                })
                 .default_service(web::to(http::not_found))
         })
         // Signals are handled in `run_until_stopped`, which must close the

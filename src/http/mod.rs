@@ -3,6 +3,7 @@
 
 mod history;
 mod publish;
+pub mod ui;
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};

@@ -2,6 +2,7 @@
 //! over real WebSocket and HTTP connections.
 
 mod auth;
+mod browser;
 mod cli;
 mod cluster;
 mod durability;

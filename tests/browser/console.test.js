@@ -1,0 +1,126 @@
+// The console page in headless Chromium against a real `herald serve --dev`:
+// it connects, shows an event published over HTTP, and after the node is
+// restarted while events are published it shows every missed event once,
+// in order. A screenshot is kept in target/browser-artifacts/.
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdirSync, mkdtempSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { after, before, test } from "node:test";
+import { fileURLToPath } from "node:url";
+
+import { chromium } from "playwright-core";
+
+const ARTIFACTS = join(dirname(fileURLToPath(import.meta.url)), "../../target/browser-artifacts");
+const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
+
+async function freePort() {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+    server.on("error", reject);
+  });
+}
+
+/** `herald serve --dev` in `dir` on `port`; resolves with its banner lines. */
+function startDev(dir, port) {
+  const bin = process.env.HERALD_BIN;
+  if (!bin) throw new Error("set HERALD_BIN to the herald binary (cargo test does)");
+  const child = spawn(bin, ["serve", "--dev"], {
+    cwd: dir,
+    env: { ...process.env, HERALD__SERVER__BIND: `127.0.0.1:${port}`, RUST_LOG: "warn" },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  return new Promise((resolve, reject) => {
+    let out = "";
+    child.stdout.on("data", (chunk) => {
+      out += chunk;
+      if (out.includes("More tokens:")) resolve({ child, banner: out.split("\n") });
+    });
+    child.once("exit", (code) => reject(new Error(`herald exited with ${code}`)));
+  });
+}
+
+const after_ = (banner, heading) => banner[banner.findIndex((l) => l.startsWith(heading)) + 1].trim();
+
+let browser;
+let node;
+let dir;
+let port;
+
+before(async () => {
+  dir = mkdtempSync(join(tmpdir(), "herald-browser-"));
+  port = await freePort();
+  node = await startDev(dir, port);
+  // A fresh profile every run (Playwright's way to pass --user-data-dir).
+  browser = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), "herald-chromium-")), {
+    executablePath: CHROMIUM,
+    args: [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  node?.child.kill("SIGTERM");
+});
+
+async function publish(publisher, topic, data) {
+  const response = await fetch(`http://127.0.0.1:${port}/api/v1/topics/${topic}/events`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${publisher}`, "content-type": "application/json" },
+    body: JSON.stringify(data),
+  });
+  assert.equal(response.status, 201);
+  return (await response.json()).offset;
+}
+
+const offsetsOnPage = (page) =>
+  page.$$eval("#events tr", (rows) => rows.map((r) => Number(r.dataset.offset)).reverse());
+
+test("the console shows live events and every event missed across a node restart, once, in order", async () => {
+  const consoleUrl = after_(node.banner, "Console");
+  const publisher = after_(node.banner, "Publisher token");
+  const page = await browser.newPage();
+  await page.goto(consoleUrl);
+  await page.waitForSelector('#state[data-state="open"]');
+
+  await page.fill("#topic", "alerts");
+  await page.click("#subscribe-form button");
+  // The page's own publish (same connection, answered after the subscribe).
+  await page.fill("#publish-topic", "alerts");
+  await page.click("#publish-form button");
+  await page.waitForSelector("text=Published at offset 1.");
+  await page.waitForSelector('#events tr[data-offset="1"]');
+
+  // An event published with curl-style HTTP appears.
+  assert.equal(await publish(publisher, "alerts", { from: "http" }), 2);
+  await page.waitForSelector('#events tr[data-offset="2"]');
+  assert.match(await page.textContent('#events tr[data-offset="2"] td.payload'), /http/);
+
+  // Restart the node while events keep being published.
+  node.child.kill("SIGKILL");
+  await new Promise((resolve) => node.child.once("exit", resolve));
+  node = await startDev(dir, port);
+  await publish(publisher, "alerts", { n: 3 });
+  await publish(publisher, "alerts", { n: 4 });
+  await page.waitForSelector('#state[data-state="open"]');
+  await publish(publisher, "alerts", { n: 5 });
+  await page.waitForSelector('#events tr[data-offset="5"]');
+  assert.deepEqual(await offsetsOnPage(page), [1, 2, 3, 4, 5]);
+
+  mkdirSync(ARTIFACTS, { recursive: true });
+  await page.screenshot({ path: join(ARTIFACTS, "console.png"), fullPage: true });
+});
