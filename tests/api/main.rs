@@ -6,6 +6,7 @@ mod browser;
 mod cli;
 mod cluster;
 mod durability;
+mod examples;
 mod helpers;
 mod hostile;
 mod http;
