@@ -97,6 +97,9 @@ pub struct Claims {
     /// Patterns the holder may publish to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<String>,
+    /// Operator access: node and topic introspection for every topic.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
 }
 
 /// What a verified token allows.
@@ -107,6 +110,8 @@ pub struct Grants {
     pub exp: u64,
     subscribe: Vec<Pattern>,
     publish: Vec<Pattern>,
+    /// The `admin` claim: introspection of the node and of every topic.
+    pub admin: bool,
     /// Some grant used `{sub}` but `sub` is not a valid topic segment, so
     /// that grant matches nothing. Kept to explain refusals.
     sub_unusable: bool,
@@ -123,6 +128,12 @@ pub enum Action {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Forbidden(String);
+
+impl Forbidden {
+    pub fn new(message: impl Into<String>) -> Forbidden {
+        Forbidden(message.into())
+    }
+}
 
 impl Grants {
     fn from_claims(claims: Claims) -> Result<Grants, AuthError> {
@@ -155,6 +166,7 @@ impl Grants {
         Ok(Grants {
             sub: claims.sub,
             exp: claims.exp,
+            admin: claims.admin,
             subscribe,
             publish,
             sub_unusable,
@@ -302,6 +314,7 @@ impl Signer {
             aud: self.audience.clone(),
             topics: topics.to_vec(),
             publish: publish.to_vec(),
+            admin: false,
         };
         jsonwebtoken::encode(&self.header, &claims, &self.key)
     }
@@ -344,6 +357,7 @@ mod tests {
             aud: None,
             topics: topics.iter().map(|s| s.to_string()).collect(),
             publish: publish.iter().map(|s| s.to_string()).collect(),
+            admin: false,
         })
         .unwrap()
     }
@@ -381,6 +395,7 @@ mod tests {
             aud: None,
             topics: vec!["a..b".into()],
             publish: vec![],
+            admin: false,
         };
         assert!(matches!(
             Grants::from_claims(claims),

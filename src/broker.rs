@@ -11,6 +11,7 @@
 //! live only.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -23,7 +24,24 @@ pub use crate::relay::PublishError;
 use crate::relay::{Relay, Shared};
 use crate::store::retention::{Retention, run_pruner};
 use crate::store::{Backend, Head, NewEvent, Store, StoreError};
+use crate::telemetry::names;
 use crate::topic::Topic;
+
+/// How a publish reached this node (a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Http,
+    WebSocket,
+}
+
+impl Transport {
+    fn label(self) -> &'static str {
+        match self {
+            Transport::Http => "http",
+            Transport::WebSocket => "ws",
+        }
+    }
+}
 
 pub struct Broker {
     hub: Arc<Hub>,
@@ -74,7 +92,18 @@ impl Broker {
     /// Publishes events in order; returns their offsets in the same order.
     /// An event whose idempotency key was seen before gets its first
     /// offset back and is not published again.
-    pub async fn publish(&self, events: Vec<NewEvent>) -> Result<Vec<u64>, PublishError> {
+    pub async fn publish(
+        &self,
+        events: Vec<NewEvent>,
+        transport: Transport,
+    ) -> Result<Vec<u64>, PublishError> {
+        let count = events.len() as u64;
+        let offsets = self.publish_events(events).await?;
+        metrics::counter!(names::PUBLISHED, "transport" => transport.label()).increment(count);
+        Ok(offsets)
+    }
+
+    async fn publish_events(&self, events: Vec<NewEvent>) -> Result<Vec<u64>, PublishError> {
         if !self.relay.is_ready() {
             return Err(PublishError::Unavailable(
                 "the relay (Redis) is not connected; retry".into(),
@@ -89,7 +118,10 @@ impl Broker {
 
         if !durable.is_empty() {
             let (slots, events): (Vec<usize>, Vec<NewEvent>) = durable.into_iter().unzip();
-            let appended = self.store.append(&events, ts).await.map_err(|e| {
+            let started = Instant::now();
+            let appended = self.store.append(&events, ts).await;
+            metrics::histogram!(names::STORE_COMMIT).record(started.elapsed().as_secs_f64());
+            let appended = appended.map_err(|e| {
                 tracing::warn!(error = %e, "publish not committed");
                 PublishError::Unavailable("the event store is unavailable; retry".into())
             })?;
@@ -144,6 +176,20 @@ impl Broker {
     pub async fn unsubscribe(&self, topic: &Topic, id: ConnId) {
         if self.hub.unsubscribe(topic, id) {
             self.relay.interest_changed(topic).await;
+        }
+    }
+
+    /// How many connections on this node subscribe to `topic`.
+    pub fn local_subscribers(&self, topic: &Topic) -> usize {
+        self.hub.subscriber_count(topic)
+    }
+
+    /// `local` (single node), `connected` or `disconnected` (Redis).
+    pub fn relay_state(&self) -> &'static str {
+        match (&self.relay, self.relay.is_ready()) {
+            (Relay::Local(_), _) => "local",
+            (Relay::Redis(_), true) => "connected",
+            (Relay::Redis(_), false) => "disconnected",
         }
     }
 

@@ -86,8 +86,8 @@ pub fn run() -> ExitCode {
 }
 
 fn serve(config: Option<PathBuf>, dev_mode: bool) -> Result<(), String> {
-    telemetry::init();
     let mut settings = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
+    telemetry::init(settings.log.format);
     if dev_mode {
         settings.ui.enabled = true;
     }

@@ -55,7 +55,22 @@ pub struct Settings {
     #[serde(default)]
     pub topics: Vec<TopicRule>,
     pub ui: UiSettings,
+    pub log: LogSettings,
     pub dev: DevSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` (human-readable) or `json` (one object per line).
+    pub format: LogFormat,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -205,6 +220,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("retention.max_events", "10000"),
     ("retention.prune_interval", "1m"),
     ("ui.enabled", "false"),
+    ("log.format", "text"),
     ("dev.secret_file", ".herald/dev-secret"),
 ];
 

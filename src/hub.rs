@@ -15,13 +15,19 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, LazyLock, RwLock};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::Event;
+use crate::event::{Event, now_ms};
+use crate::telemetry::names;
 use crate::topic::Topic;
+
+static DELIVERIES: LazyLock<metrics::Counter> =
+    LazyLock::new(|| metrics::counter!(names::DELIVERIES));
+static FANOUT_LATENCY: LazyLock<metrics::Histogram> =
+    LazyLock::new(|| metrics::histogram!(names::FANOUT_LATENCY));
 
 /// Identifies one connection on this node.
 pub type ConnId = u64;
@@ -74,6 +80,14 @@ impl Mailbox {
         (mailbox, Inbox { rx, queued_bytes }, overflowed)
     }
 
+    /// Tells the connection to close as a slow consumer (once).
+    fn evict(&self) {
+        if !self.overflowed.is_cancelled() {
+            self.overflowed.cancel();
+            metrics::counter!(names::SLOW_CONSUMERS).increment(1);
+        }
+    }
+
     fn offer(&self, event: &Arc<Event>) -> bool {
         let size = event.payload.len();
         // Counted before sending so the receiver's decrement never comes
@@ -82,7 +96,7 @@ impl Mailbox {
         let before = self.queued_bytes.fetch_add(size, Ordering::Relaxed);
         if before > 0 && before + size > self.max_bytes {
             self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-            self.overflowed.cancel();
+            self.evict();
             return false;
         }
         match self.tx.try_send(Arc::clone(event)) {
@@ -90,7 +104,7 @@ impl Mailbox {
             Err(e) => {
                 self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
                 if matches!(e, mpsc::error::TrySendError::Full(_)) {
-                    self.overflowed.cancel();
+                    self.evict();
                 }
                 // Closed: the connection is closing and will unsubscribe.
                 false
@@ -112,11 +126,14 @@ impl Hub {
         match topics.entry(topic.clone()) {
             Entry::Vacant(v) => {
                 v.insert(vec![mailbox.clone()]);
+                metrics::gauge!(names::TOPICS_ACTIVE).increment(1.0);
+                metrics::gauge!(names::SUBSCRIPTIONS).increment(1.0);
                 true
             }
             Entry::Occupied(mut o) => {
                 if !o.get().iter().any(|m| m.id == mailbox.id) {
                     o.get_mut().push(mailbox.clone());
+                    metrics::gauge!(names::SUBSCRIPTIONS).increment(1.0);
                 }
                 false
             }
@@ -134,8 +151,10 @@ impl Hub {
             return false;
         };
         mailboxes.swap_remove(pos);
+        metrics::gauge!(names::SUBSCRIPTIONS).decrement(1.0);
         if mailboxes.is_empty() {
             topics.remove(topic);
+            metrics::gauge!(names::TOPICS_ACTIVE).decrement(1.0);
             return true;
         }
         false
@@ -147,6 +166,12 @@ impl Hub {
         topics.contains_key(topic)
     }
 
+    /// How many local connections subscribe to `topic`.
+    pub fn subscriber_count(&self, topic: &Topic) -> usize {
+        let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
+        topics.get(topic).map_or(0, Vec::len)
+    }
+
     /// Every topic with a local subscriber.
     pub fn topics(&self) -> Vec<Topic> {
         let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
@@ -156,9 +181,15 @@ impl Hub {
     /// Offers `event` to every local subscriber of its topic; returns how
     /// many accepted it.
     pub fn deliver(&self, event: &Arc<Event>) -> usize {
-        let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
-        topics.get(&event.topic).map_or(0, |mailboxes| {
-            mailboxes.iter().filter(|m| m.offer(event)).count()
-        })
+        let delivered = {
+            let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
+            topics.get(&event.topic).map_or(0, |mailboxes| {
+                mailboxes.iter().filter(|m| m.offer(event)).count()
+            })
+        };
+        // Once per event, outside the lock: never per subscriber.
+        DELIVERIES.increment(delivered as u64);
+        FANOUT_LATENCY.record(now_ms().saturating_sub(event.ts) as f64 / 1000.0);
+        delivered
     }
 }

@@ -25,6 +25,11 @@ pub const MSGPACK_PROTOCOL: &str = "herald.msgpack";
 pub mod close {
     /// The token's `exp` passed and no `refresh` replaced it.
     pub const TOKEN_EXPIRED: u16 = 4001;
+
+    /// Every close code a node sends (docs/protocol.md lists each; a test
+    /// checks): normal (echoed), going away, protocol error, invalid UTF-8,
+    /// policy, too big, try again later, token expired.
+    pub const SENT: &[u16] = &[1000, 1001, 1002, 1007, 1008, 1009, 1013, TOKEN_EXPIRED];
 }
 
 /// How frames are encoded on one connection.
@@ -64,10 +69,22 @@ pub enum ErrorCode {
     TooManySubscriptions,
     NotFound,
     Unavailable,
-    Internal,
 }
 
 impl ErrorCode {
+    /// Every code, for documentation checks.
+    pub const ALL: &[ErrorCode] = &[
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::InvalidTopic,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::TooManySubscriptions,
+        ErrorCode::NotFound,
+        ErrorCode::Unavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadRequest => "bad_request",
@@ -79,7 +96,6 @@ impl ErrorCode {
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Unavailable => "unavailable",
-            ErrorCode::Internal => "internal",
         }
     }
 }
@@ -539,6 +555,25 @@ mod tests {
         assert_eq!((err.id, err.code), (Some(8), ErrorCode::BadRequest));
         let err = json(r#"{"op":"subscribe","id":2,"topic":"a.*"}"#).unwrap_err();
         assert_eq!((err.id, err.code), (Some(2), ErrorCode::InvalidTopic));
+    }
+
+    #[test]
+    fn error_code_list_is_complete() {
+        // Adding a variant breaks this match: then add it to `ALL` too.
+        for code in ErrorCode::ALL {
+            match code {
+                ErrorCode::BadRequest
+                | ErrorCode::Unauthorized
+                | ErrorCode::Forbidden
+                | ErrorCode::InvalidTopic
+                | ErrorCode::PayloadTooLarge
+                | ErrorCode::RateLimited
+                | ErrorCode::TooManySubscriptions
+                | ErrorCode::NotFound
+                | ErrorCode::Unavailable => {}
+            }
+        }
+        assert_eq!(ErrorCode::ALL.len(), 9);
     }
 
     #[test]

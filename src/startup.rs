@@ -46,6 +46,9 @@ pub struct AppState {
     pub(crate) next_conn_id: AtomicU64,
     /// Open WebSocket connections on this node.
     pub(crate) connections: AtomicUsize,
+    /// A random id for this node's process, for introspection and logs.
+    pub node_id: String,
+    pub started: std::time::Instant,
 }
 
 pub struct Application {
@@ -57,6 +60,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Application, StartError> {
+        crate::telemetry::metrics();
         let verifier = Verifier::new(&settings.auth)?;
         let addr = settings.bind_addr()?;
         let listener =
@@ -73,6 +77,11 @@ impl Application {
             shutdown: shutdown.clone(),
             next_conn_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
+            node_id: rand::random::<[u8; 6]>()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            started: std::time::Instant::now(),
         });
         let state_handle = state.clone();
         let handshake_timeout = state.settings.server.handshake_timeout;

@@ -1,12 +1,118 @@
-//! Logging. `RUST_LOG` filters (default `info`); events go to stderr so that
-//! stdout stays for what the user asked for (tokens, the dev banner).
+//! Logs and metrics.
+//!
+//! Logs go to stderr (stdout stays for what the user asked for: tokens, the
+//! dev banner), human-readable by default or JSON with `log.format =
+//! "json"`; `RUST_LOG` filters them (default `info`). Tokens, secrets and
+//! payloads are never logged.
+//!
+//! Metrics are recorded with the `metrics` facade into one process-wide
+//! Prometheus recorder and rendered at `GET /metrics`. Hot paths touch them
+//! once per event (never per subscriber) through handles resolved once.
 
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-pub fn init() {
+use crate::config::LogFormat;
+
+pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Latency buckets, in seconds, for the histograms.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// The process's Prometheus recorder, installed on first use.
+pub fn metrics() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(LATENCY_BUCKETS)
+            // The buckets are constants, valid by construction.
+            .expect("latency buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Fails only if another recorder was installed first (an embedding
+        // program's); then that one receives Herald's metrics.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+}
+
+/// Metric names, in one place.
+pub mod names {
+    pub const CONNECTIONS: &str = "herald_connections";
+    pub const HANDSHAKES: &str = "herald_handshakes_total";
+    pub const SUBSCRIPTIONS: &str = "herald_subscriptions";
+    pub const TOPICS_ACTIVE: &str = "herald_topics_active";
+    pub const PUBLISHED: &str = "herald_events_published_total";
+    pub const DELIVERIES: &str = "herald_deliveries_total";
+    pub const SLOW_CONSUMERS: &str = "herald_slow_consumer_closes_total";
+    pub const FANOUT_LATENCY: &str = "herald_publish_to_fanout_seconds";
+    pub const STORE_COMMIT: &str = "herald_store_commit_seconds";
+    pub const RELAY_CONNECTED: &str = "herald_relay_connected";
+    pub const RELAY_RECONNECTS: &str = "herald_relay_reconnects_total";
+    pub const REPLAYS: &str = "herald_recovery_replays_total";
+    pub const REPLAYED_EVENTS: &str = "herald_recovery_replayed_events_total";
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    use names::*;
+    describe_gauge!(CONNECTIONS, "Open WebSocket connections on this node.");
+    describe_counter!(
+        HANDSHAKES,
+        "WebSocket handshakes, by result and refusal reason."
+    );
+    describe_gauge!(
+        SUBSCRIPTIONS,
+        "Subscriptions held by this node's connections."
+    );
+    describe_gauge!(
+        TOPICS_ACTIVE,
+        "Topics with at least one subscriber on this node."
+    );
+    describe_counter!(
+        PUBLISHED,
+        "Events published through this node, by transport."
+    );
+    describe_counter!(DELIVERIES, "Events handed to subscribers' outbound queues.");
+    describe_counter!(
+        SLOW_CONSUMERS,
+        "Connections closed (1013) because their outbound queue overflowed."
+    );
+    describe_histogram!(
+        FANOUT_LATENCY,
+        Unit::Seconds,
+        "From publish to fan-out on this node."
+    );
+    describe_histogram!(
+        STORE_COMMIT,
+        Unit::Seconds,
+        "Time to commit a publish to the event log."
+    );
+    describe_gauge!(
+        RELAY_CONNECTED,
+        "1 while the Redis relay is connected (cluster mode)."
+    );
+    describe_counter!(
+        RELAY_RECONNECTS,
+        "Times the Redis relay connected again after losing Redis."
+    );
+    describe_counter!(
+        REPLAYS,
+        "Subscriptions that replayed missed events (recovery)."
+    );
+    describe_counter!(REPLAYED_EVENTS, "Events sent by recovery replays.");
 }

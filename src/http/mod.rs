@@ -2,6 +2,7 @@
 //! become HTTP statuses and JSON bodies.
 
 mod history;
+mod introspect;
 mod publish;
 pub mod ui;
 
@@ -22,6 +23,7 @@ use crate::topic::{Topic, TopicError};
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
         .route(
             "/api/v1/topics/{topic}/events",
             web::post().to(publish::publish_one),
@@ -30,7 +32,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/api/v1/topics/{topic}/events",
             web::get().to(history::history),
         )
-        .route("/api/v1/events", web::post().to(publish::publish_batch));
+        .route("/api/v1/events", web::post().to(publish::publish_batch))
+        .route("/api/v1/node", web::get().to(introspect::node))
+        .route("/api/v1/topics/{topic}", web::get().to(introspect::topic));
 }
 
 async fn healthz() -> HttpResponse {
@@ -47,6 +51,15 @@ async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
             "the relay (Redis) is not connected".into(),
         )))
     }
+}
+
+/// Prometheus text exposition of the process's metrics.
+async fn metrics() -> HttpResponse {
+    let handle = crate::telemetry::metrics();
+    handle.run_upkeep();
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(handle.render())
 }
 
 /// Answers every unknown route.
@@ -82,7 +95,7 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    fn code(&self) -> ErrorCode {
+    pub(crate) fn code(&self) -> ErrorCode {
         match self {
             ApiError::Unauthorized(_) => ErrorCode::Unauthorized,
             ApiError::OriginNotAllowed(_) | ApiError::Forbidden(_) => ErrorCode::Forbidden,
@@ -114,7 +127,6 @@ impl ResponseError for ApiError {
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::TooManySubscriptions => StatusCode::BAD_REQUEST,
-            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 

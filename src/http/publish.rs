@@ -10,6 +10,7 @@ use serde_json::value::RawValue;
 
 use super::{ApiError, authenticate};
 use crate::auth::Action;
+use crate::broker::Transport;
 use crate::event::Payload;
 use crate::protocol::{check_json_nesting, check_key};
 use crate::startup::AppState;
@@ -87,7 +88,7 @@ pub(super) async fn publish_one(
         payload,
         key,
     };
-    let offsets = state.broker.publish(vec![event]).await?;
+    let offsets = state.broker.publish(vec![event], Transport::Http).await?;
     Ok(HttpResponse::Created().json(Published {
         topic: topic.as_str(),
         offset: offsets[0],
@@ -166,6 +167,6 @@ pub(super) async fn publish_batch(
             key: item.key,
         });
     }
-    let offsets = state.broker.publish(events).await?;
+    let offsets = state.broker.publish(events, Transport::Http).await?;
     Ok(HttpResponse::Created().json(BatchPublished { offsets }))
 }

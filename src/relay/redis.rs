@@ -39,6 +39,7 @@ use super::order::Orderer;
 use super::{PublishError, Shared};
 use crate::config::ConfigError;
 use crate::event::{Event, Payload};
+use crate::telemetry::names;
 use crate::topic::Topic;
 
 /// A Redis command that takes longer than this fails, so a publish answers
@@ -137,6 +138,7 @@ impl RedisRelay {
             client,
             shared,
             orderer: Orderer::default(),
+            ever_connected: false,
             names: names.clone(),
             interest: interest_rx,
             connected: Arc::clone(&connected),
@@ -254,6 +256,8 @@ struct Subscriber {
     client: redis::Client,
     shared: Shared,
     orderer: Orderer,
+    /// Whether a connection succeeded before (the next one is a reconnect).
+    ever_connected: bool,
     names: Names,
     interest: mpsc::Receiver<Interest>,
     connected: Arc<AtomicBool>,
@@ -334,6 +338,11 @@ impl Subscriber {
             subscribed.extend(wanted);
         }
         self.connected.store(true, Ordering::Relaxed);
+        metrics::gauge!(names::RELAY_CONNECTED).set(1.0);
+        if self.ever_connected {
+            metrics::counter!(names::RELAY_RECONNECTS).increment(1);
+        }
+        self.ever_connected = true;
         *backoff = MIN_BACKOFF;
         tracing::info!(topics = subscribed.len(), "redis relay connected");
         // Events relayed while we were away are in the store.
@@ -360,6 +369,7 @@ impl Subscriber {
             }
         };
         self.connected.store(false, Ordering::Relaxed);
+        metrics::gauge!(names::RELAY_CONNECTED).set(0.0);
         ended
     }
 

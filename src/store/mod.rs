@@ -289,6 +289,21 @@ impl Store {
         rows.iter().map(|row| decode_event(topic, row)).collect()
     }
 
+    /// How many events of `topic` are retained.
+    pub async fn retained(&self, topic: &Topic) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM herald_events WHERE topic = $1")
+            .bind(topic.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>(0)? as u64)
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Every topic that has a log.
     pub async fn topics(&self) -> Result<Vec<Topic>, StoreError> {
         let rows = sqlx::query("SELECT topic FROM herald_topics")

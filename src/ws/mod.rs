@@ -15,6 +15,7 @@ use crate::auth::AuthError;
 use crate::http::{ApiError, bearer_token};
 use crate::protocol::{Encoding, JSON_PROTOCOL, MSGPACK_PROTOCOL};
 use crate::startup::AppState;
+use crate::telemetry::names;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/ws", web::get().to(handshake));
@@ -25,11 +26,32 @@ struct TokenQuery {
     token: Option<String>,
 }
 
+/// Counts and logs every handshake's outcome; refusals with their reason
+/// (never the token).
 async fn handshake(
     req: HttpRequest,
     body: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    let result = accept(&req, body, state).await;
+    match &result {
+        Ok(_) => metrics::counter!(names::HANDSHAKES, "result" => "accepted").increment(1),
+        Err(e) => {
+            let reason = e.code().as_str();
+            metrics::counter!(names::HANDSHAKES, "result" => "refused", "reason" => reason)
+                .increment(1);
+            tracing::info!(peer = ?req.peer_addr(), reason, detail = %e, "handshake refused");
+        }
+    }
+    result
+}
+
+async fn accept(
+    req: &HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let req = req.clone();
     check_origin(&req, &state.settings.server.allowed_origins)?;
     // Browsers cannot set headers on a WebSocket, hence the query parameter.
     let query = web::Query::<TokenQuery>::from_query(req.query_string())
@@ -68,6 +90,7 @@ impl ConnectionSlot {
             state.connections.fetch_sub(1, Ordering::Relaxed);
             return Err(ApiError::TooManyConnections(max));
         }
+        metrics::gauge!(names::CONNECTIONS).increment(1.0);
         Ok(ConnectionSlot(state.clone().into_inner()))
     }
 }
@@ -75,6 +98,7 @@ impl ConnectionSlot {
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(names::CONNECTIONS).decrement(1.0);
     }
 }
 

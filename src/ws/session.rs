@@ -17,11 +17,13 @@ use tokio_util::sync::CancellationToken;
 use super::ConnectionSlot;
 use super::rate::TokenBucket;
 use crate::auth::{Action, Grants, unix_now_secs};
+use crate::broker::Transport;
 use crate::event::Event;
 use crate::hub::{Inbox, Mailbox};
 use crate::protocol::{self, ClientOp, Encoding, ErrorCode, Frame, Reply};
 use crate::startup::AppState;
 use crate::store::NewEvent;
+use crate::telemetry::names;
 use crate::topic::Topic;
 
 /// Publishes refused by the rate limit before the connection is closed
@@ -251,7 +253,12 @@ impl Connection {
                     payload,
                     key,
                 };
-                match self.state.broker.publish(vec![event]).await {
+                match self
+                    .state
+                    .broker
+                    .publish(vec![event], Transport::WebSocket)
+                    .await
+                {
                     Ok(offsets) => {
                         let reply = Reply::Published {
                             id,
@@ -329,6 +336,9 @@ impl Connection {
         };
         self.reply(&reply).await?;
         let mut after = plan.after.unwrap_or(head.last);
+        if after < head.last {
+            metrics::counter!(names::REPLAYS).increment(1);
+        }
         while after < head.last {
             let page = match self
                 .state
@@ -354,6 +364,7 @@ impl Connection {
             };
             for event in page.iter().filter(|e| e.offset <= head.last) {
                 self.send_event(event).await?;
+                metrics::counter!(names::REPLAYED_EVENTS).increment(1);
             }
             after = newest;
         }

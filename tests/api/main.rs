@@ -11,5 +11,6 @@ mod helpers;
 mod hostile;
 mod http;
 mod js_client;
+mod operations;
 mod regressions;
 mod ws;
