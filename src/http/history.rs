@@ -5,7 +5,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{ApiError, authenticate};
+use super::{ApiError, ErrorBody, authenticate};
 use crate::auth::Action;
 use crate::startup::AppState;
 use crate::topic::Topic;
@@ -17,23 +17,46 @@ pub const MAX_LIMIT: u64 = 1000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct HistoryQuery {
+pub(super) struct HistoryQuery {
     since: Option<u64>,
     limit: Option<u64>,
     epoch: Option<String>,
 }
 
-#[derive(Serialize)]
-struct History<'a> {
+/// Retained events of a topic.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct History<'a> {
     topic: &'a str,
     epoch: &'a str,
     /// The topic's last offset.
     offset: u64,
     truncated: bool,
     /// Event frames, exactly as a WebSocket client receives them.
+    #[schema(value_type = Vec<Object>)]
     events: Vec<Box<RawValue>>,
 }
 
+/// Retained events after `since` (trusted only with its `epoch`).
+#[utoipa::path(
+    get,
+    path = "/api/v1/topics/{topic}/events",
+    tag = "history",
+    params(
+        ("topic" = String, Path, description = "An exact topic: dot-separated segments of [A-Za-z0-9_-], at most 255 bytes", pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 255),
+        ("since" = Option<u64>, Query, description = "Return events after this offset (default 0)"),
+        ("limit" = Option<u64>, Query, description = "At most this many events (1-1000, default 100)", minimum = 1, maximum = 1000),
+        ("epoch" = Option<String>, Query, description = "The epoch `since` belongs to", max_length = 64),
+    ),
+    responses(
+        (status = 200, description = "Retained events", body = History),
+        (status = 400, description = "Bad body or invalid topic", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "The token does not grant this topic", body = ErrorBody),
+        (status = 404, description = "The topic keeps no history", body = ErrorBody),
+        (status = 503, description = "The event store is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub(super) async fn history(
     req: HttpRequest,
     path: web::Path<String>,

@@ -7,14 +7,15 @@ use std::sync::atomic::Ordering;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Serialize;
 
-use super::{ApiError, authenticate};
+use super::{ApiError, ErrorBody, authenticate};
 use crate::auth::{Action, Forbidden};
 use crate::startup::AppState;
 use crate::store::Backend;
 use crate::topic::Topic;
 
-#[derive(Serialize)]
-struct NodeInfo<'a> {
+/// This node's identity and state.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct NodeInfo<'a> {
     node_id: &'a str,
     version: &'static str,
     uptime_seconds: u64,
@@ -23,12 +24,24 @@ struct NodeInfo<'a> {
     store: StoreInfo,
 }
 
-#[derive(Serialize)]
-struct StoreInfo {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct StoreInfo {
     backend: &'static str,
     reachable: bool,
 }
 
+/// Node id, version, uptime, connections, relay and store state.
+#[utoipa::path(
+    get,
+    path = "/api/v1/node",
+    tag = "operations",
+    responses(
+        (status = 200, description = "This node", body = NodeInfo),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "The token lacks the admin claim", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub(super) async fn node(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -56,8 +69,9 @@ pub(super) async fn node(
     }))
 }
 
-#[derive(Serialize)]
-struct TopicInfo<'a> {
+/// A topic as this node sees it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct TopicInfo<'a> {
     topic: &'a str,
     history: bool,
     /// The last offset, for topics with history.
@@ -72,6 +86,21 @@ struct TopicInfo<'a> {
     local_subscribers: usize,
 }
 
+/// Last offset, retained count and local subscribers of a topic.
+#[utoipa::path(
+    get,
+    path = "/api/v1/topics/{topic}",
+    tag = "operations",
+    params(("topic" = String, Path, description = "An exact topic: dot-separated segments of [A-Za-z0-9_-], at most 255 bytes", pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 255)),
+    responses(
+        (status = 200, description = "The topic", body = TopicInfo),
+        (status = 400, description = "Bad body or invalid topic", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "The token does not grant this topic", body = ErrorBody),
+        (status = 503, description = "The event store is unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub(super) async fn topic(
     req: HttpRequest,
     path: web::Path<String>,

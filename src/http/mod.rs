@@ -3,6 +3,7 @@
 
 mod history;
 mod introspect;
+mod openapi;
 mod publish;
 pub mod ui;
 
@@ -24,6 +25,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics))
+        .route("/api/v1/openapi.json", web::get().to(openapi::document))
         .route(
             "/api/v1/topics/{topic}/events",
             web::post().to(publish::publish_one),
@@ -37,15 +39,26 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/api/v1/topics/{topic}", web::get().to(introspect::topic));
 }
 
+/// Liveness: 200 while the process serves.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive", body = Status)))]
 async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+    HttpResponse::Ok().json(Status { status: "ok" })
 }
 
 /// Ready when the node can publish and receive events (in cluster mode:
 /// when its Redis relay is connected). Load balancers route on this.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Status),
+        (status = 503, description = "The Redis relay is not connected", body = ErrorBody),
+    ),
+)]
 async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     if state.broker.is_ready() {
-        Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
+        Ok(HttpResponse::Ok().json(Status { status: "ready" }))
     } else {
         Err(ApiError::Unavailable(PublishError::Unavailable(
             "the relay (Redis) is not connected".into(),
@@ -110,10 +123,17 @@ impl ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
+/// Every error reply: a code (see docs/protocol.md) and a message.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody<'a> {
     error: &'static str,
     message: &'a str,
+}
+
+/// `{"status": "ok"}` / `{"status": "ready"}`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Status {
+    status: &'static str,
 }
 
 impl ResponseError for ApiError {

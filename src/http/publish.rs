@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{ApiError, authenticate};
+use super::{ApiError, ErrorBody, authenticate};
 use crate::auth::Action;
 use crate::broker::Transport;
 use crate::event::Payload;
@@ -57,12 +57,31 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_owned()))
 }
 
-#[derive(Serialize)]
-struct Published<'a> {
+/// A published event's place in its topic.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct Published<'a> {
     topic: &'a str,
     offset: u64,
 }
 
+/// Publish one event. A JSON body (`application/json` or `application/*+json`)
+/// is the event's data; any other body is a binary payload.
+#[utoipa::path(
+    post,
+    path = "/api/v1/topics/{topic}/events",
+    tag = "publish",
+    params(("topic" = String, Path, description = "An exact topic: dot-separated segments of [A-Za-z0-9_-], at most 255 bytes", pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 255), ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key on the same topic publish once", min_length = 1, max_length = 255)),
+    request_body(content(("application/json"), ("application/octet-stream")), description = "The event's data"),
+    responses(
+        (status = 201, description = "Committed and published", body = Published),
+        (status = 400, description = "Bad body or invalid topic", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "The token does not grant this topic", body = ErrorBody),
+        (status = 413, description = "Body larger than limits.max_payload_bytes", body = ErrorBody),
+        (status = 503, description = "Relay or store unavailable; retry", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub(super) async fn publish_one(
     req: HttpRequest,
     path: web::Path<String>,
@@ -96,12 +115,15 @@ pub(super) async fn publish_one(
 }
 
 /// One item of a batch: `data` (JSON) or `data_b64` (binary).
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BatchItem {
+pub(super) struct BatchItem {
     topic: String,
+    /// Any JSON value.
     #[serde(default, deserialize_with = "crate::protocol::present")]
+    #[schema(value_type = Option<Object>)]
     data: Option<Box<RawValue>>,
+    /// Base64 bytes, for a binary payload.
     #[serde(default)]
     data_b64: Option<String>,
     /// Idempotency key of this event.
@@ -109,11 +131,28 @@ struct BatchItem {
     key: Option<String>,
 }
 
-#[derive(Serialize)]
-struct BatchPublished {
+/// The offsets of a batch, in request order.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct BatchPublished {
     offsets: Vec<u64>,
 }
 
+/// Publish a batch in order, all or nothing.
+#[utoipa::path(
+    post,
+    path = "/api/v1/events",
+    tag = "publish",
+    request_body(content = Vec<BatchItem>, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Every event committed and published", body = BatchPublished),
+        (status = 400, description = "Bad body or invalid topic", body = ErrorBody),
+        (status = 401, description = "Missing or invalid token", body = ErrorBody),
+        (status = 403, description = "The token does not grant this topic", body = ErrorBody),
+        (status = 413, description = "Body larger than limits.max_batch_bytes, or an event above limits.max_payload_bytes", body = ErrorBody),
+        (status = 503, description = "Relay or store unavailable; retry", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub(super) async fn publish_batch(
     req: HttpRequest,
     body: web::Payload,

@@ -140,3 +140,36 @@ fn every_error_code_and_close_code_is_documented() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_http_endpoint() {
+    let node = spawn_node().await;
+    let doc: Value = node
+        .http
+        .get(node.url("/api/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    for (path, method) in [
+        ("/api/v1/topics/{topic}/events", "post"),
+        ("/api/v1/topics/{topic}/events", "get"),
+        ("/api/v1/events", "post"),
+        ("/api/v1/topics/{topic}", "get"),
+        ("/api/v1/node", "get"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} is not documented"
+        );
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+}
