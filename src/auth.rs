@@ -303,6 +303,7 @@ impl Signer {
         sub: &str,
         topics: &[String],
         publish: &[String],
+        admin: bool,
         ttl: Duration,
     ) -> Result<String, jsonwebtoken::errors::Error> {
         let now = unix_now_secs();
@@ -314,7 +315,7 @@ impl Signer {
             aud: self.audience.clone(),
             topics: topics.to_vec(),
             publish: publish.to_vec(),
-            admin: false,
+            admin,
         };
         jsonwebtoken::encode(&self.header, &claims, &self.key)
     }

@@ -53,6 +53,10 @@ enum Command {
         /// Patterns the token may publish to, comma-separated.
         #[arg(long, value_delimiter = ',')]
         publish: Vec<String>,
+        /// Grant operator access (the `admin` claim: node and topic
+        /// introspection).
+        #[arg(long)]
+        admin: bool,
         /// Lifetime, e.g. 30m, 1h, 7d.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
@@ -72,9 +76,10 @@ pub fn run() -> ExitCode {
             sub,
             topics,
             publish,
+            admin,
             ttl,
             config,
-        } => token(config, &sub, &topics, &publish, ttl),
+        } => token(config, &sub, &topics, &publish, admin, ttl),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -132,6 +137,7 @@ fn token(
     sub: &str,
     topics: &[String],
     publish: &[String],
+    admin: bool,
     ttl: Duration,
 ) -> Result<(), String> {
     let mut settings = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
@@ -146,7 +152,7 @@ fn token(
     }
     let signer = Signer::new(&settings.auth).map_err(|e: ConfigError| e.to_string())?;
     let token = signer
-        .sign(sub, topics, publish, ttl)
+        .sign(sub, topics, publish, admin, ttl)
         .map_err(|e| format!("cannot sign: {e}"))?;
     println!("{token}");
     Ok(())

@@ -57,13 +57,13 @@ pub fn banner(settings: &Settings, addr: std::net::SocketAddr) -> Result<String,
     let signer = Signer::new(&settings.auth).map_err(|e| e.to_string())?;
     let all = vec![">".to_owned()];
     let subscriber = signer
-        .sign("dev-subscriber", &all, &[], DEV_TOKEN_TTL)
+        .sign("dev-subscriber", &all, &[], false, DEV_TOKEN_TTL)
         .map_err(|e| e.to_string())?;
     let publisher = signer
-        .sign("dev-publisher", &[], &all, DEV_TOKEN_TTL)
+        .sign("dev-publisher", &[], &all, false, DEV_TOKEN_TTL)
         .map_err(|e| e.to_string())?;
     let console = signer
-        .sign("dev-console", &all, &all, DEV_TOKEN_TTL)
+        .sign("dev-console", &all, &all, false, DEV_TOKEN_TTL)
         .map_err(|e| e.to_string())?;
     let secret_file = settings.dev.secret_file.display();
     Ok(format!(

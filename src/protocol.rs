@@ -7,7 +7,8 @@
 //! in MessagePack frames. See `docs/protocol.md` for examples.
 
 use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::engine::DecodePaddingMode;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD as BASE64};
 use bytes::Bytes;
 use bytestring::ByteString;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -15,6 +16,15 @@ use serde_json::value::RawValue;
 
 use crate::event::{Event, Payload};
 use crate::topic::{Topic, TopicError};
+
+/// Decodes `data_b64` as clients write it: padded or not, and with any
+/// trailing bits (encoding always writes canonical, padded base64).
+pub(crate) const BASE64_LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_allow_trailing_bits(true)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// Sub-protocol name of the JSON encoding (the default).
 pub const JSON_PROTOCOL: &str = "herald.json";
@@ -68,6 +78,7 @@ pub enum ErrorCode {
     RateLimited,
     TooManySubscriptions,
     NotFound,
+    MethodNotAllowed,
     Unavailable,
 }
 
@@ -82,6 +93,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::TooManySubscriptions,
         ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
         ErrorCode::Unavailable,
     ];
 
@@ -95,6 +107,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Unavailable => "unavailable",
         }
     }
@@ -175,10 +188,14 @@ struct WireOp<D> {
     token: Option<String>,
 }
 
+/// Largest offset a client may name (`since`): offsets are stored as
+/// signed 64-bit integers.
+pub const MAX_OFFSET: u64 = i64::MAX as u64;
+
 /// Longest idempotency key, in bytes.
 pub const MAX_KEY_BYTES: usize = 255;
 /// Longest epoch a client may send back, in bytes.
-const MAX_EPOCH_BYTES: usize = 64;
+pub const MAX_EPOCH_BYTES: usize = 64;
 
 /// Checks an idempotency key: 1 to 255 visible ASCII characters.
 pub fn check_key(key: &str) -> Result<(), String> {
@@ -306,6 +323,12 @@ impl<D> WireOp<D> {
                 {
                     return Err(DecodeError::bad_request(id, "`epoch` is too long"));
                 }
+                if self.since.is_some_and(|s| s > MAX_OFFSET) {
+                    return Err(DecodeError::bad_request(
+                        id,
+                        "`since` is larger than any offset",
+                    ));
+                }
                 Ok(ClientOp::Subscribe {
                     id,
                     topic: topic(self.topic)?,
@@ -338,16 +361,17 @@ impl<D> WireOp<D> {
                     (Some(data), None) => {
                         to_payload(data).map_err(|m| DecodeError::bad_request(id, m))?
                     }
-                    (None, Some(b64)) => {
-                        Payload::Binary(BASE64.decode(b64.as_bytes()).map(Bytes::from).map_err(
-                            |e| {
+                    (None, Some(b64)) => Payload::Binary(
+                        BASE64_LENIENT
+                            .decode(b64.as_bytes())
+                            .map(Bytes::from)
+                            .map_err(|e| {
                                 DecodeError::bad_request(
                                     id,
                                     format!("`data_b64` is not base64: {e}"),
                                 )
-                            },
-                        )?)
-                    }
+                            })?,
+                    ),
                 };
                 Ok(ClientOp::Publish {
                     id,
@@ -570,10 +594,11 @@ mod tests {
                 | ErrorCode::RateLimited
                 | ErrorCode::TooManySubscriptions
                 | ErrorCode::NotFound
+                | ErrorCode::MethodNotAllowed
                 | ErrorCode::Unavailable => {}
             }
         }
-        assert_eq!(ErrorCode::ALL.len(), 9);
+        assert_eq!(ErrorCode::ALL.len(), 10);
     }
 
     #[test]

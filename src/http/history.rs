@@ -7,6 +7,7 @@ use serde_json::value::RawValue;
 
 use super::{ApiError, ErrorBody, authenticate};
 use crate::auth::Action;
+use crate::protocol::{MAX_EPOCH_BYTES, MAX_OFFSET};
 use crate::startup::AppState;
 use crate::topic::Topic;
 
@@ -43,7 +44,7 @@ pub(super) struct History<'a> {
     tag = "history",
     params(
         ("topic" = String, Path, description = "An exact topic: dot-separated segments of [A-Za-z0-9_-], at most 255 bytes", pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 255),
-        ("since" = Option<u64>, Query, description = "Return events after this offset (default 0)"),
+        ("since" = Option<u64>, Query, description = "Return events after this offset (default 0)", maximum = 9223372036854775807_u64),
         ("limit" = Option<u64>, Query, description = "At most this many events (1-1000, default 100)", minimum = 1, maximum = 1000),
         ("epoch" = Option<String>, Query, description = "The epoch `since` belongs to", max_length = 64),
     ),
@@ -68,6 +69,21 @@ pub(super) async fn history(
     let query = web::Query::<HistoryQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?
         .into_inner();
+    if query
+        .epoch
+        .as_ref()
+        .is_some_and(|e| e.len() > MAX_EPOCH_BYTES)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "epoch must be at most {MAX_EPOCH_BYTES} bytes"
+        )));
+    }
+    let since = query.since.unwrap_or(0);
+    if since > MAX_OFFSET {
+        return Err(ApiError::BadRequest(format!(
+            "since must be at most {MAX_OFFSET}"
+        )));
+    }
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ApiError::BadRequest(format!(
@@ -79,7 +95,7 @@ pub(super) async fn history(
     }
     let store = state.broker.store();
     let head = store.head(&topic).await?;
-    let plan = head.plan_replay(Some(query.since.unwrap_or(0)), query.epoch.as_deref());
+    let plan = head.plan_replay(Some(since), query.epoch.as_deref());
     let after = plan.after.unwrap_or(head.last);
     let events = store
         .read(&topic, after, limit)

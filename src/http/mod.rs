@@ -22,21 +22,26 @@ use crate::topic::{Topic, TopicError};
 
 /// Registers the HTTP routes (the WebSocket route lives in `ws`).
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics))
-        .route("/api/v1/openapi.json", web::get().to(openapi::document))
-        .route(
-            "/api/v1/topics/{topic}/events",
-            web::post().to(publish::publish_one),
+    cfg.service(resource("/healthz", "GET").route(web::get().to(healthz)))
+        .service(resource("/readyz", "GET").route(web::get().to(readyz)))
+        .service(resource("/metrics", "GET").route(web::get().to(metrics)))
+        .service(resource("/api/v1/openapi.json", "GET").route(web::get().to(openapi::document)))
+        .service(
+            resource("/api/v1/topics/{topic}/events", "GET, POST")
+                .route(web::post().to(publish::publish_one))
+                .route(web::get().to(history::history)),
         )
-        .route(
-            "/api/v1/topics/{topic}/events",
-            web::get().to(history::history),
-        )
-        .route("/api/v1/events", web::post().to(publish::publish_batch))
-        .route("/api/v1/node", web::get().to(introspect::node))
-        .route("/api/v1/topics/{topic}", web::get().to(introspect::topic));
+        .service(resource("/api/v1/events", "POST").route(web::post().to(publish::publish_batch)))
+        .service(resource("/api/v1/node", "GET").route(web::get().to(introspect::node)))
+        .service(resource("/api/v1/topics/{topic}", "GET").route(web::get().to(introspect::topic)));
+}
+
+/// A route whose other methods answer 405 with `Allow: {allow}` (rather
+/// than 404).
+pub(crate) fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(move || async move {
+        Err::<HttpResponse, _>(ApiError::MethodNotAllowed(allow))
+    }))
 }
 
 /// Liveness: 200 while the process serves.
@@ -105,6 +110,8 @@ pub enum ApiError {
     TooManyConnections(usize),
     #[error("no such route")]
     NotFound,
+    #[error("this route takes {0}")]
+    MethodNotAllowed(&'static str),
 }
 
 impl ApiError {
@@ -119,6 +126,7 @@ impl ApiError {
                 ErrorCode::Unavailable
             }
             ApiError::NotFound | ApiError::NoHistory(_) => ErrorCode::NotFound,
+            ApiError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
         }
     }
 }
@@ -144,6 +152,7 @@ impl ResponseError for ApiError {
             ErrorCode::BadRequest | ErrorCode::InvalidTopic => StatusCode::BAD_REQUEST,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::TooManySubscriptions => StatusCode::BAD_REQUEST,
@@ -153,8 +162,15 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         let message = self.to_string();
         let mut response = HttpResponse::build(self.status_code());
-        if matches!(self, ApiError::Unauthorized(_)) {
-            response.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        match self {
+            ApiError::Unauthorized(_) => {
+                response
+                    .insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+            }
+            ApiError::MethodNotAllowed(allow) => {
+                response.insert_header((header::ALLOW, HeaderValue::from_static(allow)));
+            }
+            _ => {}
         }
         response.json(ErrorBody {
             error: self.code().as_str(),

@@ -3,7 +3,6 @@
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -12,7 +11,7 @@ use super::{ApiError, ErrorBody, authenticate};
 use crate::auth::Action;
 use crate::broker::Transport;
 use crate::event::Payload;
-use crate::protocol::{check_json_nesting, check_key};
+use crate::protocol::{BASE64_LENIENT, check_json_nesting, check_key};
 use crate::startup::AppState;
 use crate::store::NewEvent;
 use crate::topic::Topic;
@@ -70,7 +69,7 @@ pub(super) struct Published<'a> {
     post,
     path = "/api/v1/topics/{topic}/events",
     tag = "publish",
-    params(("topic" = String, Path, description = "An exact topic: dot-separated segments of [A-Za-z0-9_-], at most 255 bytes", pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 255), ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key on the same topic publish once", min_length = 1, max_length = 255)),
+    params(("topic" = String, Path, description = "An exact topic: dot-separated segments of [A-Za-z0-9_-], at most 255 bytes", pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 255), ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key on the same topic publish once", pattern = r"^[!-~]+$", min_length = 1, max_length = 255)),
     request_body(content(("application/json"), ("application/octet-stream")), description = "The event's data"),
     responses(
         (status = 201, description = "Committed and published", body = Published),
@@ -115,19 +114,56 @@ pub(super) async fn publish_one(
 }
 
 /// One item of a batch: `data` (JSON) or `data_b64` (binary).
-#[derive(Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct BatchItem {
+struct BatchItem {
     topic: String,
-    /// Any JSON value.
     #[serde(default, deserialize_with = "crate::protocol::present")]
-    #[schema(value_type = Option<Object>)]
     data: Option<Box<RawValue>>,
     /// Base64 bytes, for a binary payload.
     #[serde(default)]
     data_b64: Option<String>,
     /// Idempotency key of this event.
     #[serde(default)]
+    key: Option<String>,
+}
+
+/// How a batch item is documented: exactly one of `data` or `data_b64`.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // documentation only; requests parse into `BatchItem`
+pub(super) enum BatchItemDoc {
+    Json(JsonItemDoc),
+    Binary(BinaryItemDoc),
+}
+
+/// An event whose data is JSON.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub(super) struct JsonItemDoc {
+    #[schema(pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 255)]
+    topic: String,
+    /// Any JSON value (`null` included).
+    #[schema(value_type = Value)]
+    data: (),
+    #[schema(pattern = r"^[!-~]+$", min_length = 1, max_length = 255)]
+    key: Option<String>,
+}
+
+/// An event whose data is bytes.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub(super) struct BinaryItemDoc {
+    #[schema(pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 255)]
+    topic: String,
+    /// Base64 (padding optional).
+    #[schema(
+        pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2,3})?$"
+    )]
+    data_b64: String,
+    #[schema(pattern = r"^[!-~]+$", min_length = 1, max_length = 255)]
     key: Option<String>,
 }
 
@@ -142,7 +178,7 @@ pub(super) struct BatchPublished {
     post,
     path = "/api/v1/events",
     tag = "publish",
-    request_body(content = Vec<BatchItem>, content_type = "application/json"),
+    request_body(content = Vec<BatchItemDoc>, content_type = "application/json"),
     responses(
         (status = 201, description = "Every event committed and published", body = BatchPublished),
         (status = 400, description = "Bad body or invalid topic", body = ErrorBody),
@@ -166,9 +202,6 @@ pub(super) async fn publish_batch(
             "body must be a JSON array of {{\"topic\", \"data\" | \"data_b64\"}}: {e}"
         ))
     })?;
-    if items.is_empty() {
-        return Err(ApiError::BadRequest("batch is empty".into()));
-    }
     if items.len() > limits.max_batch_events {
         return Err(ApiError::BadRequest(format!(
             "batch has {} events; the limit is {} (limits.max_batch_events)",
@@ -188,7 +221,7 @@ pub(super) async fn publish_batch(
                 Payload::Json(data)
             }
             (None, Some(b64)) => Payload::Binary(Bytes::from(
-                BASE64
+                BASE64_LENIENT
                     .decode(b64.as_bytes())
                     .map_err(|e| at(format!("`data_b64` is not base64: {e}")))?,
             )),

@@ -9,8 +9,8 @@ const PAGE: &str = include_str!("../ui/index.html");
 const CLIENT: &str = include_str!("../../clients/js/herald.js");
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/", web::get().to(page))
-        .route("/herald.js", web::get().to(client));
+    cfg.service(super::resource("/", "GET").route(web::get().to(page)))
+        .service(super::resource("/herald.js", "GET").route(web::get().to(client)));
 }
 
 async fn page() -> HttpResponse {

@@ -18,7 +18,7 @@ use crate::startup::AppState;
 use crate::telemetry::names;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/ws", web::get().to(handshake));
+    cfg.service(crate::http::resource("/ws", "GET").route(web::get().to(handshake)));
 }
 
 #[derive(Deserialize)]

@@ -106,7 +106,6 @@ async fn malformed_batches_are_400() {
     let node = spawn_node_with(|s| s.limits.max_batch_events = 2).await;
     let bodies = [
         json!({"topic": "chat.a", "data": 1}),
-        json!([]),
         json!([{"topic": "chat.a"}]),
         json!([{"topic": "chat.a", "data": 1, "data_b64": "AQ=="}]),
         json!([{"topic": "chat.a", "data_b64": "%%%"}]),
@@ -209,8 +208,33 @@ async fn publish_errors_have_the_documented_status_and_code() {
 }
 
 #[tokio::test]
-async fn unknown_routes_are_404_json() {
+async fn unknown_routes_are_404_and_unknown_methods_405_json() {
     let node = spawn_node().await;
     let response = node.http.get(node.url("/nope")).send().await.unwrap();
     assert_error(response, 404, "not_found").await;
+    let response = node
+        .http
+        .delete(node.url("/api/v1/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 405, "method_not_allowed").await;
+}
+
+#[tokio::test]
+async fn an_empty_batch_publishes_nothing() {
+    let node = spawn_node().await;
+    let response = node
+        .http
+        .post(node.url("/api/v1/events"))
+        .bearer_auth(publisher())
+        .json(&json!([]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"offsets": []})
+    );
 }
