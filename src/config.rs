@@ -56,7 +56,18 @@ pub struct Settings {
     pub topics: Vec<TopicRule>,
     pub ui: UiSettings,
     pub log: LogSettings,
+    /// Every field is optional, hence a default section.
+    #[serde(default)]
+    pub metrics: MetricsSettings,
     pub dev: DevSettings,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Serve `/metrics` on this address only (e.g. a private interface)
+    /// instead of on `server.bind`.
+    pub bind: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -265,6 +276,7 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.bind_addr()?;
+        self.metrics_addr()?;
         for origin in &self.server.allowed_origins {
             if !(origin.starts_with("http://") || origin.starts_with("https://"))
                 || origin.ends_with('/')
@@ -373,6 +385,19 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// The separate metrics address, when one is set.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        self.metrics
+            .bind
+            .as_deref()
+            .map(|bind| {
+                bind.parse().map_err(|e| {
+                    ConfigError::invalid("metrics.bind", "HERALD__METRICS__BIND", format!("{e}"))
+                })
+            })
+            .transpose()
     }
 
     pub fn bind_addr(&self) -> Result<SocketAddr, ConfigError> {

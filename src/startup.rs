@@ -56,6 +56,8 @@ pub struct Application {
     addr: SocketAddr,
     shutdown: CancellationToken,
     state: web::Data<AppState>,
+    /// The `/metrics` server on `metrics.bind`, when set.
+    metrics_server: Option<(Server, SocketAddr)>,
 }
 
 impl Application {
@@ -95,6 +97,9 @@ impl Application {
                     if state.settings.ui.enabled {
                         http::ui::routes(cfg);
                     }
+                    if state.settings.metrics.bind.is_none() {
+                        http::metrics_route(cfg);
+                    }
                 })
                 .default_service(web::to(http::not_found))
         })
@@ -106,12 +111,39 @@ impl Application {
         .listen(listener)
         .map_err(|source| StartError::Bind { addr, source })?
         .run();
+        let metrics_server = match state_handle.settings.metrics_addr()? {
+            None => None,
+            Some(addr) => {
+                let listener =
+                    TcpListener::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+                let local = listener
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let server = HttpServer::new(|| {
+                    App::new()
+                        .configure(http::metrics_route)
+                        .default_service(web::to(http::not_found))
+                })
+                .workers(1)
+                .disable_signals()
+                .listen(listener)
+                .map_err(|source| StartError::Bind { addr, source })?
+                .run();
+                Some((server, local))
+            }
+        };
         Ok(Application {
             server,
             addr,
             shutdown,
             state: state_handle,
+            metrics_server,
         })
+    }
+
+    /// Where `/metrics` is served when `metrics.bind` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_server.as_ref().map(|(_, addr)| *addr)
     }
 
     /// The address the node actually listens on.
@@ -125,22 +157,40 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let handle = self.server.handle();
-        let mut server = std::pin::pin!(self.server);
+        // The metrics server lives exactly as long as the node.
+        let metrics = self.metrics_server.map(|(server, _)| {
+            let handle = server.handle();
+            (handle, tokio::spawn(server))
+        });
+        let result = Self::serve(self.server, self.shutdown, self.state).await;
+        if let Some((handle, task)) = metrics {
+            handle.stop(true).await;
+            let _ = task.await;
+        }
+        result
+    }
+
+    async fn serve(
+        server: Server,
+        shutdown: CancellationToken,
+        state: web::Data<AppState>,
+    ) -> std::io::Result<()> {
+        let handle = server.handle();
+        let mut server = std::pin::pin!(server);
         tokio::select! {
             result = &mut server => {
                 // The server stopped on its own: stop everything else too.
-                self.shutdown.cancel();
-                self.state.broker.stopped().await;
+                shutdown.cancel();
+                state.broker.stopped().await;
                 return result;
             }
             _ = shutdown_signal() => tracing::info!("shutdown signal received"),
-            _ = self.shutdown.cancelled() => tracing::info!("shutdown requested"),
+            _ = shutdown.cancelled() => tracing::info!("shutdown requested"),
         }
         // Connections close with 1001 on this; then the server drains.
-        self.shutdown.cancel();
+        shutdown.cancel();
         let (_, result) = tokio::join!(handle.stop(true), server);
-        self.state.broker.stopped().await;
+        state.broker.stopped().await;
         result
     }
 }

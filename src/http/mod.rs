@@ -24,7 +24,6 @@ use crate::topic::{Topic, TopicError};
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/healthz", "GET").route(web::get().to(healthz)))
         .service(resource("/readyz", "GET").route(web::get().to(readyz)))
-        .service(resource("/metrics", "GET").route(web::get().to(metrics)))
         .service(resource("/api/v1/openapi.json", "GET").route(web::get().to(openapi::document)))
         .service(
             resource("/api/v1/topics/{topic}/events", "GET, POST")
@@ -69,6 +68,11 @@ async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
             "the relay (Redis) is not connected".into(),
         )))
     }
+}
+
+/// `GET /metrics`, on the main address or on `metrics.bind`.
+pub fn metrics_route(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/metrics", "GET").route(web::get().to(metrics)));
 }
 
 /// Prometheus text exposition of the process's metrics.

@@ -173,3 +173,21 @@ async fn the_openapi_document_describes_every_http_endpoint() {
         "bearer"
     );
 }
+
+#[tokio::test]
+async fn metrics_can_move_to_their_own_address() {
+    let port = crate::helpers::free_port();
+    let node =
+        crate::helpers::spawn_node_with(|s| s.metrics.bind = Some(format!("127.0.0.1:{port}")))
+            .await;
+    let main = node.http.get(node.url("/metrics")).send().await.unwrap();
+    assert_eq!(main.status(), 404);
+    let own = node
+        .http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200);
+    assert!(own.text().await.unwrap().contains("herald_"));
+}
