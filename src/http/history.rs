@@ -43,7 +43,7 @@ pub(super) struct History<'a> {
     path = "/api/v1/topics/{topic}/events",
     tag = "history",
     params(
-        ("topic" = String, Path, description = "An exact topic: dot-separated segments of [A-Za-z0-9_-], at most 255 bytes", pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 255),
+        super::TopicPath,
         ("since" = Option<u64>, Query, description = "Return events after this offset (default 0)", maximum = 9223372036854775807_u64),
         ("limit" = Option<u64>, Query, description = "At most this many events (1-1000, default 100)", minimum = 1, maximum = 1000),
         ("epoch" = Option<String>, Query, description = "The epoch `since` belongs to", max_length = 64),

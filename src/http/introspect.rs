@@ -91,7 +91,7 @@ pub(super) struct TopicInfo<'a> {
     get,
     path = "/api/v1/topics/{topic}",
     tag = "operations",
-    params(("topic" = String, Path, description = "An exact topic: dot-separated segments of [A-Za-z0-9_-], at most 255 bytes", pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 255)),
+    params(super::TopicPath),
     responses(
         (status = 200, description = "The topic", body = TopicInfo),
         (status = 400, description = "Bad body or invalid topic", body = ErrorBody),

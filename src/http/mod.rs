@@ -135,6 +135,16 @@ impl ApiError {
     }
 }
 
+/// The `{topic}` path parameter, documented once for every route.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // documentation only; handlers take `web::Path<String>`
+pub(crate) struct TopicPath {
+    /// An exact topic: dot-separated segments of [A-Za-z0-9_-], at most 255 bytes.
+    #[param(pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 255)]
+    topic: String,
+}
+
 /// Every error reply: a code (see docs/protocol.md) and a message.
 #[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct ErrorBody<'a> {

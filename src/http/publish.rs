@@ -69,7 +69,7 @@ pub(super) struct Published<'a> {
     post,
     path = "/api/v1/topics/{topic}/events",
     tag = "publish",
-    params(("topic" = String, Path, description = "An exact topic: dot-separated segments of [A-Za-z0-9_-], at most 255 bytes", pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", max_length = 255), ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key on the same topic publish once", pattern = r"^[!-~]+$", min_length = 1, max_length = 255)),
+    params(super::TopicPath, ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key on the same topic publish once", pattern = r"^[!-~]+$", min_length = 1, max_length = 255)),
     request_body(content(("application/json"), ("application/octet-stream")), description = "The event's data"),
     responses(
         (status = 201, description = "Committed and published", body = Published),
