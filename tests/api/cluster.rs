@@ -76,24 +76,7 @@ async fn concurrent_publishers_on_three_nodes_give_unique_increasing_offsets_del
     let mut publishers = Vec::new();
     for node in &nodes {
         for _ in 0..PUBLISHERS_PER_NODE {
-            let http = node.http.clone();
-            let url = node.url("/api/v1/topics/orders/events");
-            publishers.push(tokio::spawn(async move {
-                let mut offsets = Vec::new();
-                for i in 0..PER_PUBLISHER {
-                    let response = http
-                        .post(&url)
-                        .bearer_auth(publisher())
-                        .json(&json!({"i": i}))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(response.status(), 201);
-                    let body: serde_json::Value = response.json().await.unwrap();
-                    offsets.push(body["offset"].as_u64().unwrap());
-                }
-                offsets
-            }));
+            publishers.push(node.spawn_publisher("orders", PER_PUBLISHER));
         }
     }
     let mut acknowledged = HashSet::new();

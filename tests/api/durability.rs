@@ -443,29 +443,9 @@ async fn concurrent_publishers_get_gap_free_unique_offsets_on_both_backends() {
     for (backend, node, _db) in on_each_backend(|_| {}).await {
         let mut ws = node.connect(&subscriber()).await;
         ws.subscribe("orders").await;
-        let mut tasks = Vec::new();
-        for _ in 0..PUBLISHERS {
-            let (http, url) = (node.http.clone(), node.url("/api/v1/topics/orders/events"));
-            tasks.push(tokio::spawn(async move {
-                let mut offsets = Vec::new();
-                for i in 0..EACH {
-                    let response = http
-                        .post(&url)
-                        .bearer_auth(publisher())
-                        .json(&json!(i))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(response.status(), 201);
-                    offsets.push(
-                        response.json::<Value>().await.unwrap()["offset"]
-                            .as_u64()
-                            .unwrap(),
-                    );
-                }
-                offsets
-            }));
-        }
+        let tasks: Vec<_> = (0..PUBLISHERS)
+            .map(|_| node.spawn_publisher("orders", EACH))
+            .collect();
         let mut all = Vec::new();
         for task in tasks {
             all.extend(task.await.unwrap());

@@ -205,6 +205,32 @@ impl TestNode {
             .unwrap()
     }
 
+    /// A task that publishes `count` events to `topic` over HTTP, one after
+    /// the other, each answered 201; it returns their offsets in order.
+    pub fn spawn_publisher(&self, topic: &str, count: u64) -> tokio::task::JoinHandle<Vec<u64>> {
+        let (http, url) = (
+            self.http.clone(),
+            self.url(&format!("/api/v1/topics/{topic}/events")),
+        );
+        let token = token("pub", &[], &[">"]);
+        tokio::spawn(async move {
+            let mut offsets = Vec::with_capacity(count as usize);
+            for i in 0..count {
+                let response = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&json!(i))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 201);
+                let body: Value = response.json().await.unwrap();
+                offsets.push(body["offset"].as_u64().unwrap());
+            }
+            offsets
+        })
+    }
+
     /// Publishes and asserts success; returns the offset.
     pub async fn publish_ok(&self, token: &str, topic: &str, data: &Value) -> u64 {
         let response = self.publish(token, topic, data).await;
