@@ -38,8 +38,19 @@ pub mod close {
 
     /// Every close code a node sends (docs/protocol.md lists each; a test
     /// checks): normal (echoed), going away, protocol error, invalid UTF-8,
-    /// policy, too big, try again later, token expired.
-    pub const SENT: &[u16] = &[1000, 1001, 1002, 1007, 1008, 1009, 1013, TOKEN_EXPIRED];
+    /// policy, too big, internal error (replay failed), try again later,
+    /// token expired.
+    pub const SENT: &[u16] = &[
+        1000,
+        1001,
+        1002,
+        1007,
+        1008,
+        1009,
+        1011,
+        1013,
+        TOKEN_EXPIRED,
+    ];
 }
 
 /// How frames are encoded on one connection.

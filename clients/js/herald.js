@@ -214,10 +214,16 @@ export class Herald {
     clearTimeout(this._refreshTimer);
     const exp = tokenExpiry(token);
     if (exp === undefined) return;
-    const wait = Math.max(0, exp * 1000 - Date.now() - this._refreshBefore);
+    // setTimeout fires at once past 2^31-1 ms (about 24.8 days).
+    const wait = Math.min(Math.max(0, exp * 1000 - Date.now() - this._refreshBefore), 2 ** 31 - 1);
     this._refreshTimer = setTimeout(async () => {
       try {
         const fresh = await this._getToken();
+        const freshExp = tokenExpiry(fresh);
+        // The same (or an older) token again: nothing to refresh, and
+        // rescheduling would spin. The node closes with 4001 at expiry and
+        // the reconnect asks getToken again.
+        if (freshExp === undefined || freshExp <= exp) return;
         await this._request({ op: "refresh", token: fresh });
         this._scheduleRefresh(fresh);
       } catch (e) {
@@ -233,25 +239,31 @@ export class Herald {
       frame.since = entry.last;
       if (entry.epoch !== undefined) frame.epoch = entry.epoch;
     }
-    this._request(frame)
-      .then((reply) => {
-        // Runs before the replayed events that follow the reply.
-        if (this._topics.get(topic) !== entry) return;
-        if (reply.truncated) this._emit("truncated", { topic, epoch: reply.epoch });
-        if (reply.epoch === undefined) return; // a topic without history
-        entry.epoch = reply.epoch;
-        if (!resuming) entry.last = reply.offset; // live from the head on
-        else if (reply.truncated) entry.last = 0; // replay restarts at the oldest retained event
-      })
-      .catch((e) => {
-        if (e.code !== "disconnected") this._emit("error", e);
-      });
+    // Applied synchronously when the reply is read, before the replayed
+    // events that follow it in the same read (a promise callback could run
+    // after them).
+    const onReply = (reply) => {
+      if (this._topics.get(topic) !== entry || reply.op !== "subscribed") return;
+      if (reply.truncated) this._emit("truncated", { topic, epoch: reply.epoch });
+      if (reply.epoch === undefined) {
+        // No history: offsets are not comparable across reconnects.
+        entry.last = undefined;
+        entry.epoch = undefined;
+        return;
+      }
+      entry.epoch = reply.epoch;
+      if (!resuming) entry.last = reply.offset; // live from the head on
+      else if (reply.truncated) entry.last = 0; // replay restarts at the oldest retained event
+    };
+    this._request(frame, { onReply }).catch((e) => {
+      if (e.code !== "disconnected") this._emit("error", e);
+    });
   }
 
-  _request(frame, { resend = false } = {}) {
+  _request(frame, { resend = false, onReply } = {}) {
     return new Promise((resolve, reject) => {
       const id = this._nextId++;
-      this._pending.set(id, { resolve, reject, frame, resend });
+      this._pending.set(id, { resolve, reject, frame, resend, onReply });
       if (this._state === "open") this._socket.send(JSON.stringify({ ...frame, id }));
     });
   }
@@ -267,8 +279,12 @@ export class Herald {
     if (frame.id !== undefined && this._pending.has(frame.id)) {
       const pending = this._pending.get(frame.id);
       this._pending.delete(frame.id);
-      if (frame.op === "error") pending.reject(new HeraldError(frame.code, frame.message));
-      else pending.resolve(frame);
+      if (frame.op === "error") {
+        pending.reject(new HeraldError(frame.code, frame.message));
+      } else {
+        pending.onReply?.(frame);
+        pending.resolve(frame);
+      }
       return;
     }
     if (frame.op === "error") {

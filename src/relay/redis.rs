@@ -332,7 +332,7 @@ impl Subscriber {
         let wanted = self.shared.hub.topics();
         if !wanted.is_empty() {
             let channels: Vec<String> = wanted.iter().map(|t| self.names.channel(t)).collect();
-            if sink.subscribe(channels).await.is_err() {
+            if confirmed(sink.subscribe(channels)).await.is_err() {
                 return Ended::Lost;
             }
             subscribed.extend(wanted);
@@ -402,13 +402,25 @@ async fn reconcile(
 ) -> redis::RedisResult<()> {
     let wanted = hub.has_subscribers(topic);
     if wanted && !subscribed.contains(topic) {
-        sink.subscribe(names.channel(topic)).await?;
+        confirmed(sink.subscribe(names.channel(topic))).await?;
         subscribed.insert(topic.clone());
     } else if !wanted && subscribed.contains(topic) {
-        sink.unsubscribe(names.channel(topic)).await?;
+        confirmed(sink.unsubscribe(names.channel(topic))).await?;
         subscribed.remove(topic);
     }
     Ok(())
+}
+
+/// A (UN)SUBSCRIBE confirmation within [`RESPONSE_TIMEOUT`]; a half-open
+/// connection must not hold the task (and every waiting subscriber).
+async fn confirmed(
+    command: impl std::future::Future<Output = redis::RedisResult<()>>,
+) -> redis::RedisResult<()> {
+    tokio::time::timeout(RESPONSE_TIMEOUT, command)
+        .await
+        .map_err(|_| {
+            redis::RedisError::from((redis::ErrorKind::Io, "no confirmation from Redis"))
+        })?
 }
 
 fn acknowledge(change: Interest) {

@@ -30,6 +30,10 @@ use crate::topic::Topic;
 /// (1008): one burst is a mistake, a stream of them abuse.
 const RATE_LIMIT_STRIKES: u32 = 20;
 
+/// Longest a connection's token is taken to live (ten years); `exp` beyond
+/// it is treated as this.
+const MAX_TOKEN_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
+
 /// Events read from the store per query while replaying.
 const REPLAY_PAGE: u64 = 500;
 
@@ -78,6 +82,7 @@ pub(super) fn spawn(
         overflowed,
         subscriptions: HashSet::new(),
         delivered: HashMap::new(),
+        close_with: None,
     };
     // The message stream is not `Send`, so the session runs on this worker's
     // local executor; it ends when the client leaves or the node shuts down.
@@ -101,6 +106,8 @@ struct Connection {
     /// Last offset sent, per subscribed topic with history: events at or
     /// below it (already replayed) are not sent again.
     delivered: HashMap<Topic, u64>,
+    /// Why to close, when a handler ends the connection on purpose.
+    close_with: Option<CloseReason>,
 }
 
 impl Connection {
@@ -298,13 +305,16 @@ impl Connection {
         }
         // Registered before the head is read: every event after the head
         // arrives live, every one up to it can be replayed.
-        self.subscriptions.insert(topic.clone());
+        let new = self.subscriptions.insert(topic.clone());
         let head = match self.state.broker.subscribe(&topic, &self.mailbox).await {
             Ok(head) => head,
             Err(e) => {
                 tracing::warn!(%topic, error = %e, "subscribe failed");
-                self.subscriptions.remove(&topic);
-                self.state.broker.unsubscribe(&topic, self.mailbox.id).await;
+                // A repeated subscribe keeps the subscription it already had.
+                if new {
+                    self.subscriptions.remove(&topic);
+                    self.state.broker.unsubscribe(&topic, self.mailbox.id).await;
+                }
                 return self
                     .error(
                         id,
@@ -349,14 +359,15 @@ impl Connection {
             {
                 Ok(page) => page,
                 Err(e) => {
+                    // Live events would now go out with a hole before
+                    // them: close instead, and the client resumes with the
+                    // last offset it really got.
                     tracing::warn!(%topic, error = %e, "replay failed");
-                    return self
-                        .error(
-                            id,
-                            ErrorCode::Unavailable,
-                            "replay failed: the event store is unavailable; resubscribe with since",
-                        )
-                        .await;
+                    self.close_with = Some(reason(
+                        CloseCode::Error,
+                        "replay failed: event store unavailable; reconnect and resume",
+                    ));
+                    return Err(Gone);
                 }
             };
             let Some(newest) = page.last().map(|e| e.offset) else {
@@ -463,8 +474,10 @@ impl Connection {
 
     /// The close frame owed after a write was cut short; none when the client
     /// simply went away.
-    fn abort_reason(&self) -> Option<CloseReason> {
-        if self.state.shutdown.is_cancelled() {
+    fn abort_reason(&mut self) -> Option<CloseReason> {
+        if let Some(close) = self.close_with.take() {
+            Some(close)
+        } else if self.state.shutdown.is_cancelled() {
             Some(going_away())
         } else if self.overflowed.is_cancelled() {
             Some(slow_consumer())
@@ -484,7 +497,11 @@ fn slow_consumer() -> CloseReason {
 
 /// When a token with `exp` (Unix seconds) expires, on the runtime's clock.
 fn expiry_instant(exp: u64) -> tokio::time::Instant {
-    let left = Duration::from_secs(exp.saturating_sub(unix_now_secs()));
+    // Capped: an issuer's far-future `exp` must not overflow the clock.
+    let left = Duration::from_secs(
+        exp.saturating_sub(unix_now_secs())
+            .min(MAX_TOKEN_LIFETIME_SECS),
+    );
     tokio::time::Instant::now() + left
 }
 
