@@ -14,7 +14,8 @@ examples=${SCHEMATHESIS_MAX_EXAMPLES:-50}
 dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
-(cd "$dir" && HERALD__SERVER__BIND="127.0.0.1:$port" RUST_LOG=warn "$bin" serve --dev >/dev/null 2>"$dir/node.log") &
+# exec: $! is then the node itself, so the trap stops it (not just a subshell).
+(cd "$dir" && HERALD__SERVER__BIND="127.0.0.1:$port" RUST_LOG=warn exec "$bin" serve --dev >/dev/null 2>"$dir/node.log") &
 node=$!
 trap 'kill "$node" 2>/dev/null || true; wait "$node" 2>/dev/null || true; rm -rf "$dir"' EXIT
 
