@@ -15,6 +15,7 @@
 
 pub mod retention;
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::str::FromStr;
 
@@ -30,6 +31,9 @@ use crate::topic::Topic;
 
 /// Connections in the pool of one node.
 const POOL_SIZE: u32 = 8;
+/// Rows per `INSERT` of a batch (6 bound parameters each: well under
+/// SQLite's and PostgreSQL's limits).
+const INSERT_CHUNK: usize = 500;
 /// How many times a batch is retried when a concurrent publish with the same
 /// idempotency key won the race.
 const IDEMPOTENCY_RETRIES: usize = 3;
@@ -187,60 +191,98 @@ impl Store {
 
     async fn try_append(&self, events: &[NewEvent], ts: u64) -> Result<Vec<Appended>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let mut appended = Vec::with_capacity(events.len());
-        for event in events {
+        // Idempotency first: an event whose key is already in the log (or
+        // earlier in this batch) is a duplicate and takes no offset.
+        let mut outcome: Vec<Option<Appended>> = vec![None; events.len()];
+        let mut first_with_key: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut alias: Vec<Option<usize>> = vec![None; events.len()];
+        for (i, event) in events.iter().enumerate() {
+            let Some(key) = &event.key else { continue };
             let topic = event.topic.as_str();
-            if let Some(key) = &event.key {
-                let existing =
-                    sqlx::query("SELECT seq FROM herald_events WHERE topic = $1 AND idem_key = $2")
-                        .bind(topic)
-                        .bind(key.as_str())
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                if let Some(row) = existing {
-                    appended.push(Appended {
-                        offset: row.try_get::<i64, _>(0)? as u64,
-                        duplicate: true,
-                    });
-                    continue;
-                }
+            if let Some(&first) = first_with_key.get(&(topic, key.as_str())) {
+                alias[i] = Some(first);
+                continue;
             }
-            // Creates the topic's log on its first event, else takes the
-            // row lock that serializes this topic's publishers.
+            first_with_key.insert((topic, key.as_str()), i);
+            let existing =
+                sqlx::query("SELECT seq FROM herald_events WHERE topic = $1 AND idem_key = $2")
+                    .bind(topic)
+                    .bind(key.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(row) = existing {
+                outcome[i] = Some(Appended {
+                    offset: row.try_get::<i64, _>(0)? as u64,
+                    duplicate: true,
+                });
+            }
+        }
+        // New events per topic, in the batch's order.
+        let mut per_topic: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, event) in events.iter().enumerate() {
+            if outcome[i].is_none() && alias[i].is_none() {
+                per_topic.entry(event.topic.as_str()).or_default().push(i);
+            }
+        }
+        // One row lock per topic, taken in topic order so that concurrent
+        // batches over the same topics cannot deadlock. The upsert creates
+        // the topic's log on its first events and reserves their offsets.
+        for (topic, indexes) in &per_topic {
+            let n = indexes.len() as i64;
             let row = sqlx::query(
-                "INSERT INTO herald_topics (topic, epoch, last_seq, created_ms) VALUES ($1, $2, 1, $3) \
-                 ON CONFLICT (topic) DO UPDATE SET last_seq = herald_topics.last_seq + 1 \
+                "INSERT INTO herald_topics (topic, epoch, last_seq, created_ms) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (topic) DO UPDATE SET last_seq = herald_topics.last_seq + $3 \
                  RETURNING last_seq",
             )
-            .bind(topic)
+            .bind(*topic)
             .bind(new_epoch())
+            .bind(n)
             .bind(ts as i64)
             .fetch_one(&mut *tx)
             .await?;
-            let offset: i64 = row.try_get(0)?;
-            let (is_binary, body): (i64, &[u8]) = match &event.payload {
-                Payload::Json(raw) => (0, raw.get().as_bytes()),
-                Payload::Binary(bytes) => (1, bytes),
-            };
-            sqlx::query(
-                "INSERT INTO herald_events (topic, seq, ts, is_binary, payload, idem_key) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(topic)
-            .bind(offset)
-            .bind(ts as i64)
-            .bind(is_binary)
-            .bind(body.to_vec())
-            .bind(event.key.clone())
-            .execute(&mut *tx)
-            .await?;
-            appended.push(Appended {
-                offset: offset as u64,
-                duplicate: false,
-            });
+            let last: i64 = row.try_get(0)?;
+            for (k, &i) in indexes.iter().enumerate() {
+                outcome[i] = Some(Appended {
+                    offset: (last - n + 1 + k as i64) as u64,
+                    duplicate: false,
+                });
+            }
+        }
+        let new: Vec<(usize, &NewEvent)> = events
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| alias[*i].is_none() && outcome[*i].is_some_and(|a| !a.duplicate))
+            .collect();
+        for chunk in new.chunks(INSERT_CHUNK) {
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(insert_events_sql(chunk.len())));
+            for &(i, event) in chunk {
+                let offset = outcome[i].expect("assigned above").offset;
+                let (is_binary, body): (i64, &[u8]) = match &event.payload {
+                    Payload::Json(raw) => (0, raw.get().as_bytes()),
+                    Payload::Binary(bytes) => (1, bytes),
+                };
+                query = query
+                    .bind(event.topic.as_str())
+                    .bind(offset as i64)
+                    .bind(ts as i64)
+                    .bind(is_binary)
+                    .bind(body.to_vec())
+                    .bind(event.key.clone());
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        Ok(appended)
+        Ok(outcome
+            .iter()
+            .zip(&alias)
+            .map(|(own, alias)| match alias {
+                Some(first) => Appended {
+                    offset: outcome[*first].expect("assigned").offset,
+                    duplicate: true,
+                },
+                None => own.expect("every event is a duplicate or assigned"),
+            })
+            .collect())
     }
 
     /// The topic's epoch, last offset and oldest retained offset, creating
@@ -359,6 +401,30 @@ fn decode_event(topic: &Topic, row: &AnyRow) -> Result<Event, StoreError> {
 }
 
 /// A fresh epoch: 128 random bits, hex.
+/// `INSERT INTO herald_events ... VALUES ($1, ..., $6), ...` for `rows`
+/// rows: only numbered placeholders, every value is bound.
+fn insert_events_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO herald_events (topic, seq, ts, is_binary, payload, idem_key) VALUES ",
+    );
+    for row in 0..rows {
+        let p = row * 6;
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "(${}, ${}, ${}, ${}, ${}, ${})",
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4,
+            p + 5,
+            p + 6
+        ));
+    }
+    sql
+}
+
 fn new_epoch() -> String {
     rand::random::<[u8; 16]>()
         .iter()
