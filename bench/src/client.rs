@@ -1,0 +1,169 @@
+//! What a subscriber and a publisher do, per system: open a WebSocket,
+//! subscribe to a topic, recognise an event and read its two measured
+//! fields, and publish over HTTP.
+//!
+//! Every event the harness publishes carries `{"i":SEQ,"t":NANOS}`: its
+//! sequence number and its scheduled send time in nanoseconds since the
+//! run's start, so the receiver reads latency and order from the frame
+//! without parsing the rest of it.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use crate::nodes::{SECRET, System};
+use crate::wire::{Ws, field};
+
+/// The run's time origin, shared by publishers and subscribers.
+pub fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+pub fn now_nanos() -> u64 {
+    base().elapsed().as_nanos() as u64
+}
+
+/// A token granting subscribe and publish on `bench.>`, valid for a day.
+pub fn token() -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+        + 86_400;
+    let claims = serde_json::json!({
+        "sub": "bench",
+        "exp": exp,
+        "topics": ["bench.>"],
+        "publish": ["bench.>"],
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("HS256 signing cannot fail")
+}
+
+/// A connected, authenticated subscriber.
+pub struct Subscriber {
+    pub ws: Ws,
+    system: System,
+}
+
+/// One received event: its sequence number and its latency in microseconds.
+pub struct Received {
+    pub seq: u64,
+    pub latency_us: u64,
+}
+
+impl Subscriber {
+    pub async fn connect(
+        system: System,
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        token: &str,
+    ) -> io::Result<Subscriber> {
+        let ws = match system {
+            System::Herald => {
+                let path = format!("/ws?token={token}");
+                Ws::connect(addr, source, &path, Some("herald.json")).await?
+            }
+            System::Echo => Ws::connect(addr, source, "/ws", None).await?,
+            System::SocketIo => {
+                let path = "/socket.io/?EIO=4&transport=websocket";
+                let mut ws = Ws::connect(addr, source, path, None).await?;
+                // Engine.IO open packet, then the Socket.IO CONNECT.
+                expect_prefix(ws.next_data().await?, b"0{")?;
+                ws.send_text(&format!(r#"40{{"token":"{token}"}}"#)).await?;
+                expect_prefix(ws.next_data().await?, b"40")?;
+                ws
+            }
+        };
+        Ok(Subscriber { ws, system })
+    }
+
+    /// Subscribes to `topic` and waits for the acknowledgement.
+    pub async fn subscribe(&mut self, topic: &str) -> io::Result<()> {
+        match self.system {
+            System::Herald => {
+                let op = format!(r#"{{"op":"subscribe","id":1,"topic":"{topic}"}}"#);
+                self.ws.send_text(&op).await?;
+                let reply = self.ws.next_data().await?;
+                if memchr::memmem::find(reply, br#""op":"subscribed""#).is_none() {
+                    return Err(refused(reply));
+                }
+            }
+            System::SocketIo => {
+                self.ws
+                    .send_text(&format!(r#"420["subscribe","{topic}"]"#))
+                    .await?;
+                loop {
+                    let reply = self.ws.next_data().await?;
+                    if reply == b"2" {
+                        self.ws.send_text("3").await?;
+                        continue;
+                    }
+                    if reply != b"430[true]" {
+                        return Err(refused(reply));
+                    }
+                    break;
+                }
+            }
+            System::Echo => {}
+        }
+        Ok(())
+    }
+
+    /// The next event; other frames are skipped (and Engine.IO pings
+    /// answered).
+    pub async fn next_event(&mut self) -> io::Result<Received> {
+        loop {
+            let frame = self.ws.next_data().await?;
+            if let (Some(seq), Some(sent)) = (field(frame, br#""i":"#), field(frame, br#""t":"#)) {
+                let latency_us = now_nanos().saturating_sub(sent) / 1000;
+                return Ok(Received { seq, latency_us });
+            }
+            if self.system == System::SocketIo && frame == b"2" {
+                self.ws.send_text("3").await?;
+            }
+        }
+    }
+
+    /// Keeps the connection alive (answering pings) until it closes.
+    pub async fn idle(&mut self) -> io::Result<()> {
+        loop {
+            let frame = self.ws.next_data().await?;
+            if self.system == System::SocketIo && frame == b"2" {
+                self.ws.send_text("3").await?;
+            }
+        }
+    }
+}
+
+fn expect_prefix(frame: &[u8], prefix: &[u8]) -> io::Result<()> {
+    if frame.starts_with(prefix) {
+        Ok(())
+    } else {
+        Err(refused(frame))
+    }
+}
+
+fn refused(frame: &[u8]) -> io::Error {
+    let shown = &frame[..frame.len().min(200)];
+    io::Error::other(format!(
+        "unexpected frame: {}",
+        String::from_utf8_lossy(shown)
+    ))
+}
+
+/// The HTTP path every system publishes on.
+pub fn publish_path(topic: &str) -> String {
+    format!("/api/v1/topics/{topic}/events")
+}
+
+/// The body of event `seq` scheduled at `nanos`.
+pub fn event_body(seq: u64, nanos: u64) -> Vec<u8> {
+    format!(r#"{{"i":{seq},"t":{nanos}}}"#).into_bytes()
+}

@@ -1,0 +1,399 @@
+//! `herald-bench`: Herald's benchmark harness. It starts the systems under
+//! test as local processes on loopback (Herald nodes with a private Redis
+//! and a PostgreSQL database made for the run, Socket.IO nodes with the
+//! Redis adapter, and its own echo floor), drives them with bounded loads,
+//! and prints one JSON line per scenario and system, then a table with
+//! Herald's figures as ratios to Socket.IO's. See docs/benchmarks.md.
+
+mod client;
+mod echo;
+mod http;
+mod nodes;
+mod report;
+mod scenario;
+mod wire;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::nodes::{Cluster, Paths, System};
+use crate::report::Report;
+use crate::scenario::{connections, fanout, latency, publish};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Herald's benchmark harness (loopback only, bounded loads)"
+)]
+struct Cli {
+    #[command(flatten)]
+    setup: Setup,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Setup {
+    /// The herald binary to run (default: `herald` beside this binary).
+    #[arg(long, global = true, env = "HERALD_BIN")]
+    herald_bin: Option<PathBuf>,
+    /// Folder of the Socket.IO node; `npm ci` runs there when its
+    /// node_modules is missing.
+    #[arg(long, global = true, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/socketio"))]
+    socketio_dir: PathBuf,
+    /// PostgreSQL server for Herald's event log; each run creates and drops
+    /// its own database there.
+    #[arg(
+        long,
+        global = true,
+        env = "HERALD_BENCH_POSTGRES",
+        default_value = "postgres://postgres@127.0.0.1:5432"
+    )]
+    postgres: String,
+    /// redis-server binary; each run starts a private one on a free port.
+    #[arg(long, global = true, default_value = "redis-server")]
+    redis_server: PathBuf,
+    /// Where the started processes write their logs.
+    #[arg(long, global = true, default_value = "target/herald-bench")]
+    work_dir: PathBuf,
+    /// Systems to measure, comma-separated: herald, socketio.
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        default_value = "herald,socketio"
+    )]
+    systems: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every scenario with the counts (several minutes).
+    All,
+    /// Every scenario with small counts: checks the harness works.
+    Smoke,
+    /// S subscribers over 2 nodes, one publisher at a fixed rate.
+    Fanout(FanoutArgs),
+    /// One subscriber on node B, publishes to node A, and the echo floor.
+    Latency(LatencyArgs),
+    /// C idle authenticated connections to one node.
+    Connections(ConnectionsArgs),
+    /// HTTP publish throughput with the PostgreSQL log (Herald only).
+    Publish(PublishArgs),
+    /// Internal: the do-nothing echo server the latency floor is measured on.
+    #[command(hide = true)]
+    Echo {
+        #[arg(long)]
+        bind: SocketAddr,
+    },
+}
+
+#[derive(Args, Clone)]
+struct FanoutArgs {
+    #[arg(long, default_value_t = 10_000)]
+    subscribers: usize,
+    /// Offered deliveries per second (events/s × subscribers).
+    #[arg(long, default_value_t = 50_000)]
+    rate: u64,
+    #[arg(long, default_value_t = 20.0)]
+    seconds: f64,
+    /// Also run at this offered rate, to measure sustained throughput under
+    /// overload (0: skip).
+    #[arg(long, default_value_t = 0)]
+    overload_rate: u64,
+}
+
+#[derive(Args, Clone)]
+struct LatencyArgs {
+    #[arg(long, default_value_t = 1000)]
+    events: u64,
+    /// Events per second.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+}
+
+#[derive(Args, Clone)]
+struct ConnectionsArgs {
+    #[arg(long, default_value_t = 15_000)]
+    connections: usize,
+}
+
+#[derive(Args, Clone)]
+struct PublishArgs {
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    #[arg(long, default_value_t = 16)]
+    topics: usize,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Command::Echo { bind } = cli.command {
+        return Ok(echo::run(bind)?);
+    }
+    client::base();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let paths = paths(&cli.setup)?;
+    let mut systems = Vec::new();
+    for name in &cli.setup.systems {
+        systems.push(match name.as_str() {
+            "herald" => System::Herald,
+            "socketio" => System::SocketIo,
+            other => bail!("--systems: unknown system {other:?} (herald, socketio)"),
+        });
+    }
+    if systems.contains(&System::SocketIo) {
+        prepare_socketio(&paths).await?;
+    }
+    raise_fd_limit();
+    let plan = match cli.command {
+        Command::All => Plan {
+            fanout: Some(FanoutArgs {
+                subscribers: 10_000,
+                rate: 50_000,
+                seconds: 20.0,
+                overload_rate: 200_000,
+            }),
+            latency: Some(LatencyArgs {
+                events: 1000,
+                rate: 100.0,
+            }),
+            connections: Some(ConnectionsArgs {
+                connections: 15_000,
+            }),
+            publish: Some(PublishArgs {
+                seconds: 10.0,
+                batch: 100,
+                connections: 32,
+                topics: 16,
+            }),
+        },
+        Command::Smoke => Plan {
+            fanout: Some(FanoutArgs {
+                subscribers: 50,
+                rate: 500,
+                seconds: 2.0,
+                overload_rate: 0,
+            }),
+            latency: Some(LatencyArgs {
+                events: 50,
+                rate: 100.0,
+            }),
+            connections: Some(ConnectionsArgs { connections: 100 }),
+            publish: Some(PublishArgs {
+                seconds: 1.0,
+                batch: 10,
+                connections: 4,
+                topics: 4,
+            }),
+        },
+        Command::Fanout(args) => Plan::only_fanout(args),
+        Command::Latency(args) => Plan {
+            latency: Some(args),
+            ..Plan::default()
+        },
+        Command::Connections(args) => Plan {
+            connections: Some(args),
+            ..Plan::default()
+        },
+        Command::Publish(args) => Plan {
+            publish: Some(args),
+            ..Plan::default()
+        },
+        Command::Echo { .. } => unreachable!("handled in main"),
+    };
+    let mut reports = Vec::new();
+    let mut add = |report: Report| {
+        println!("{}", report.json_line());
+        reports.push(report);
+    };
+
+    if let Some(args) = &plan.fanout {
+        let mut runs = vec![(
+            "fanout",
+            fanout::Options {
+                subscribers: args.subscribers,
+                rate: args.rate,
+                seconds: args.seconds,
+            },
+        )];
+        if args.overload_rate > 0 {
+            runs.push((
+                "fanout_overload",
+                fanout::Options {
+                    subscribers: args.subscribers,
+                    rate: args.overload_rate,
+                    seconds: args.seconds,
+                },
+            ));
+        }
+        for (name, options) in &runs {
+            for &system in &systems {
+                let cluster = Cluster::start(system, 2, true, &paths).await?;
+                let result = fanout::run(name, &cluster, options).await;
+                cluster.stop().await?;
+                add(or_error(name, system, result));
+            }
+        }
+    }
+    if let Some(args) = &plan.latency {
+        let options = latency::Options {
+            events: args.events,
+            rate: args.rate,
+        };
+        let floor = Cluster::start(System::Echo, 1, false, &paths).await?;
+        let result = latency::run(&floor, &options).await;
+        floor.stop().await?;
+        let floor = or_error("latency", System::Echo, result);
+        let floor_p = (floor.get("p50_ms"), floor.get("p99_ms"));
+        add(floor);
+        for &system in &systems {
+            let cluster = Cluster::start(system, 2, true, &paths).await?;
+            let result = latency::run(&cluster, &options).await;
+            cluster.stop().await?;
+            let mut report = or_error("latency", system, result);
+            if let (Some(f50), Some(f99), Some(p50), Some(p99)) = (
+                floor_p.0,
+                floor_p.1,
+                report.get("p50_ms"),
+                report.get("p99_ms"),
+            ) {
+                report.set("p50_above_floor_ms", p50 - f50);
+                report.set("p99_above_floor_ms", p99 - f99);
+            }
+            add(report);
+        }
+    }
+    if let Some(args) = &plan.connections {
+        let options = connections::Options {
+            connections: args.connections,
+        };
+        for &system in &systems {
+            let cluster = Cluster::start(system, 1, true, &paths).await?;
+            let result = connections::run(&cluster, &options).await;
+            cluster.stop().await?;
+            add(or_error("connections", system, result));
+        }
+    }
+    if let Some(args) = &plan.publish
+        && systems.contains(&System::Herald)
+    {
+        let options = publish::Options {
+            seconds: args.seconds,
+            batch: args.batch,
+            connections: args.connections,
+            topics: args.topics,
+        };
+        let cluster = Cluster::start(System::Herald, 1, false, &paths).await?;
+        let result = publish::run(&cluster, &options).await;
+        cluster.stop().await?;
+        match result {
+            Ok(found) => found.into_iter().for_each(&mut add),
+            Err(e) => add(or_error("publish", System::Herald, Err(e))),
+        }
+    }
+    print!("{}", report::table(&reports));
+    if reports.iter().any(|r| r.error.is_some()) {
+        bail!("some runs did not complete; see the errors above");
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Plan {
+    fanout: Option<FanoutArgs>,
+    latency: Option<LatencyArgs>,
+    connections: Option<ConnectionsArgs>,
+    publish: Option<PublishArgs>,
+}
+
+impl Plan {
+    fn only_fanout(args: FanoutArgs) -> Plan {
+        Plan {
+            fanout: Some(args),
+            ..Plan::default()
+        }
+    }
+}
+
+fn or_error(name: &str, system: System, result: Result<Report>) -> Report {
+    result.unwrap_or_else(|e| {
+        let mut report = Report::new(name, system);
+        report.error = Some(format!("{e:#}"));
+        report
+    })
+}
+
+fn paths(setup: &Setup) -> Result<Paths> {
+    let herald_bin = match &setup.herald_bin {
+        Some(bin) => bin.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary without a folder")?
+            .join("herald"),
+    };
+    if !herald_bin.exists() {
+        bail!(
+            "no herald binary at {} (build it with `cargo build --release`, or pass --herald-bin)",
+            herald_bin.display()
+        );
+    }
+    let work_dir = std::path::absolute(&setup.work_dir)?;
+    Ok(Paths {
+        herald_bin: std::path::absolute(herald_bin)?,
+        socketio_dir: setup.socketio_dir.clone(),
+        redis_server: setup.redis_server.clone(),
+        postgres: setup.postgres.clone(),
+        work_dir,
+    })
+}
+
+/// Installs the Socket.IO node's packages (pinned by its package-lock.json)
+/// into its own folder, once.
+async fn prepare_socketio(paths: &Paths) -> Result<()> {
+    if paths.socketio_dir.join("node_modules/socket.io").exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "installing the Socket.IO node's packages in {}",
+        paths.socketio_dir.display()
+    );
+    let status = tokio::process::Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+        .arg(&paths.socketio_dir)
+        .status()
+        .await
+        .context("cannot run npm (Node.js is needed for the Socket.IO comparison)")?;
+    if !status.success() {
+        bail!("npm ci in {} failed", paths.socketio_dir.display());
+    }
+    Ok(())
+}
+
+/// Raises this process's open-file limit to its hard limit; the nodes it
+/// starts inherit it.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        let mut limit = std::mem::zeroed::<libc::rlimit>();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! fanout: S subscribers on one topic spread over the cluster's nodes, a
+//! publisher posting at a fixed rate to the first node; deliveries per
+//! second, publish→receive latency, lost and duplicated deliveries, and the
+//! nodes' CPU time per delivery.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::{publish_schedule, subscribe_many};
+use crate::client::Subscriber;
+use crate::nodes::{Cluster, self_cpu};
+use crate::report::{Report, latencies};
+
+pub struct Options {
+    pub subscribers: usize,
+    /// Offered deliveries per second (events per second × subscribers).
+    pub rate: u64,
+    pub seconds: f64,
+}
+
+/// What one subscriber saw.
+struct Seen {
+    unique: u64,
+    duplicates: u64,
+    reordered: u64,
+    latencies_us: Vec<u32>,
+    last: Option<Instant>,
+    closed: Option<String>,
+}
+
+const TOPIC: &str = "bench.fanout";
+/// A run ends this long after the last delivery once publishing is over.
+const QUIET: Duration = Duration::from_secs(5);
+/// ... and at most this long after publishing is over.
+const DRAIN: Duration = Duration::from_secs(60);
+
+pub async fn run(name: &str, cluster: &Cluster, options: &Options) -> Result<Report> {
+    let mut report = Report::new(name, cluster.system);
+    let addrs: Vec<_> = cluster.nodes.iter().map(|n| n.addr).collect();
+    let subscribers = options.subscribers.max(1);
+    let events_per_sec = (options.rate as f64 / subscribers as f64).max(0.1);
+    let events = ((events_per_sec * options.seconds).round() as u64).max(1);
+    report.set("subscribers", subscribers as f64);
+    report.set(
+        "offered_deliveries_per_s",
+        events_per_sec * subscribers as f64,
+    );
+    report.set("events", events as f64);
+
+    let (subs, _) = subscribe_many(cluster.system, &addrs, subscribers, |_| TOPIC.into()).await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    for sub in subs {
+        tasks.spawn(receive(sub, events, delivered.clone(), stop.clone()));
+    }
+
+    let (cpu0, redis0, self0) = (cluster.cpu(), cluster.redis_cpu(), self_cpu());
+    let published = publish_schedule(addrs[0], TOPIC, events, events_per_sec, 4).await?;
+    let expected = published.accepted * subscribers as u64;
+    let publish_end = Instant::now();
+    let (mut last_count, mut last_progress) = (delivered.load(Ordering::Relaxed), Instant::now());
+    loop {
+        let now = delivered.load(Ordering::Relaxed);
+        if now >= expected || tasks.is_empty() {
+            break;
+        }
+        if now != last_count {
+            (last_count, last_progress) = (now, Instant::now());
+        }
+        if last_progress.elapsed() > QUIET || publish_end.elapsed() > DRAIN {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (cpu1, redis1, self1) = (cluster.cpu(), cluster.redis_cpu(), self_cpu());
+    let _ = stop_tx.send(true);
+
+    let (mut unique, mut duplicates, mut reordered, mut closed) = (0u64, 0u64, 0u64, 0u64);
+    let mut all = Vec::with_capacity(expected as usize);
+    let mut last: Option<Instant> = None;
+    let mut first_close = None;
+    while let Some(joined) = tasks.join_next().await {
+        let seen = joined?;
+        unique += seen.unique;
+        duplicates += seen.duplicates;
+        reordered += seen.reordered;
+        all.extend_from_slice(&seen.latencies_us);
+        last = last.max(seen.last);
+        if let Some(reason) = seen.closed {
+            closed += 1;
+            first_close.get_or_insert(reason);
+        }
+    }
+    let span = last.map_or(0.0, |l| (l - published.first).as_secs_f64());
+    report.set("publish_failed", published.failed as f64);
+    report.set("deliveries", unique as f64);
+    report.set(
+        "deliveries_per_s",
+        if span > 0.0 {
+            unique as f64 / span
+        } else {
+            0.0
+        },
+    );
+    report.set("lost", expected.saturating_sub(unique) as f64);
+    report.set("duplicated", duplicates as f64);
+    report.set("reordered", reordered as f64);
+    report.set("disconnected", closed as f64);
+    latencies(&mut report, all);
+    let per_delivery = |d: Duration| {
+        if unique == 0 {
+            f64::NAN
+        } else {
+            d.as_secs_f64() * 1e6 / unique as f64
+        }
+    };
+    report.set("node_cpu_us_per_delivery", per_delivery(cpu1 - cpu0));
+    report.set("redis_cpu_us_per_delivery", per_delivery(redis1 - redis0));
+    report.set("harness_cpu_us_per_delivery", per_delivery(self1 - self0));
+    if let Some(reason) = first_close {
+        report.error = Some(format!("{closed} subscribers disconnected, e.g.: {reason}"));
+    }
+    Ok(report)
+}
+
+/// Receives until all `events` arrived or the run stops.
+async fn receive(
+    mut sub: Subscriber,
+    events: u64,
+    delivered: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) -> Seen {
+    let mut seen_bits = vec![0u64; (events as usize).div_ceil(64) + 1];
+    let mut seen = Seen {
+        unique: 0,
+        duplicates: 0,
+        reordered: 0,
+        latencies_us: Vec::with_capacity(events as usize),
+        last: None,
+        closed: None,
+    };
+    let mut highest = 0;
+    while seen.unique < events {
+        let received = tokio::select! {
+            biased;
+            r = sub.next_event() => r,
+            _ = stop.changed() => break,
+        };
+        let event = match received {
+            Ok(event) => event,
+            Err(e) => {
+                seen.closed = Some(e.to_string());
+                break;
+            }
+        };
+        if event.seq == 0 {
+            continue; // warm-up
+        }
+        let (word, bit) = ((event.seq / 64) as usize, event.seq % 64);
+        if word >= seen_bits.len() || seen_bits[word] & (1 << bit) != 0 {
+            seen.duplicates += 1;
+            continue;
+        }
+        seen_bits[word] |= 1 << bit;
+        if event.seq < highest {
+            seen.reordered += 1;
+        }
+        highest = highest.max(event.seq);
+        seen.unique += 1;
+        seen.latencies_us
+            .push(event.latency_us.min(u64::from(u32::MAX)) as u32);
+        seen.last = Some(Instant::now());
+        delivered.fetch_add(1, Ordering::Relaxed);
+    }
+    if seen.closed.is_none() {
+        sub.ws.close().await;
+    }
+    seen
+}

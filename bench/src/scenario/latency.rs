@@ -1,0 +1,49 @@
+//! latency: one subscriber on the last node, events published to the first
+//! node at a steady rate; publish→receive latency percentiles. Run against
+//! the echo floor too, so a system's figures can be read above it.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+
+use super::{publish_schedule, subscribe_many};
+use crate::nodes::Cluster;
+use crate::report::{Report, latencies};
+
+pub struct Options {
+    pub events: u64,
+    pub rate: f64,
+}
+
+const TOPIC: &str = "bench.latency";
+
+pub async fn run(cluster: &Cluster, options: &Options) -> Result<Report> {
+    let mut report = Report::new("latency", cluster.system);
+    let first = cluster.nodes[0].addr;
+    let last = cluster.nodes[cluster.nodes.len() - 1].addr;
+    let (mut subs, _) = subscribe_many(cluster.system, &[last], 1, |_| TOPIC.into()).await?;
+    let mut sub = subs.pop().expect("one subscriber");
+    let events = options.events;
+    let receiver = tokio::spawn(async move {
+        let mut micros = Vec::with_capacity(events as usize);
+        while (micros.len() as u64) < events {
+            match tokio::time::timeout(Duration::from_secs(10), sub.next_event()).await {
+                Ok(Ok(event)) if event.seq == 0 => {} // warm-up
+                Ok(Ok(event)) => micros.push(event.latency_us.min(u64::from(u32::MAX)) as u32),
+                Ok(Err(e)) => return Err(anyhow::Error::from(e)),
+                Err(_) => break,
+            }
+        }
+        sub.ws.close().await;
+        Ok(micros)
+    });
+    let published = publish_schedule(first, TOPIC, events, options.rate, 1).await?;
+    let micros = receiver.await??;
+    if published.failed > 0 {
+        bail!("{} of {events} publishes failed", published.failed);
+    }
+    report.set("events", events as f64);
+    report.set("lost", (published.accepted - micros.len() as u64) as f64);
+    latencies(&mut report, micros);
+    Ok(report)
+}

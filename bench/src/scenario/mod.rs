@@ -1,0 +1,160 @@
+//! The scenarios, each one function from a running cluster to a report, and
+//! what they share: opening many subscribers and publishing on a schedule.
+
+pub mod connections;
+pub mod fanout;
+pub mod latency;
+pub mod publish;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use crate::client::{self, Subscriber};
+use crate::http::Http;
+use crate::nodes::System;
+
+/// Loopback source addresses subscribers are spread over, so that tens of
+/// thousands of connections do not run out of ephemeral ports.
+const SOURCES: u8 = 8;
+/// Handshakes in flight at once.
+const CONNECT_CONCURRENCY: usize = 256;
+
+fn source(k: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (k % SOURCES as usize) as u8))
+}
+
+/// Opens `count` subscribers round-robin over `nodes`, subscriber `k` on
+/// `topic(k)`; returns them in order with the time it took.
+pub async fn subscribe_many(
+    system: System,
+    nodes: &[SocketAddr],
+    count: usize,
+    topic: impl Fn(usize) -> String,
+) -> Result<(Vec<Subscriber>, Duration)> {
+    let token: Arc<str> = client::token().into();
+    let gate = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for k in 0..count {
+        let (token, gate) = (token.clone(), gate.clone());
+        let addr = nodes[k % nodes.len()];
+        let topic = topic(k);
+        tasks.spawn(async move {
+            let _permit = gate.acquire_owned().await.expect("never closed");
+            let mut sub = Subscriber::connect(system, addr, Some(source(k)), &token)
+                .await
+                .with_context(|| format!("subscriber {k} cannot connect to {addr}"))?;
+            sub.subscribe(&topic)
+                .await
+                .with_context(|| format!("subscriber {k} cannot subscribe to {topic}"))?;
+            anyhow::Ok((k, sub))
+        });
+    }
+    let mut subs: Vec<Option<Subscriber>> = (0..count).map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        let (k, sub) = joined??;
+        subs[k] = Some(sub);
+    }
+    let took = started.elapsed();
+    Ok((
+        subs.into_iter().map(|s| s.expect("all joined")).collect(),
+        took,
+    ))
+}
+
+/// Warm-up events published before a schedule.
+pub const WARMUP: u64 = 3;
+
+/// What a publisher did.
+pub struct Published {
+    /// Events answered 201.
+    pub accepted: u64,
+    /// Events answered otherwise, or not at all.
+    pub failed: u64,
+    /// When the first event was scheduled.
+    pub first: Instant,
+}
+
+/// Publishes events 1..=`count` to `topic` on `addr`, event `k` scheduled
+/// at `k / rate` seconds, over `connections` keep-alive connections. Each
+/// body carries the time it was handed to a connection, so a publisher
+/// waiting on slow replies counts against the system, not for it.
+///
+/// First come [`WARMUP`] events numbered 0, which subscribers skip: the
+/// first publish to a topic sets up its log and routes, a cost a steady
+/// stream does not pay.
+pub async fn publish_schedule(
+    addr: SocketAddr,
+    topic: &str,
+    count: u64,
+    rate: f64,
+    connections: usize,
+) -> Result<Published> {
+    let token: Arc<str> = client::token().into();
+    let path: Arc<str> = client::publish_path(topic).into();
+    let (tx, rx) = mpsc::channel::<(u64, u64)>(1024);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let mut workers = JoinSet::new();
+    for _ in 0..connections {
+        let (token, path, rx) = (token.clone(), path.clone(), rx.clone());
+        let mut http = Http::connect(addr).await?;
+        workers.spawn(async move {
+            let (mut accepted, mut failed) = (0u64, 0u64);
+            loop {
+                let next = rx.lock().await.recv().await;
+                let Some((seq, nanos)) = next else { break };
+                match http
+                    .post_json(&path, &token, &client::event_body(seq, nanos))
+                    .await
+                {
+                    Ok(res) if res.status == 201 => accepted += 1,
+                    Ok(_) => failed += 1,
+                    Err(_) => {
+                        failed += 1;
+                        if let Ok(fresh) = Http::connect(addr).await {
+                            http = fresh;
+                        }
+                    }
+                }
+            }
+            (accepted, failed)
+        });
+    }
+    let mut http = Http::connect(addr).await?;
+    for _ in 0..WARMUP {
+        let res = http
+            .post_json(&path, &token, &client::event_body(0, client::now_nanos()))
+            .await?;
+        anyhow::ensure!(res.status == 201, "warm-up publish answered {}", res.status);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let first = Instant::now() + Duration::from_millis(10);
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    for k in 1..=count {
+        let at = first + interval.mul_f64((k - 1) as f64);
+        tokio::time::sleep_until(at.into()).await;
+        // Stamped when dispatched: the timer's millisecond granularity is
+        // not the system's latency, a queue behind a slow reply is.
+        let nanos = client::now_nanos();
+        tx.send((k, nanos))
+            .await
+            .expect("workers outlive the schedule");
+    }
+    drop(tx);
+    let (mut accepted, mut failed) = (0, 0);
+    while let Some(joined) = workers.join_next().await {
+        let (a, f) = joined?;
+        accepted += a;
+        failed += f;
+    }
+    Ok(Published {
+        accepted,
+        failed,
+        first,
+    })
+}
