@@ -583,3 +583,25 @@ async fn a_batch_repeating_an_idempotency_key_publishes_it_once_on_both_backends
         nothing_more(&mut ws).await;
     }
 }
+
+#[tokio::test]
+async fn an_epoch_given_before_the_first_publish_is_the_log_s_epoch_on_both_backends() {
+    // Subscribing to a topic never published to writes nothing, yet its
+    // epoch already is the one its log will have, so a resume is trusted.
+    for (backend, node, _db) in on_each_backend(|_| {}).await {
+        let mut early = node.connect(&subscriber()).await;
+        let reply = early.subscribe("fresh").await;
+        assert_eq!(reply["offset"], 0, "{backend}");
+        let epoch = reply["epoch"].clone();
+        assert!(epoch.as_str().is_some_and(|e| !e.is_empty()), "{backend}");
+        for n in 1..=2 {
+            node.publish_ok(&publisher(), "fresh", &json!(n)).await;
+        }
+        assert_eq!(offsets(&mut early, 2).await, [1, 2], "{backend}");
+        let mut later = node.connect(&subscriber()).await;
+        let resumed = resume(&mut later, "fresh", 1, &epoch).await;
+        assert!(resumed.get("truncated").is_none(), "{backend}: {resumed}");
+        assert_eq!(resumed["epoch"], epoch, "{backend}");
+        assert_eq!(offsets(&mut later, 1).await, [2], "{backend}");
+    }
+}
