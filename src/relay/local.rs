@@ -58,7 +58,7 @@ impl LocalRelay {
         self.orderer
             .lock()
             .await
-            .sync(topic, hub, store, retention)
+            .sync(&[topic], hub, store, retention)
             .await;
     }
 }

@@ -29,27 +29,37 @@ pub struct Orderer {
 }
 
 impl Orderer {
-    /// Starts or stops tracking `topic` to match the hub: tracked while it
-    /// has local subscribers and keeps history. Tracking starts at the
+    /// Starts or stops tracking `topics` to match the hub: tracked while
+    /// they have local subscribers and keep history. Tracking starts at the
     /// store's current last offset: anything before is the subscribers'
-    /// to replay, anything after arrives live.
-    pub async fn sync(&mut self, topic: &Topic, hub: &Hub, store: &Store, retention: &Retention) {
-        let wanted = hub.has_subscribers(topic) && retention.history(topic);
-        if !wanted {
-            self.last.remove(topic);
-            return;
-        }
-        if self.last.contains_key(topic) {
-            return;
-        }
-        match store.head(topic).await {
-            Ok(head) => {
-                self.last.insert(topic.clone(), head.last);
+    /// to replay, anything after arrives live. Heads are read concurrently.
+    pub async fn sync(
+        &mut self,
+        topics: &[&Topic],
+        hub: &Hub,
+        store: &Store,
+        retention: &Retention,
+    ) {
+        let mut start = Vec::new();
+        for &topic in topics {
+            let wanted = hub.has_subscribers(topic) && retention.history(topic);
+            if !wanted {
+                self.last.remove(topic);
+            } else if !self.last.contains_key(topic) && !start.contains(&topic) {
+                start.push(topic);
             }
-            // Untracked, events are delivered as they come; the next
-            // subscribe tries again.
-            Err(e) => {
-                tracing::warn!(%topic, error = %e, "cannot read the topic's head; delivering unordered")
+        }
+        let heads = futures_util::future::join_all(start.iter().map(|t| store.head(t))).await;
+        for (topic, head) in start.into_iter().zip(heads) {
+            match head {
+                Ok(head) => {
+                    self.last.insert(topic.clone(), head.last);
+                }
+                // Untracked, events are delivered as they come; the next
+                // subscribe tries again.
+                Err(e) => {
+                    tracing::warn!(%topic, error = %e, "cannot read the topic's head; delivering unordered")
+                }
             }
         }
     }

@@ -45,6 +45,8 @@ use crate::topic::Topic;
 /// A Redis command that takes longer than this fails, so a publish answers
 /// 503 instead of hanging while Redis is unreachable.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Subscription changes applied together (one SUBSCRIBE for all of them).
+const MAX_CHANGES_AT_ONCE: usize = 256;
 /// How long one connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// First and largest wait between reconnection attempts of the subscriber.
@@ -313,7 +315,7 @@ impl Subscriber {
                 Some(change) = self.interest.recv() => {
                     // Keep the orderer in step with the hub meanwhile.
                     let Shared { hub, store, retention } = &self.shared;
-                    self.orderer.sync(&change.topic, hub, store, retention).await;
+                    self.orderer.sync(&[&change.topic], hub, store, retention).await;
                     acknowledge(change);
                 }
             }
@@ -358,13 +360,22 @@ impl Subscriber {
                     None => break Ended::Lost,
                 },
                 Some(change) = self.interest.recv() => {
+                    // Changes that queued up meanwhile go together: one
+                    // SUBSCRIBE / UNSUBSCRIBE round trip for all of them.
+                    let mut changes = vec![change];
+                    while changes.len() < MAX_CHANGES_AT_ONCE
+                        && let Ok(change) = self.interest.try_recv()
+                    {
+                        changes.push(change);
+                    }
+                    let topics: Vec<&Topic> = changes.iter().map(|c| &c.topic).collect();
                     let Shared { hub, store, retention } = &self.shared;
-                    if reconcile(hub, &self.names, &mut sink, &mut subscribed, &change.topic).await.is_err() {
-                        acknowledge(change);
+                    if reconcile(hub, &self.names, &mut sink, &mut subscribed, &topics).await.is_err() {
+                        changes.into_iter().for_each(acknowledge);
                         break Ended::Lost;
                     }
-                    self.orderer.sync(&change.topic, hub, store, retention).await;
-                    acknowledge(change);
+                    self.orderer.sync(&topics, hub, store, retention).await;
+                    changes.into_iter().for_each(acknowledge);
                 }
             }
         };
@@ -391,22 +402,35 @@ impl Subscriber {
     }
 }
 
-/// Brings the Redis subscription of `topic` in line with the hub: the hub
-/// is the truth, so changes that raced each other settle correctly.
+/// Brings the Redis subscriptions of `topics` in line with the hub: the
+/// hub is the truth, so changes that raced each other settle correctly.
 async fn reconcile(
     hub: &crate::hub::Hub,
     names: &Names,
     sink: &mut PubSubSink,
     subscribed: &mut HashSet<Topic>,
-    topic: &Topic,
+    topics: &[&Topic],
 ) -> redis::RedisResult<()> {
-    let wanted = hub.has_subscribers(topic);
-    if wanted && !subscribed.contains(topic) {
-        confirmed(sink.subscribe(names.channel(topic))).await?;
-        subscribed.insert(topic.clone());
-    } else if !wanted && subscribed.contains(topic) {
-        confirmed(sink.unsubscribe(names.channel(topic))).await?;
-        subscribed.remove(topic);
+    let (mut add, mut remove): (Vec<Topic>, Vec<Topic>) = (Vec::new(), Vec::new());
+    for &topic in topics {
+        let wanted = hub.has_subscribers(topic);
+        if wanted && !subscribed.contains(topic) && !add.contains(topic) {
+            add.push(topic.clone());
+        } else if !wanted && subscribed.contains(topic) && !remove.contains(topic) {
+            remove.push(topic.clone());
+        }
+    }
+    if !add.is_empty() {
+        let channels: Vec<String> = add.iter().map(|t| names.channel(t)).collect();
+        confirmed(sink.subscribe(channels)).await?;
+        subscribed.extend(add);
+    }
+    if !remove.is_empty() {
+        let channels: Vec<String> = remove.iter().map(|t| names.channel(t)).collect();
+        confirmed(sink.unsubscribe(channels)).await?;
+        for topic in &remove {
+            subscribed.remove(topic);
+        }
     }
     Ok(())
 }

@@ -254,3 +254,42 @@ async fn redis_killed_mid_stream_every_subscriber_still_gets_every_acknowledged_
         assert_eq!(ws.request(json!({"op": "ping"})).await["op"], "pong");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_subscribing_at_once_to_distinct_topics_each_get_their_events() {
+    // Subscription changes that queue up are applied to Redis together;
+    // every one of them must still be subscribed before its reply.
+    const CLIENTS: usize = 60;
+    let redis = RedisServer::start().await;
+    let pg = PgDatabase::create().await;
+    let (a, b) = (
+        TestNode::clustered(&redis, &pg).await,
+        TestNode::clustered(&redis, &pg).await,
+    );
+    let connecting = (0..CLIENTS).map(|k| {
+        let b = &b;
+        async move {
+            let mut ws = b.connect(&subscriber()).await;
+            ws.subscribe(&format!("many.t{k}")).await;
+            ws
+        }
+    });
+    let mut clients = futures_util::future::join_all(connecting).await;
+    for k in 0..CLIENTS {
+        a.publish_ok(&publisher(), &format!("many.t{k}"), &json!({"k": k}))
+            .await;
+    }
+    for (k, ws) in clients.iter_mut().enumerate() {
+        let event = ws.recv().await;
+        assert_eq!(event["topic"], format!("many.t{k}"), "{event}");
+        assert_eq!(event["data"]["k"], k);
+    }
+    let channels: Vec<String> = (0..CLIENTS)
+        .map(|k| format!("herald:topic:many.t{k}"))
+        .collect();
+    let numsub: Vec<(String, u64)> = redis
+        .query(redis::cmd("PUBSUB").arg("NUMSUB").arg(&channels))
+        .await;
+    let counts: Vec<u64> = numsub.iter().map(|(_, n)| *n).collect();
+    assert_eq!(counts, vec![1; CLIENTS], "one Redis subscription per topic");
+}
