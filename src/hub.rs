@@ -61,15 +61,18 @@ impl Inbox {
 
 impl Mailbox {
     /// A mailbox holding at most `capacity` events and `max_bytes` payload
-    /// bytes, its receiving end, and the token cancelled on overflow.
+    /// bytes, its receiving end, and the token cancelled on overflow. That
+    /// token is a child of `parent` (the node's shutdown), so a connection
+    /// waits on one token for both reasons to stop.
     pub fn new(
         id: ConnId,
         capacity: usize,
         max_bytes: usize,
+        parent: &CancellationToken,
     ) -> (Mailbox, Inbox, CancellationToken) {
         let (tx, rx) = mpsc::channel(capacity);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let overflowed = CancellationToken::new();
+        let overflowed = parent.child_token();
         let mailbox = Mailbox {
             id,
             tx,

@@ -67,8 +67,12 @@ pub(super) fn spawn(
         .aggregate_continuations()
         .max_continuation_size(max_frame);
     let id = state.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    let (mailbox, events, overflowed) =
-        Mailbox::new(id, limits.outbound_queue, limits.outbound_queue_bytes);
+    let (mailbox, events, overflowed) = Mailbox::new(
+        id,
+        limits.outbound_queue,
+        limits.outbound_queue_bytes,
+        &state.shutdown,
+    );
     let publish_rate = TokenBucket::new(limits.publish_rate);
     let conn = Connection {
         state,
@@ -100,7 +104,8 @@ struct Connection {
     encoding: Encoding,
     session: Session,
     mailbox: Mailbox,
-    /// Cancelled by the hub when the mailbox overflowed.
+    /// Cancelled by the hub when the mailbox overflowed, and (a child of
+    /// the shutdown token) when the node shuts down.
     overflowed: CancellationToken,
     subscriptions: HashSet<Topic>,
     /// Last offset sent, per subscribed topic with history: events at or
@@ -119,7 +124,10 @@ impl Connection {
     ) {
         let opened = Instant::now();
         let shutdown = self.state.shutdown.clone();
-        let overflowed = self.overflowed.clone();
+        // Cancelled on overflow and, being its child, on shutdown: one
+        // future, registered once, for both.
+        let stopped = self.overflowed.clone().cancelled_owned();
+        tokio::pin!(stopped);
         let server = &self.state.settings.server;
         let heartbeat_timeout = server.heartbeat_timeout;
         let mut heartbeat = tokio::time::interval(server.heartbeat_interval);
@@ -129,20 +137,12 @@ impl Connection {
         tokio::pin!(expiry);
         tracing::info!(conn = self.mailbox.id, sub = %self.grants.sub, ?peer, encoding = self.encoding.protocol_name(), "connection opened");
 
+        // Events first: the hot path is polled before anything else, so a
+        // delivery costs one branch. The others cannot starve: a mailbox
+        // that stays ready yields to them once the task's budget is spent.
         let close: Option<CloseReason> = loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break Some(going_away()),
-                _ = overflowed.cancelled() => break Some(slow_consumer()),
-                _ = &mut expiry => break Some(reason(CloseCode::Other(protocol::close::TOKEN_EXPIRED), "token expired")),
-                _ = heartbeat.tick() => {
-                    if last_seen.elapsed() > heartbeat_timeout {
-                        break Some(reason(CloseCode::Policy, "heartbeat timeout: no pong"));
-                    }
-                    if self.session.ping(b"").await.is_err() {
-                        break self.abort_reason();
-                    }
-                }
                 Some(event) = events.recv() => {
                     if self.send_live(&event).await.is_err() {
                         break self.abort_reason();
@@ -150,7 +150,10 @@ impl Connection {
                 }
                 msg = stream.recv() => match msg {
                     None => break None,
-                    Some(Ok(msg)) => match self.on_message(msg).await {
+                    // Boxed: handling a request (subscribe, replay,
+                    // publish) needs far more state than waiting does, and
+                    // an idle connection should not carry it.
+                    Some(Ok(msg)) => match Box::pin(self.on_message(msg)).await {
                         Ok(None) => {
                             last_seen = Instant::now();
                             // A refresh may have moved the expiry.
@@ -161,6 +164,18 @@ impl Connection {
                     },
                     Some(Err(err)) => break Some(protocol_error_close(&err)),
                 },
+                () = &mut stopped => {
+                    break Some(if shutdown.is_cancelled() { going_away() } else { slow_consumer() });
+                }
+                _ = &mut expiry => break Some(reason(CloseCode::Other(protocol::close::TOKEN_EXPIRED), "token expired")),
+                _ = heartbeat.tick() => {
+                    if last_seen.elapsed() > heartbeat_timeout {
+                        break Some(reason(CloseCode::Policy, "heartbeat timeout: no pong"));
+                    }
+                    if self.session.ping(b"").await.is_err() {
+                        break self.abort_reason();
+                    }
+                }
             }
         };
 
@@ -465,10 +480,12 @@ impl Connection {
                 Frame::Binary(bytes) => session.binary(bytes).await,
             }
         };
+        // The write usually completes at once; only a write left waiting
+        // registers for the stop token (overflow or, its parent, shutdown).
         tokio::select! {
+            biased;
             sent = write => sent.map_err(|_| Gone),
-            _ = self.overflowed.cancelled() => Err(Gone),
-            _ = self.state.shutdown.cancelled() => Err(Gone),
+            () = self.overflowed.cancelled() => Err(Gone),
         }
     }
 
