@@ -52,9 +52,11 @@ pub struct Subscriber {
     system: System,
 }
 
-/// One received event: its sequence number and its latency in microseconds.
+/// One received event: its sequence number, the offset the system gave it
+/// (none from the echo floor) and its latency in microseconds.
 pub struct Received {
     pub seq: u64,
+    pub offset: Option<u64>,
     pub latency_us: u64,
 }
 
@@ -123,7 +125,12 @@ impl Subscriber {
             let frame = self.ws.next_data().await?;
             if let (Some(seq), Some(sent)) = (field(frame, br#""i":"#), field(frame, br#""t":"#)) {
                 let latency_us = now_nanos().saturating_sub(sent) / 1000;
-                return Ok(Received { seq, latency_us });
+                let offset = field(frame, br#""offset":"#);
+                return Ok(Received {
+                    seq,
+                    offset,
+                    latency_us,
+                });
             }
             if self.system == System::SocketIo && frame == b"2" {
                 self.ws.send_text("3").await?;

@@ -46,12 +46,36 @@ pub async fn tcp(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStre
         None => TcpStream::connect(addr).await?,
         Some(ip) => {
             let socket = TcpSocket::new_v4()?;
+            no_port_at_bind(&socket)?;
             socket.bind(SocketAddr::new(ip, 0))?;
             socket.connect(addr).await?
         }
     };
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Lets the kernel pick the source port at `connect` (per destination)
+/// rather than at `bind`, where finding a free port gets slow with
+/// thousands bound: the harness, not the node, would set the accept rate.
+fn no_port_at_bind(socket: &TcpSocket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a c_int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 impl Ws {

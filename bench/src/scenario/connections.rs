@@ -12,17 +12,30 @@ use crate::report::Report;
 
 pub struct Options {
     pub connections: usize,
+    /// All connections on one topic instead of one topic each, to tell
+    /// per-connection from per-topic memory.
+    pub shared_topic: bool,
 }
 
 /// How long connections sit idle before the node's memory is read.
 const SETTLE: Duration = Duration::from_secs(3);
 
 pub async fn run(cluster: &Cluster, options: &Options) -> Result<Report> {
-    let mut report = Report::new("connections", cluster.system);
+    let name = if options.shared_topic {
+        "connections_one_topic"
+    } else {
+        "connections"
+    };
+    let mut report = Report::new(name, cluster.system);
     let node = &cluster.nodes[0];
     let before = node.proc.rss();
+    let shared = options.shared_topic;
     let (subs, took) = subscribe_many(cluster.system, &[node.addr], options.connections, |k| {
-        format!("bench.conn.{k}")
+        if shared {
+            "bench.conn".to_owned()
+        } else {
+            format!("bench.conn.{k}")
+        }
     })
     .await?;
     // Idle: each connection only answers the node's pings.
