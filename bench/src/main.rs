@@ -273,26 +273,33 @@ async fn run(cli: Cli) -> Result<()> {
             rate: args.rate,
         };
         let floor = Cluster::start(System::Echo, 1, false, &paths).await?;
-        let result = latency::run(&floor, &options).await;
+        let result = latency::run("latency", latency::DURABLE, &floor, &options).await;
         floor.stop().await?;
         let floor = or_error("latency", System::Echo, result);
         let floor_p = (floor.get("p50_ms"), floor.get("p99_ms"));
         add(floor);
         for &system in &systems {
-            let cluster = Cluster::start(system, 2, true, &paths).await?;
-            let result = latency::run(&cluster, &options).await;
-            cluster.stop().await?;
-            let mut report = or_error("latency", system, result);
-            if let (Some(f50), Some(f99), Some(p50), Some(p99)) = (
-                floor_p.0,
-                floor_p.1,
-                report.get("p50_ms"),
-                report.get("p99_ms"),
-            ) {
-                report.set("p50_above_floor_ms", p50 - f50);
-                report.set("p99_above_floor_ms", p99 - f99);
+            // Herald also without history: the relay path alone.
+            let mut runs = vec![("latency", latency::DURABLE)];
+            if system == System::Herald {
+                runs.push(("latency_no_history", latency::VOLATILE));
             }
-            add(report);
+            let cluster = Cluster::start(system, 2, true, &paths).await?;
+            for (name, topic) in runs {
+                let result = latency::run(name, topic, &cluster, &options).await;
+                let mut report = or_error(name, system, result);
+                if let (Some(f50), Some(f99), Some(p50), Some(p99)) = (
+                    floor_p.0,
+                    floor_p.1,
+                    report.get("p50_ms"),
+                    report.get("p99_ms"),
+                ) {
+                    report.set("p50_above_floor_ms", p50 - f50);
+                    report.set("p99_above_floor_ms", p99 - f99);
+                }
+                add(report);
+            }
+            cluster.stop().await?;
         }
     }
     if let Some(args) = &plan.connections {

@@ -12,6 +12,10 @@ use tokio::process::{Child, Command};
 
 use crate::http::Http;
 
+/// Herald's config file for a run: topics under `bench.volatile.` keep no
+/// history, to tell the relay's latency from the event log's.
+const HERALD_CONFIG: &str = "[[topics]]\npattern = \"bench.volatile.>\"\nhistory = false\n";
+
 /// The HS256 secret every node of a run verifies tokens with.
 pub const SECRET: &str = "herald-bench-secret-0123456789abcdef";
 
@@ -208,9 +212,13 @@ impl Cluster {
             let command = match system {
                 System::Herald => {
                     let (server, db) = cluster.database.as_ref().expect("set above");
+                    let config = paths.work_dir.join("herald-bench.toml");
+                    std::fs::write(&config, HERALD_CONFIG)?;
                     let mut command = Command::new(&paths.herald_bin);
                     command
                         .arg("serve")
+                        .arg("--config")
+                        .arg(&config)
                         .current_dir(&paths.work_dir)
                         .env("RUST_LOG", "warn")
                         .env("HERALD__SERVER__BIND", addr.to_string())

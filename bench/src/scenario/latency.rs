@@ -15,13 +15,21 @@ pub struct Options {
     pub rate: f64,
 }
 
-const TOPIC: &str = "bench.latency";
+/// A topic with history (Herald commits each event to its log first).
+pub const DURABLE: &str = "bench.latency";
+/// A topic without history on Herald (see `nodes::HERALD_CONFIG`).
+pub const VOLATILE: &str = "bench.volatile.latency";
 
-pub async fn run(cluster: &Cluster, options: &Options) -> Result<Report> {
-    let mut report = Report::new("latency", cluster.system);
+pub async fn run(
+    name: &str,
+    topic: &'static str,
+    cluster: &Cluster,
+    options: &Options,
+) -> Result<Report> {
+    let mut report = Report::new(name, cluster.system);
     let first = cluster.nodes[0].addr;
     let last = cluster.nodes[cluster.nodes.len() - 1].addr;
-    let (mut subs, _) = subscribe_many(cluster.system, &[last], 1, |_| TOPIC.into()).await?;
+    let (mut subs, _) = subscribe_many(cluster.system, &[last], 1, |_| topic.into()).await?;
     let mut sub = subs.pop().expect("one subscriber");
     let events = options.events;
     let receiver = tokio::spawn(async move {
@@ -37,7 +45,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Result<Report> {
         sub.ws.close().await;
         Ok(micros)
     });
-    let published = publish_schedule(first, TOPIC, events, options.rate, 1).await?;
+    let published = publish_schedule(first, topic, events, options.rate, 1).await?;
     let micros = receiver.await??;
     if published.failed > 0 {
         bail!("{} of {events} publishes failed", published.failed);
