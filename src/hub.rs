@@ -92,6 +92,11 @@ impl Mailbox {
     }
 
     fn offer(&self, event: &Arc<Event>) -> bool {
+        // An evicted connection takes nothing more: it must not be sent an
+        // event past the one it lost (it resumes from its last offset).
+        if self.overflowed.is_cancelled() {
+            return false;
+        }
         let size = event.payload.len();
         // Counted before sending so the receiver's decrement never comes
         // first; undone when the event is not queued. One event larger

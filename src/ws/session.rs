@@ -137,12 +137,24 @@ impl Connection {
         tokio::pin!(expiry);
         tracing::info!(conn = self.mailbox.id, sub = %self.grants.sub, ?peer, encoding = self.encoding.protocol_name(), "connection opened");
 
-        // Events first: the hot path is polled before anything else, so a
-        // delivery costs one branch. The others cannot starve: a mailbox
-        // that stays ready yields to them once the task's budget is spent.
+        // The stop token first: once evicted, not one more event may go out
+        // (the client resumes after the last one it got), and a mailbox that
+        // never empties must not starve shutdown, expiry or the heartbeat.
         let close: Option<CloseReason> = loop {
             tokio::select! {
                 biased;
+                () = &mut stopped => {
+                    break Some(if shutdown.is_cancelled() { going_away() } else { slow_consumer() });
+                }
+                _ = &mut expiry => break Some(reason(CloseCode::Other(protocol::close::TOKEN_EXPIRED), "token expired")),
+                _ = heartbeat.tick() => {
+                    if last_seen.elapsed() > heartbeat_timeout {
+                        break Some(reason(CloseCode::Policy, "heartbeat timeout: no pong"));
+                    }
+                    if self.session.ping(b"").await.is_err() {
+                        break self.abort_reason();
+                    }
+                }
                 Some(event) = events.recv() => {
                     if self.send_live(&event).await.is_err() {
                         break self.abort_reason();
@@ -164,18 +176,6 @@ impl Connection {
                     },
                     Some(Err(err)) => break Some(protocol_error_close(&err)),
                 },
-                () = &mut stopped => {
-                    break Some(if shutdown.is_cancelled() { going_away() } else { slow_consumer() });
-                }
-                _ = &mut expiry => break Some(reason(CloseCode::Other(protocol::close::TOKEN_EXPIRED), "token expired")),
-                _ = heartbeat.tick() => {
-                    if last_seen.elapsed() > heartbeat_timeout {
-                        break Some(reason(CloseCode::Policy, "heartbeat timeout: no pong"));
-                    }
-                    if self.session.ping(b"").await.is_err() {
-                        break self.abort_reason();
-                    }
-                }
             }
         };
 

@@ -1,6 +1,7 @@
 //! The WebSocket contract: subscribe, unsubscribe, publish, ping, both
 //! encodings, and refusals that keep the connection open.
 
+use futures_util::StreamExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -314,7 +315,28 @@ async fn a_subscriber_that_stops_reading_is_evicted_and_others_get_everything() 
         assert_eq!(fast.recv().await["offset"], expected);
     }
 
-    let frame = slow.closed().await.expect("a close frame with a code");
+    // What the slow client did get is gap-free up to the close: it resumes
+    // after its last offset, so nothing past a dropped event may reach it.
+    let mut offsets = Vec::new();
+    let frame = loop {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(10), slow.stream.next())
+            .await
+            .expect("a close within 10 s");
+        match message {
+            Some(Ok(Message::Text(text))) => {
+                let event: serde_json::Value = serde_json::from_str(&text).unwrap();
+                offsets.push(event["offset"].as_u64().unwrap());
+            }
+            Some(Ok(Message::Close(frame))) => break frame.expect("a close code"),
+            Some(Ok(_)) => {}
+            other => panic!("expected events then a close frame, got {other:?}"),
+        }
+    };
     assert_eq!(u16::from(frame.code), 1013);
     assert!(frame.reason.contains("slow"), "{}", frame.reason);
+    assert!(
+        (offsets.len() as u64) < EVENTS,
+        "it was evicted before the end"
+    );
+    assert_eq!(offsets, (1..=offsets.len() as u64).collect::<Vec<_>>());
 }
