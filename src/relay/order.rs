@@ -13,12 +13,16 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use futures_util::StreamExt;
+
 use crate::event::Event;
 use crate::hub::Hub;
 use crate::store::Store;
 use crate::store::retention::Retention;
 use crate::topic::Topic;
 
+/// Heads read concurrently when many topics start being tracked at once.
+const HEAD_READS_AT_ONCE: usize = 4;
 /// Events read from the store per query while filling a gap.
 const FILL_PAGE: u64 = 500;
 
@@ -49,7 +53,13 @@ impl Orderer {
                 start.push(topic);
             }
         }
-        let heads = futures_util::future::join_all(start.iter().map(|t| store.head(t))).await;
+        // A few at a time: a burst of new topics must not take the whole
+        // store pool from publishers.
+        let reads: Vec<_> = start.iter().map(|&topic| store.head(topic)).collect();
+        let heads: Vec<_> = futures_util::stream::iter(reads)
+            .buffered(HEAD_READS_AT_ONCE)
+            .collect()
+            .await;
         for (topic, head) in start.into_iter().zip(heads) {
             match head {
                 Ok(head) => {

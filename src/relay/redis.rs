@@ -370,12 +370,16 @@ impl Subscriber {
                     }
                     let topics: Vec<&Topic> = changes.iter().map(|c| &c.topic).collect();
                     let Shared { hub, store, retention } = &self.shared;
-                    if reconcile(hub, &self.names, &mut sink, &mut subscribed, &topics).await.is_err() {
-                        changes.into_iter().for_each(acknowledge);
-                        break Ended::Lost;
-                    }
+                    let lost = reconcile(hub, &self.names, &mut sink, &mut subscribed, &topics)
+                        .await
+                        .is_err();
+                    // Tracked either way (it needs only the store), so the
+                    // catch-up after a reconnect covers these topics too.
                     self.orderer.sync(&topics, hub, store, retention).await;
                     changes.into_iter().for_each(acknowledge);
+                    if lost {
+                        break Ended::Lost;
+                    }
                 }
             }
         };

@@ -3,10 +3,13 @@
 //! Every event of a topic with history is committed here before its publish
 //! is acknowledged. The store assigns offsets: per topic, gap-free (1, 2, 3
 //! …), under a row lock on the topic so concurrent publishers on any number
-//! of nodes serialize. Each topic's log has an `epoch`, a random id fixed
-//! when its row is created: a fresh SQLite file or a reset database gives
-//! new epochs, so offsets from a lost log are never mistaken for current
-//! ones.
+//! of nodes serialize. Each topic's log has an `epoch`: the database's
+//! `store_id` (table `herald_meta`, drawn when the database is first opened),
+//! fixed in the topic's row when its first event is written and reported
+//! from the start for a topic with no row yet. A fresh SQLite file or a new
+//! database gives new epochs, so offsets from a lost log are never mistaken
+//! for current ones. Resetting the log by hand means emptying `herald_meta`
+//! along with the event tables (or dropping the database).
 //!
 //! One SQL dialect serves both backends through sqlx's `Any` driver (`$N`
 //! placeholders work in SQLite and PostgreSQL); only the migrations differ,
@@ -221,7 +224,13 @@ impl Store {
         {
             return self.append_one_postgres(event, ts).await.map(|a| vec![a]);
         }
-        let mut tx = self.pool.begin().await?;
+        // SQLite: take the write lock up front. The key lookups below read
+        // first, and a deferred transaction that reads and then writes fails
+        // at once (SQLITE_BUSY_SNAPSHOT) when another writer got in between.
+        let mut tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
         // Idempotency first: an event whose key is already in the log (or
         // earlier in this batch) is a duplicate and takes no offset.
         let mut outcome: Vec<Option<Appended>> = vec![None; events.len()];
