@@ -256,13 +256,13 @@ async fn run(cli: Cli) -> Result<()> {
                 // loopback write costs here.
                 let floor = Cluster::start(System::Echo, 1, false, &paths).await?;
                 let result = fanout::run(name, &floor, options).await;
-                floor.stop().await?;
+                floor.stop().await;
                 add(or_error(name, System::Echo, result));
             }
             for &system in &systems {
                 let cluster = Cluster::start(system, 2, true, &paths).await?;
                 let result = fanout::run(name, &cluster, options).await;
-                cluster.stop().await?;
+                cluster.stop().await;
                 add(or_error(name, system, result));
             }
         }
@@ -274,7 +274,7 @@ async fn run(cli: Cli) -> Result<()> {
         };
         let floor = Cluster::start(System::Echo, 1, false, &paths).await?;
         let result = latency::run("latency", latency::DURABLE, &floor, &options).await;
-        floor.stop().await?;
+        floor.stop().await;
         let floor = or_error("latency", System::Echo, result);
         let floor_p = (floor.get("p50_ms"), floor.get("p99_ms"));
         add(floor);
@@ -299,7 +299,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 add(report);
             }
-            cluster.stop().await?;
+            cluster.stop().await;
         }
     }
     if let Some(args) = &plan.connections {
@@ -310,7 +310,7 @@ async fn run(cli: Cli) -> Result<()> {
         for &system in &systems {
             let cluster = Cluster::start(system, 1, true, &paths).await?;
             let result = connections::run(&cluster, &options).await;
-            cluster.stop().await?;
+            cluster.stop().await;
             add(or_error("connections", system, result));
         }
     }
@@ -325,7 +325,7 @@ async fn run(cli: Cli) -> Result<()> {
         };
         let cluster = Cluster::start(System::Herald, 1, false, &paths).await?;
         let result = publish::run(&cluster, &options).await;
-        cluster.stop().await?;
+        cluster.stop().await;
         match result {
             Ok(found) => found.into_iter().for_each(&mut add),
             Err(e) => add(or_error("publish", System::Herald, Err(e))),
@@ -339,11 +339,13 @@ async fn run(cli: Cli) -> Result<()> {
     // the systems end to end (numbers are reported, never asserted).
     if smoke
         && let Some(r) = reports.iter().find(|r| {
-            r.get("lost").unwrap_or(0.0) > 0.0 || r.get("duplicated").unwrap_or(0.0) > 0.0
+            ["lost", "duplicated", "delivered_unacknowledged"]
+                .iter()
+                .any(|m| r.get(m).unwrap_or(0.0) > 0.0)
         })
     {
         bail!(
-            "{} on {} lost or duplicated deliveries",
+            "{} on {} lost, duplicated or invented deliveries",
             r.scenario,
             r.system.name()
         );

@@ -171,6 +171,17 @@ impl Cluster {
             redis: None,
             database: None,
         };
+        match cluster.launch(count, relay, paths).await {
+            Ok(()) => Ok(cluster),
+            Err(e) => {
+                // Whatever did start (and the database) goes away.
+                cluster.stop().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn launch(&mut self, count: usize, relay: bool, paths: &Paths) -> Result<()> {
         let redis_url = if relay {
             let port = free_port()?;
             let mut command = Command::new(&paths.redis_server);
@@ -185,17 +196,17 @@ impl Cluster {
                 "no",
             ]);
             let redis = Proc::spawn(
-                &format!("{}-redis", system.name()),
+                &format!("{}-redis", self.system.name()),
                 command,
                 &paths.work_dir,
             )?;
-            cluster.redis = Some(redis);
+            self.redis = Some(redis);
             wait_for_port(SocketAddr::from(([127, 0, 0, 1], port))).await?;
             Some(format!("redis://127.0.0.1:{port}"))
         } else {
             None
         };
-        if system == System::Herald {
+        if self.system == System::Herald {
             let name = format!(
                 "herald_bench_{}_{}",
                 std::process::id(),
@@ -203,15 +214,15 @@ impl Cluster {
                     .duration_since(std::time::UNIX_EPOCH)?
                     .as_millis()
             );
-            cluster.database = Some((paths.postgres.clone(), name));
+            self.database = Some((paths.postgres.clone(), name));
         }
         for i in 0..count {
             let port = free_port()?;
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let name = format!("{}-{}", system.name(), (b'a' + i as u8) as char);
-            let command = match system {
+            let name = format!("{}-{}", self.system.name(), (b'a' + i as u8) as char);
+            let command = match self.system {
                 System::Herald => {
-                    let (server, db) = cluster.database.as_ref().expect("set above");
+                    let (server, db) = self.database.as_ref().expect("set above");
                     let config = paths.work_dir.join("herald-bench.toml");
                     std::fs::write(&config, HERALD_CONFIG)?;
                     let mut command = Command::new(&paths.herald_bin);
@@ -252,18 +263,18 @@ impl Cluster {
                 }
             };
             let proc = Proc::spawn(&name, command, &paths.work_dir)?;
-            cluster.nodes.push(Node { addr, proc });
+            self.nodes.push(Node { addr, proc });
             // Nodes start one after another: the first Herald node creates
             // the database and runs the migrations.
-            let ready = match system {
+            let ready = match self.system {
                 System::Herald => Some("/readyz"),
                 System::SocketIo => Some("/healthz"),
                 System::Echo => None,
             };
-            let node = cluster.nodes.last_mut().expect("pushed");
+            let node = self.nodes.last_mut().expect("pushed");
             wait_ready(node, ready).await?;
         }
-        Ok(cluster)
+        Ok(())
     }
 
     /// CPU time of all nodes together.
@@ -271,33 +282,65 @@ impl Cluster {
         self.nodes.iter().map(|n| n.proc.cpu()).sum()
     }
 
+    /// CPU time of the PostgreSQL backends serving this run's database
+    /// (Herald's event log), or `None` when the system has no database.
+    /// Backends are found in `pg_stat_activity` at each call; the pool's
+    /// connections live for the whole run.
+    pub async fn store_cpu(&self) -> Option<Duration> {
+        use sqlx::Connection;
+        let (server, db) = self.database.as_ref()?;
+        let url = format!("{}/postgres", server.trim_end_matches('/'));
+        let mut conn = sqlx::PgConnection::connect(&url).await.ok()?;
+        let pids: Vec<i32> =
+            sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = $1")
+                .bind(db)
+                .fetch_all(&mut conn)
+                .await
+                .ok()?;
+        let _ = conn.close().await;
+        Some(
+            pids.iter()
+                .map(|pid| cpu_of(&format!("/proc/{pid}/stat")))
+                .sum(),
+        )
+    }
+
     /// CPU time of the private Redis.
     pub fn redis_cpu(&self) -> Duration {
         self.redis.as_ref().map_or(Duration::ZERO, Proc::cpu)
     }
 
-    pub async fn stop(self) -> Result<()> {
+    /// Stops every process and drops the run's database. Problems are
+    /// reported, not returned: the next run should still happen.
+    pub async fn stop(self) {
         for node in self.nodes {
             node.proc.stop().await;
         }
         if let Some(redis) = self.redis {
             redis.stop().await;
         }
-        if let Some((server, db)) = self.database {
-            use sqlx::Connection;
-            let url = format!("{}/postgres", server.trim_end_matches('/'));
-            let mut conn = sqlx::PgConnection::connect(&url)
-                .await
-                .with_context(|| format!("cannot connect to {url} (--postgres) to drop {db}"))?;
-            // The name is the harness's own, made above; identifiers cannot be bound.
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"
-            )))
-            .execute(&mut conn)
-            .await?;
+        if let Some((server, db)) = self.database
+            && let Err(e) = drop_database(&server, &db).await
+        {
+            eprintln!("herald-bench: could not drop database {db} (--postgres): {e:#}");
         }
-        Ok(())
     }
+}
+
+async fn drop_database(server: &str, db: &str) -> Result<()> {
+    use sqlx::Connection;
+    let url = format!("{}/postgres", server.trim_end_matches('/'));
+    let mut conn = sqlx::PgConnection::connect(&url)
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    // The name is the harness's own, made in `Cluster::start`; identifiers
+    // cannot be bound.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"
+    )))
+    .execute(&mut conn)
+    .await?;
+    Ok(())
 }
 
 async fn wait_for_port(addr: SocketAddr) -> Result<()> {

@@ -4,14 +4,14 @@
 //! nodes' CPU time per delivery.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::{publish_schedule, subscribe_many};
+use super::{bitset, publish_schedule, subscribe_many, warm_up};
 use crate::client::Subscriber;
 use crate::nodes::{Cluster, self_cpu};
 use crate::report::{Report, latencies};
@@ -25,6 +25,8 @@ pub struct Options {
 
 /// What one subscriber saw.
 struct Seen {
+    /// Sequence numbers received, as a bitset.
+    bits: Vec<u64>,
     unique: u64,
     duplicates: u64,
     reordered: u64,
@@ -54,20 +56,28 @@ pub async fn run(name: &str, cluster: &Cluster, options: &Options) -> Result<Rep
 
     let (subs, _) = subscribe_many(cluster.system, &addrs, subscribers, |_| TOPIC.into()).await?;
     let delivered = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop) = watch::channel(false);
     let mut tasks = JoinSet::new();
     for sub in subs {
-        tasks.spawn(receive(sub, events, delivered.clone(), stop.clone()));
+        let (delivered, finished, stop) = (delivered.clone(), finished.clone(), stop.clone());
+        tasks.spawn(async move {
+            let seen = receive(sub, events, delivered, stop).await;
+            finished.fetch_add(1, Ordering::Relaxed);
+            seen
+        });
     }
 
-    let (cpu0, redis0, self0) = (cluster.cpu(), cluster.redis_cpu(), self_cpu());
+    warm_up(addrs[0], TOPIC).await?;
+    let (cpu0, store0) = (cluster.cpu(), cluster.store_cpu().await);
+    let (redis0, self0) = (cluster.redis_cpu(), self_cpu());
     let published = publish_schedule(addrs[0], TOPIC, events, events_per_sec, 4).await?;
-    let expected = published.accepted * subscribers as u64;
+    let expected = published.accepted_count * subscribers as u64;
     let publish_end = Instant::now();
     let (mut last_count, mut last_progress) = (delivered.load(Ordering::Relaxed), Instant::now());
     loop {
         let now = delivered.load(Ordering::Relaxed);
-        if now >= expected || tasks.is_empty() {
+        if now >= expected || finished.load(Ordering::Relaxed) == subscribers {
             break;
         }
         if now != last_count {
@@ -79,15 +89,23 @@ pub async fn run(name: &str, cluster: &Cluster, options: &Options) -> Result<Rep
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (cpu1, redis1, self1) = (cluster.cpu(), cluster.redis_cpu(), self_cpu());
+    let store1 = cluster.store_cpu().await;
     let _ = stop_tx.send(true);
 
     let (mut unique, mut duplicates, mut reordered, mut closed) = (0u64, 0u64, 0u64, 0u64);
+    // Judged per event: accepted but not received is lost; received but
+    // never accepted (its publish failed) is reported, not netted off.
+    let (mut lost, mut unacknowledged) = (0u64, 0u64);
     let mut all = Vec::with_capacity(expected as usize);
     let mut last: Option<Instant> = None;
     let mut first_close = None;
     while let Some(joined) = tasks.join_next().await {
         let seen = joined?;
         unique += seen.unique;
+        for (got, ok) in seen.bits.iter().zip(&published.accepted) {
+            lost += u64::from((ok & !got).count_ones());
+            unacknowledged += u64::from((got & !ok).count_ones());
+        }
         duplicates += seen.duplicates;
         reordered += seen.reordered;
         all.extend_from_slice(&seen.latencies_us);
@@ -108,7 +126,8 @@ pub async fn run(name: &str, cluster: &Cluster, options: &Options) -> Result<Rep
             0.0
         },
     );
-    report.set("lost", expected.saturating_sub(unique) as f64);
+    report.set("lost", lost as f64);
+    report.set("delivered_unacknowledged", unacknowledged as f64);
     report.set("duplicated", duplicates as f64);
     report.set("reordered", reordered as f64);
     report.set("disconnected", closed as f64);
@@ -121,6 +140,12 @@ pub async fn run(name: &str, cluster: &Cluster, options: &Options) -> Result<Rep
         }
     };
     report.set("node_cpu_us_per_delivery", per_delivery(cpu1 - cpu0));
+    if let (Some(store0), Some(store1)) = (store0, store1) {
+        report.set(
+            "store_cpu_us_per_delivery",
+            per_delivery(store1.saturating_sub(store0)),
+        );
+    }
     report.set("redis_cpu_us_per_delivery", per_delivery(redis1 - redis0));
     report.set("harness_cpu_us_per_delivery", per_delivery(self1 - self0));
     if let Some(reason) = first_close {
@@ -136,8 +161,8 @@ async fn receive(
     delivered: Arc<AtomicU64>,
     mut stop: watch::Receiver<bool>,
 ) -> Seen {
-    let mut seen_bits = vec![0u64; (events as usize).div_ceil(64) + 1];
     let mut seen = Seen {
+        bits: bitset(events),
         unique: 0,
         duplicates: 0,
         reordered: 0,
@@ -163,11 +188,11 @@ async fn receive(
             continue; // warm-up
         }
         let (word, bit) = ((event.seq / 64) as usize, event.seq % 64);
-        if word >= seen_bits.len() || seen_bits[word] & (1 << bit) != 0 {
+        if word >= seen.bits.len() || seen.bits[word] & (1 << bit) != 0 {
             seen.duplicates += 1;
             continue;
         }
-        seen_bits[word] |= 1 << bit;
+        seen.bits[word] |= 1 << bit;
         // Order is the system's: offsets must rise. (Sequence numbers need
         // not, since the publisher's connections race each other.)
         if let Some(offset) = event.offset {

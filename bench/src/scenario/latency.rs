@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 
-use super::{publish_schedule, subscribe_many};
+use super::{bitset, publish_schedule, subscribe_many, warm_up};
 use crate::nodes::Cluster;
 use crate::report::{Report, latencies};
 
@@ -33,25 +33,38 @@ pub async fn run(
     let mut sub = subs.pop().expect("one subscriber");
     let events = options.events;
     let receiver = tokio::spawn(async move {
-        let mut micros = Vec::with_capacity(events as usize);
+        let (mut micros, mut seen, mut duplicates) = (Vec::new(), bitset(events), 0u64);
         while (micros.len() as u64) < events {
             match tokio::time::timeout(Duration::from_secs(10), sub.next_event()).await {
                 Ok(Ok(event)) if event.seq == 0 => {} // warm-up
-                Ok(Ok(event)) => micros.push(event.latency_us.min(u64::from(u32::MAX)) as u32),
+                Ok(Ok(event)) => {
+                    let (word, bit) = ((event.seq / 64) as usize, event.seq % 64);
+                    if word >= seen.len() || seen[word] & (1 << bit) != 0 {
+                        duplicates += 1;
+                        continue;
+                    }
+                    seen[word] |= 1 << bit;
+                    micros.push(event.latency_us.min(u64::from(u32::MAX)) as u32);
+                }
                 Ok(Err(e)) => return Err(anyhow::Error::from(e)),
                 Err(_) => break,
             }
         }
         sub.ws.close().await;
-        Ok(micros)
+        Ok((micros, duplicates))
     });
+    warm_up(first, topic).await?;
     let published = publish_schedule(first, topic, events, options.rate, 1).await?;
-    let micros = receiver.await??;
+    let (micros, duplicates) = receiver.await??;
     if published.failed > 0 {
         bail!("{} of {events} publishes failed", published.failed);
     }
     report.set("events", events as f64);
-    report.set("lost", (published.accepted - micros.len() as u64) as f64);
+    report.set(
+        "lost",
+        published.accepted_count.saturating_sub(micros.len() as u64) as f64,
+    );
+    report.set("duplicated", duplicates as f64);
     latencies(&mut report, micros);
     Ok(report)
 }

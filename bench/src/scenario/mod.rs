@@ -70,24 +70,45 @@ pub async fn subscribe_many(
 /// Warm-up events published before a schedule.
 pub const WARMUP: u64 = 3;
 
+/// Publishes [`WARMUP`] events numbered 0, which subscribers skip, and lets
+/// them settle: the first publish to a topic sets up its log and routes, a
+/// cost a steady stream does not pay. Call before taking measurements.
+pub async fn warm_up(addr: SocketAddr, topic: &str) -> Result<()> {
+    let token = client::token();
+    let path = client::publish_path(topic);
+    let mut http = Http::connect(addr).await?;
+    for _ in 0..WARMUP {
+        let res = http
+            .post_json(&path, &token, &client::event_body(0, client::now_nanos()))
+            .await?;
+        anyhow::ensure!(res.status == 201, "warm-up publish answered {}", res.status);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
+
 /// What a publisher did.
 pub struct Published {
-    /// Events answered 201.
-    pub accepted: u64,
+    /// Sequence numbers of the events answered 201, as a bitset.
+    pub accepted: Vec<u64>,
+    pub accepted_count: u64,
     /// Events answered otherwise, or not at all.
     pub failed: u64,
     /// When the first event was scheduled.
     pub first: Instant,
 }
 
+/// A bitset able to hold sequence numbers 0..=`max`.
+pub fn bitset(max: u64) -> Vec<u64> {
+    vec![0; (max as usize) / 64 + 1]
+}
+
 /// Publishes events 1..=`count` to `topic` on `addr`, event `k` scheduled
 /// at `k / rate` seconds, over `connections` keep-alive connections. Each
-/// body carries the time it was handed to a connection, so a publisher
-/// waiting on slow replies counts against the system, not for it.
-///
-/// First come [`WARMUP`] events numbered 0, which subscribers skip: the
-/// first publish to a topic sets up its log and routes, a cost a steady
-/// stream does not pay.
+/// body carries the time its timer fired (the timer's millisecond
+/// granularity is not the system's latency); the queue to the connections
+/// is unbounded, so a publisher waiting on slow replies counts against the
+/// system, not for it.
 pub async fn publish_schedule(
     addr: SocketAddr,
     topic: &str,
@@ -97,14 +118,14 @@ pub async fn publish_schedule(
 ) -> Result<Published> {
     let token: Arc<str> = client::token().into();
     let path: Arc<str> = client::publish_path(topic).into();
-    let (tx, rx) = mpsc::channel::<(u64, u64)>(1024);
+    let (tx, rx) = mpsc::unbounded_channel::<(u64, u64)>();
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let mut workers = JoinSet::new();
     for _ in 0..connections {
         let (token, path, rx) = (token.clone(), path.clone(), rx.clone());
         let mut http = Http::connect(addr).await?;
         workers.spawn(async move {
-            let (mut accepted, mut failed) = (0u64, 0u64);
+            let (mut accepted, mut failed) = (Vec::new(), 0u64);
             loop {
                 let next = rx.lock().await.recv().await;
                 let Some((seq, nanos)) = next else { break };
@@ -112,7 +133,7 @@ pub async fn publish_schedule(
                     .post_json(&path, &token, &client::event_body(seq, nanos))
                     .await
                 {
-                    Ok(res) if res.status == 201 => accepted += 1,
+                    Ok(res) if res.status == 201 => accepted.push(seq),
                     Ok(_) => failed += 1,
                     Err(_) => {
                         failed += 1;
@@ -125,35 +146,27 @@ pub async fn publish_schedule(
             (accepted, failed)
         });
     }
-    let mut http = Http::connect(addr).await?;
-    for _ in 0..WARMUP {
-        let res = http
-            .post_json(&path, &token, &client::event_body(0, client::now_nanos()))
-            .await?;
-        anyhow::ensure!(res.status == 201, "warm-up publish answered {}", res.status);
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let first = Instant::now() + Duration::from_millis(10);
     let interval = Duration::from_secs_f64(1.0 / rate);
     for k in 1..=count {
         let at = first + interval.mul_f64((k - 1) as f64);
         tokio::time::sleep_until(at.into()).await;
-        // Stamped when dispatched: the timer's millisecond granularity is
-        // not the system's latency, a queue behind a slow reply is.
-        let nanos = client::now_nanos();
-        tx.send((k, nanos))
-            .await
+        tx.send((k, client::now_nanos()))
             .expect("workers outlive the schedule");
     }
     drop(tx);
-    let (mut accepted, mut failed) = (0, 0);
+    let (mut accepted, mut accepted_count, mut failed) = (bitset(count), 0, 0);
     while let Some(joined) = workers.join_next().await {
-        let (a, f) = joined?;
-        accepted += a;
+        let (seqs, f) = joined?;
+        for seq in seqs {
+            accepted[(seq / 64) as usize] |= 1 << (seq % 64);
+            accepted_count += 1;
+        }
         failed += f;
     }
     Ok(Published {
         accepted,
+        accepted_count,
         failed,
         first,
     })

@@ -38,13 +38,19 @@ async fn load(cluster: &Cluster, options: &Options, batch: usize) -> Result<Repo
     let mut report = Report::new(name, cluster.system);
     let addr = cluster.nodes[0].addr;
     let token: Arc<str> = client::token().into();
-    let deadline = Instant::now() + Duration::from_secs_f64(options.seconds);
     let topics = options.topics.max(1);
-    let mut workers = JoinSet::new();
+    let mut connections = Vec::new();
+    for _ in 0..options.connections.max(1) {
+        connections.push(Http::connect(addr).await?);
+    }
+    // Measured from here: connections are open, the clock and CPU start.
+    let (cpu0, self0) = (cluster.cpu(), crate::nodes::self_cpu());
+    let store0 = cluster.store_cpu().await;
     let started = Instant::now();
-    for w in 0..options.connections.max(1) {
+    let deadline = started + Duration::from_secs_f64(options.seconds);
+    let mut workers = JoinSet::new();
+    for (w, mut http) in connections.into_iter().enumerate() {
         let token = token.clone();
-        let mut http = Http::connect(addr).await?;
         workers.spawn(async move {
             let mut micros = Vec::new();
             let (mut events, mut failed) = (0u64, 0u64);
@@ -95,7 +101,6 @@ async fn load(cluster: &Cluster, options: &Options, batch: usize) -> Result<Repo
             anyhow::Ok((events, failed, micros))
         });
     }
-    let (cpu0, self0) = (cluster.cpu(), crate::nodes::self_cpu());
     let (mut events, mut failed, mut all) = (0, 0, Vec::new());
     while let Some(joined) = workers.join_next().await {
         let (e, f, m) = joined??;
@@ -105,6 +110,7 @@ async fn load(cluster: &Cluster, options: &Options, batch: usize) -> Result<Repo
     }
     let elapsed = started.elapsed().as_secs_f64();
     let (cpu1, self1) = (cluster.cpu(), crate::nodes::self_cpu());
+    let store1 = cluster.store_cpu().await;
     if events == 0 {
         bail!("{name}: no publish succeeded ({failed} failed)");
     }
@@ -116,6 +122,12 @@ async fn load(cluster: &Cluster, options: &Options, batch: usize) -> Result<Repo
         "node_cpu_us_per_event",
         (cpu1 - cpu0).as_secs_f64() * 1e6 / events as f64,
     );
+    if let (Some(store0), Some(store1)) = (store0, store1) {
+        report.set(
+            "store_cpu_us_per_event",
+            store1.saturating_sub(store0).as_secs_f64() * 1e6 / events as f64,
+        );
+    }
     report.set(
         "harness_cpu_us_per_event",
         (self1 - self0).as_secs_f64() * 1e6 / events as f64,
