@@ -288,19 +288,14 @@ impl Store {
                 });
             }
         }
-        let new: Vec<(usize, &NewEvent)> = events
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| alias[*i].is_none() && outcome[*i].is_some_and(|a| !a.duplicate))
-            .collect();
+        // The new events are exactly those given offsets above.
+        let new: Vec<usize> = per_topic.into_values().flatten().collect();
         for chunk in new.chunks(INSERT_CHUNK) {
             let mut query = sqlx::query(sqlx::AssertSqlSafe(insert_events_sql(chunk.len())));
-            for &(i, event) in chunk {
+            for &i in chunk {
+                let event = &events[i];
                 let offset = outcome[i].expect("assigned above").offset;
-                let (is_binary, body): (i64, &[u8]) = match &event.payload {
-                    Payload::Json(raw) => (0, raw.get().as_bytes()),
-                    Payload::Binary(bytes) => (1, bytes),
-                };
+                let (is_binary, body) = stored_payload(&event.payload);
                 query = query
                     .bind(event.topic.as_str())
                     .bind(offset as i64)
@@ -329,10 +324,7 @@ impl Store {
     /// statement (atomic on its own) instead of a four-round-trip
     /// transaction; the offset is reserved and the event inserted together.
     async fn append_one_postgres(&self, event: &NewEvent, ts: u64) -> Result<Appended, StoreError> {
-        let (is_binary, body): (i64, &[u8]) = match &event.payload {
-            Payload::Json(raw) => (0, raw.get().as_bytes()),
-            Payload::Binary(bytes) => (1, bytes),
-        };
+        let (is_binary, body) = stored_payload(&event.payload);
         let row = sqlx::query(
             "WITH t AS ( \
                  INSERT INTO herald_topics (topic, epoch, last_seq, created_ms) VALUES ($1, $2, 1, $3) \
@@ -444,6 +436,15 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected())
+    }
+}
+
+/// A payload as stored: `is_binary` (0 for JSON text, 1 for bytes) and the
+/// bytes. [`decode_event`] reads it back.
+fn stored_payload(payload: &Payload) -> (i64, &[u8]) {
+    match payload {
+        Payload::Json(raw) => (0, raw.get().as_bytes()),
+        Payload::Binary(bytes) => (1, bytes),
     }
 }
 
