@@ -64,14 +64,7 @@ async fn serve(stream: TcpStream, subscribers: Subscribers) -> io::Result<()> {
             buf.drain(..head_end);
             continue;
         }
-        let length: usize = head
-            .lines()
-            .find_map(|line| {
-                let (name, value) = line.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse().ok())?
-            })
-            .unwrap_or(0);
+        let length = crate::http::content_length(&head).unwrap_or(0);
         while buf.len() < head_end + length {
             if read.read_buf(&mut buf).await? == 0 {
                 return Ok(());

@@ -68,13 +68,7 @@ impl Http {
             .get(9..12)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| io::Error::other("malformed status line"))?;
-        let length: usize = head
-            .lines()
-            .find_map(|line| {
-                let (name, value) = line.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse().ok())?
-            })
+        let length = content_length(head)
             .ok_or_else(|| io::Error::other("response without Content-Length"))?;
         while self.buf.len() < head_end + length {
             self.read_more().await?;
@@ -93,4 +87,13 @@ impl Http {
         self.buf.extend_from_slice(&chunk[..n]);
         Ok(())
     }
+}
+
+/// The `Content-Length` of a message head, if it has one.
+pub fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse().ok())?
+    })
 }

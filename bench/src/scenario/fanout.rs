@@ -11,7 +11,7 @@ use anyhow::Result;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::{bitset, publish_schedule, subscribe_many, warm_up};
+use super::{bitset, mark, publish_schedule, subscribe_many, warm_up};
 use crate::client::Subscriber;
 use crate::nodes::{Cluster, self_cpu};
 use crate::report::{Report, latencies};
@@ -187,12 +187,10 @@ async fn receive(
         if event.seq == 0 {
             continue; // warm-up
         }
-        let (word, bit) = ((event.seq / 64) as usize, event.seq % 64);
-        if word >= seen.bits.len() || seen.bits[word] & (1 << bit) != 0 {
+        if !mark(&mut seen.bits, event.seq) {
             seen.duplicates += 1;
             continue;
         }
-        seen.bits[word] |= 1 << bit;
         // Order is the system's: offsets must rise. (Sequence numbers need
         // not, since the publisher's connections race each other.)
         if let Some(offset) = event.offset {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 
-use super::{bitset, publish_schedule, subscribe_many, warm_up};
+use super::{bitset, mark, publish_schedule, subscribe_many, warm_up};
 use crate::nodes::Cluster;
 use crate::report::{Report, latencies};
 
@@ -38,12 +38,10 @@ pub async fn run(
             match tokio::time::timeout(Duration::from_secs(10), sub.next_event()).await {
                 Ok(Ok(event)) if event.seq == 0 => {} // warm-up
                 Ok(Ok(event)) => {
-                    let (word, bit) = ((event.seq / 64) as usize, event.seq % 64);
-                    if word >= seen.len() || seen[word] & (1 << bit) != 0 {
+                    if !mark(&mut seen, event.seq) {
                         duplicates += 1;
                         continue;
                     }
-                    seen[word] |= 1 << bit;
                     micros.push(event.latency_us.min(u64::from(u32::MAX)) as u32);
                 }
                 Ok(Err(e)) => return Err(anyhow::Error::from(e)),

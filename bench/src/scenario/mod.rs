@@ -103,6 +103,19 @@ pub fn bitset(max: u64) -> Vec<u64> {
     vec![0; (max as usize) / 64 + 1]
 }
 
+/// Sets `seq` in `bits`; false when it was set already or is out of range
+/// (a duplicate, or a number never published).
+pub fn mark(bits: &mut [u64], seq: u64) -> bool {
+    let (word, bit) = ((seq / 64) as usize, seq % 64);
+    match bits.get_mut(word) {
+        Some(w) if *w & (1 << bit) == 0 => {
+            *w |= 1 << bit;
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Publishes events 1..=`count` to `topic` on `addr`, event `k` scheduled
 /// at `k / rate` seconds, over `connections` keep-alive connections. Each
 /// body carries the time its timer fired (the timer's millisecond
@@ -159,8 +172,9 @@ pub async fn publish_schedule(
     while let Some(joined) = workers.join_next().await {
         let (seqs, f) = joined?;
         for seq in seqs {
-            accepted[(seq / 64) as usize] |= 1 << (seq % 64);
-            accepted_count += 1;
+            if mark(&mut accepted, seq) {
+                accepted_count += 1;
+            }
         }
         failed += f;
     }
