@@ -154,18 +154,16 @@ async fn pruned_events_make_a_resume_truncated_from_the_oldest_retained() {
     for i in 1..=5 {
         node.publish_ok(&p, "alerts", &json!(i)).await;
     }
-    let history = |node: &TestNode| {
-        let request = node
-            .http
-            .get(node.url("/api/v1/topics/alerts/events?since=0"))
-            .bearer_auth(subscriber());
-        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
-    };
+    let (path, token) = ("/api/v1/topics/alerts/events?since=0", subscriber());
     eventually("old events are pruned", || async {
-        history(&node).await["events"].as_array().unwrap().len() == 2
+        node.get_json(path, &token).await["events"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 2
     })
     .await;
-    let body = history(&node).await;
+    let body = node.get_json(path, &token).await;
     assert_eq!(body["truncated"], true);
     let epoch = body["epoch"].clone();
 
@@ -472,16 +470,9 @@ async fn pruning_keeps_max_events_on_both_backends() {
             node.publish_ok(&publisher(), "alerts", &json!(i)).await;
         }
         let oldest = || async {
-            let body: Value = node
-                .http
-                .get(node.url("/api/v1/topics/alerts/events?since=0"))
-                .bearer_auth(subscriber())
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let body = node
+                .get_json("/api/v1/topics/alerts/events?since=0", &subscriber())
+                .await;
             body["events"][0]["offset"].as_u64()
         };
         eventually(&format!("{backend} prunes to the newest 3"), || async {
@@ -530,16 +521,8 @@ async fn concurrent_batches_over_the_same_topics_in_any_order_all_commit_on_both
             assert!(task.await.unwrap().iter().all(|&s| s == 201), "{backend}");
         }
         for topic in ["ab.a", "ab.b"] {
-            let history: Value = node
-                .http
-                .get(node.url(&format!("/api/v1/topics/{topic}/events?limit=1000")))
-                .bearer_auth(subscriber())
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let path = format!("/api/v1/topics/{topic}/events?limit=1000");
+            let history = node.get_json(&path, &subscriber()).await;
             let offsets: Vec<u64> = history["events"]
                 .as_array()
                 .unwrap()

@@ -205,6 +205,19 @@ impl TestNode {
             .unwrap()
     }
 
+    /// GETs `path` with `token` and returns the JSON body.
+    pub async fn get_json(&self, path: &str, token: &str) -> Value {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// A task that publishes `count` events to `topic` over HTTP, one after
     /// the other, each answered 201; it returns their offsets in order.
     pub fn spawn_publisher(&self, topic: &str, count: u64) -> tokio::task::JoinHandle<Vec<u64>> {
