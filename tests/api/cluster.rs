@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use serde_json::json;
 
-use crate::helpers::{PgDatabase, RedisServer, TestNode, eventually, token};
+use crate::helpers::{PgDatabase, RedisServer, TestNode, TwoNodes, eventually, token};
 
 fn subscriber() -> String {
     token("sub", &[">"], &[])
@@ -16,10 +16,8 @@ fn publisher() -> String {
 
 #[tokio::test]
 async fn events_published_on_one_node_reach_subscribers_on_every_node_once() {
-    let redis = RedisServer::start().await;
-    let pg = PgDatabase::create().await;
-    let a = TestNode::clustered(&redis, &pg).await;
-    let b = TestNode::clustered(&redis, &pg).await;
+    let cluster = TwoNodes::start().await;
+    let (a, b) = (&cluster.a, &cluster.b);
     let mut on_a = a.connect(&subscriber()).await;
     let mut on_b = b.connect(&subscriber()).await;
     on_a.subscribe("alerts").await;
@@ -260,12 +258,8 @@ async fn many_clients_subscribing_at_once_to_distinct_topics_each_get_their_even
     // Subscription changes that queue up are applied to Redis together;
     // every one of them must still be subscribed before its reply.
     const CLIENTS: usize = 60;
-    let redis = RedisServer::start().await;
-    let pg = PgDatabase::create().await;
-    let (a, b) = (
-        TestNode::clustered(&redis, &pg).await,
-        TestNode::clustered(&redis, &pg).await,
-    );
+    let cluster = TwoNodes::start().await;
+    let (a, b, redis) = (&cluster.a, &cluster.b, &cluster.redis);
     let connecting = (0..CLIENTS).map(|k| {
         let b = &b;
         async move {

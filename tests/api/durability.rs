@@ -7,8 +7,8 @@ use herald::config::TopicRule;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    PgDatabase, RedisServer, SECRET, ServeProcess, TestNode, WsClient, eventually, spawn_node,
-    spawn_node_with, temp_dir, token,
+    PgDatabase, RedisServer, SECRET, ServeProcess, TestNode, TwoNodes, WsClient, eventually,
+    spawn_node, spawn_node_with, temp_dir, token,
 };
 
 fn subscriber() -> String {
@@ -399,10 +399,8 @@ async fn clients_of_a_node_killed_with_sigkill_resume_on_another_node_without_lo
 
 #[tokio::test]
 async fn a_client_resumes_on_another_node_of_a_postgres_cluster() {
-    let redis = RedisServer::start().await;
-    let pg = PgDatabase::create().await;
-    let a = TestNode::clustered(&redis, &pg).await;
-    let b = TestNode::clustered(&redis, &pg).await;
+    let cluster = TwoNodes::start().await;
+    let (a, b) = (&cluster.a, &cluster.b);
     let mut ws = a.connect(&subscriber()).await;
     let epoch = ws.subscribe("alerts").await["epoch"].clone();
     b.publish_ok(&publisher(), "alerts", &json!(1)).await;

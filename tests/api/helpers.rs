@@ -499,6 +499,29 @@ impl Drop for PgDatabase {
     }
 }
 
+/// Two nodes in cluster mode on a private Redis and a fresh PostgreSQL
+/// database; dropping it stops the nodes, then Redis, then drops the
+/// database.
+pub struct TwoNodes {
+    pub a: TestNode,
+    pub b: TestNode,
+    pub redis: RedisServer,
+    _pg: PgDatabase,
+}
+
+impl TwoNodes {
+    pub async fn start() -> TwoNodes {
+        let redis = RedisServer::start().await;
+        let pg = PgDatabase::create().await;
+        TwoNodes {
+            a: TestNode::clustered(&redis, &pg).await,
+            b: TestNode::clustered(&redis, &pg).await,
+            redis,
+            _pg: pg,
+        }
+    }
+}
+
 impl TestNode {
     /// A node in cluster mode on `redis` and the shared store `pg`, once it
     /// is ready.
