@@ -1,9 +1,9 @@
 //! Events: what a publish produces and a subscriber receives.
 //!
 //! An [`Event`] is built once per publish and shared (`Arc`) by every
-//! subscriber on the node. Its wire frame is encoded lazily, at most once
-//! per encoding, and the bytes are then shared by every connection that uses
-//! that encoding.
+//! subscriber on the node. Its WebSocket frame is encoded lazily, at most
+//! once per encoding, and the bytes are then written as they are to every
+//! connection that uses that encoding.
 
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -12,8 +12,11 @@ use bytes::Bytes;
 use bytestring::ByteString;
 use serde_json::value::RawValue;
 
-use crate::protocol;
+use actix_http::ws::OpCode;
+
+use crate::protocol::{self, Encoding};
 use crate::topic::Topic;
+use crate::ws;
 
 /// An event's body: JSON as published, or opaque bytes.
 #[derive(Debug, Clone)]
@@ -45,8 +48,9 @@ pub struct Event {
     /// Publish time, Unix milliseconds.
     pub ts: u64,
     pub payload: Payload,
-    json_frame: OnceLock<ByteString>,
-    msgpack_frame: OnceLock<Bytes>,
+    /// The complete WebSocket frames (header and payload), per encoding.
+    ws_json: OnceLock<Bytes>,
+    ws_msgpack: OnceLock<Bytes>,
 }
 
 impl Event {
@@ -56,23 +60,37 @@ impl Event {
             offset,
             ts,
             payload,
-            json_frame: OnceLock::new(),
-            msgpack_frame: OnceLock::new(),
+            ws_json: OnceLock::new(),
+            ws_msgpack: OnceLock::new(),
         }
     }
 
-    /// The `herald.json` event frame, encoded on first use.
+    /// The `herald.json` event message.
     pub fn json_frame(&self) -> ByteString {
-        self.json_frame
-            .get_or_init(|| protocol::encode_event_json(self))
-            .clone()
+        protocol::encode_event_json(self)
     }
 
-    /// The `herald.msgpack` event frame, encoded on first use.
+    /// The `herald.msgpack` event message.
     pub fn msgpack_frame(&self) -> Bytes {
-        self.msgpack_frame
-            .get_or_init(|| protocol::encode_event_msgpack(self))
-            .clone()
+        protocol::encode_event_msgpack(self)
+    }
+
+    /// The event as one WebSocket frame in `encoding` (a text frame for
+    /// JSON, binary for MessagePack), encoded on first use and shared by
+    /// every subscriber.
+    pub fn ws_frame(&self, encoding: Encoding) -> Bytes {
+        let (cell, op) = match encoding {
+            Encoding::Json => (&self.ws_json, OpCode::Text),
+            Encoding::MsgPack => (&self.ws_msgpack, OpCode::Binary),
+        };
+        cell.get_or_init(|| {
+            let message = match encoding {
+                Encoding::Json => self.json_frame().into_bytes(),
+                Encoding::MsgPack => self.msgpack_frame(),
+            };
+            ws::frame(op, &message).freeze()
+        })
+        .clone()
     }
 }
 

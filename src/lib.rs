@@ -13,7 +13,8 @@
 //! - [`event`]: an [`event::Event`] and its once-per-encoding wire frames.
 //! - [`protocol`]: WebSocket ops, replies, encodings, error codes.
 //! - [`http`]: publish and health routes; `ApiError` → status in one place.
-//! - [`ws`]: the `/ws` handshake and the per-connection session task.
+//! - [`ws`]: the `/ws` handshake, the WebSocket transport (frames read
+//!   and written on the socket itself) and the per-connection session task.
 //! - [`broker`]: the routing interface (publish, subscribe) used by `http`
 //!   and `ws`; [`hub`] is its local fan-out.
 //! - [`dev`]: the zero-setup development key and banner.
@@ -27,10 +28,12 @@
 //! per encoding and shared.
 //!
 //! # The life of a connection
-//! `GET /ws` → origin, token and sub-protocol are checked before the
-//! upgrade → one task per connection `select!`s over client frames, its
-//! mailbox, eviction (mailbox overflow) and node shutdown → on exit it
-//! unsubscribes everything and sends a close frame.
+//! `GET /ws` with `Upgrade: websocket` leaves the HTTP dispatcher with its
+//! socket → origin, token and sub-protocol are checked before the 101 → the
+//! connection's one task `select!`s over client frames, its mailbox,
+//! eviction (mailbox overflow) and node shutdown, writing frames straight
+//! to the socket → on exit it unsubscribes everything and sends a close
+//! frame.
 
 pub mod auth;
 pub mod broker;

@@ -12,7 +12,11 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::Duration;
 
-use actix_web::dev::Server;
+use std::sync::Arc;
+
+use actix_http::HttpService;
+use actix_service::{fn_service, map_config};
+use actix_web::dev::{AppConfig, Server};
 use actix_web::{App, HttpServer, web};
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +27,10 @@ use crate::{http, ws};
 
 /// How long in-flight requests get to finish once shutdown starts.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a closed HTTP connection waits for the client to close its side
+/// (actix-web's default).
+const CLIENT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -87,30 +95,46 @@ impl Application {
         });
         let state_handle = state.clone();
         let handshake_timeout = state.settings.server.handshake_timeout;
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(state.clone())
-                .app_data(http::json_config())
-                .configure(http::routes)
-                .configure(ws::routes)
-                .configure(|cfg| {
-                    if state.settings.ui.enabled {
-                        http::ui::routes(cfg);
-                    }
-                    if state.settings.metrics.bind.is_none() {
-                        http::metrics_route(cfg);
-                    }
-                })
-                .default_service(web::to(http::not_found))
-        })
-        // Signals are handled in `run_until_stopped`, which must close the
-        // WebSockets before the server can drain.
-        .disable_signals()
-        .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
-        .client_request_timeout(handshake_timeout)
-        .listen(listener)
-        .map_err(|source| StartError::Bind { addr, source })?
-        .run();
+        // actix-web's `HttpServer` would build this same HTTP service, but
+        // without the upgrade hook: WebSocket handshakes leave the HTTP
+        // dispatcher with their connection for `ws::upgrade`.
+        let server = actix_server::Server::build()
+            // Signals are handled in `run_until_stopped`, which must close
+            // the WebSockets before the server can drain.
+            .disable_signals()
+            .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+            .listen("herald", listener, move || {
+                let app_state = state.clone();
+                let app = App::new()
+                    .app_data(app_state.clone())
+                    .app_data(http::json_config())
+                    .configure(http::routes)
+                    .configure(ws::routes)
+                    .configure(|cfg| {
+                        if app_state.settings.ui.enabled {
+                            http::ui::routes(cfg);
+                        }
+                        if app_state.settings.metrics.bind.is_none() {
+                            http::metrics_route(cfg);
+                        }
+                    })
+                    .default_service(web::to(http::not_found));
+                let ws_state = state.clone().into_inner();
+                let upgrade = fn_service(move |(req, framed)| {
+                    ws::upgrade(Arc::clone(&ws_state), req, framed)
+                });
+                HttpService::build()
+                    .client_request_timeout(handshake_timeout)
+                    .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
+                    .local_addr(addr)
+                    .upgrade(upgrade)
+                    // Herald reads neither the host nor the address the
+                    // router's config carries.
+                    .finish(map_config(app, |_| AppConfig::default()))
+                    .tcp()
+            })
+            .map_err(|source| StartError::Bind { addr, source })?
+            .run();
         let metrics_server = match state_handle.settings.metrics_addr()? {
             None => None,
             Some(addr) => {

@@ -195,13 +195,13 @@ impl ResponseError for ApiError {
 
 /// Verifies the request's bearer token.
 pub(crate) fn authenticate(req: &HttpRequest, state: &AppState) -> Result<Grants, ApiError> {
-    let token = bearer_token(req)?.ok_or(AuthError::Missing)?;
+    let token = bearer_token(req.headers())?.ok_or(AuthError::Missing)?;
     Ok(state.verifier.verify(token)?)
 }
 
 /// The token from `Authorization: Bearer <jwt>`, if that header is present.
-pub(crate) fn bearer_token(req: &HttpRequest) -> Result<Option<&str>, AuthError> {
-    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+pub(crate) fn bearer_token(headers: &header::HeaderMap) -> Result<Option<&str>, AuthError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };
     let value = value

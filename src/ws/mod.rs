@@ -1,24 +1,46 @@
 //! The WebSocket endpoint, `GET /ws`: the handshake (origin, token,
-//! sub-protocol) here, the life of an accepted connection in [`session`].
+//! sub-protocol) here, the frames on the wire in [`socket`], the life of an
+//! accepted connection in [`session`].
+//!
+//! A WebSocket handshake does not go through actix-web's router: the HTTP/1
+//! dispatcher hands every request that asks for `Upgrade: websocket`, with
+//! its connection, to [`upgrade`]. Herald then owns the socket, and the
+//! connection's one task reads and writes it directly: no per-connection
+//! HTTP buffers, no channel between the session and the socket. A `GET /ws`
+//! without the upgrade goes through the router to [`not_upgraded`], which
+//! runs the same checks and answers 400.
 
 mod rate;
 mod session;
+mod socket;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use actix_web::http::header;
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_codec::{Encoder, Framed};
+use actix_http::body::BodySize;
+use actix_http::h1;
+use actix_http::ws::{handshake_response, verify_handshake};
+use actix_http::{ConnectionType, Method, Request, RequestHead, Response};
+use actix_web::http::header::{self, HeaderMap, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use serde::Deserialize;
+use tokio::net::TcpStream;
 
-use crate::auth::AuthError;
+use crate::auth::{AuthError, Grants};
 use crate::http::{ApiError, bearer_token};
 use crate::protocol::{Encoding, JSON_PROTOCOL, MSGPACK_PROTOCOL};
 use crate::startup::AppState;
 use crate::telemetry::names;
+use socket::Socket;
+pub(crate) use socket::frame;
+
+/// The WebSocket route.
+const PATH: &str = "/ws";
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(crate::http::resource("/ws", "GET").route(web::get().to(handshake)));
+    cfg.service(crate::http::resource(PATH, "GET").route(web::get().to(not_upgraded)));
 }
 
 #[derive(Deserialize)]
@@ -26,72 +48,140 @@ struct TokenQuery {
     token: Option<String>,
 }
 
-/// Counts and logs every handshake's outcome; refusals with their reason
-/// (never the token).
-async fn handshake(
+/// What an accepted handshake starts the connection with.
+struct Admitted {
+    grants: Grants,
+    encoding: Encoding,
+    /// Whether the client named a sub-protocol (then the 101 names ours).
+    named_protocol: bool,
+    slot: ConnectionSlot,
+}
+
+/// `GET /ws` without `Upgrade: websocket`: the checks a handshake would
+/// get, then 400, since nothing can be upgraded.
+async fn not_upgraded(
     req: HttpRequest,
-    body: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let result = accept(&req, body, state).await;
-    match &result {
+    let result = admit(&state.into_inner(), req.head()).and_then(|_| {
+        // The dispatcher diverts `Upgrade: websocket` exactly; an upgrade
+        // header this loose passed `admit` without being one.
+        Err(ApiError::BadRequest(
+            "not a WebSocket handshake: expected `Upgrade: websocket`".into(),
+        ))
+    });
+    record(&result, req.peer_addr());
+    result
+}
+
+/// Serves a connection that asked for `Upgrade: websocket`: answers the
+/// handshake and, once accepted, runs the session on this same task until
+/// the connection ends. Every error is answered on the connection itself.
+pub async fn upgrade(
+    state: Arc<AppState>,
+    req: Request,
+    framed: Framed<TcpStream, h1::Codec>,
+) -> Result<(), actix_web::Error> {
+    let head = req.head();
+    let peer = head.peer_addr;
+    let admitted = if head.uri.path() != PATH {
+        Err(ApiError::NotFound)
+    } else if head.method != Method::GET {
+        Err(ApiError::MethodNotAllowed("GET"))
+    } else {
+        let admitted = admit(&state, head);
+        record(&admitted, peer);
+        admitted
+    };
+    let mut parts = framed.into_parts();
+    let admitted = match admitted {
+        Ok(admitted) => admitted,
+        Err(e) => {
+            let (res, body) = e.error_response().into_parts();
+            if let Ok(body) = actix_web::body::to_bytes(body).await {
+                let mut res: Response<()> = res.into();
+                res.head_mut().set_connection_type(ConnectionType::Close);
+                let _ = parts.codec.encode(
+                    h1::Message::Item((res, BodySize::Sized(body.len() as u64))),
+                    &mut parts.write_buf,
+                );
+                parts.write_buf.extend_from_slice(&body);
+            }
+            Socket::new(parts.io, parts.read_buf, parts.write_buf, 0)
+                .end()
+                .await;
+            return Ok(());
+        }
+    };
+    let mut res = handshake_response(head);
+    if admitted.named_protocol {
+        res.insert_header((
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(admitted.encoding.protocol_name()),
+        ));
+    }
+    parts.codec.encode(
+        h1::Message::Item((res.finish().drop_body(), BodySize::None)),
+        &mut parts.write_buf,
+    )?;
+    let max_message = session::max_message(&state.settings.limits);
+    let mut socket = Socket::new(parts.io, parts.read_buf, parts.write_buf, max_message);
+    if socket.flush().await.is_ok() {
+        session::run(state, admitted, socket, peer).await;
+    }
+    Ok(())
+}
+
+/// Every check a handshake must pass before the 101, in order.
+fn admit(state: &Arc<AppState>, head: &RequestHead) -> Result<Admitted, ApiError> {
+    let headers = head.headers();
+    check_origin(headers, &state.settings.server.allowed_origins)?;
+    // Browsers cannot set headers on a WebSocket, hence the query parameter.
+    let query = web::Query::<TokenQuery>::from_query(head.uri.query().unwrap_or_default())
+        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
+    let token = match bearer_token(headers)? {
+        Some(token) => token,
+        None => query.token.as_deref().ok_or(AuthError::Missing)?,
+    };
+    let grants = state.verifier.verify(token)?;
+    let (encoding, named_protocol) = negotiate(headers)?;
+    let slot = ConnectionSlot::acquire(state)?;
+    verify_handshake(head)
+        .map_err(|e| ApiError::BadRequest(format!("not a WebSocket handshake: {e}")))?;
+    Ok(Admitted {
+        grants,
+        encoding,
+        named_protocol,
+        slot,
+    })
+}
+
+/// Counts and logs every handshake's outcome; refusals with their reason
+/// (never the token).
+fn record<T>(result: &Result<T, ApiError>, peer: Option<SocketAddr>) {
+    match result {
         Ok(_) => metrics::counter!(names::HANDSHAKES, "result" => "accepted").increment(1),
         Err(e) => {
             let reason = e.code().as_str();
             metrics::counter!(names::HANDSHAKES, "result" => "refused", "reason" => reason)
                 .increment(1);
-            tracing::info!(peer = ?req.peer_addr(), reason, detail = %e, "handshake refused");
+            tracing::info!(?peer, reason, detail = %e, "handshake refused");
         }
     }
-    result
-}
-
-async fn accept(
-    req: &HttpRequest,
-    body: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    let req = req.clone();
-    check_origin(&req, &state.settings.server.allowed_origins)?;
-    // Browsers cannot set headers on a WebSocket, hence the query parameter.
-    let query = web::Query::<TokenQuery>::from_query(req.query_string())
-        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
-    let token = match bearer_token(&req)? {
-        Some(token) => token,
-        None => query.token.as_deref().ok_or(AuthError::Missing)?,
-    };
-    let grants = state.verifier.verify(token)?;
-    let encoding = negotiate(&req)?;
-    let slot = ConnectionSlot::acquire(&state)?;
-
-    let (response, ws_session, stream) =
-        actix_ws::handle_with_protocols(&req, body, &[JSON_PROTOCOL, MSGPACK_PROTOCOL])
-            .map_err(|e| ApiError::BadRequest(format!("not a WebSocket handshake: {e}")))?;
-    let peer = req.peer_addr();
-    session::spawn(
-        state.into_inner(),
-        slot,
-        grants,
-        encoding,
-        ws_session,
-        stream,
-        peer,
-    );
-    Ok(response)
 }
 
 /// One place under `limits.max_connections`, given back when dropped.
 pub(crate) struct ConnectionSlot(Arc<AppState>);
 
 impl ConnectionSlot {
-    fn acquire(state: &web::Data<AppState>) -> Result<ConnectionSlot, ApiError> {
+    fn acquire(state: &Arc<AppState>) -> Result<ConnectionSlot, ApiError> {
         let max = state.settings.limits.max_connections;
         if state.connections.fetch_add(1, Ordering::Relaxed) >= max {
             state.connections.fetch_sub(1, Ordering::Relaxed);
             return Err(ApiError::TooManyConnections(max));
         }
         metrics::gauge!(names::CONNECTIONS).increment(1.0);
-        Ok(ConnectionSlot(state.clone().into_inner()))
+        Ok(ConnectionSlot(Arc::clone(state)))
     }
 }
 
@@ -105,11 +195,11 @@ impl Drop for ConnectionSlot {
 /// Refuses browser handshakes from origins not listed in
 /// `server.allowed_origins` (cross-site WebSocket hijacking). Requests
 /// without an `Origin` header come from non-browser clients and pass.
-fn check_origin(req: &HttpRequest, allowed: &[String]) -> Result<(), ApiError> {
+fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ApiError> {
     if allowed.is_empty() {
         return Ok(());
     }
-    let Some(origin) = req.headers().get(header::ORIGIN) else {
+    let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
     };
     let origin = origin.to_str().unwrap_or_default();
@@ -121,10 +211,10 @@ fn check_origin(req: &HttpRequest, allowed: &[String]) -> Result<(), ApiError> {
 }
 
 /// Picks the encoding from `Sec-WebSocket-Protocol`: JSON when the client
-/// names none, the first Herald protocol it names otherwise.
-fn negotiate(req: &HttpRequest) -> Result<Encoding, ApiError> {
-    let mut offered = req
-        .headers()
+/// names none, the first Herald protocol it names otherwise. Also says
+/// whether it named any.
+fn negotiate(headers: &HeaderMap) -> Result<(Encoding, bool), ApiError> {
+    let mut offered = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -132,10 +222,11 @@ fn negotiate(req: &HttpRequest) -> Result<Encoding, ApiError> {
         .filter(|p| !p.is_empty())
         .peekable();
     if offered.peek().is_none() {
-        return Ok(Encoding::Json);
+        return Ok((Encoding::Json, false));
     }
     offered
         .find_map(Encoding::from_protocol_name)
+        .map(|encoding| (encoding, true))
         .ok_or_else(|| {
             ApiError::BadRequest(format!(
                 "no supported sub-protocol offered; use {JSON_PROTOCOL} or {MSGPACK_PROTOCOL}"

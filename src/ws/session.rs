@@ -8,19 +8,18 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use actix_ws::{
-    AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, MessageStream,
-    ProtocolError, Session,
-};
+use actix_http::ws::{CloseCode, CloseReason, OpCode};
 use tokio_util::sync::CancellationToken;
 
-use super::ConnectionSlot;
 use super::rate::TokenBucket;
+use super::socket::{Message, Socket};
+use super::{Admitted, ConnectionSlot};
 use crate::auth::{Action, Grants, unix_now_secs};
 use crate::broker::Transport;
+use crate::config::LimitSettings;
 use crate::event::Event;
 use crate::hub::{Inbox, Mailbox};
-use crate::protocol::{self, ClientOp, Encoding, ErrorCode, Frame, Reply};
+use crate::protocol::{self, ClientOp, ErrorCode, Frame, Reply};
 use crate::startup::AppState;
 use crate::store::NewEvent;
 use crate::telemetry::names;
@@ -50,22 +49,27 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// by eviction or shutdown (see [`Connection::abort_reason`]).
 struct Gone;
 
-pub(super) fn spawn(
+/// The largest message a client may send: the largest payload, in its
+/// largest form (base64 makes binary 4/3 larger in JSON), plus envelope.
+pub(super) fn max_message(limits: &LimitSettings) -> usize {
+    limits.max_payload_bytes / 3 * 4 + FRAME_ENVELOPE_BYTES
+}
+
+/// Runs an accepted connection until the client leaves, it is evicted or
+/// closed, or the node shuts down.
+pub(super) async fn run(
     state: Arc<AppState>,
-    slot: ConnectionSlot,
-    grants: Grants,
-    encoding: Encoding,
-    session: Session,
-    stream: MessageStream,
+    admitted: Admitted,
+    socket: Socket,
     peer: Option<SocketAddr>,
 ) {
+    let Admitted {
+        grants,
+        encoding,
+        slot,
+        ..
+    } = admitted;
     let limits = &state.settings.limits;
-    // base64 makes a binary payload 4/3 larger in JSON frames.
-    let max_frame = limits.max_payload_bytes / 3 * 4 + FRAME_ENVELOPE_BYTES;
-    let stream = stream
-        .max_frame_size(max_frame)
-        .aggregate_continuations()
-        .max_continuation_size(max_frame);
     let id = state.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let (mailbox, events, overflowed) = Mailbox::new(
         id,
@@ -81,16 +85,14 @@ pub(super) fn spawn(
         publish_rate,
         rate_strikes: 0,
         encoding,
-        session,
+        socket,
         mailbox,
         overflowed,
         subscriptions: HashSet::new(),
         delivered: HashMap::new(),
         close_with: None,
     };
-    // The message stream is not `Send`, so the session runs on this worker's
-    // local executor; it ends when the client leaves or the node shuts down.
-    actix_web::rt::spawn(conn.run(stream, events, peer));
+    conn.run(events, peer).await;
 }
 
 struct Connection {
@@ -101,8 +103,8 @@ struct Connection {
     publish_rate: TokenBucket,
     /// Publishes refused by the rate limit since the last accepted one.
     rate_strikes: u32,
-    encoding: Encoding,
-    session: Session,
+    encoding: protocol::Encoding,
+    socket: Socket,
     mailbox: Mailbox,
     /// Cancelled by the hub when the mailbox overflowed, and (a child of
     /// the shutdown token) when the node shuts down.
@@ -116,12 +118,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(
-        mut self,
-        mut stream: AggregatedMessageStream,
-        mut events: Inbox,
-        peer: Option<SocketAddr>,
-    ) {
+    async fn run(mut self, mut events: Inbox, peer: Option<SocketAddr>) {
         let opened = Instant::now();
         let shutdown = self.state.shutdown.clone();
         // Cancelled on overflow and, being its child, on shutdown: one
@@ -151,7 +148,7 @@ impl Connection {
                     if last_seen.elapsed() > heartbeat_timeout {
                         break Some(reason(CloseCode::Policy, "heartbeat timeout: no pong"));
                     }
-                    if self.session.ping(b"").await.is_err() {
+                    if self.send(&super::frame(OpCode::Ping, b"")).await.is_err() {
                         break self.abort_reason();
                     }
                 }
@@ -160,12 +157,12 @@ impl Connection {
                         break self.abort_reason();
                     }
                 }
-                msg = stream.recv() => match msg {
-                    None => break None,
+                msg = self.socket.recv() => match msg {
+                    Ok(None) => break None,
                     // Boxed: handling a request (subscribe, replay,
                     // publish) needs far more state than waiting does, and
                     // an idle connection should not carry it.
-                    Some(Ok(msg)) => match Box::pin(self.on_message(msg)).await {
+                    Ok(Some(msg)) => match Box::pin(self.on_message(msg)).await {
                         Ok(None) => {
                             last_seen = Instant::now();
                             // A refresh may have moved the expiry.
@@ -174,7 +171,10 @@ impl Connection {
                         Ok(Some(close)) => break Some(close),
                         Err(Gone) => break self.abort_reason(),
                     },
-                    Some(Err(err)) => break Some(protocol_error_close(&err)),
+                    Err(err) => {
+                        tracing::debug!(conn = self.mailbox.id, error = %err, "unreadable frame");
+                        break Some(err.close_reason());
+                    }
                 },
             }
         };
@@ -183,25 +183,22 @@ impl Connection {
             self.state.broker.unsubscribe(&topic, self.mailbox.id).await;
         }
         let code = close.as_ref().map(|c| u16::from(c.code));
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.session.close(close)).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.close(close)).await;
         tracing::info!(conn = self.mailbox.id, sub = %self.grants.sub, ?peer, duration_ms = opened.elapsed().as_millis() as u64, close_code = ?code, "connection closed");
     }
 
     /// Handles one client message; returns a close reason to end the
     /// connection.
-    async fn on_message(&mut self, msg: AggregatedMessage) -> Result<Option<CloseReason>, Gone> {
+    async fn on_message(&mut self, msg: Message) -> Result<Option<CloseReason>, Gone> {
         match msg {
-            AggregatedMessage::Text(text) => self.on_frame(text.as_bytes()).await,
-            AggregatedMessage::Binary(bytes) => self.on_frame(&bytes).await,
-            AggregatedMessage::Ping(bytes) => self
-                .session
-                .pong(&bytes)
+            Message::Text(bytes) | Message::Binary(bytes) => self.on_frame(&bytes).await,
+            Message::Ping(bytes) => self
+                .send(&super::frame(OpCode::Pong, &bytes))
                 .await
-                .map(|()| None)
-                .map_err(|_| Gone),
-            AggregatedMessage::Pong(_) => Ok(None),
+                .map(|()| None),
+            Message::Pong => Ok(None),
             // Echo the client's close code, as RFC 6455 asks.
-            AggregatedMessage::Close(theirs) => Ok(Some(
+            Message::Close(theirs) => Ok(Some(
                 theirs.unwrap_or_else(|| reason(CloseCode::Normal, "")),
             )),
         }
@@ -459,32 +456,26 @@ impl Connection {
     }
 
     async fn reply(&mut self, reply: &Reply<'_>) -> Result<(), Gone> {
-        self.send(reply.encode(self.encoding)).await
+        let frame = match reply.encode(self.encoding) {
+            Frame::Text(text) => super::frame(OpCode::Text, text.as_bytes()),
+            Frame::Binary(bytes) => super::frame(OpCode::Binary, &bytes),
+        };
+        self.send(&frame).await
     }
 
     async fn send_event(&mut self, event: &Event) -> Result<(), Gone> {
-        let frame = match self.encoding {
-            Encoding::Json => Frame::Text(event.json_frame()),
-            Encoding::MsgPack => Frame::Binary(event.msgpack_frame()),
-        };
-        self.send(frame).await
+        self.send(&event.ws_frame(self.encoding)).await
     }
 
-    /// Writes one frame. A write waiting for a client that does not read is
-    /// cut short by eviction or shutdown, so neither waits on that client.
-    async fn send(&mut self, frame: Frame) -> Result<(), Gone> {
-        let session = &mut self.session;
-        let write = async move {
-            match frame {
-                Frame::Text(text) => session.text(text).await,
-                Frame::Binary(bytes) => session.binary(bytes).await,
-            }
-        };
+    /// Writes whole frames. A write waiting for a client that does not read
+    /// is cut short by eviction or shutdown, so neither waits on that
+    /// client; what it had not written yet goes out before the close frame.
+    async fn send(&mut self, frames: &[u8]) -> Result<(), Gone> {
         // The write usually completes at once; only a write left waiting
         // registers for the stop token (overflow or, its parent, shutdown).
         tokio::select! {
             biased;
-            sent = write => sent.map_err(|_| Gone),
+            sent = self.socket.send(frames) => sent.map_err(|_| Gone),
             () = self.overflowed.cancelled() => Err(Gone),
         }
     }
@@ -526,16 +517,5 @@ fn reason(code: CloseCode, description: &str) -> CloseReason {
     CloseReason {
         code,
         description: (!description.is_empty()).then(|| description.to_owned()),
-    }
-}
-
-/// The close frame for a frame the client got wrong at the WebSocket level.
-fn protocol_error_close(err: &ProtocolError) -> CloseReason {
-    match err {
-        ProtocolError::Overflow => reason(CloseCode::Size, "message too big"),
-        ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-            reason(CloseCode::Invalid, "text frame is not valid UTF-8")
-        }
-        _ => reason(CloseCode::Protocol, "WebSocket protocol error"),
     }
 }

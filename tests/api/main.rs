@@ -13,4 +13,5 @@ mod http;
 mod js_client;
 mod operations;
 mod regressions;
+mod transport;
 mod ws;

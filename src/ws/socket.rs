@@ -1,0 +1,262 @@
+//! The WebSocket transport of an accepted connection (RFC 6455, server
+//! side): frames parsed straight from the TCP socket and written straight
+//! to it, by the connection's own task.
+//!
+//! An idle connection holds no buffer. Bytes read are kept only while a
+//! frame is incomplete; bytes to send are copied only when the kernel's
+//! send queue cannot take them at once. An event's frame is encoded once
+//! per node (see [`Event::ws_frame`](crate::event::Event::ws_frame)) and
+//! written from those shared bytes to every subscriber.
+
+use std::io;
+use std::time::Duration;
+
+use actix_http::ws::{CloseCode, CloseReason, OpCode, Parser, ProtocolError};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Room reserved for each read from the socket.
+const READ_CHUNK: usize = 4096;
+
+/// Longest frame header: 2 bytes, 8 of extended length, 4 of mask.
+const MAX_HEADER: usize = 14;
+
+/// How long a closed connection waits for the client to close its side, so
+/// that unread client bytes do not turn the last frames into a reset.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// A complete message from the client; fragments are joined.
+#[derive(Debug)]
+pub enum Message {
+    /// Valid UTF-8, checked.
+    Text(Bytes),
+    Binary(Bytes),
+    Ping(Bytes),
+    Pong,
+    Close(Option<CloseReason>),
+}
+
+/// Why reading from the client failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WsError {
+    #[error("message larger than the limit")]
+    TooBig,
+    #[error("text message is not valid UTF-8")]
+    InvalidUtf8,
+    #[error("WebSocket protocol error: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl From<ProtocolError> for WsError {
+    fn from(e: ProtocolError) -> WsError {
+        match e {
+            ProtocolError::Overflow => WsError::TooBig,
+            ProtocolError::Io(e) => WsError::Io(e),
+            other => WsError::Protocol(other.to_string()),
+        }
+    }
+}
+
+impl WsError {
+    /// The close frame the client is owed: its code says what it got wrong.
+    pub fn close_reason(&self) -> CloseReason {
+        let (code, description) = match self {
+            WsError::TooBig => (CloseCode::Size, "message too big"),
+            WsError::InvalidUtf8 => (CloseCode::Invalid, "text frame is not valid UTF-8"),
+            WsError::Protocol(_) | WsError::Io(_) => {
+                (CloseCode::Protocol, "WebSocket protocol error")
+            }
+        };
+        CloseReason {
+            code,
+            description: Some(description.to_owned()),
+        }
+    }
+}
+
+/// One WebSocket connection's socket and the bytes in flight on it.
+pub struct Socket {
+    io: TcpStream,
+    /// Read but not yet parsed; empty, without allocation, between frames.
+    read_buf: BytesMut,
+    /// The first fragments of a message whose last has not arrived.
+    partial: Option<(OpCode, BytesMut)>,
+    /// Accepted for sending but not yet taken by the kernel.
+    write_buf: BytesMut,
+    /// Largest message (and frame) taken from the client.
+    max_message: usize,
+}
+
+impl Socket {
+    /// Takes over a connection whose handshake was parsed; `read` holds
+    /// bytes the client sent after it, `write` the response not yet sent.
+    pub fn new(io: TcpStream, read: BytesMut, write: BytesMut, max_message: usize) -> Socket {
+        // Frames are written whole, one write each: do not let Nagle hold
+        // one back until the previous is acknowledged.
+        let _ = io.set_nodelay(true);
+        Socket {
+            io,
+            read_buf: compact(read),
+            partial: None,
+            write_buf: write,
+            max_message,
+        }
+    }
+
+    /// The next complete message; `None` once the client closed the TCP
+    /// connection. Cancel-safe: what was read stays for the next call.
+    pub async fn recv(&mut self) -> Result<Option<Message>, WsError> {
+        loop {
+            if let Some(message) = self.parse()? {
+                return Ok(Some(message));
+            }
+            // Room is made only once there is something to read: a
+            // connection waiting here holds no buffer.
+            self.io.readable().await?;
+            self.read_buf.reserve(READ_CHUNK);
+            match self.io.try_read_buf(&mut self.read_buf) {
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn parse(&mut self) -> Result<Option<Message>, WsError> {
+        loop {
+            let Some((fin, op, data)) = Parser::parse(&mut self.read_buf, true, self.max_message)?
+            else {
+                // An incomplete frame longer than the limit is refused now,
+                // not buffered to its announced length.
+                if self.read_buf.len() > self.max_message + MAX_HEADER {
+                    return Err(WsError::TooBig);
+                }
+                self.read_buf = compact(std::mem::take(&mut self.read_buf));
+                return Ok(None);
+            };
+            let data = data.unwrap_or_default();
+            match op {
+                OpCode::Ping => return Ok(Some(Message::Ping(data.freeze()))),
+                OpCode::Pong => return Ok(Some(Message::Pong)),
+                OpCode::Close => {
+                    let reason = Parser::try_parse_close_payload(&data)?;
+                    return Ok(Some(Message::Close(reason)));
+                }
+                OpCode::Text | OpCode::Binary if self.partial.is_some() => {
+                    return Err(WsError::Protocol(
+                        "a new message began before the last one ended".into(),
+                    ));
+                }
+                OpCode::Text | OpCode::Binary if fin => return complete(op, data).map(Some),
+                OpCode::Text | OpCode::Binary => self.partial = Some((op, data)),
+                OpCode::Continue => {
+                    let Some((_, joined)) = self.partial.as_mut() else {
+                        return Err(WsError::Protocol("continuation of no message".into()));
+                    };
+                    if joined.len() + data.len() > self.max_message {
+                        return Err(WsError::TooBig);
+                    }
+                    joined.extend_from_slice(&data);
+                    if fin {
+                        let (op, joined) = self.partial.take().expect("checked above");
+                        return complete(op, joined).map(Some);
+                    }
+                }
+                OpCode::Bad => return Err(WsError::Protocol("unknown opcode".into())),
+            }
+        }
+    }
+
+    /// Writes whole frames (`frames` is one or more); waits only while the
+    /// kernel's send queue is full. Cancel-safe: bytes not yet written stay
+    /// queued, ahead of anything sent later.
+    pub async fn send(&mut self, frames: &[u8]) -> io::Result<()> {
+        if self.write_buf.is_empty() {
+            match self.io.try_write(frames) {
+                Ok(n) if n == frames.len() => return Ok(()),
+                Ok(n) => self.write_buf.extend_from_slice(&frames[n..]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.write_buf.extend_from_slice(frames)
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            self.write_buf.extend_from_slice(frames);
+        }
+        self.flush().await
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        while !self.write_buf.is_empty() {
+            self.io.writable().await?;
+            match self.io.try_write(&self.write_buf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.write_buf.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.write_buf = compact(std::mem::take(&mut self.write_buf));
+        Ok(())
+    }
+
+    /// Sends what is queued, then the close frame, and ends the connection.
+    pub async fn close(mut self, reason: Option<CloseReason>) {
+        let mut close = BytesMut::new();
+        Parser::write_close(&mut close, reason, false);
+        if self.send(&close).await.is_ok() {
+            self.end().await;
+        }
+    }
+
+    /// Sends what is queued and ends the connection: our side first (FIN),
+    /// then, briefly, reading and dropping whatever the client still sends
+    /// until it closes too.
+    pub async fn end(mut self) {
+        if self.flush().await.is_err() || self.io.shutdown().await.is_err() {
+            return;
+        }
+        let mut sink = [0u8; 512];
+        let _ = tokio::time::timeout(LINGER, async {
+            loop {
+                if self.io.readable().await.is_err() {
+                    return;
+                }
+                match self.io.try_read(&mut sink) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// One unfragmented, unmasked (server) frame.
+pub fn frame(op: OpCode, payload: &[u8]) -> BytesMut {
+    let mut frame = BytesMut::with_capacity(payload.len() + MAX_HEADER);
+    Parser::write_message(&mut frame, payload, op, true, false);
+    frame
+}
+
+fn complete(op: OpCode, data: BytesMut) -> Result<Message, WsError> {
+    if op == OpCode::Text {
+        std::str::from_utf8(&data).map_err(|_| WsError::InvalidUtf8)?;
+        Ok(Message::Text(data.freeze()))
+    } else {
+        Ok(Message::Binary(data.freeze()))
+    }
+}
+
+/// `buf`, or a buffer without allocation when it is empty: an idle
+/// connection keeps no read or write buffer.
+fn compact(buf: BytesMut) -> BytesMut {
+    if buf.is_empty() { BytesMut::new() } else { buf }
+}

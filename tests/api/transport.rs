@@ -1,0 +1,269 @@
+//! Herald's own WebSocket transport, at the byte level: fragments,
+//! pipelined frames, oversized frames announced before they arrive, and
+//! upgrades to other routes. Raw TCP where a WebSocket client library would
+//! not send such bytes.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+use crate::helpers::{TestNode, spawn_node, spawn_node_with, token};
+
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn client() -> String {
+    token("c", &[">"], &[">"])
+}
+
+/// A masked client frame (RFC 6455 §5.2).
+fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![if fin { 0x80 | opcode } else { opcode }];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// A handshake request for `path`, written by hand.
+fn handshake_request(node: &TestNode, path: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        node.addr
+    )
+    .into_bytes()
+}
+
+/// Reads the HTTP response head; returns it and whatever followed it.
+async fn read_head(tcp: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return (String::from_utf8(buf).unwrap(), rest);
+        }
+        let n = tokio::time::timeout(READ_TIMEOUT, tcp.read(&mut chunk))
+            .await
+            .expect("a response within the timeout")
+            .unwrap();
+        assert!(n > 0, "connection closed before the response head");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Reads the next unmasked server frame other than a ping: (opcode,
+/// payload).
+async fn read_frame(tcp: &mut TcpStream, buffered: &mut Vec<u8>) -> (u8, Vec<u8>) {
+    loop {
+        let (opcode, payload) = read_any_frame(tcp, buffered).await;
+        if opcode != 0x9 {
+            return (opcode, payload);
+        }
+    }
+}
+
+async fn read_any_frame(tcp: &mut TcpStream, buffered: &mut Vec<u8>) -> (u8, Vec<u8>) {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if buffered.len() >= 2 {
+            let (len, header) = match buffered[1] & 0x7f {
+                126 if buffered.len() >= 4 => {
+                    (u16::from_be_bytes([buffered[2], buffered[3]]) as usize, 4)
+                }
+                127 if buffered.len() >= 10 => (
+                    u64::from_be_bytes(buffered[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                126 | 127 => (usize::MAX, 0),
+                n => (n as usize, 2),
+            };
+            if len != usize::MAX && buffered.len() >= header + len {
+                assert_eq!(buffered[1] & 0x80, 0, "server frames are not masked");
+                let opcode = buffered[0] & 0x0f;
+                let payload = buffered[header..header + len].to_vec();
+                buffered.drain(..header + len);
+                return (opcode, payload);
+            }
+        }
+        let n = tokio::time::timeout(READ_TIMEOUT, tcp.read(&mut chunk))
+            .await
+            .expect("a frame within the timeout")
+            .unwrap();
+        assert!(n > 0, "connection closed before a whole frame");
+        buffered.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Opens a raw connection to `/ws`, sending `extra` in the same write as the
+/// handshake; returns the socket and the bytes read past the 101's head.
+async fn raw_connect(node: &TestNode, extra: &[u8]) -> (TcpStream, Vec<u8>) {
+    let mut tcp = TcpStream::connect(node.addr).await.unwrap();
+    let mut request = handshake_request(node, &format!("/ws?token={}", client()));
+    request.extend_from_slice(extra);
+    tcp.write_all(&request).await.unwrap();
+    let (head, rest) = read_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    (tcp, rest)
+}
+
+fn close_code(payload: &[u8]) -> u16 {
+    u16::from_be_bytes([payload[0], payload[1]])
+}
+
+#[tokio::test]
+async fn frames_sent_with_the_handshake_are_answered() {
+    let node = spawn_node().await;
+    let ping = client_frame(0x1, true, br#"{"op":"ping","id":7}"#);
+    let (mut tcp, mut buffered) = raw_connect(&node, &ping).await;
+    let (opcode, payload) = read_frame(&mut tcp, &mut buffered).await;
+    assert_eq!(opcode, 0x1);
+    let reply: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(reply, json!({"op": "pong", "id": 7}));
+}
+
+#[tokio::test]
+async fn fragmented_messages_are_joined_around_control_frames() {
+    let node = spawn_node().await;
+    let mut ws = node.connect(&client()).await;
+    let request = json!({"op": "publish", "id": 3, "topic": "frag.one", "data": "whole"});
+    let text = request.to_string().into_bytes();
+    let (a, rest) = text.split_at(10);
+    let (b, c) = rest.split_at(10);
+    ws.send_raw(Message::Frame(Frame::message(
+        a.to_vec(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await;
+    ws.send_raw(Message::Frame(Frame::message(
+        b.to_vec(),
+        OpCode::Data(Data::Continue),
+        false,
+    )))
+    .await;
+    // A control frame may come between fragments.
+    ws.send_raw(Message::Ping(b"between".to_vec().into())).await;
+    ws.send_raw(Message::Frame(Frame::message(
+        c.to_vec(),
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await;
+    let pong = loop {
+        match ws.stream_next().await {
+            Message::Pong(payload) => break payload,
+            Message::Ping(_) => continue,
+            other => panic!("expected the pong first, got {other:?}"),
+        }
+    };
+    assert_eq!(&pong[..], b"between");
+    let reply = ws.recv().await;
+    assert_eq!(reply["op"], "published", "{reply}");
+    assert_eq!(
+        (reply["id"].clone(), reply["offset"].clone()),
+        (json!(3), json!(1))
+    );
+}
+
+#[tokio::test]
+async fn fragments_adding_up_past_the_limit_close_with_1009() {
+    let node = spawn_node_with(|s| s.limits.max_payload_bytes = 1024).await;
+    let mut ws = node.connect(&client()).await;
+    let part = vec![b' '; 4000];
+    ws.send_raw(Message::Frame(Frame::message(
+        part.clone(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await;
+    ws.send_raw(Message::Frame(Frame::message(
+        part,
+        OpCode::Data(Data::Continue),
+        false,
+    )))
+    .await;
+    let frame = ws.closed().await.expect("a close frame with a code");
+    assert_eq!(u16::from(frame.code), 1009);
+}
+
+#[tokio::test]
+async fn a_frame_announced_larger_than_the_limit_is_refused_before_it_arrives() {
+    let node = spawn_node_with(|s| s.limits.max_payload_bytes = 1024).await;
+    let (mut tcp, mut buffered) = raw_connect(&node, &[]).await;
+    // The header announces 1 GiB; only a little of it ever comes.
+    let mut frame = client_frame(0x2, true, &[]);
+    frame.truncate(2);
+    frame[1] = 0x80 | 127;
+    frame.extend_from_slice(&(1u64 << 30).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.extend_from_slice(&[0u8; 16 * 1024]);
+    tcp.write_all(&frame).await.unwrap();
+    let (opcode, payload) = read_frame(&mut tcp, &mut buffered).await;
+    assert_eq!((opcode, close_code(&payload)), (0x8, 1009));
+}
+
+#[tokio::test]
+async fn a_continuation_of_no_message_closes_with_1002() {
+    let node = spawn_node().await;
+    let (mut tcp, mut buffered) = raw_connect(&node, &[]).await;
+    tcp.write_all(&client_frame(0x0, true, b"orphan"))
+        .await
+        .unwrap();
+    let (opcode, payload) = read_frame(&mut tcp, &mut buffered).await;
+    assert_eq!((opcode, close_code(&payload)), (0x8, 1002));
+}
+
+#[tokio::test]
+async fn upgrades_to_other_routes_or_with_other_methods_are_refused_over_http() {
+    let node = spawn_node().await;
+    for (request, status, error) in [
+        (handshake_request(&node, "/nope"), "404", "not_found"),
+        (
+            String::from_utf8(handshake_request(&node, "/ws"))
+                .unwrap()
+                .replacen("GET", "POST", 1)
+                .into_bytes(),
+            "405",
+            "method_not_allowed",
+        ),
+        (handshake_request(&node, "/ws"), "401", "unauthorized"),
+    ] {
+        let mut tcp = TcpStream::connect(node.addr).await.unwrap();
+        tcp.write_all(&request).await.unwrap();
+        let mut response = Vec::new();
+        tokio::time::timeout(READ_TIMEOUT, tcp.read_to_end(&mut response))
+            .await
+            .expect("the refusal, then the connection closed")
+            .unwrap();
+        let response = String::from_utf8(response).unwrap();
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status}")),
+            "{response}"
+        );
+        let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
+        let body: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["error"], error, "{response}");
+    }
+}
