@@ -82,6 +82,30 @@ pub async fn upgrade(
     req: Request,
     framed: Framed<TcpStream, h1::Codec>,
 ) -> Result<(), actix_web::Error> {
+    // Both boxed: the handshake's state is freed once it is done, and the
+    // session, held for the connection's whole life, gets a box of its own
+    // size rather than a share of the HTTP dispatcher's.
+    if let Some(accepted) = Box::pin(handshake(state, req, framed)).await {
+        Box::pin(session::run(accepted)).await;
+    }
+    Ok(())
+}
+
+/// A connection past its 101.
+struct Accepted {
+    state: Arc<AppState>,
+    admitted: Admitted,
+    socket: Socket,
+    peer: Option<SocketAddr>,
+}
+
+/// Answers the handshake: the 101, or the refusal (then ends the
+/// connection).
+async fn handshake(
+    state: Arc<AppState>,
+    req: Request,
+    framed: Framed<TcpStream, h1::Codec>,
+) -> Option<Accepted> {
     let head = req.head();
     let peer = head.peer_addr;
     let admitted = if head.uri.path() != PATH {
@@ -110,7 +134,7 @@ pub async fn upgrade(
             Socket::new(parts.io, parts.read_buf, parts.write_buf, 0)
                 .end()
                 .await;
-            return Ok(());
+            return None;
         }
     };
     let mut res = handshake_response(head);
@@ -120,16 +144,22 @@ pub async fn upgrade(
             HeaderValue::from_static(admitted.encoding.protocol_name()),
         ));
     }
-    parts.codec.encode(
-        h1::Message::Item((res.finish().drop_body(), BodySize::None)),
-        &mut parts.write_buf,
-    )?;
+    parts
+        .codec
+        .encode(
+            h1::Message::Item((res.finish().drop_body(), BodySize::None)),
+            &mut parts.write_buf,
+        )
+        .ok()?;
     let max_message = session::max_message(&state.settings.limits);
     let mut socket = Socket::new(parts.io, parts.read_buf, parts.write_buf, max_message);
-    if socket.flush().await.is_ok() {
-        session::run(state, admitted, socket, peer).await;
-    }
-    Ok(())
+    socket.flush().await.ok()?;
+    Some(Accepted {
+        state,
+        admitted,
+        socket,
+        peer,
+    })
 }
 
 /// Every check a handshake must pass before the 101, in order.

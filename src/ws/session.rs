@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::rate::TokenBucket;
 use super::socket::{Message, Socket};
-use super::{Admitted, ConnectionSlot};
+use super::{Accepted, Admitted, ConnectionSlot};
 use crate::auth::{Action, Grants, unix_now_secs};
 use crate::broker::Transport;
 use crate::config::LimitSettings;
@@ -57,18 +57,19 @@ pub(super) fn max_message(limits: &LimitSettings) -> usize {
 
 /// Runs an accepted connection until the client leaves, it is evicted or
 /// closed, or the node shuts down.
-pub(super) async fn run(
-    state: Arc<AppState>,
-    admitted: Admitted,
-    socket: Socket,
-    peer: Option<SocketAddr>,
-) {
-    let Admitted {
-        grants,
-        encoding,
-        slot,
-        ..
-    } = admitted;
+pub(super) async fn run(accepted: Accepted) {
+    let Accepted {
+        state,
+        admitted:
+            Admitted {
+                grants,
+                encoding,
+                slot,
+                ..
+            },
+        socket,
+        peer,
+    } = accepted;
     let limits = &state.settings.limits;
     let id = state.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let (mailbox, events, overflowed) = Mailbox::new(
@@ -179,6 +180,13 @@ impl Connection {
             }
         };
 
+        // Boxed: what ending needs is not carried through the connection's
+        // life in every waiting connection's future.
+        Box::pin(self.end(close, opened, peer)).await;
+    }
+
+    /// Unsubscribes everything, sends the close frame and logs the end.
+    async fn end(mut self, close: Option<CloseReason>, opened: Instant, peer: Option<SocketAddr>) {
         for topic in self.subscriptions.drain() {
             self.state.broker.unsubscribe(&topic, self.mailbox.id).await;
         }
