@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, RwLock};
 
 use tokio::sync::mpsc;
@@ -37,23 +37,33 @@ pub type ConnId = u64;
 pub struct Mailbox {
     pub id: ConnId,
     tx: mpsc::Sender<Arc<Event>>,
-    /// Payload bytes queued and not yet taken by the connection.
-    queued_bytes: Arc<AtomicUsize>,
+    queue: Arc<QueueState>,
     max_bytes: usize,
     /// Cancelled when the mailbox overflowed: the connection must close.
     overflowed: CancellationToken,
 }
 
+/// What the hub and the connection both know of a mailbox.
+#[derive(Debug, Default)]
+struct QueueState {
+    /// Payload bytes queued and not yet taken by the connection.
+    bytes: AtomicUsize,
+    /// Set once, on overflow. Read on every offer, so an atomic rather
+    /// than the token (whose state sits behind a mutex).
+    evicted: AtomicBool,
+}
+
 /// The connection's end of its mailbox.
 pub struct Inbox {
     rx: mpsc::Receiver<Arc<Event>>,
-    queued_bytes: Arc<AtomicUsize>,
+    queue: Arc<QueueState>,
 }
 
 impl Inbox {
     pub async fn recv(&mut self) -> Option<Arc<Event>> {
         let event = self.rx.recv().await?;
-        self.queued_bytes
+        self.queue
+            .bytes
             .fetch_sub(event.payload.len(), Ordering::Relaxed);
         Some(event)
     }
@@ -71,21 +81,21 @@ impl Mailbox {
         parent: &CancellationToken,
     ) -> (Mailbox, Inbox, CancellationToken) {
         let (tx, rx) = mpsc::channel(capacity);
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let queue = Arc::new(QueueState::default());
         let overflowed = parent.child_token();
         let mailbox = Mailbox {
             id,
             tx,
-            queued_bytes: Arc::clone(&queued_bytes),
+            queue: Arc::clone(&queue),
             max_bytes,
             overflowed: overflowed.clone(),
         };
-        (mailbox, Inbox { rx, queued_bytes }, overflowed)
+        (mailbox, Inbox { rx, queue }, overflowed)
     }
 
     /// Tells the connection to close as a slow consumer (once).
     fn evict(&self) {
-        if !self.overflowed.is_cancelled() {
+        if !self.queue.evicted.swap(true, Ordering::AcqRel) {
             self.overflowed.cancel();
             metrics::counter!(names::SLOW_CONSUMERS).increment(1);
         }
@@ -94,23 +104,23 @@ impl Mailbox {
     fn offer(&self, event: &Arc<Event>) -> bool {
         // An evicted connection takes nothing more: it must not be sent an
         // event past the one it lost (it resumes from its last offset).
-        if self.overflowed.is_cancelled() {
+        if self.queue.evicted.load(Ordering::Acquire) {
             return false;
         }
         let size = event.payload.len();
         // Counted before sending so the receiver's decrement never comes
         // first; undone when the event is not queued. One event larger
         // than the limit still goes into an empty mailbox.
-        let before = self.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        let before = self.queue.bytes.fetch_add(size, Ordering::Relaxed);
         if before > 0 && before + size > self.max_bytes {
-            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+            self.queue.bytes.fetch_sub(size, Ordering::Relaxed);
             self.evict();
             return false;
         }
         match self.tx.try_send(Arc::clone(event)) {
             Ok(()) => true,
             Err(e) => {
-                self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                self.queue.bytes.fetch_sub(size, Ordering::Relaxed);
                 if matches!(e, mpsc::error::TrySendError::Full(_)) {
                     self.evict();
                 }
