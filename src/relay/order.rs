@@ -13,16 +13,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use futures_util::StreamExt;
-
 use crate::event::Event;
 use crate::hub::Hub;
 use crate::store::Store;
 use crate::store::retention::Retention;
 use crate::topic::Topic;
 
-/// Heads read concurrently when many topics start being tracked at once.
-const HEAD_READS_AT_ONCE: usize = 4;
 /// Events read from the store per query while filling a gap.
 const FILL_PAGE: u64 = 500;
 
@@ -36,7 +32,7 @@ impl Orderer {
     /// Starts or stops tracking `topics` to match the hub: tracked while
     /// they have local subscribers and keep history. Tracking starts at the
     /// store's current last offset: anything before is the subscribers'
-    /// to replay, anything after arrives live. Heads are read concurrently.
+    /// to replay, anything after arrives live. Heads are read in one query.
     pub async fn sync(
         &mut self,
         topics: &[&Topic],
@@ -53,23 +49,21 @@ impl Orderer {
                 start.push(topic);
             }
         }
-        // A few at a time: a burst of new topics must not take the whole
-        // store pool from publishers.
-        let reads: Vec<_> = start.iter().map(|&topic| store.head(topic)).collect();
-        let heads: Vec<_> = futures_util::stream::iter(reads)
-            .buffered(HEAD_READS_AT_ONCE)
-            .collect()
-            .await;
-        for (topic, head) in start.into_iter().zip(heads) {
-            match head {
-                Ok(head) => {
-                    self.last.insert(topic.clone(), head.last);
+        if start.is_empty() {
+            return;
+        }
+        // One query for the whole batch: a burst of new topics must not
+        // take the store pool from publishers.
+        match store.last_offsets(&start).await {
+            Ok(last) => {
+                for (topic, last) in start.into_iter().zip(last) {
+                    self.last.insert(topic.clone(), last);
                 }
-                // Untracked, events are delivered as they come; the next
-                // subscribe tries again.
-                Err(e) => {
-                    tracing::warn!(%topic, error = %e, "cannot read the topic's head; delivering unordered")
-                }
+            }
+            // Untracked, events are delivered as they come; the next
+            // subscribe tries again.
+            Err(e) => {
+                tracing::warn!(topics = start.len(), error = %e, "cannot read the topics' heads; delivering unordered")
             }
         }
     }

@@ -372,6 +372,34 @@ impl Store {
         })
     }
 
+    /// The last offset of each of `topics` (0 for a topic never published
+    /// to), in one query per [`INSERT_CHUNK`] topics rather than one each.
+    pub async fn last_offsets(&self, topics: &[&Topic]) -> Result<Vec<u64>, StoreError> {
+        let mut last = HashMap::with_capacity(topics.len());
+        for chunk in topics.chunks(INSERT_CHUNK) {
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT topic, last_seq FROM herald_topics WHERE topic IN ({})",
+                placeholders.join(", ")
+            );
+            // Only numbered placeholders: every topic is bound.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for topic in chunk {
+                query = query.bind(topic.as_str());
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                last.insert(
+                    row.try_get::<String, _>(0)?,
+                    row.try_get::<i64, _>(1)? as u64,
+                );
+            }
+        }
+        Ok(topics
+            .iter()
+            .map(|t| last.get(t.as_str()).copied().unwrap_or(0))
+            .collect())
+    }
+
     /// Up to `limit` retained events of `topic` with offsets above `after`,
     /// in offset order.
     pub async fn read(
@@ -470,7 +498,6 @@ fn decode_event(topic: &Topic, row: &AnyRow) -> Result<Event, StoreError> {
     Ok(Event::new(topic.clone(), offset, ts, payload))
 }
 
-/// A fresh epoch: 128 random bits, hex.
 /// `INSERT INTO herald_events ... VALUES ($1, ..., $6), ...` for `rows`
 /// rows: only numbered placeholders, every value is bound.
 fn insert_events_sql(rows: usize) -> String {
@@ -495,6 +522,7 @@ fn insert_events_sql(rows: usize) -> String {
     sql
 }
 
+/// A fresh epoch: 128 random bits, hex.
 fn new_epoch() -> String {
     rand::random::<[u8; 16]>()
         .iter()

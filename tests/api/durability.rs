@@ -586,3 +586,48 @@ async fn an_epoch_given_before_the_first_publish_is_the_log_s_epoch_on_both_back
         assert_eq!(offsets(&mut later, 1).await, [2], "{backend}");
     }
 }
+
+#[tokio::test]
+async fn heads_of_many_topics_are_read_in_one_go_on_both_backends() {
+    use herald::event::Payload;
+    use herald::store::{NewEvent, Store};
+    use herald::topic::Topic;
+
+    let pg = PgDatabase::create().await;
+    let dir = crate::helpers::temp_dir("last-offsets");
+    let sqlite = format!("sqlite://{}", dir.join("herald.db").display());
+    for url in [sqlite, pg.url()] {
+        let store = Store::open(&url.clone().into()).await.unwrap();
+        let topic = |name: &str| Topic::parse(name).unwrap();
+        let events: Vec<NewEvent> = [("a", 3), ("b", 1), ("c", 5)]
+            .iter()
+            .flat_map(|&(name, n)| {
+                (0..n).map(move |_| NewEvent {
+                    topic: topic(name),
+                    payload: Payload::Binary(bytes::Bytes::from_static(b"x")),
+                    key: None,
+                })
+            })
+            .collect();
+        store.append(&events, 1).await.unwrap();
+        // More topics than one statement takes, most never published to.
+        let mut names: Vec<String> = (0..1200).map(|i| format!("never.{i}")).collect();
+        names.insert(600, "c".into());
+        names.insert(0, "a".into());
+        names.push("b".into());
+        let topics: Vec<Topic> = names.iter().map(|n| topic(n)).collect();
+        let refs: Vec<&Topic> = topics.iter().collect();
+        let last = store.last_offsets(&refs).await.unwrap();
+        assert_eq!(last.len(), topics.len(), "{url}");
+        for (name, last) in names.iter().zip(&last) {
+            let expected = match name.as_str() {
+                "a" => 3,
+                "b" => 1,
+                "c" => 5,
+                _ => 0,
+            };
+            assert_eq!(*last, expected, "{url}: {name}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
