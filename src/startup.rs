@@ -28,6 +28,10 @@ use crate::{http, ws};
 /// How long in-flight requests get to finish once shutdown starts.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Connections the kernel queues for the node before it accepts them
+/// (actix-web's default; Linux caps it at `net.core.somaxconn`).
+const ACCEPT_BACKLOG: u32 = 1024;
+
 /// How long a closed HTTP connection waits for the client to close its side
 /// (actix-web's default).
 const CLIENT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -73,8 +77,7 @@ impl Application {
         crate::telemetry::metrics();
         let verifier = Verifier::new(&settings.auth)?;
         let addr = settings.bind_addr()?;
-        let listener =
-            TcpListener::bind(addr).map_err(|source| StartError::Bind { addr, source })?;
+        let listener = listen(addr).map_err(|source| StartError::Bind { addr, source })?;
         let addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
@@ -217,6 +220,21 @@ impl Application {
         state.broker.stopped().await;
         result
     }
+}
+
+/// Binds the node's listener with room for [`ACCEPT_BACKLOG`] connections
+/// waiting to be accepted (std's `bind` allows 128: a burst of clients
+/// reconnecting at once would have SYNs dropped and retried a second
+/// later).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)?.into_std()
 }
 
 async fn shutdown_signal() {
