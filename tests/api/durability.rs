@@ -310,6 +310,53 @@ async fn topics_without_history_skip_the_store() {
     );
 }
 
+#[tokio::test]
+async fn unwatched_topics_without_history_are_forgotten_and_watched_ones_keep_counting() {
+    let node = spawn_node_with(|s| {
+        s.topics = vec![TopicRule {
+            pattern: "ticker.>".into(),
+            history: Some(false),
+            max_age: None,
+            max_events: None,
+        }]
+    })
+    .await;
+    let mut ws = node.connect(&subscriber()).await;
+    ws.subscribe("ticker.watched").await;
+    let (token, zero) = (publisher(), json!(0));
+    let publish = |topic: &'static str| node.publish_ok(&token, topic, &zero);
+    assert_eq!(publish("ticker.watched").await, 1);
+    assert_eq!(publish("ticker.unwatched").await, 1);
+    assert_eq!(publish("ticker.unwatched").await, 2);
+    // Publishing to ever new topics nobody watches: their numbering must
+    // not be kept forever.
+    for round in 0..3 {
+        let batch: Vec<Value> = (0..1000)
+            .map(|i| json!({"topic": format!("ticker.once.{round}.{i}"), "data": i}))
+            .collect();
+        let reply = node
+            .http
+            .post(node.url("/api/v1/events"))
+            .bearer_auth(publisher())
+            .json(&batch)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 201);
+    }
+    assert_eq!(
+        publish("ticker.unwatched").await,
+        1,
+        "an unwatched topic's numbering was dropped and starts again"
+    );
+    assert_eq!(
+        publish("ticker.watched").await,
+        2,
+        "a watched topic keeps counting"
+    );
+    assert_eq!(offsets(&mut ws, 2).await, [1, 2]);
+}
+
 fn herald_migrate(store_url: &str) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_herald"))
         .arg("migrate")
