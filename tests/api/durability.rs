@@ -273,9 +273,9 @@ async fn history_api_returns_retained_events_under_the_subscribe_rules() {
     assert_eq!(no_token.status(), 401);
 }
 
-#[tokio::test]
-async fn topics_without_history_skip_the_store() {
-    let node = spawn_node_with(|s| {
+/// A node where `ticker.>` topics keep no history.
+async fn node_with_tickers_without_history() -> TestNode {
+    spawn_node_with(|s| {
         s.topics = vec![TopicRule {
             pattern: "ticker.>".into(),
             history: Some(false),
@@ -283,7 +283,12 @@ async fn topics_without_history_skip_the_store() {
             max_events: None,
         }]
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn topics_without_history_skip_the_store() {
+    let node = node_with_tickers_without_history().await;
     let mut ws = node.connect(&subscriber()).await;
     let reply = ws.subscribe("ticker.btc").await;
     assert!(reply.get("epoch").is_none(), "{reply}");
@@ -312,15 +317,7 @@ async fn topics_without_history_skip_the_store() {
 
 #[tokio::test]
 async fn unwatched_topics_without_history_are_forgotten_and_watched_ones_keep_counting() {
-    let node = spawn_node_with(|s| {
-        s.topics = vec![TopicRule {
-            pattern: "ticker.>".into(),
-            history: Some(false),
-            max_age: None,
-            max_events: None,
-        }]
-    })
-    .await;
+    let node = node_with_tickers_without_history().await;
     let mut ws = node.connect(&subscriber()).await;
     ws.subscribe("ticker.watched").await;
     let (token, zero) = (publisher(), json!(0));
@@ -641,7 +638,7 @@ async fn heads_of_many_topics_are_read_in_one_go_on_both_backends() {
     use herald::topic::Topic;
 
     let pg = PgDatabase::create().await;
-    let dir = crate::helpers::temp_dir("last-offsets");
+    let dir = temp_dir("last-offsets");
     let sqlite = format!("sqlite://{}", dir.join("herald.db").display());
     for url in [sqlite, pg.url()] {
         let store = Store::open(&url.clone().into()).await.unwrap();
