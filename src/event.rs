@@ -66,12 +66,12 @@ impl Event {
     }
 
     /// The `herald.json` event message.
-    pub fn json_frame(&self) -> ByteString {
+    pub fn json_message(&self) -> ByteString {
         protocol::encode_event_json(self)
     }
 
     /// The `herald.msgpack` event message.
-    pub fn msgpack_frame(&self) -> Bytes {
+    pub fn msgpack_message(&self) -> Bytes {
         protocol::encode_event_msgpack(self)
     }
 
@@ -85,8 +85,8 @@ impl Event {
         };
         cell.get_or_init(|| {
             let message = match encoding {
-                Encoding::Json => self.json_frame().into_bytes(),
-                Encoding::MsgPack => self.msgpack_frame(),
+                Encoding::Json => self.json_message().into_bytes(),
+                Encoding::MsgPack => self.msgpack_message(),
             };
             ws::frame(op, &message).freeze()
         })

@@ -48,9 +48,10 @@ pub struct Mailbox {
 struct QueueState {
     /// Payload bytes queued and not yet taken by the connection.
     bytes: AtomicUsize,
-    /// Set once, on overflow. Read on every offer, so an atomic rather
-    /// than the token (whose state sits behind a mutex).
-    evicted: AtomicBool,
+    /// Set once, on overflow or when the connection closes. Read on every
+    /// offer, so an atomic rather than the token (whose state sits behind a
+    /// mutex).
+    closed: AtomicBool,
 }
 
 /// The connection's end of its mailbox.
@@ -95,16 +96,21 @@ impl Mailbox {
 
     /// Tells the connection to close as a slow consumer (once).
     fn evict(&self) {
-        if !self.queue.evicted.swap(true, Ordering::AcqRel) {
+        if !self.queue.closed.swap(true, Ordering::AcqRel) {
             self.overflowed.cancel();
             metrics::counter!(names::SLOW_CONSUMERS).increment(1);
         }
     }
 
+    /// The connection is closing: it takes no more events.
+    pub fn close(&self) {
+        self.queue.closed.store(true, Ordering::Release);
+    }
+
     fn offer(&self, event: &Arc<Event>) -> bool {
         // An evicted connection takes nothing more: it must not be sent an
         // event past the one it lost (it resumes from its last offset).
-        if self.queue.evicted.load(Ordering::Acquire) {
+        if self.queue.closed.load(Ordering::Acquire) {
             return false;
         }
         let size = event.payload.len();

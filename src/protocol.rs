@@ -634,10 +634,10 @@ mod tests {
         assert_eq!(&b[..], &[0, 1, 255]);
 
         let event = Event::new(Topic::parse("a").unwrap(), 1, 2, Payload::Binary(b));
-        let text = event.json_frame();
+        let text = event.json_message();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["data_b64"], "AAH/");
-        let m: rmpv::Value = rmp_serde::from_slice(&event.msgpack_frame()).unwrap();
+        let m: rmpv::Value = rmp_serde::from_slice(&event.msgpack_message()).unwrap();
         let data = m
             .as_map()
             .unwrap()

@@ -32,10 +32,6 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// (actix-web's default; Linux caps it at `net.core.somaxconn`).
 const ACCEPT_BACKLOG: u32 = 1024;
 
-/// How long a closed HTTP connection waits for the client to close its side
-/// (actix-web's default).
-const CLIENT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -98,9 +94,9 @@ impl Application {
         });
         let state_handle = state.clone();
         let handshake_timeout = state.settings.server.handshake_timeout;
-        // actix-web's `HttpServer` would build this same HTTP service, but
-        // without the upgrade hook: WebSocket handshakes leave the HTTP
-        // dispatcher with their connection for `ws::upgrade`.
+        // What actix-web's `HttpServer::listen` builds, plus the upgrade
+        // hook: WebSocket handshakes leave the HTTP dispatcher with their
+        // connection for `ws::upgrade`.
         let server = actix_server::Server::build()
             // Signals are handled in `run_until_stopped`, which must close
             // the WebSockets before the server can drain.
@@ -126,9 +122,14 @@ impl Application {
                 let upgrade = fn_service(move |(req, framed)| {
                     ws::upgrade(Arc::clone(&ws_state), req, framed)
                 });
+                let stopping = state.shutdown.clone();
                 HttpService::build()
+                    // Idle keep-alive connections close as soon as shutdown
+                    // starts, as under `HttpServer` (hidden in actix-http's
+                    // docs, but what actix-web itself calls).
+                    .graceful_shutdown_signal(move || stopping.clone().cancelled_owned())
                     .client_request_timeout(handshake_timeout)
-                    .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
+                    .client_disconnect_timeout(ws::LINGER)
                     .local_addr(addr)
                     .upgrade(upgrade)
                     // Herald reads neither the host nor the address the

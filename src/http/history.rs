@@ -103,7 +103,9 @@ pub(super) async fn history(
         .iter()
         .filter(|e| e.offset <= head.last)
         // An event frame is JSON written by serde_json, so it parses.
-        .map(|e| RawValue::from_string(e.json_frame().to_string()).expect("event frames are JSON"))
+        .map(|e| {
+            RawValue::from_string(e.json_message().to_string()).expect("event frames are JSON")
+        })
         .collect();
     Ok(HttpResponse::Ok().json(History {
         topic: topic.as_str(),

@@ -34,7 +34,7 @@ use crate::protocol::{Encoding, JSON_PROTOCOL, MSGPACK_PROTOCOL};
 use crate::startup::AppState;
 use crate::telemetry::names;
 use socket::Socket;
-pub(crate) use socket::frame;
+pub(crate) use socket::{LINGER, frame};
 
 /// The WebSocket route.
 const PATH: &str = "/ws";
@@ -82,10 +82,14 @@ pub async fn upgrade(
     req: Request,
     framed: Framed<TcpStream, h1::Codec>,
 ) -> Result<(), actix_web::Error> {
+    // Out of the HTTP dispatcher, only this bounds how long a client may
+    // take to read the handshake's answer.
+    let limit = state.settings.server.handshake_timeout;
     // Both boxed: the handshake's state is freed once it is done, and the
     // session, held for the connection's whole life, gets a box of its own
     // size rather than a share of the HTTP dispatcher's.
-    if let Some(accepted) = Box::pin(handshake(state, req, framed)).await {
+    let handshake = tokio::time::timeout(limit, Box::pin(handshake(state, req, framed)));
+    if let Ok(Some(accepted)) = handshake.await {
         Box::pin(session::run(accepted)).await;
     }
     Ok(())
@@ -129,7 +133,9 @@ async fn handshake(
                     h1::Message::Item((res, BodySize::Sized(body.len() as u64))),
                     &mut parts.write_buf,
                 );
-                parts.write_buf.extend_from_slice(&body);
+                if head.method != Method::HEAD {
+                    parts.write_buf.extend_from_slice(&body);
+                }
             }
             Socket::new(parts.io, parts.read_buf, parts.write_buf, 0)
                 .end()

@@ -92,6 +92,7 @@ pub(super) async fn run(accepted: Accepted) {
         subscriptions: HashSet::new(),
         delivered: HashMap::new(),
         close_with: None,
+        stalled: false,
     };
     conn.run(events, peer).await;
 }
@@ -116,6 +117,9 @@ struct Connection {
     delivered: HashMap<Topic, u64>,
     /// Why to close, when a handler ends the connection on purpose.
     close_with: Option<CloseReason>,
+    /// A write waited `heartbeat_timeout` for a client that reads nothing:
+    /// it is cut off without a close frame, which could not reach it.
+    stalled: bool,
 }
 
 impl Connection {
@@ -174,7 +178,7 @@ impl Connection {
                     },
                     Err(err) => {
                         tracing::debug!(conn = self.mailbox.id, error = %err, "unreadable frame");
-                        break Some(err.close_reason());
+                        break err.close_reason();
                     }
                 },
             }
@@ -187,11 +191,16 @@ impl Connection {
 
     /// Unsubscribes everything, sends the close frame and logs the end.
     async fn end(mut self, close: Option<CloseReason>, opened: Instant, peer: Option<SocketAddr>) {
+        self.mailbox.close();
         for topic in self.subscriptions.drain() {
             self.state.broker.unsubscribe(&topic, self.mailbox.id).await;
         }
         let code = close.as_ref().map(|c| u16::from(c.code));
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.close(close)).await;
+        if self.stalled {
+            tracing::info!(conn = self.mailbox.id, "client stopped reading; cut off");
+        } else {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.close(close)).await;
+        }
         tracing::info!(conn = self.mailbox.id, sub = %self.grants.sub, ?peer, duration_ms = opened.elapsed().as_millis() as u64, close_code = ?code, "connection closed");
     }
 
@@ -479,12 +488,24 @@ impl Connection {
     /// is cut short by eviction or shutdown, so neither waits on that
     /// client; what it had not written yet goes out before the close frame.
     async fn send(&mut self, frames: &[u8]) -> Result<(), Gone> {
-        // The write usually completes at once; only a write left waiting
-        // registers for the stop token (overflow or, its parent, shutdown).
+        self.socket.queue(frames).map_err(|_| Gone)?;
+        if self.socket.is_flushed() {
+            // The usual case: the kernel took the frames at once.
+            return Ok(());
+        }
+        // Only a write left waiting registers for the stop token (overflow
+        // or, its parent, shutdown), and for a client that reads nothing at
+        // all: one that only sends would otherwise hold its place forever,
+        // the heartbeat being checked by the loop this write holds up.
+        let stalled = self.state.settings.server.heartbeat_timeout;
         tokio::select! {
             biased;
-            sent = self.socket.send(frames) => sent.map_err(|_| Gone),
+            sent = self.socket.flush() => sent.map_err(|_| Gone),
             () = self.overflowed.cancelled() => Err(Gone),
+            () = tokio::time::sleep(stalled) => {
+                self.stalled = true;
+                Err(Gone)
+            }
         }
     }
 

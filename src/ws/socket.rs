@@ -23,8 +23,9 @@ const READ_CHUNK: usize = 4096;
 const MAX_HEADER: usize = 14;
 
 /// How long a closed connection waits for the client to close its side, so
-/// that unread client bytes do not turn the last frames into a reset.
-const LINGER: Duration = Duration::from_secs(1);
+/// that unread client bytes do not turn the last frames into a reset (the
+/// HTTP server uses the same for its connections).
+pub const LINGER: Duration = Duration::from_secs(1);
 
 /// A complete message from the client; fragments are joined.
 #[derive(Debug)]
@@ -61,19 +62,19 @@ impl From<ProtocolError> for WsError {
 }
 
 impl WsError {
-    /// The close frame the client is owed: its code says what it got wrong.
-    pub fn close_reason(&self) -> CloseReason {
+    /// The close frame the client is owed, its code saying what it got
+    /// wrong; none when the connection itself failed.
+    pub fn close_reason(&self) -> Option<CloseReason> {
         let (code, description) = match self {
             WsError::TooBig => (CloseCode::Size, "message too big"),
             WsError::InvalidUtf8 => (CloseCode::Invalid, "text frame is not valid UTF-8"),
-            WsError::Protocol(_) | WsError::Io(_) => {
-                (CloseCode::Protocol, "WebSocket protocol error")
-            }
+            WsError::Protocol(_) => (CloseCode::Protocol, "WebSocket protocol error"),
+            WsError::Io(_) => return None,
         };
-        CloseReason {
+        Some(CloseReason {
             code,
             description: Some(description.to_owned()),
-        }
+        })
     }
 }
 
@@ -130,15 +131,19 @@ impl Socket {
         loop {
             let Some((fin, op, data)) = Parser::parse(&mut self.read_buf, true, self.max_message)?
             else {
-                // An incomplete frame longer than the limit is refused now,
-                // not buffered to its announced length.
-                if self.read_buf.len() > self.max_message + MAX_HEADER {
+                // A frame announced longer than the limit is refused as soon
+                // as its header is in, not buffered to its announced length.
+                if announced_len(&self.read_buf).is_some_and(|n| n > self.max_message as u64) {
                     return Err(WsError::TooBig);
                 }
                 self.read_buf = compact(std::mem::take(&mut self.read_buf));
                 return Ok(None);
             };
             let data = data.unwrap_or_default();
+            if !fin && matches!(op, OpCode::Ping | OpCode::Pong | OpCode::Close) {
+                // RFC 6455 §5.5: control frames are never fragmented.
+                return Err(WsError::Protocol("fragmented control frame".into()));
+            }
             match op {
                 OpCode::Ping => return Ok(Some(Message::Ping(data.freeze()))),
                 OpCode::Pong => return Ok(Some(Message::Pong)),
@@ -175,19 +180,30 @@ impl Socket {
     /// kernel's send queue is full. Cancel-safe: bytes not yet written stay
     /// queued, ahead of anything sent later.
     pub async fn send(&mut self, frames: &[u8]) -> io::Result<()> {
-        if self.write_buf.is_empty() {
-            match self.io.try_write(frames) {
-                Ok(n) if n == frames.len() => return Ok(()),
-                Ok(n) => self.write_buf.extend_from_slice(&frames[n..]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.write_buf.extend_from_slice(frames)
-                }
-                Err(e) => return Err(e),
-            }
-        } else {
-            self.write_buf.extend_from_slice(frames);
-        }
+        self.queue(frames)?;
         self.flush().await
+    }
+
+    /// Writes what the kernel takes of `frames` now and queues the rest,
+    /// without waiting; [`flush`](Self::flush) sends what was queued.
+    pub fn queue(&mut self, frames: &[u8]) -> io::Result<()> {
+        if !self.write_buf.is_empty() {
+            self.write_buf.extend_from_slice(frames);
+            return Ok(());
+        }
+        match self.io.try_write(frames) {
+            Ok(n) => self.write_buf.extend_from_slice(&frames[n..]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.write_buf.extend_from_slice(frames)
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// Whether everything queued went out.
+    pub fn is_flushed(&self) -> bool {
+        self.write_buf.is_empty()
     }
 
     /// Writes everything queued.
@@ -244,6 +260,18 @@ pub fn frame(op: OpCode, payload: &[u8]) -> BytesMut {
     let mut frame = BytesMut::with_capacity(payload.len() + MAX_HEADER);
     Parser::write_message(&mut frame, payload, op, true, false);
     frame
+}
+
+/// The payload length a frame's header announces, once its length bytes
+/// are in.
+fn announced_len(buf: &[u8]) -> Option<u64> {
+    let extended = match *buf.get(1)? & 0x7f {
+        126 => 2,
+        127 => 8,
+        n => return Some(u64::from(n)),
+    };
+    let bytes = buf.get(2..2 + extended)?;
+    Some(bytes.iter().fold(0, |len, &b| len << 8 | u64::from(b)))
 }
 
 fn complete(op: OpCode, data: BytesMut) -> Result<Message, WsError> {

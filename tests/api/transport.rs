@@ -266,4 +266,69 @@ async fn upgrades_to_other_routes_or_with_other_methods_are_refused_over_http() 
         let body: Value = serde_json::from_str(body).unwrap();
         assert_eq!(body["error"], error, "{response}");
     }
+    // The answer to HEAD has no body.
+    let head = String::from_utf8(handshake_request(&node, "/ws"))
+        .unwrap()
+        .replacen("GET", "HEAD", 1);
+    let mut tcp = TcpStream::connect(node.addr).await.unwrap();
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(READ_TIMEOUT, tcp.read_to_end(&mut response))
+        .await
+        .expect("the refusal, then the connection closed")
+        .unwrap();
+    let response = String::from_utf8(response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 405"), "{response}");
+    assert!(response.ends_with("\r\n\r\n"), "{response}");
+}
+
+#[tokio::test]
+async fn a_fragmented_control_frame_closes_with_1002() {
+    let node = spawn_node().await;
+    let (mut tcp, mut buffered) = raw_connect(&node, &[]).await;
+    tcp.write_all(&client_frame(0x9, false, b"half a ping"))
+        .await
+        .unwrap();
+    let (opcode, payload) = read_frame(&mut tcp, &mut buffered).await;
+    assert_eq!((opcode, close_code(&payload)), (0x8, 1002));
+}
+
+#[tokio::test]
+async fn a_client_that_sends_but_never_reads_is_cut_off_and_frees_its_place() {
+    let node = spawn_node_with(|s| {
+        s.limits.max_connections = 1;
+        s.server.heartbeat_interval = Duration::from_millis(200);
+        s.server.heartbeat_timeout = Duration::from_millis(500);
+    })
+    .await;
+    // A small receive buffer, never read past the 101: the node's answers
+    // back up until its writes wait.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(node.addr).await.unwrap();
+    let request = handshake_request(&node, &format!("/ws?token={}", client()));
+    tcp.write_all(&request).await.unwrap();
+    let (head, _) = read_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // WebSocket pings, each answered with a pong as large: bounded in count
+    // and stopped when the node stops reading (or cuts the connection).
+    let ping = client_frame(0x9, true, &[b'p'; 125]);
+    let flood = tokio::spawn(async move {
+        for _ in 0..200_000 {
+            let write = tokio::time::timeout(READ_TIMEOUT, tcp.write_all(&ping));
+            if !matches!(write.await, Ok(Ok(()))) {
+                break;
+            }
+        }
+        tcp
+    });
+    // The only place is taken until the node gives up on that client.
+    crate::helpers::eventually("the stalled client's place is free", || async {
+        node.handshake(&format!("?token={}", client()))
+            .try_open()
+            .await
+            .is_ok()
+    })
+    .await;
+    flood.abort();
 }
