@@ -2,7 +2,9 @@ export type HeraldState = "connecting" | "open" | "reconnecting" | "closed";
 
 export interface EventMeta {
   topic: string;
-  /** The event's offset in its topic: 1, 2, 3 … */
+  /** The event's offset in its topic: 1, 2, 3 … For a topic without
+   * history the numbering may start again from 1 (after its cluster's
+   * Redis restarted, say); every event is still delivered once. */
   offset: number;
   /** Publish time, Unix milliseconds. */
   ts: number;

@@ -296,8 +296,14 @@ export class Herald {
   _onEvent(frame) {
     const entry = this._topics.get(frame.topic);
     if (!entry) return;
-    if (entry.last !== undefined && frame.offset <= entry.last) return;
-    entry.last = frame.offset;
+    // Offsets of a topic with history drop what a replay already delivered.
+    // A topic without history has no replay to overlap with, and its
+    // numbering may start again from 1 (a cluster's Redis restarted): every
+    // event it sends is new.
+    if (entry.epoch !== undefined) {
+      if (entry.last !== undefined && frame.offset <= entry.last) return;
+      entry.last = frame.offset;
+    }
     const data = frame.data_b64 !== undefined ? fromBase64(frame.data_b64) : frame.data;
     const meta = { topic: frame.topic, offset: frame.offset, ts: frame.ts };
     for (const handler of entry.handlers) {

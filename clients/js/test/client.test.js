@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 
 import { Herald } from "../herald.js";
-import { Node, eventually, sleep, subscriber, token } from "./node.js";
+import { Node, Redis, eventually, sleep, subscriber, token } from "./node.js";
 
 let node;
 before(async () => {
@@ -116,4 +116,44 @@ test("a refused subscription is reported as an error", async () => {
   await eventually("the error", () => errors.length === 1);
   assert.equal(errors[0].code, "forbidden");
   h.close();
+});
+
+test("events of a topic without history keep arriving after the cluster's Redis restarts", async () => {
+  const store = process.env.HERALD_TEST_STORE_URL;
+  if (!store) throw new Error("set HERALD_TEST_STORE_URL to an empty PostgreSQL database (cargo test does)");
+  const redis = await Redis.start();
+  const clustered = await Node.start({
+    HERALD__REDIS__URL: redis.url,
+    HERALD__STORE__URL: store,
+    HERALD__RETENTION__HISTORY: "false",
+  });
+  try {
+    const h = new Herald({ url: clustered.url, token: token({ sub: "js", topics: [">"], publish: [">"] }) });
+    const received = [];
+    h.subscribe("js.volatile", (data, meta) => received.push(meta.offset));
+    await h.publish("js.sync", null);
+    for (const n of [1, 2, 3]) await clustered.publish("js.volatile", n);
+    await eventually("three events", () => received.length === 3);
+
+    // A Redis that restarts has forgotten every topic's numbering.
+    await redis.kill();
+    await redis.restart();
+    await eventually("the node is ready again", async () => (await fetch(`${clustered.http}/readyz`)).ok);
+    let offset;
+    await eventually("a publish is accepted", async () => {
+      try {
+        offset = await clustered.publish("js.volatile", 4);
+        return true;
+      } catch {
+        return false;
+      }
+    });
+    assert.equal(offset, 1, "the numbering started again");
+    await eventually("the event published after the restart", () => received.length === 4);
+    assert.deepEqual(received, [1, 2, 3, 1]);
+    h.close();
+  } finally {
+    await clustered.stop();
+    await redis.kill();
+  }
 });

@@ -1,9 +1,9 @@
-// Starts real Herald nodes (the binary in HERALD_BIN) for the client tests,
-// and signs their tokens.
+// Starts real Herald nodes (the binary in HERALD_BIN) and, for cluster
+// tests, a private redis-server, for the client tests; signs their tokens.
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
 import { mkdtempSync } from "node:fs";
-import { createServer } from "node:net";
+import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -45,20 +45,22 @@ export async function eventually(what, check, ms = 10000) {
   throw new Error(`timed out waiting until ${what}`);
 }
 
-/** One node with its own SQLite store; `restart()` keeps port and store. */
+/** One node with its own SQLite store, unless `env` names others (e.g.
+ * HERALD__STORE__URL); `restart()` keeps port and store. */
 export class Node {
-  static async start() {
+  static async start(env = {}) {
     const bin = process.env.HERALD_BIN;
     if (!bin) throw new Error("set HERALD_BIN to the herald binary (cargo test does)");
-    const node = new Node(bin, await freePort(), mkdtempSync(join(tmpdir(), "herald-js-")));
+    const node = new Node(bin, await freePort(), mkdtempSync(join(tmpdir(), "herald-js-")), env);
     await node.restart();
     return node;
   }
 
-  constructor(bin, port, dir) {
+  constructor(bin, port, dir, env) {
     this.bin = bin;
     this.port = port;
     this.dir = dir;
+    this.env = env;
     this.url = `ws://127.0.0.1:${port}/ws`;
     this.http = `http://127.0.0.1:${port}`;
   }
@@ -71,6 +73,7 @@ export class Node {
         HERALD__AUTH__JWT_SECRET: SECRET,
         HERALD__SERVER__BIND: `127.0.0.1:${this.port}`,
         RUST_LOG: "warn",
+        ...this.env,
       },
       stdio: ["ignore", "ignore", "inherit"],
     });
@@ -107,5 +110,41 @@ export class Node {
     });
     if (response.status !== 201) throw new Error(`publish answered ${response.status}`);
     return (await response.json()).offset;
+  }
+}
+
+/** A redis-server of the test's own on a free port, keeping nothing on
+ * disk: `restart()` brings it back on the same port, empty. */
+export class Redis {
+  static async start() {
+    const redis = new Redis(await freePort());
+    await redis.restart();
+    return redis;
+  }
+
+  constructor(port) {
+    this.port = port;
+    this.url = `redis://127.0.0.1:${port}`;
+  }
+
+  async restart() {
+    this.child = spawn("redis-server", ["--port", `${this.port}`, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], {
+      stdio: "ignore",
+    });
+    await eventually("redis-server answers", () =>
+      new Promise((resolve) => {
+        const socket = connect(this.port, "127.0.0.1");
+        socket.once("connect", () => (socket.destroy(), resolve(true)));
+        socket.once("error", () => resolve(false));
+      }),
+    );
+  }
+
+  async kill() {
+    if (this.child.exitCode === null && this.child.signalCode === null) {
+      const exited = new Promise((resolve) => this.child.once("exit", resolve));
+      this.child.kill("SIGKILL");
+      await exited;
+    }
   }
 }
