@@ -63,13 +63,19 @@ const BROADCAST_RETRY_DELAYS: [Duration; 3] = [
 const INTEREST_QUEUE: usize = 1024;
 
 /// Increments each topic's offset and publishes its event, atomically.
+/// A topic no node subscribes to (its event reached nobody) has its counter
+/// deleted: its numbering starts again from 1, seen by no subscriber, and
+/// Redis holds counters only for topics someone watches.
 /// KEYS: offset key and channel of each event, in pairs.
 /// ARGV: `"{ts} {kind} {payload}"` of each event.
 const PUBLISH_SCRIPT: &str = r"
 local offsets = {}
 for i = 1, #ARGV do
   local offset = redis.call('INCR', KEYS[2 * i - 1])
-  redis.call('PUBLISH', KEYS[2 * i], offset .. ' ' .. ARGV[i])
+  local receivers = redis.call('PUBLISH', KEYS[2 * i], offset .. ' ' .. ARGV[i])
+  if receivers == 0 then
+    redis.call('DEL', KEYS[2 * i - 1])
+  end
   offsets[i] = offset
 end
 return offsets

@@ -287,3 +287,42 @@ async fn many_clients_subscribing_at_once_to_distinct_topics_each_get_their_even
     let counts: Vec<u64> = numsub.iter().map(|(_, n)| *n).collect();
     assert_eq!(counts, vec![1; CLIENTS], "one Redis subscription per topic");
 }
+
+#[tokio::test]
+async fn redis_keeps_the_numbering_of_topics_without_history_only_while_watched() {
+    let redis = RedisServer::start().await;
+    let pg = PgDatabase::create().await;
+    let node = TestNode::clustered_with(&redis, &pg, |s| s.retention.history = false).await;
+    let exists = |topic: &'static str| {
+        let redis = &redis;
+        async move {
+            let n: u64 = redis
+                .query(redis::cmd("EXISTS").arg(format!("herald:offset:{topic}")))
+                .await;
+            n == 1
+        }
+    };
+    // Nobody watches: every event reaches no one and nothing is kept.
+    for _ in 0..3 {
+        assert_eq!(
+            node.publish_ok(&publisher(), "typing.u1", &json!(1)).await,
+            1
+        );
+    }
+    assert!(!exists("typing.u1").await);
+
+    let mut ws = node.connect(&subscriber()).await;
+    ws.subscribe("typing.u1").await;
+    let offsets: Vec<u64> = {
+        let mut offsets = Vec::new();
+        for n in 0..3 {
+            offsets.push(node.publish_ok(&publisher(), "typing.u1", &json!(n)).await);
+        }
+        offsets
+    };
+    assert_eq!(offsets, [1, 2, 3], "a watched topic counts");
+    assert!(exists("typing.u1").await);
+    for expected in 1..=3 {
+        assert_eq!(ws.recv().await["offset"], expected);
+    }
+}
