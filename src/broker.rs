@@ -22,6 +22,7 @@ use crate::event::{Event, Payload, now_ms};
 use crate::hub::{ConnId, Hub, Mailbox};
 pub use crate::relay::PublishError;
 use crate::relay::{Relay, Shared};
+use crate::store::heads::HeadReader;
 use crate::store::retention::{Retention, run_pruner};
 use crate::store::{Backend, Head, NewEvent, Store, StoreError};
 use crate::telemetry::names;
@@ -48,12 +49,16 @@ pub struct Broker {
     relay: Relay,
     store: Arc<Store>,
     retention: Arc<Retention>,
-    pruner: Mutex<Option<JoinHandle<()>>>,
+    /// Reads subscribes' heads, many per query.
+    heads: HeadReader,
+    /// The pruner and the head reader.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Broker {
-    /// Opens the store (applying migrations), starts the relay and the
-    /// pruner; both background tasks stop when `shutdown` is cancelled.
+    /// Opens the store (applying migrations), starts the relay, the pruner
+    /// and the head reader; every background task stops when `shutdown` is
+    /// cancelled.
     pub async fn new(
         settings: &Settings,
         shutdown: CancellationToken,
@@ -78,14 +83,16 @@ impl Broker {
         let pruner = tokio::spawn(run_pruner(
             Arc::clone(&store),
             Arc::clone(&retention),
-            shutdown,
+            shutdown.clone(),
         ));
+        let (heads, head_reader) = HeadReader::spawn(Arc::clone(&store), shutdown);
         Ok(Broker {
             hub,
             relay,
             store,
             retention,
-            pruner: Mutex::new(Some(pruner)),
+            heads,
+            tasks: Mutex::new(vec![pruner, head_reader]),
         })
     }
 
@@ -166,7 +173,7 @@ impl Broker {
         // confirmed. The relay applies changes in order and skips no-ops.
         self.relay.interest_changed(topic).await;
         if self.retention.history(topic) {
-            Ok(Some(self.store.head(topic).await?))
+            Ok(Some(self.heads.head(topic).await?))
         } else {
             Ok(None)
         }
@@ -209,8 +216,8 @@ impl Broker {
     /// Waits for background work to finish once shutdown was requested.
     pub async fn stopped(&self) {
         self.relay.stopped().await;
-        if let Some(pruner) = self.pruner.lock().await.take() {
-            let _ = pruner.await;
+        for task in self.tasks.lock().await.drain(..) {
+            let _ = task.await;
         }
     }
 }

@@ -54,10 +54,10 @@ impl Orderer {
         }
         // One query for the whole batch: a burst of new topics must not
         // take the store pool from publishers.
-        match store.last_offsets(&start).await {
-            Ok(last) => {
-                for (topic, last) in start.into_iter().zip(last) {
-                    self.last.insert(topic.clone(), last);
+        match store.heads(&start).await {
+            Ok(heads) => {
+                for (topic, head) in start.into_iter().zip(heads) {
+                    self.last.insert(topic.clone(), head.last);
                 }
             }
             // Untracked, events are delivered as they come; the next

@@ -16,6 +16,7 @@
 //! under `migrations/sqlite` and `migrations/postgres`. All SQL binds its
 //! parameters.
 
+pub mod heads;
 pub mod retention;
 
 use std::collections::{BTreeMap, HashMap};
@@ -50,6 +51,9 @@ pub enum StoreError {
     Unavailable(#[from] sqlx::Error),
     #[error("a stored event of {topic} at offset {offset} cannot be read")]
     Corrupt { topic: Topic, offset: u64 },
+    /// One failure answered to every request of a batch.
+    #[error(transparent)]
+    Shared(std::sync::Arc<StoreError>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -372,14 +376,17 @@ impl Store {
         })
     }
 
-    /// The last offset of each of `topics` (0 for a topic never published
-    /// to), in one query per [`INSERT_CHUNK`] topics rather than one each.
-    pub async fn last_offsets(&self, topics: &[&Topic]) -> Result<Vec<u64>, StoreError> {
-        let mut last = HashMap::with_capacity(topics.len());
+    /// The heads of `topics`, in their order (a topic never published to
+    /// has an empty head), in one query per [`INSERT_CHUNK`] topics rather
+    /// than one each.
+    pub async fn heads(&self, topics: &[&Topic]) -> Result<Vec<Head>, StoreError> {
+        let mut found = HashMap::with_capacity(topics.len());
         for chunk in topics.chunks(INSERT_CHUNK) {
             let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
-                "SELECT topic, last_seq FROM herald_topics WHERE topic IN ({})",
+                "SELECT t.topic, t.epoch, t.last_seq, \
+                 (SELECT MIN(e.seq) FROM herald_events e WHERE e.topic = t.topic) \
+                 FROM herald_topics t WHERE t.topic IN ({})",
                 placeholders.join(", ")
             );
             // Only numbered placeholders: every topic is bound.
@@ -388,15 +395,23 @@ impl Store {
                 query = query.bind(topic.as_str());
             }
             for row in query.fetch_all(&self.pool).await? {
-                last.insert(
-                    row.try_get::<String, _>(0)?,
-                    row.try_get::<i64, _>(1)? as u64,
-                );
+                let head = Head {
+                    epoch: row.try_get(1)?,
+                    last: row.try_get::<i64, _>(2)? as u64,
+                    oldest: row.try_get::<Option<i64>, _>(3)?.map(|o| o as u64),
+                };
+                found.insert(row.try_get::<String, _>(0)?, head);
             }
         }
         Ok(topics
             .iter()
-            .map(|t| last.get(t.as_str()).copied().unwrap_or(0))
+            .map(|t| {
+                found.get(t.as_str()).cloned().unwrap_or_else(|| Head {
+                    epoch: self.store_id.clone(),
+                    last: 0,
+                    oldest: None,
+                })
+            })
             .collect())
     }
 

@@ -1,6 +1,7 @@
 //! The durable log: replay on resume, epochs, retention, idempotency, the
 //! history API and migrations, against real SQLite and PostgreSQL.
 
+use std::collections::HashSet;
 use std::process::{Command, Stdio};
 
 use herald::config::TopicRule;
@@ -661,7 +662,13 @@ async fn heads_of_many_topics_are_read_in_one_go_on_both_backends() {
         names.push("b".into());
         let topics: Vec<Topic> = names.iter().map(|n| topic(n)).collect();
         let refs: Vec<&Topic> = topics.iter().collect();
-        let last = store.last_offsets(&refs).await.unwrap();
+        let last: Vec<u64> = store
+            .heads(&refs)
+            .await
+            .unwrap()
+            .iter()
+            .map(|h| h.last)
+            .collect();
         assert_eq!(last.len(), topics.len(), "{url}");
         for (name, last) in names.iter().zip(&last) {
             let expected = match name.as_str() {
@@ -674,4 +681,47 @@ async fn heads_of_many_topics_are_read_in_one_go_on_both_backends() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_subscribing_at_once_each_get_their_own_topic_s_head_on_both_backends() {
+    const TOPICS: u64 = 30;
+    for (backend, node, _db) in on_each_backend(|_| {}).await {
+        // Topic `heads.k` holds k events (none for k = 0).
+        for k in 1..TOPICS {
+            let batch: Vec<Value> = (0..k)
+                .map(|n| json!({"topic": format!("heads.{k}"), "data": n}))
+                .collect();
+            let reply = node
+                .http
+                .post(node.url("/api/v1/events"))
+                .bearer_auth(publisher())
+                .json(&batch)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(reply.status(), 201, "{backend}");
+        }
+        let subscribes = (0..TOPICS).map(|k| {
+            let node = &node;
+            async move {
+                let mut ws = node.connect(&subscriber()).await;
+                let reply = ws.subscribe(&format!("heads.{k}")).await;
+                (k, reply)
+            }
+        });
+        let replies = futures_util::future::join_all(subscribes).await;
+        let epochs: HashSet<String> = replies
+            .iter()
+            .map(|(_, r)| r["epoch"].as_str().unwrap().to_owned())
+            .collect();
+        for (k, reply) in &replies {
+            assert_eq!(reply["offset"], *k, "{backend}: {reply}");
+        }
+        assert_eq!(
+            epochs.len(),
+            1,
+            "{backend}: one store, one epoch: {epochs:?}"
+        );
+    }
 }
