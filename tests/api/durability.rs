@@ -332,14 +332,7 @@ async fn unwatched_topics_without_history_are_forgotten_and_watched_ones_keep_co
         let batch: Vec<Value> = (0..1000)
             .map(|i| json!({"topic": format!("ticker.once.{round}.{i}"), "data": i}))
             .collect();
-        let reply = node
-            .http
-            .post(node.url("/api/v1/events"))
-            .bearer_auth(publisher())
-            .json(&batch)
-            .send()
-            .await
-            .unwrap();
+        let reply = node.publish_batch(&publisher(), &json!(batch)).await;
         assert_eq!(reply.status(), 201);
     }
     assert_eq!(
@@ -692,14 +685,7 @@ async fn clients_subscribing_at_once_each_get_their_own_topic_s_head_on_both_bac
             let batch: Vec<Value> = (0..k)
                 .map(|n| json!({"topic": format!("heads.{k}"), "data": n}))
                 .collect();
-            let reply = node
-                .http
-                .post(node.url("/api/v1/events"))
-                .bearer_auth(publisher())
-                .json(&batch)
-                .send()
-                .await
-                .unwrap();
+            let reply = node.publish_batch(&publisher(), &json!(batch)).await;
             assert_eq!(reply.status(), 201, "{backend}");
         }
         let subscribes = (0..TOPICS).map(|k| {

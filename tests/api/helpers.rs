@@ -206,6 +206,17 @@ impl TestNode {
     }
 
     /// GETs `path` with `token` and returns the JSON body.
+    /// POSTs `events` (a JSON array) to the batch publish endpoint.
+    pub async fn publish_batch(&self, token: &str, events: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/api/v1/events"))
+            .bearer_auth(token)
+            .json(events)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn get_json(&self, path: &str, token: &str) -> Value {
         self.http
             .get(self.url(path))

@@ -128,6 +128,19 @@ async fn raw_connect(node: &TestNode, extra: &[u8]) -> (TcpStream, Vec<u8>) {
     (tcp, rest)
 }
 
+/// Sends `request` on a new connection; returns all the node answers
+/// before it closes the connection.
+async fn refusal(node: &TestNode, request: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(node.addr).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(READ_TIMEOUT, tcp.read_to_end(&mut response))
+        .await
+        .expect("the refusal, then the connection closed")
+        .unwrap();
+    String::from_utf8(response).unwrap()
+}
+
 fn close_code(payload: &[u8]) -> u16 {
     u16::from_be_bytes([payload[0], payload[1]])
 }
@@ -250,14 +263,7 @@ async fn upgrades_to_other_routes_or_with_other_methods_are_refused_over_http() 
         ),
         (handshake_request(&node, "/ws"), "401", "unauthorized"),
     ] {
-        let mut tcp = TcpStream::connect(node.addr).await.unwrap();
-        tcp.write_all(&request).await.unwrap();
-        let mut response = Vec::new();
-        tokio::time::timeout(READ_TIMEOUT, tcp.read_to_end(&mut response))
-            .await
-            .expect("the refusal, then the connection closed")
-            .unwrap();
-        let response = String::from_utf8(response).unwrap();
+        let response = refusal(&node, &request).await;
         assert!(
             response.starts_with(&format!("HTTP/1.1 {status}")),
             "{response}"
@@ -270,14 +276,7 @@ async fn upgrades_to_other_routes_or_with_other_methods_are_refused_over_http() 
     let head = String::from_utf8(handshake_request(&node, "/ws"))
         .unwrap()
         .replacen("GET", "HEAD", 1);
-    let mut tcp = TcpStream::connect(node.addr).await.unwrap();
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(READ_TIMEOUT, tcp.read_to_end(&mut response))
-        .await
-        .expect("the refusal, then the connection closed")
-        .unwrap();
-    let response = String::from_utf8(response).unwrap();
+    let response = refusal(&node, head.as_bytes()).await;
     assert!(response.starts_with("HTTP/1.1 405"), "{response}");
     assert!(response.ends_with("\r\n\r\n"), "{response}");
 }
