@@ -12,9 +12,7 @@ use bytes::Bytes;
 use bytestring::ByteString;
 use serde_json::value::RawValue;
 
-use actix_http::ws::OpCode;
-
-use crate::protocol::{self, Encoding};
+use crate::protocol::{self, Encoding, Frame};
 use crate::topic::Topic;
 use crate::ws;
 
@@ -75,20 +73,19 @@ impl Event {
         protocol::encode_event_msgpack(self)
     }
 
-    /// The event as one WebSocket frame in `encoding` (a text frame for
-    /// JSON, binary for MessagePack), encoded on first use and shared by
-    /// every subscriber.
+    /// The event as one WebSocket frame in `encoding`, encoded on first use
+    /// and shared by every subscriber.
     pub fn ws_frame(&self, encoding: Encoding) -> Bytes {
-        let (cell, op) = match encoding {
-            Encoding::Json => (&self.ws_json, OpCode::Text),
-            Encoding::MsgPack => (&self.ws_msgpack, OpCode::Binary),
+        let cell = match encoding {
+            Encoding::Json => &self.ws_json,
+            Encoding::MsgPack => &self.ws_msgpack,
         };
         cell.get_or_init(|| {
             let message = match encoding {
-                Encoding::Json => self.json_message().into_bytes(),
-                Encoding::MsgPack => self.msgpack_message(),
+                Encoding::Json => Frame::Text(self.json_message()),
+                Encoding::MsgPack => Frame::Binary(self.msgpack_message()),
             };
-            ws::frame(op, &message).freeze()
+            ws::data_frame(&message).freeze()
         })
         .clone()
     }

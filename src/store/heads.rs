@@ -64,21 +64,12 @@ async fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Request>, shutdown: Cance
                 }
             }
         }
-        let mut topics: Vec<&Topic> = batch.iter().map(|r| &r.topic).collect();
-        topics.sort_unstable();
-        topics.dedup();
-        let heads = store.heads(&topics).await;
-        let heads = match heads {
-            Ok(heads) => Ok(topics
-                .into_iter()
-                .cloned()
-                .zip(heads)
-                .collect::<std::collections::HashMap<_, _>>()),
-            Err(e) => Err(Arc::new(e)),
-        };
-        for request in batch.drain(..) {
+        let topics: Vec<&Topic> = batch.iter().map(|r| &r.topic).collect();
+        let heads = store.heads(&topics).await.map_err(Arc::new);
+        drop(topics);
+        for (i, request) in batch.drain(..).enumerate() {
             let answer = match &heads {
-                Ok(heads) => Ok(heads[&request.topic].clone()),
+                Ok(heads) => Ok(heads[i].clone()),
                 Err(e) => Err(StoreError::Shared(Arc::clone(e))),
             };
             // The subscriber may have gone meanwhile.

@@ -355,33 +355,19 @@ impl Store {
     /// never published to has no log row yet: its head is empty, in the
     /// epoch its log will have. Read-only, so subscribing writes nothing.
     pub async fn head(&self, topic: &Topic) -> Result<Head, StoreError> {
-        let row = sqlx::query(
-            "SELECT t.epoch, t.last_seq, (SELECT MIN(e.seq) FROM herald_events e WHERE e.topic = t.topic) \
-             FROM herald_topics t WHERE t.topic = $1",
-        )
-        .bind(topic.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else {
-            return Ok(Head {
-                epoch: self.store_id.clone(),
-                last: 0,
-                oldest: None,
-            });
-        };
-        Ok(Head {
-            epoch: row.try_get(0)?,
-            last: row.try_get::<i64, _>(1)? as u64,
-            oldest: row.try_get::<Option<i64>, _>(2)?.map(|o| o as u64),
-        })
+        let mut heads = self.heads(&[topic]).await?;
+        Ok(heads.pop().expect("one head per topic"))
     }
 
-    /// The heads of `topics`, in their order (a topic never published to
-    /// has an empty head), in one query per [`INSERT_CHUNK`] topics rather
-    /// than one each.
+    /// The heads of `topics`, in their order (see [`head`](Self::head)),
+    /// in one query per [`INSERT_CHUNK`] distinct topics rather than one
+    /// each; a topic named twice is read once.
     pub async fn heads(&self, topics: &[&Topic]) -> Result<Vec<Head>, StoreError> {
-        let mut found = HashMap::with_capacity(topics.len());
-        for chunk in topics.chunks(INSERT_CHUNK) {
+        let mut distinct = topics.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut found = HashMap::with_capacity(distinct.len());
+        for chunk in distinct.chunks(INSERT_CHUNK) {
             let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
                 "SELECT t.topic, t.epoch, t.last_seq, \

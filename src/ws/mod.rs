@@ -34,7 +34,7 @@ use crate::protocol::{Encoding, JSON_PROTOCOL, MSGPACK_PROTOCOL};
 use crate::startup::AppState;
 use crate::telemetry::names;
 use socket::Socket;
-pub(crate) use socket::{LINGER, frame};
+pub(crate) use socket::{LINGER, data_frame, frame};
 
 /// The WebSocket route.
 const PATH: &str = "/ws";

@@ -19,7 +19,7 @@ use crate::broker::Transport;
 use crate::config::LimitSettings;
 use crate::event::Event;
 use crate::hub::{Inbox, Mailbox};
-use crate::protocol::{self, ClientOp, ErrorCode, Frame, Reply};
+use crate::protocol::{self, ClientOp, ErrorCode, Reply};
 use crate::startup::AppState;
 use crate::store::NewEvent;
 use crate::telemetry::names;
@@ -473,11 +473,8 @@ impl Connection {
     }
 
     async fn reply(&mut self, reply: &Reply<'_>) -> Result<(), Gone> {
-        let frame = match reply.encode(self.encoding) {
-            Frame::Text(text) => super::frame(OpCode::Text, text.as_bytes()),
-            Frame::Binary(bytes) => super::frame(OpCode::Binary, &bytes),
-        };
-        self.send(&frame).await
+        self.send(&super::data_frame(&reply.encode(self.encoding)))
+            .await
     }
 
     async fn send_event(&mut self, event: &Event) -> Result<(), Gone> {

@@ -16,6 +16,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::protocol;
+
 /// Room reserved for each read from the socket.
 const READ_CHUNK: usize = 4096;
 
@@ -176,16 +178,9 @@ impl Socket {
         }
     }
 
-    /// Writes whole frames (`frames` is one or more); waits only while the
-    /// kernel's send queue is full. Cancel-safe: bytes not yet written stay
-    /// queued, ahead of anything sent later.
-    pub async fn send(&mut self, frames: &[u8]) -> io::Result<()> {
-        self.queue(frames)?;
-        self.flush().await
-    }
-
-    /// Writes what the kernel takes of `frames` now and queues the rest,
-    /// without waiting; [`flush`](Self::flush) sends what was queued.
+    /// Writes what the kernel takes of `frames` (whole frames, one or more)
+    /// now and queues the rest, without waiting; [`flush`](Self::flush)
+    /// sends what was queued, ahead of anything queued later.
     pub fn queue(&mut self, frames: &[u8]) -> io::Result<()> {
         if !self.write_buf.is_empty() {
             self.write_buf.extend_from_slice(frames);
@@ -206,7 +201,8 @@ impl Socket {
         self.write_buf.is_empty()
     }
 
-    /// Writes everything queued.
+    /// Writes everything queued; waits only while the kernel's send queue is
+    /// full. Cancel-safe: what is not written yet stays queued.
     pub async fn flush(&mut self) -> io::Result<()> {
         while !self.write_buf.is_empty() {
             self.io.writable().await?;
@@ -225,7 +221,7 @@ impl Socket {
     pub async fn close(mut self, reason: Option<CloseReason>) {
         let mut close = BytesMut::new();
         Parser::write_close(&mut close, reason, false);
-        if self.send(&close).await.is_ok() {
+        if self.queue(&close).is_ok() {
             self.end().await;
         }
     }
@@ -252,6 +248,15 @@ impl Socket {
             }
         })
         .await;
+    }
+}
+
+/// A Herald message as one data frame: text for JSON, binary for
+/// MessagePack.
+pub fn data_frame(message: &protocol::Frame) -> BytesMut {
+    match message {
+        protocol::Frame::Text(text) => frame(OpCode::Text, text.as_bytes()),
+        protocol::Frame::Binary(bytes) => frame(OpCode::Binary, bytes),
     }
 }
 
