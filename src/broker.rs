@@ -18,8 +18,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, Settings};
-use crate::event::{Event, Payload, now_ms};
+use crate::event::{Event, now_ms};
 use crate::hub::{ConnId, Hub, Mailbox};
+use crate::payload::Payload;
 pub use crate::relay::PublishError;
 use crate::relay::{Relay, Shared};
 use crate::store::heads::HeadReader;
@@ -183,6 +184,15 @@ impl Broker {
     pub async fn unsubscribe(&self, topic: &Topic, id: ConnId) {
         if self.hub.unsubscribe(topic, id) {
             self.relay.interest_changed(topic).await;
+        }
+    }
+
+    /// [`unsubscribe`](Self::unsubscribe) for a connection whose task is
+    /// ending in a way that cannot wait (its drop guard): the hub at once,
+    /// the relay told without waiting for its confirmation.
+    pub fn release(&self, topic: &Topic, id: ConnId) {
+        if self.hub.unsubscribe(topic, id) {
+            self.relay.interest_dropped(topic);
         }
     }
 

@@ -10,33 +10,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use bytestring::ByteString;
-use serde_json::value::RawValue;
 
-use crate::protocol::{self, Encoding, Frame};
+use crate::payload::Payload;
+use crate::protocol::{self, EncodeError, Encoding, Frame};
+use crate::telemetry::names;
 use crate::topic::Topic;
 use crate::ws;
-
-/// An event's body: JSON as published, or opaque bytes.
-#[derive(Debug, Clone)]
-pub enum Payload {
-    /// Validated JSON text, kept as published (no re-serialization).
-    Json(Box<RawValue>),
-    Binary(Bytes),
-}
-
-impl Payload {
-    /// Size of the payload on the wire, in bytes.
-    pub fn len(&self) -> usize {
-        match self {
-            Payload::Json(raw) => raw.get().len(),
-            Payload::Binary(b) => b.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 #[derive(Debug)]
 pub struct Event {
@@ -46,9 +25,11 @@ pub struct Event {
     /// Publish time, Unix milliseconds.
     pub ts: u64,
     pub payload: Payload,
-    /// The complete WebSocket frames (header and payload), per encoding.
-    ws_json: OnceLock<Bytes>,
-    ws_msgpack: OnceLock<Bytes>,
+    /// The complete WebSocket frames (header and payload), per encoding;
+    /// `None` when the payload has no form in that encoding (a stored
+    /// event from before the edge checked it).
+    ws_json: OnceLock<Option<Bytes>>,
+    ws_msgpack: OnceLock<Option<Bytes>>,
 }
 
 impl Event {
@@ -64,28 +45,36 @@ impl Event {
     }
 
     /// The `herald.json` event message.
-    pub fn json_message(&self) -> ByteString {
+    pub fn json_message(&self) -> Result<ByteString, EncodeError> {
         protocol::encode_event_json(self)
     }
 
     /// The `herald.msgpack` event message.
-    pub fn msgpack_message(&self) -> Bytes {
+    pub fn msgpack_message(&self) -> Result<Bytes, EncodeError> {
         protocol::encode_event_msgpack(self)
     }
 
     /// The event as one WebSocket frame in `encoding`, encoded on first use
-    /// and shared by every subscriber.
-    pub fn ws_frame(&self, encoding: Encoding) -> Bytes {
+    /// and shared by every subscriber. An event that cannot be encoded is
+    /// logged and counted once, here, and `None` for every subscriber.
+    pub fn ws_frame(&self, encoding: Encoding) -> Option<Bytes> {
         let cell = match encoding {
             Encoding::Json => &self.ws_json,
             Encoding::MsgPack => &self.ws_msgpack,
         };
         cell.get_or_init(|| {
             let message = match encoding {
-                Encoding::Json => Frame::Text(self.json_message()),
-                Encoding::MsgPack => Frame::Binary(self.msgpack_message()),
+                Encoding::Json => self.json_message().map(Frame::Text),
+                Encoding::MsgPack => self.msgpack_message().map(Frame::Binary),
             };
-            ws::data_frame(&message).freeze()
+            match message {
+                Ok(message) => Some(ws::data_frame(&message).freeze()),
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, offset = self.offset, encoding = encoding.protocol_name(), error = %e, "event cannot be encoded; not sent in this encoding");
+                    metrics::counter!(names::ENCODE_FAILURES, "encoding" => encoding.protocol_name()).increment(1);
+                    None
+                }
+            }
         })
         .clone()
     }

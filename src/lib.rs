@@ -10,6 +10,8 @@
 //! - [`startup`]: builds a node (state, HTTP server) and runs it to shutdown.
 //! - [`auth`]: JWT verification and signing; claims become [`auth::Grants`].
 //! - [`topic`]: [`topic::Topic`] names and [`topic::Pattern`] grants.
+//! - [`payload`]: what an event carries, and the one rule for what the edge
+//!   accepts: exactly what both encodings can carry.
 //! - [`event`]: an [`event::Event`] and its once-per-encoding wire frames.
 //! - [`protocol`]: WebSocket ops, replies, encodings, error codes.
 //! - [`http`]: publish and health routes; `ApiError` → status in one place.
@@ -43,6 +45,7 @@ pub mod dev;
 pub mod event;
 pub mod http;
 pub mod hub;
+pub mod payload;
 pub mod protocol;
 pub mod relay;
 pub mod startup;

@@ -14,7 +14,8 @@ use bytestring::ByteString;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
-use crate::event::{Event, Payload};
+use crate::event::Event;
+use crate::payload::{self, Payload, Transcoded};
 use crate::topic::{Topic, TopicError};
 
 /// Decodes `data_b64` as clients write it: padded or not, and with any
@@ -238,10 +239,7 @@ pub(crate) fn present<'de, De: Deserializer<'de>, T: Deserialize<'de>>(
 pub fn decode(encoding: Encoding, frame: &[u8]) -> Result<ClientOp, DecodeError> {
     match encoding {
         Encoding::Json => match serde_json::from_slice::<WireOp<Box<RawValue>>>(frame) {
-            Ok(wire) => wire.into_op(|raw| {
-                check_json_nesting(raw.get())?;
-                Ok(Payload::Json(raw))
-            }),
+            Ok(wire) => wire.into_op(Payload::json),
             Err(e) => {
                 let id = serde_json::from_slice::<IdOnly>(frame)
                     .ok()
@@ -251,70 +249,30 @@ pub fn decode(encoding: Encoding, frame: &[u8]) -> Result<ClientOp, DecodeError>
         },
         Encoding::MsgPack => {
             // Read with a depth limit first: deserializing nested values
-            // straight from the bytes recurses without one.
-            let value = rmpv::decode::read_value_with_max_depth(&mut &frame[..], MAX_NESTING)
-                .map_err(|e| DecodeError::bad_request(None, format!("invalid frame: {e}")))?;
+            // straight from the bytes recurses without one. The frame is
+            // one level: its payload gets the payload's limit.
+            let value =
+                rmpv::decode::read_value_with_max_depth(&mut &frame[..], MAX_NESTING + 1)
+                    .map_err(|e| DecodeError::bad_request(None, format!("invalid frame: {e}")))?;
             let id = value
                 .as_map()
                 .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("id")))
                 .and_then(|(_, v)| v.as_u64());
             match rmpv::ext::from_value::<WireOp<rmpv::Value>>(value) {
-                Ok(wire) => wire.into_op(msgpack_payload),
+                Ok(wire) => wire.into_op(Payload::from_msgpack),
                 Err(e) => Err(DecodeError::bad_request(id, format!("invalid frame: {e}"))),
             }
         }
     }
 }
 
-/// Deepest nesting accepted in a client frame; serde_json's own limit, so
-/// both encodings refuse the same frames (and deep nesting cannot exhaust
-/// the stack).
-pub const MAX_NESTING: usize = 128;
-
-/// Refuses JSON nested deeper than [`MAX_NESTING`]. Payloads are kept as
-/// raw JSON, which serde_json validates without applying its own depth
-/// limit, so the edge checks it here.
-pub fn check_json_nesting(json: &str) -> Result<(), String> {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for b in json.bytes() {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > MAX_NESTING {
-                    return Err(format!("JSON is nested deeper than {MAX_NESTING} levels"));
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// MessagePack `bin` is a binary payload; any other value becomes JSON.
-fn msgpack_payload(value: rmpv::Value) -> Result<Payload, String> {
-    match value {
-        rmpv::Value::Binary(bytes) => Ok(Payload::Binary(Bytes::from(bytes))),
-        other => serde_json::value::to_raw_value(&other)
-            .map(Payload::Json)
-            .map_err(|e| format!("`data` cannot be represented as JSON: {e}")),
-    }
-}
+/// Deepest nesting of a payload, in either encoding.
+pub use crate::payload::MAX_NESTING;
 
 impl<D> WireOp<D> {
     fn into_op(
         self,
-        to_payload: impl FnOnce(D) -> Result<Payload, String>,
+        to_payload: impl FnOnce(D) -> Result<Payload, payload::PayloadError>,
     ) -> Result<ClientOp, DecodeError> {
         let id = self.id;
         let topic = |t: Option<String>| -> Result<Topic, DecodeError> {
@@ -369,9 +327,8 @@ impl<D> WireOp<D> {
                             "missing field `data` (or `data_b64` for binary)",
                         ));
                     }
-                    (Some(data), None) => {
-                        to_payload(data).map_err(|m| DecodeError::bad_request(id, m))?
-                    }
+                    (Some(data), None) => to_payload(data)
+                        .map_err(|e| DecodeError::bad_request(id, format!("`data`: {e}")))?,
                     (None, Some(b64)) => Payload::Binary(
                         BASE64_LENIENT
                             .decode(b64.as_bytes())
@@ -506,24 +463,28 @@ impl<'a, D: Serialize> EventFrame<'a, D> {
     }
 }
 
-pub(crate) fn encode_event_json(event: &Event) -> ByteString {
+/// An event that cannot be written in an encoding: its payload has no form
+/// there. The edge refuses such payloads ([`crate::payload`]); one stored
+/// before it did is skipped for that encoding, never a panic.
+#[derive(Debug, thiserror::Error)]
+#[error("event cannot be encoded: {0}")]
+pub struct EncodeError(String);
+
+pub(crate) fn encode_event_json(event: &Event) -> Result<ByteString, EncodeError> {
     let frame = match &event.payload {
         Payload::Json(raw) => EventFrame::new(event, Some(&**raw), None),
         Payload::Binary(bytes) => EventFrame::new(event, None, Some(BASE64.encode(bytes))),
     };
-    // The payload is JSON validated at the edge; the rest are plain fields.
     serde_json::to_string(&frame)
-        .expect("event serializes to JSON")
-        .into()
+        .map(ByteString::from)
+        .map_err(|e| EncodeError(e.to_string()))
 }
 
-pub(crate) fn encode_event_msgpack(event: &Event) -> Bytes {
+pub(crate) fn encode_event_msgpack(event: &Event) -> Result<Bytes, EncodeError> {
     let encoded = match &event.payload {
+        // The transcoder the edge checked the payload with.
         Payload::Json(raw) => {
-            // Validated at the edge, so it parses again.
-            let value: serde_json::Value =
-                serde_json::from_str(raw.get()).expect("stored payload is valid JSON");
-            rmp_serde::to_vec_named(&EventFrame::new(event, Some(value), None))
+            rmp_serde::to_vec_named(&EventFrame::new(event, Some(Transcoded(raw.get())), None))
         }
         Payload::Binary(bytes) => rmp_serde::to_vec_named(&EventFrame::new(
             event,
@@ -531,7 +492,9 @@ pub(crate) fn encode_event_msgpack(event: &Event) -> Bytes {
             None,
         )),
     };
-    encoded.expect("event serializes to MessagePack").into()
+    encoded
+        .map(Bytes::from)
+        .map_err(|e| EncodeError(e.to_string()))
 }
 
 #[cfg(test)]
@@ -613,12 +576,34 @@ mod tests {
     }
 
     #[test]
-    fn json_nesting_is_bounded_and_strings_do_not_count() {
+    fn payload_nesting_limit_is_the_same_in_both_encodings() {
         let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
-        assert!(check_json_nesting(&nested(MAX_NESTING)).is_ok());
-        assert!(check_json_nesting(&nested(MAX_NESTING + 1)).is_err());
-        let in_string = format!(r#"{{"a":"{}\"["}}"#, "[".repeat(500));
-        assert!(check_json_nesting(&in_string).is_ok());
+        let frame = |n: usize| format!(r#"{{"op":"publish","topic":"a","data":{}}}"#, nested(n));
+        let msgpack = |n: usize| {
+            let value: serde_json::Value = serde_json::from_str(&frame(n)).unwrap();
+            rmp_serde::to_vec_named(&value).unwrap()
+        };
+        for encoding in [Encoding::Json, Encoding::MsgPack] {
+            let bytes = |n| match encoding {
+                Encoding::Json => frame(n).into_bytes(),
+                Encoding::MsgPack => msgpack(n),
+            };
+            assert!(
+                decode(encoding, &bytes(MAX_NESTING)).is_ok(),
+                "{encoding:?}"
+            );
+            assert!(
+                decode(encoding, &bytes(MAX_NESTING + 1)).is_err(),
+                "{encoding:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_number_json_cannot_carry_is_refused_with_its_reason() {
+        let err = json(r#"{"op":"publish","id":3,"topic":"a","data":{"x":1e400}}"#).unwrap_err();
+        assert_eq!((err.id, err.code), (Some(3), ErrorCode::BadRequest));
+        assert!(err.message.contains("out of range"), "{}", err.message);
     }
 
     #[test]
@@ -634,10 +619,10 @@ mod tests {
         assert_eq!(&b[..], &[0, 1, 255]);
 
         let event = Event::new(Topic::parse("a").unwrap(), 1, 2, Payload::Binary(b));
-        let text = event.json_message();
+        let text = event.json_message().unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["data_b64"], "AAH/");
-        let m: rmpv::Value = rmp_serde::from_slice(&event.msgpack_message()).unwrap();
+        let m: rmpv::Value = rmp_serde::from_slice(&event.msgpack_message().unwrap()).unwrap();
         let data = m
             .as_map()
             .unwrap()

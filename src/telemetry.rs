@@ -46,6 +46,7 @@ pub fn metrics() -> &'static PrometheusHandle {
         // program's); then that one receives Herald's metrics.
         let _ = metrics::set_global_recorder(recorder);
         describe();
+        register_at_zero();
         handle
     })
 }
@@ -65,6 +66,57 @@ pub mod names {
     pub const RELAY_RECONNECTS: &str = "herald_relay_reconnects_total";
     pub const REPLAYS: &str = "herald_recovery_replays_total";
     pub const REPLAYED_EVENTS: &str = "herald_recovery_replayed_events_total";
+    pub const ENCODE_FAILURES: &str = "herald_encode_failures_total";
+
+    /// Every metric Herald documents (README, Operations).
+    pub const ALL: &[&str] = &[
+        CONNECTIONS,
+        HANDSHAKES,
+        SUBSCRIPTIONS,
+        TOPICS_ACTIVE,
+        PUBLISHED,
+        DELIVERIES,
+        SLOW_CONSUMERS,
+        FANOUT_LATENCY,
+        STORE_COMMIT,
+        RELAY_CONNECTED,
+        RELAY_RECONNECTS,
+        REPLAYS,
+        REPLAYED_EVENTS,
+        ENCODE_FAILURES,
+    ];
+}
+
+/// Registers every series at zero, so a fresh node's first scrape already
+/// has them (dashboards and alerts work before any traffic). Gauges are
+/// moved by 0, not set: several nodes may share one process (tests).
+fn register_at_zero() {
+    use names::*;
+    for gauge in [CONNECTIONS, SUBSCRIPTIONS, TOPICS_ACTIVE, RELAY_CONNECTED] {
+        metrics::gauge!(gauge).increment(0.0);
+    }
+    for counter in [
+        DELIVERIES,
+        SLOW_CONSUMERS,
+        RELAY_RECONNECTS,
+        REPLAYS,
+        REPLAYED_EVENTS,
+    ] {
+        metrics::counter!(counter).increment(0);
+    }
+    metrics::counter!(HANDSHAKES, "result" => "accepted").increment(0);
+    for transport in ["http", "ws"] {
+        metrics::counter!(PUBLISHED, "transport" => transport).increment(0);
+    }
+    for encoding in [
+        crate::protocol::JSON_PROTOCOL,
+        crate::protocol::MSGPACK_PROTOCOL,
+    ] {
+        metrics::counter!(ENCODE_FAILURES, "encoding" => encoding).increment(0);
+    }
+    for histogram in [FANOUT_LATENCY, STORE_COMMIT] {
+        let _ = metrics::histogram!(histogram);
+    }
 }
 
 fn describe() {
@@ -115,4 +167,8 @@ fn describe() {
         "Subscriptions that replayed missed events (recovery)."
     );
     describe_counter!(REPLAYED_EVENTS, "Events sent by recovery replays.");
+    describe_counter!(
+        ENCODE_FAILURES,
+        "Events that could not be encoded for subscribers of one encoding, and were skipped for them."
+    );
 }

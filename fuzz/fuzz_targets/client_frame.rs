@@ -10,6 +10,6 @@ fuzz_target!(|data: &[u8]| {
         let _ = protocol::decode(encoding, data);
     }
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = protocol::check_json_nesting(text);
+        let _ = herald::payload::check_json(text);
     }
 });

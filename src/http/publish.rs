@@ -10,8 +10,8 @@ use serde_json::value::RawValue;
 use super::{ApiError, ErrorBody, authenticate};
 use crate::auth::Action;
 use crate::broker::Transport;
-use crate::event::Payload;
-use crate::protocol::{BASE64_LENIENT, check_json_nesting, check_key};
+use crate::payload::Payload;
+use crate::protocol::{BASE64_LENIENT, check_key};
 use crate::startup::AppState;
 use crate::store::NewEvent;
 use crate::topic::Topic;
@@ -93,10 +93,7 @@ pub(super) async fn publish_one(
     let limit = state.settings.limits.max_payload_bytes;
     let body = read_body(&req, body, limit).await?;
     let payload = if is_json(&req) {
-        let raw: Box<RawValue> = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
-        check_json_nesting(raw.get()).map_err(ApiError::BadRequest)?;
-        Payload::Json(raw)
+        Payload::json_from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?
     } else {
         Payload::Binary(body)
     };
@@ -216,10 +213,7 @@ pub(super) async fn publish_batch(
         let topic = Topic::parse(&item.topic)?;
         grants.check(Action::Publish, &topic)?;
         let payload = match (item.data, item.data_b64) {
-            (Some(data), None) => {
-                check_json_nesting(data.get()).map_err(at)?;
-                Payload::Json(data)
-            }
+            (Some(data), None) => Payload::json(data).map_err(|e| at(format!("`data`: {e}")))?,
             (None, Some(b64)) => Payload::Binary(Bytes::from(
                 BASE64_LENIENT
                     .decode(b64.as_bytes())

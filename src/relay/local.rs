@@ -5,8 +5,9 @@ use std::sync::{Arc, Mutex};
 
 use super::Shared;
 use super::order::Orderer;
-use crate::event::{Event, Payload};
+use crate::event::Event;
 use crate::hub::Hub;
+use crate::payload::Payload;
 use crate::topic::Topic;
 
 /// Counters of topics without history kept before unwatched ones are

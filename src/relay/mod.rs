@@ -22,8 +22,9 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, Settings};
-use crate::event::{Event, Payload};
+use crate::event::Event;
 use crate::hub::Hub;
+use crate::payload::Payload;
 use crate::store::Store;
 use crate::store::retention::Retention;
 use crate::topic::Topic;
@@ -102,6 +103,18 @@ impl Relay {
         match self {
             Relay::Local(local) => local.interest_changed(topic).await,
             Relay::Redis(redis) => redis.interest_changed(topic).await,
+        }
+    }
+
+    /// [`interest_changed`](Self::interest_changed) for a topic whose last
+    /// local subscriber left, without waiting (callable from `Drop`).
+    pub fn interest_dropped(&self, topic: &Topic) {
+        match self {
+            // The orderer keeps the topic's position until its next
+            // subscribe or unsubscribe syncs it with the hub: still
+            // correct (each delivery moves it), one map entry until then.
+            Relay::Local(_) => {}
+            Relay::Redis(redis) => redis.interest_dropped(topic),
         }
     }
 

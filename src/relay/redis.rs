@@ -38,7 +38,8 @@ use tokio_util::sync::CancellationToken;
 use super::order::Orderer;
 use super::{PublishError, Shared};
 use crate::config::ConfigError;
-use crate::event::{Event, Payload};
+use crate::event::Event;
+use crate::payload::Payload;
 use crate::telemetry::names;
 use crate::topic::Topic;
 
@@ -219,6 +220,19 @@ impl RedisRelay {
         if self.interest.send(change).await.is_ok() {
             // Dropped without an answer only when the task stopped.
             let _ = confirmed.await;
+        }
+    }
+
+    /// Queues the change without waiting for Redis to confirm it.
+    pub fn interest_dropped(&self, topic: &Topic) {
+        let change = Interest {
+            topic: topic.clone(),
+            done: None,
+        };
+        if self.interest.try_send(change).is_err() {
+            // Full only under a burst of changes, each of which re-reads
+            // the hub: a later one for this topic unsubscribes it.
+            tracing::warn!(%topic, "relay interest queue full; the topic's Redis subscription is dropped at its next change");
         }
     }
 

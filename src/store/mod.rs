@@ -30,7 +30,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use crate::config::ConfigError;
-use crate::event::{Event, Payload};
+use crate::event::Event;
+use crate::payload::Payload;
 use crate::topic::Topic;
 
 /// Connections in the pool of one node.

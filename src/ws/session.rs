@@ -79,6 +79,11 @@ pub(super) async fn run(accepted: Accepted) {
         &state.shutdown,
     );
     let publish_rate = TokenBucket::new(limits.publish_rate);
+    let subscriptions = Registrations {
+        state: Arc::clone(&state),
+        mailbox: mailbox.clone(),
+        topics: HashSet::new(),
+    };
     let conn = Connection {
         state,
         _slot: slot,
@@ -89,7 +94,7 @@ pub(super) async fn run(accepted: Accepted) {
         socket,
         mailbox,
         overflowed,
-        subscriptions: HashSet::new(),
+        subscriptions,
         delivered: HashMap::new(),
         close_with: None,
         stalled: false,
@@ -111,7 +116,9 @@ struct Connection {
     /// Cancelled by the hub when the mailbox overflowed, and (a child of
     /// the shutdown token) when the node shuts down.
     overflowed: CancellationToken,
-    subscriptions: HashSet<Topic>,
+    /// The topics subscribed to; whatever is left in it is released when
+    /// the connection's task ends, however it ends.
+    subscriptions: Registrations,
     /// Last offset sent, per subscribed topic with history: events at or
     /// below it (already replayed) are not sent again.
     delivered: HashMap<Topic, u64>,
@@ -192,7 +199,8 @@ impl Connection {
     /// Unsubscribes everything, sends the close frame and logs the end.
     async fn end(mut self, close: Option<CloseReason>, opened: Instant, peer: Option<SocketAddr>) {
         self.mailbox.close();
-        for topic in self.subscriptions.drain() {
+        let topics: Vec<Topic> = self.subscriptions.drain().collect();
+        for topic in topics {
             self.state.broker.unsubscribe(&topic, self.mailbox.id).await;
         }
         let code = close.as_ref().map(|c| u16::from(c.code));
@@ -477,8 +485,28 @@ impl Connection {
             .await
     }
 
+    /// Writes an event's shared frame. An event without a form in this
+    /// connection's encoding (see [`Event::ws_frame`]) is skipped with an
+    /// error frame naming it; the connection lives on.
     async fn send_event(&mut self, event: &Event) -> Result<(), Gone> {
-        self.send(&event.ws_frame(self.encoding)).await
+        match event.ws_frame(self.encoding) {
+            Some(frame) => self.send(&frame).await,
+            None => {
+                let message = format!(
+                    "event {} of \"{}\" cannot be encoded in {}; skipped",
+                    event.offset,
+                    event.topic,
+                    self.encoding.protocol_name()
+                );
+                self.reply(&Reply::Error {
+                    id: None,
+                    code: ErrorCode::Unavailable,
+                    message: &message,
+                    topic: None,
+                })
+                .await
+            }
+        }
     }
 
     /// Writes whole frames. A write waiting for a client that does not read
@@ -521,6 +549,39 @@ impl Connection {
     }
 }
 
+/// A connection's subscriptions, released from the hub (and the relay's
+/// interest) when dropped. The orderly end unsubscribes each topic and
+/// leaves this empty; a task that ends any other way (a panic, or its
+/// future dropped mid-way) still leaves no registration, no gauge and no
+/// Redis subscription behind.
+struct Registrations {
+    state: Arc<AppState>,
+    mailbox: Mailbox,
+    topics: HashSet<Topic>,
+}
+
+impl std::ops::Deref for Registrations {
+    type Target = HashSet<Topic>;
+    fn deref(&self) -> &HashSet<Topic> {
+        &self.topics
+    }
+}
+
+impl std::ops::DerefMut for Registrations {
+    fn deref_mut(&mut self) -> &mut HashSet<Topic> {
+        &mut self.topics
+    }
+}
+
+impl Drop for Registrations {
+    fn drop(&mut self) {
+        self.mailbox.close();
+        for topic in self.topics.drain() {
+            self.state.broker.release(&topic, self.mailbox.id);
+        }
+    }
+}
+
 fn going_away() -> CloseReason {
     reason(CloseCode::Away, "server shutting down")
 }
@@ -543,5 +604,59 @@ fn reason(code: CloseCode, description: &str) -> CloseReason {
     CloseReason {
         code,
         description: (!description.is_empty()).then(|| description.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, AtomicUsize};
+
+    use super::*;
+    use crate::auth::Verifier;
+    use crate::broker::Broker;
+    use crate::config::Settings;
+
+    async fn node_state(dir: &std::path::Path) -> Arc<AppState> {
+        let mut settings = Settings::defaults();
+        settings.auth.jwt_secret = Some("unit-test-secret-0123456789abcdef".into());
+        settings.store.url = format!("sqlite://{}", dir.join("herald.db").display()).into();
+        let shutdown = CancellationToken::new();
+        Arc::new(AppState {
+            verifier: Verifier::new(&settings.auth).unwrap(),
+            broker: Broker::new(&settings, shutdown.clone()).await.unwrap(),
+            settings,
+            shutdown,
+            next_conn_id: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+            node_id: "test".into(),
+            started: Instant::now(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_connection_task_that_panics_leaves_no_registration_behind() {
+        let dir = std::env::temp_dir().join(format!("herald-unit-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = node_state(&dir).await;
+        let (mailbox, _inbox, _) = Mailbox::new(7, 8, 1024, &state.shutdown);
+        let topic = Topic::parse("t").unwrap();
+        state.broker.subscribe(&topic, &mailbox).await.unwrap();
+        let mut registrations = Registrations {
+            state: Arc::clone(&state),
+            mailbox,
+            topics: HashSet::new(),
+        };
+        registrations.insert(topic.clone());
+        assert_eq!(state.broker.local_subscribers(&topic), 1);
+
+        let task = tokio::spawn(async move {
+            let _registrations = registrations;
+            panic!("a bug in a handler");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert_eq!(state.broker.local_subscribers(&topic), 0);
+        state.shutdown.cancel();
+        state.broker.stopped().await;
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

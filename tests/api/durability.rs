@@ -627,7 +627,7 @@ async fn an_epoch_given_before_the_first_publish_is_the_log_s_epoch_on_both_back
 
 #[tokio::test]
 async fn heads_of_many_topics_are_read_in_one_go_on_both_backends() {
-    use herald::event::Payload;
+    use herald::payload::Payload;
     use herald::store::{NewEvent, Store};
     use herald::topic::Topic;
 

@@ -179,6 +179,12 @@ impl Handshake {
 }
 
 impl TestNode {
+    /// The node's SQLite file (nodes started by [`spawn_node_with`] without
+    /// another `store.url`).
+    pub fn sqlite_path(&self) -> std::path::PathBuf {
+        self.dir.join("herald.db")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -299,7 +305,7 @@ impl WsClient {
     pub async fn recv(&mut self) -> Value {
         loop {
             match self.stream_next().await {
-                Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+                Message::Text(text) => return parse_frame(&text),
                 Message::Binary(bytes) => return msgpack_to_json(&bytes),
                 Message::Ping(_) | Message::Pong(_) => continue,
                 other => panic!("expected a data frame, got {other:?}"),
@@ -341,6 +347,15 @@ impl WsClient {
             }
         }
     }
+}
+
+/// A JSON frame as a value. Without serde_json's depth limit: a payload
+/// may nest 128 levels, and its frame is one more.
+fn parse_frame(text: &str) -> Value {
+    use serde::Deserialize as _;
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.disable_recursion_limit();
+    Value::deserialize(&mut de).unwrap()
 }
 
 /// MessagePack → JSON for assertions; `bin` becomes `{"$bin": [bytes]}` so

@@ -14,4 +14,5 @@ mod js_client;
 mod operations;
 mod regressions;
 mod transport;
+mod trust;
 mod ws;
