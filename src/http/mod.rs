@@ -112,6 +112,8 @@ pub enum ApiError {
     NoHistory(Topic),
     #[error("this node is at its connection limit ({0}, limits.max_connections); try another node")]
     TooManyConnections(usize),
+    #[error("unsupported WebSocket version: this server speaks version 13 (RFC 6455)")]
+    UnsupportedWebSocketVersion,
     #[error("no such route")]
     NotFound,
     #[error("this route takes {0}")]
@@ -124,7 +126,9 @@ impl ApiError {
             ApiError::Unauthorized(_) => ErrorCode::Unauthorized,
             ApiError::OriginNotAllowed(_) | ApiError::Forbidden(_) => ErrorCode::Forbidden,
             ApiError::InvalidTopic(_) => ErrorCode::InvalidTopic,
-            ApiError::BadRequest(_) => ErrorCode::BadRequest,
+            ApiError::BadRequest(_) | ApiError::UnsupportedWebSocketVersion => {
+                ErrorCode::BadRequest
+            }
             ApiError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
             ApiError::Unavailable(_) | ApiError::Store(_) | ApiError::TooManyConnections(_) => {
                 ErrorCode::Unavailable
@@ -160,6 +164,9 @@ pub(crate) struct Status {
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
+        if let ApiError::UnsupportedWebSocketVersion = self {
+            return StatusCode::UPGRADE_REQUIRED;
+        }
         match self.code() {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
@@ -183,6 +190,12 @@ impl ResponseError for ApiError {
             }
             ApiError::MethodNotAllowed(allow) => {
                 response.insert_header((header::ALLOW, HeaderValue::from_static(allow)));
+            }
+            ApiError::UnsupportedWebSocketVersion => {
+                response.insert_header((
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                ));
             }
             _ => {}
         }

@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use actix_codec::{Encoder, Framed};
 use actix_http::body::BodySize;
 use actix_http::h1;
-use actix_http::ws::{handshake_response, verify_handshake};
+use actix_http::ws::{HandshakeError, handshake_response, verify_handshake};
 use actix_http::{ConnectionType, Method, Request, RequestHead, Response};
 use actix_web::http::header::{self, HeaderMap, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
@@ -182,8 +182,13 @@ fn admit(state: &Arc<AppState>, head: &RequestHead) -> Result<Admitted, ApiError
     let grants = state.verifier.verify(token)?;
     let (encoding, named_protocol) = negotiate(headers)?;
     let slot = ConnectionSlot::acquire(state)?;
-    verify_handshake(head)
-        .map_err(|e| ApiError::BadRequest(format!("not a WebSocket handshake: {e}")))?;
+    verify_handshake(head).map_err(|e| match e {
+        // RFC 6455 §4.2.2: name the version this server speaks.
+        HandshakeError::NoVersionHeader | HandshakeError::UnsupportedVersion => {
+            ApiError::UnsupportedWebSocketVersion
+        }
+        other => ApiError::BadRequest(format!("not a WebSocket handshake: {other}")),
+    })?;
     Ok(Admitted {
         grants,
         encoding,

@@ -21,6 +21,9 @@ use crate::protocol;
 /// Room reserved for each read from the socket.
 const READ_CHUNK: usize = 4096;
 
+/// The RSV1, RSV2 and RSV3 bits of a frame's first byte.
+const RSV_BITS: u8 = 0x70;
+
 /// Longest frame header: 2 bytes, 8 of extended length, 4 of mask.
 const MAX_HEADER: usize = 14;
 
@@ -131,6 +134,13 @@ impl Socket {
 
     fn parse(&mut self) -> Result<Option<Message>, WsError> {
         loop {
+            // RFC 6455 §5.2: RSV1-3 must be 0 unless an extension defines
+            // them, and Herald negotiates none (actix's parser ignores them).
+            if self.read_buf.first().is_some_and(|b| b & RSV_BITS != 0) {
+                return Err(WsError::Protocol(
+                    "reserved bits set, but no extension was negotiated".into(),
+                ));
+            }
             let Some((fin, op, data)) = Parser::parse(&mut self.read_buf, true, self.max_message)?
             else {
                 // A frame announced longer than the limit is refused as soon

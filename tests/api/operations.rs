@@ -191,3 +191,31 @@ async fn metrics_can_move_to_their_own_address() {
     assert_eq!(own.status(), 200);
     assert!(own.text().await.unwrap().contains("herald_"));
 }
+
+#[tokio::test]
+async fn a_fresh_node_exposes_every_documented_series_before_any_traffic() {
+    let node = ServeProcess::start("fresh-metrics", &[], Stdio::null()).await;
+    let body = reqwest::get(node.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let readme = include_str!("../../README.md");
+    for name in herald::telemetry::names::ALL {
+        let short = name.strip_prefix("herald_").unwrap();
+        assert!(
+            readme.contains(&format!("`{short}")),
+            "{name} is not documented in README.md"
+        );
+        let present = body.lines().any(|line| {
+            line.starts_with(name)
+                && line[name.len()..].starts_with(['{', ' ', '_'])
+                && !line.starts_with('#')
+        });
+        assert!(
+            present,
+            "{name} is missing from a fresh node's /metrics:\n{body}"
+        );
+    }
+}

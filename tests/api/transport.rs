@@ -331,3 +331,32 @@ async fn a_client_that_sends_but_never_reads_is_cut_off_and_frees_its_place() {
     .await;
     flood.abort();
 }
+
+#[tokio::test]
+async fn an_unsupported_websocket_version_gets_426_naming_version_13() {
+    let node = spawn_node().await;
+    let mut tcp = TcpStream::connect(node.addr).await.unwrap();
+    let request = String::from_utf8(handshake_request(&node, &format!("/ws?token={}", client())))
+        .unwrap()
+        .replace("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let (head, _) = read_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 426"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-version: 13\r\n"),
+        "{head}"
+    );
+}
+
+#[tokio::test]
+async fn a_frame_with_reserved_bits_fails_the_connection_with_1002() {
+    let node = spawn_node().await;
+    let mut frame = client_frame(0x1, true, br#"{"op":"ping","id":1}"#);
+    frame[0] |= 0x40; // RSV1, as a compression extension would set it
+    let (mut tcp, mut buffered) = raw_connect(&node, &[]).await;
+    tcp.write_all(&frame).await.unwrap();
+    let (opcode, payload) = read_frame(&mut tcp, &mut buffered).await;
+    assert_eq!(opcode, 0x8, "a close frame");
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1002);
+}
