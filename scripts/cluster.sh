@@ -10,13 +10,15 @@
 #   HERALD_BIN            herald binary to run (default: builds target/release/herald)
 #   HERALD_CLUSTER_PORTS  three node ports (default: "8081 8082 8083")
 #   HERALD_CLUSTER_REDIS_PORT  Redis port (default: a spare port from 6400 up)
-#   HERALD_JWT_SECRET     HS256 secret shared by the nodes (32+ bytes)
+#   HERALD_JWT_SECRET     HS256 secret shared by the nodes (32+ bytes; default:
+#                         a random one drawn for this run, printed at the end)
 #   HERALD_CLUSTER_STORE_URL  the shared event store (default:
 #                         postgres://postgres@127.0.0.1:5432/herald_cluster, created if missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-secret=${HERALD_JWT_SECRET:-local-cluster-secret-change-me-0123456789}
+# No fixed default: a secret written in this file would be everyone's.
+secret=${HERALD_JWT_SECRET:-$(head -c 32 /dev/urandom | base64 | tr -d '\n')}
 store_url=${HERALD_CLUSTER_STORE_URL:-postgres://postgres@127.0.0.1:5432/herald_cluster}
 read -r -a ports <<<"${HERALD_CLUSTER_PORTS:-8081 8082 8083}"
 logs=.herald/cluster

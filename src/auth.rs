@@ -89,8 +89,10 @@ pub struct Claims {
     pub iat: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
+    /// One audience or several (RFC 7519 §4.1.3); the node's
+    /// `auth.audience` must be one of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
     /// Patterns the holder may subscribe to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topics: Vec<String>,
@@ -100,6 +102,14 @@ pub struct Claims {
     /// Operator access: node and topic introspection for every topic.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub admin: bool,
+}
+
+/// The `aud` claim: a string or an array of strings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// What a verified token allows.
@@ -193,6 +203,22 @@ impl Grants {
     }
 }
 
+/// Signing secrets that appeared as defaults or examples in Herald's own
+/// files (compose file, scripts, docs). Anyone can read them, so a node
+/// started with one is refused; so is any secret still saying "change me".
+const PUBLISHED_SECRETS: &[&str] = &["local-cluster-secret-change-me-0123456789"];
+
+/// Whether `secret` is one of [`PUBLISHED_SECRETS`] or an unedited
+/// placeholder.
+pub fn is_published_secret(secret: &str) -> bool {
+    let folded: String = secret
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    PUBLISHED_SECRETS.contains(&secret) || folded.contains("changeme")
+}
+
 fn jwt_algorithm(a: Algorithm) -> jsonwebtoken::Algorithm {
     match a {
         Algorithm::HS256 => jsonwebtoken::Algorithm::HS256,
@@ -218,6 +244,15 @@ impl Verifier {
                         "auth.jwt_secret",
                         "HERALD__AUTH__JWT_SECRET",
                         "must be at least 32 bytes for HS256",
+                    ));
+                }
+                if is_published_secret(secret) {
+                    return Err(ConfigError::invalid(
+                        "auth.jwt_secret",
+                        "HERALD__AUTH__JWT_SECRET",
+                        "this secret is published in Herald's own files, so anyone could sign \
+                         tokens (admin included) for this node; choose your own, e.g. \
+                         `openssl rand -base64 32`",
                     ));
                 }
                 DecodingKey::from_secret(secret.as_bytes())
@@ -312,7 +347,7 @@ impl Signer {
             exp: now + ttl.as_secs(),
             iat: Some(now),
             iss: self.issuer.clone(),
-            aud: self.audience.clone(),
+            aud: self.audience.clone().map(Audience::One),
             topics: topics.to_vec(),
             publish: publish.to_vec(),
             admin,

@@ -11,6 +11,7 @@ use secrecy::SecretString;
 
 use crate::auth::Signer;
 use crate::config::{Algorithm, Settings};
+use crate::files;
 
 /// Lifetime of the tokens printed by the dev banner.
 pub const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -20,8 +21,8 @@ pub fn no_key_configured(settings: &Settings) -> bool {
     settings.auth.algorithm == Algorithm::HS256 && settings.auth.jwt_secret.is_none()
 }
 
-/// Reads the development secret from `path`, creating it (mode 0600) with
-/// 32 random bytes when it does not exist yet.
+/// Reads the development secret from `path`, creating it (mode 0600, in a
+/// folder of mode 0700) with 32 random bytes when it does not exist yet.
 pub fn load_or_create_secret(path: &Path) -> io::Result<SecretString> {
     match fs::read_to_string(path) {
         Ok(secret) => return Ok(SecretString::from(secret.trim().to_owned())),
@@ -29,17 +30,17 @@ pub fn load_or_create_secret(path: &Path) -> io::Result<SecretString> {
         Err(_) => {}
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir)?;
+        if dir.exists() {
+            files::make_dir_private(dir)?;
+        } else {
+            files::create_private_dir_all(dir)?;
+        }
     }
     let secret: String = rand::random::<[u8; 32]>()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)?.write_all(secret.as_bytes())?;
+    files::create_private_file(path)?.write_all(secret.as_bytes())?;
     Ok(SecretString::from(secret))
 }
 

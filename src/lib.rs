@@ -20,6 +20,7 @@
 //! - [`broker`]: the routing interface (publish, subscribe) used by `http`
 //!   and `ws`; [`hub`] is its local fan-out.
 //! - [`dev`]: the zero-setup development key and banner.
+//! - [`files`]: what Herald writes to disk is private to its user.
 //!
 //! # The life of an event
 //! `POST /api/v1/topics/{topic}/events` → `http` verifies the token, parses
@@ -43,6 +44,7 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod event;
+pub mod files;
 pub mod http;
 pub mod hub;
 pub mod payload;

@@ -181,7 +181,16 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        let message = self.to_string();
+        let message = match self {
+            // A database's error text names hosts, users and tables: the
+            // client gets an id to quote, the log gets the details.
+            ApiError::Store(e) => {
+                let id = format!("{:016x}", rand::random::<u64>());
+                tracing::error!(error_id = %id, error = %e, "request failed in the event store");
+                format!("the event store is unavailable; retry (error id {id})")
+            }
+            _ => self.to_string(),
+        };
         let mut response = HttpResponse::build(self.status_code());
         match self {
             ApiError::Unauthorized(_) => {

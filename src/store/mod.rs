@@ -549,20 +549,27 @@ async fn prepare_postgres(url: &str) -> Result<(), sqlx::Error> {
     }
 }
 
-/// Creates the SQLite file (and its folder) if missing and turns on WAL, so
-/// that readers do not block the writer.
+/// Creates the SQLite file (mode 0600) and its folder (0700) if missing and
+/// turns on WAL, so that readers do not block the writer.
 async fn prepare_sqlite(url: &str) -> Result<(), sqlx::Error> {
     use sqlx::ConnectOptions;
     use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
     let options = SqliteConnectOptions::from_str(url)?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal);
-    if let Some(dir) = options
-        .get_filename()
-        .parent()
-        .filter(|d| d != &Path::new(""))
-    {
-        std::fs::create_dir_all(dir).map_err(sqlx::Error::Io)?;
+    let file = options.get_filename();
+    let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+    if let Some(dir) = file.parent().filter(|d| !in_memory && d != &Path::new("")) {
+        crate::files::create_private_dir_all(dir).map_err(sqlx::Error::Io)?;
+    }
+    // Created here, private, before SQLite creates it: the file holds
+    // every payload, and SQLite gives its WAL files the same mode.
+    if !in_memory {
+        match crate::files::create_private_file(file) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(sqlx::Error::Io(e)),
+        }
     }
     let conn = options.connect().await?;
     sqlx::Connection::close(conn).await

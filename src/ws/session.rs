@@ -155,7 +155,7 @@ impl Connection {
                 () = &mut stopped => {
                     break Some(if shutdown.is_cancelled() { going_away() } else { slow_consumer() });
                 }
-                _ = &mut expiry => break Some(reason(CloseCode::Other(protocol::close::TOKEN_EXPIRED), "token expired")),
+                _ = &mut expiry => break Some(token_expired()),
                 _ = heartbeat.tick() => {
                     if last_seen.elapsed() > heartbeat_timeout {
                         break Some(reason(CloseCode::Policy, "heartbeat timeout: no pong"));
@@ -411,6 +411,11 @@ impl Connection {
                 break;
             };
             for event in page.iter().filter(|e| e.offset <= head.last) {
+                // A replay can outlast the token: it ends with it.
+                if self.grants.exp <= unix_now_secs() {
+                    self.close_with = Some(token_expired());
+                    return Err(Gone);
+                }
                 self.send_event(event).await?;
                 metrics::counter!(names::REPLAYED_EVENTS).increment(1);
             }
@@ -580,6 +585,13 @@ impl Drop for Registrations {
             self.state.broker.release(&topic, self.mailbox.id);
         }
     }
+}
+
+fn token_expired() -> CloseReason {
+    reason(
+        CloseCode::Other(protocol::close::TOKEN_EXPIRED),
+        "token expired",
+    )
 }
 
 fn going_away() -> CloseReason {

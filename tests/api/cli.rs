@@ -380,3 +380,20 @@ async fn tokens_and_secrets_never_reach_the_logs_even_at_trace_level() {
         assert!(!logs.contains(needle), "the {what} is in the logs");
     }
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn dev_mode_keeps_its_folder_and_files_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("dev-private");
+    let node = start_dev(&dir);
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let folder = dir.join(".herald");
+    assert_eq!(mode(&folder), 0o700, "{}", folder.display());
+    for entry in std::fs::read_dir(&folder).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
+    assert!(folder.join("herald.db").exists());
+    drop(node);
+}

@@ -502,6 +502,22 @@ impl PgDatabase {
     }
 }
 
+impl PgDatabase {
+    /// Drops the database now, under whatever is connected to it (a store
+    /// that loses its database, as after an operator's mistake).
+    pub async fn drop_now(&self) {
+        use sqlx::Connection as _;
+        let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", self.server))
+            .await
+            .unwrap();
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+}
+
 impl Drop for PgDatabase {
     fn drop(&mut self) {
         let admin = format!("{}/postgres", self.server);

@@ -175,3 +175,133 @@ async fn a_stored_event_msgpack_cannot_carry_is_skipped_and_the_connection_lives
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_signing_secret_published_in_heralds_own_files_is_refused_at_start_up() {
+    let dir = crate::helpers::temp_dir("published-secret");
+    // The compose file's former default, and any placeholder still saying
+    // "change me".
+    for secret in [
+        "local-cluster-secret-change-me-0123456789",
+        "please-CHANGE_ME-before-production-0123456789",
+    ] {
+        let out = crate::helpers::herald_command(&dir)
+            .arg("serve")
+            .env("HERALD__AUTH__JWT_SECRET", secret)
+            .env("HERALD__SERVER__BIND", "127.0.0.1:0")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{secret} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("auth.jwt_secret"), "{stderr}");
+        assert!(stderr.contains("HERALD__AUTH__JWT_SECRET"), "{stderr}");
+        assert!(!stderr.contains(secret), "the secret is echoed: {stderr}");
+    }
+    // Herald's own files no longer default to any secret.
+    for file in ["docker-compose.yml", "scripts/cluster.sh"] {
+        let text =
+            std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        assert!(
+            !text.contains("JWT_SECRET:-local"),
+            "{file} defaults the secret"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_audience_array_is_accepted_when_it_holds_the_configured_audience() {
+    let node = crate::helpers::spawn_node_with(|s| s.auth.audience = Some("herald".into())).await;
+    let claims = |aud: Value| {
+        crate::helpers::claims_token(
+            json!({"sub": "a", "exp": crate::helpers::now() + 60, "aud": aud, "topics": [">"]}),
+        )
+    };
+    node.connect(&claims(json!(["billing", "herald"]))).await;
+    node.connect(&claims(json!("herald"))).await;
+    let (status, body) = node
+        .handshake(&format!("?token={}", claims(json!(["billing", "other"]))))
+        .try_open()
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status, 401);
+    assert!(
+        body["message"].as_str().unwrap().contains("audience"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_store_failure_answers_a_generic_message_with_an_id_and_no_database_text() {
+    let pg = crate::helpers::PgDatabase::create().await;
+    let url = pg.url();
+    let node = crate::helpers::spawn_node_with(|s| s.store.url = url.into()).await;
+    node.publish_ok(&publisher(), "t", &json!(1)).await;
+    pg.drop_now().await;
+
+    let response = node
+        .http
+        .get(node.url("/api/v1/topics/t/events"))
+        .bearer_auth(subscriber())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "unavailable");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("the event store is unavailable; retry (error id "),
+        "{message}"
+    );
+    for leak in ["database", "herald_test_", "postgres", "sqlx", "relation"] {
+        assert!(
+            !message.contains(leak),
+            "{leak} reached the client: {message}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_replay_ends_with_the_token_that_authorised_it() {
+    let node = spawn_node().await;
+    // Far more than the socket buffers hold, so the replay is still
+    // running when the token expires.
+    let data = "x".repeat(8 * 1024);
+    let batch: Vec<Value> = (0..100)
+        .map(|_| json!({"topic": "long", "data": data}))
+        .collect();
+    let batch = Value::Array(batch);
+    for _ in 0..40 {
+        let response = node.publish_batch(&publisher(), &batch).await;
+        assert_eq!(response.status(), 201);
+    }
+    let short_lived = crate::helpers::claims_token(
+        json!({"sub": "s", "exp": crate::helpers::now() + 2, "topics": [">"]}),
+    );
+    let mut ws = node
+        .handshake(&format!("?token={short_lived}"))
+        .open_with_small_receive_buffer()
+        .await;
+    ws.send(json!({"op": "subscribe", "id": 1, "topic": "long", "since": 0}))
+        .await;
+    // Not reading while the token runs out.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let mut events = 0;
+    let close = loop {
+        match ws.stream_next().await {
+            tokio_tungstenite::tungstenite::Message::Close(frame) => break frame,
+            tokio_tungstenite::tungstenite::Message::Text(text)
+                if text.contains(r#""op":"event""#) =>
+            {
+                events += 1
+            }
+            _ => {}
+        }
+    };
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(4001));
+    assert!(
+        events < 4000,
+        "the whole replay went out after the token expired"
+    );
+}
