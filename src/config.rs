@@ -198,6 +198,14 @@ pub struct LimitSettings {
     pub max_subscriptions: usize,
     /// WebSocket publishes per second per connection (also the burst).
     pub publish_rate: u32,
+    /// WebSocket connections one user (token `sub`) may hold on a node.
+    pub max_connections_per_sub: usize,
+    /// HTTP-published events per second per user (token `sub`) on a node,
+    /// also the burst; a batch counts its events.
+    pub http_publish_rate: u32,
+    /// WebSocket subscribe, unsubscribe and refresh ops per second per
+    /// connection (also the burst).
+    pub subscribe_rate: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -224,6 +232,9 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("limits.max_connections", "10000"),
     ("limits.max_subscriptions", "100"),
     ("limits.publish_rate", "100"),
+    ("limits.max_connections_per_sub", "100"),
+    ("limits.http_publish_rate", "1000"),
+    ("limits.subscribe_rate", "100"),
     ("redis.prefix", "herald:"),
     ("store.url", "sqlite://.herald/herald.db"),
     ("retention.history", "true"),
@@ -328,6 +339,21 @@ impl Settings {
                 self.limits.publish_rate as usize,
                 "limits.publish_rate",
                 "HERALD__LIMITS__PUBLISH_RATE",
+            ),
+            (
+                self.limits.max_connections_per_sub,
+                "limits.max_connections_per_sub",
+                "HERALD__LIMITS__MAX_CONNECTIONS_PER_SUB",
+            ),
+            (
+                self.limits.http_publish_rate as usize,
+                "limits.http_publish_rate",
+                "HERALD__LIMITS__HTTP_PUBLISH_RATE",
+            ),
+            (
+                self.limits.subscribe_rate as usize,
+                "limits.subscribe_rate",
+                "HERALD__LIMITS__SUBSCRIBE_RATE",
             ),
         ];
         let server = &self.server;

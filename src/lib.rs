@@ -19,6 +19,7 @@
 //!   and written on the socket itself) and the per-connection session task.
 //! - [`broker`]: the routing interface (publish, subscribe) used by `http`
 //!   and `ws`; [`hub`] is its local fan-out.
+//! - [`rate`]: token buckets, per connection and per user.
 //! - [`dev`]: the zero-setup development key and banner.
 //! - [`files`]: what Herald writes to disk is private to its user.
 //!
@@ -49,6 +50,7 @@ pub mod http;
 pub mod hub;
 pub mod payload;
 pub mod protocol;
+pub mod rate;
 pub mod relay;
 pub mod startup;
 pub mod store;

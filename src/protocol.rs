@@ -89,6 +89,7 @@ pub enum ErrorCode {
     PayloadTooLarge,
     RateLimited,
     TooManySubscriptions,
+    TooManyConnections,
     NotFound,
     MethodNotAllowed,
     Unavailable,
@@ -104,6 +105,7 @@ impl ErrorCode {
         ErrorCode::PayloadTooLarge,
         ErrorCode::RateLimited,
         ErrorCode::TooManySubscriptions,
+        ErrorCode::TooManyConnections,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::Unavailable,
@@ -118,6 +120,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Unavailable => "unavailable",
@@ -567,12 +570,13 @@ mod tests {
                 | ErrorCode::PayloadTooLarge
                 | ErrorCode::RateLimited
                 | ErrorCode::TooManySubscriptions
+                | ErrorCode::TooManyConnections
                 | ErrorCode::NotFound
                 | ErrorCode::MethodNotAllowed
                 | ErrorCode::Unavailable => {}
             }
         }
-        assert_eq!(ErrorCode::ALL.len(), 10);
+        assert_eq!(ErrorCode::ALL.len(), 11);
     }
 
     #[test]

@@ -12,7 +12,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::Duration;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use actix_http::HttpService;
 use actix_service::{fn_service, map_config};
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Verifier;
 use crate::broker::Broker;
 use crate::config::{ConfigError, Settings};
+use crate::rate::PerUser;
 use crate::{http, ws};
 
 /// How long in-flight requests get to finish once shutdown starts.
@@ -54,6 +56,11 @@ pub struct AppState {
     pub(crate) next_conn_id: AtomicU64,
     /// Open WebSocket connections on this node.
     pub(crate) connections: AtomicUsize,
+    /// Open WebSocket connections on this node per user (token `sub`);
+    /// users with none have no entry.
+    pub(crate) connections_by_sub: Mutex<HashMap<String, usize>>,
+    /// `limits.http_publish_rate`, per user.
+    pub(crate) http_publish_rate: PerUser,
     /// A random id for this node's process, for introspection and logs.
     pub node_id: String,
     pub started: std::time::Instant,
@@ -79,6 +86,7 @@ impl Application {
             .map_err(|source| StartError::Bind { addr, source })?;
         let shutdown = CancellationToken::new();
         let broker = Broker::new(&settings, shutdown.clone()).await?;
+        let http_publish_rate = PerUser::new(settings.limits.http_publish_rate);
         let state = web::Data::new(AppState {
             settings,
             verifier,
@@ -86,6 +94,8 @@ impl Application {
             shutdown: shutdown.clone(),
             next_conn_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
+            connections_by_sub: Mutex::default(),
+            http_publish_rate,
             node_id: rand::random::<[u8; 6]>()
                 .iter()
                 .map(|b| format!("{b:02x}"))

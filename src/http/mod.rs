@@ -112,6 +112,17 @@ pub enum ApiError {
     NoHistory(Topic),
     #[error("this node is at its connection limit ({0}, limits.max_connections); try another node")]
     TooManyConnections(usize),
+    #[error(
+        "this user already holds {0} connections on this node (limits.max_connections_per_sub)"
+    )]
+    TooManyUserConnections(usize),
+    /// Past `limits.http_publish_rate`; `retry_after` is `None` when the
+    /// request alone is more than the burst.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: Option<std::time::Duration>,
+    },
     #[error("unsupported WebSocket version: this server speaks version 13 (RFC 6455)")]
     UnsupportedWebSocketVersion,
     #[error("no such route")]
@@ -133,6 +144,8 @@ impl ApiError {
             ApiError::Unavailable(_) | ApiError::Store(_) | ApiError::TooManyConnections(_) => {
                 ErrorCode::Unavailable
             }
+            ApiError::TooManyUserConnections(_) => ErrorCode::TooManyConnections,
+            ApiError::RateLimited { .. } => ErrorCode::RateLimited,
             ApiError::NotFound | ApiError::NoHistory(_) => ErrorCode::NotFound,
             ApiError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
         }
@@ -175,7 +188,7 @@ impl ResponseError for ApiError {
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited | ErrorCode::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::TooManySubscriptions => StatusCode::BAD_REQUEST,
         }
     }
@@ -199,6 +212,14 @@ impl ResponseError for ApiError {
             }
             ApiError::MethodNotAllowed(allow) => {
                 response.insert_header((header::ALLOW, HeaderValue::from_static(allow)));
+            }
+            ApiError::RateLimited {
+                retry_after: Some(wait),
+                ..
+            } => {
+                // Whole seconds, rounded up (RFC 9110 §10.2.3).
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                response.insert_header((header::RETRY_AFTER, secs.max(1)));
             }
             ApiError::UnsupportedWebSocketVersion => {
                 response.insert_header((

@@ -56,6 +56,29 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_owned()))
 }
 
+/// Counts `events` against the user's `limits.http_publish_rate`.
+fn take_quota(state: &AppState, sub: &str, events: usize) -> Result<(), ApiError> {
+    let limit = &state.http_publish_rate;
+    let n = u32::try_from(events).unwrap_or(u32::MAX);
+    limit.try_take(sub, n).map_err(|retry_after| {
+        let rate = limit.rate();
+        let message = match retry_after {
+            Some(_) => format!(
+                "more than {rate} events per second from this user \
+                 (limits.http_publish_rate); retry after Retry-After seconds"
+            ),
+            None => format!(
+                "a batch of {events} events is more than limits.http_publish_rate \
+                 ({rate} per second) allows at once; send smaller batches"
+            ),
+        };
+        ApiError::RateLimited {
+            message,
+            retry_after,
+        }
+    })
+}
+
 /// A published event's place in its topic.
 #[derive(Serialize, utoipa::ToSchema)]
 pub(super) struct Published<'a> {
@@ -77,6 +100,7 @@ pub(super) struct Published<'a> {
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "The token does not grant this topic", body = ErrorBody),
         (status = 413, description = "Body larger than limits.max_payload_bytes", body = ErrorBody),
+        (status = 429, description = "More than limits.http_publish_rate events per second from this user; see Retry-After", body = ErrorBody),
         (status = 503, description = "Relay or store unavailable; retry", body = ErrorBody),
     ),
     security(("bearer" = [])),
@@ -98,6 +122,7 @@ pub(super) async fn publish_one(
         Payload::Binary(body)
     };
     let key = idempotency_key(&req)?;
+    take_quota(&state, &grants.sub, 1)?;
     let event = NewEvent {
         topic: topic.clone(),
         payload,
@@ -182,6 +207,7 @@ pub(super) struct BatchPublished {
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "The token does not grant this topic", body = ErrorBody),
         (status = 413, description = "Body larger than limits.max_batch_bytes, or an event above limits.max_payload_bytes", body = ErrorBody),
+        (status = 429, description = "More than limits.http_publish_rate events per second from this user; see Retry-After", body = ErrorBody),
         (status = 503, description = "Relay or store unavailable; retry", body = ErrorBody),
     ),
     security(("bearer" = [])),
@@ -233,6 +259,7 @@ pub(super) async fn publish_batch(
             key: item.key,
         });
     }
+    take_quota(&state, &grants.sub, events.len())?;
     let offsets = state.broker.publish(events, Transport::Http).await?;
     Ok(HttpResponse::Created().json(BatchPublished { offsets }))
 }

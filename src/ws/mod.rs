@@ -10,7 +10,6 @@
 //! without the upgrade goes through the router to [`not_upgraded`], which
 //! runs the same checks and answers 400.
 
-mod rate;
 mod session;
 mod socket;
 
@@ -181,7 +180,7 @@ fn admit(state: &Arc<AppState>, head: &RequestHead) -> Result<Admitted, ApiError
     };
     let grants = state.verifier.verify(token)?;
     let (encoding, named_protocol) = negotiate(headers)?;
-    let slot = ConnectionSlot::acquire(state)?;
+    let slot = ConnectionSlot::acquire(state, &grants.sub)?;
     verify_handshake(head).map_err(|e| match e {
         // RFC 6455 §4.2.2: name the version this server speaks.
         HandshakeError::NoVersionHeader | HandshakeError::UnsupportedVersion => {
@@ -211,26 +210,59 @@ fn record<T>(result: &Result<T, ApiError>, peer: Option<SocketAddr>) {
     }
 }
 
-/// One place under `limits.max_connections`, given back when dropped.
-pub(crate) struct ConnectionSlot(Arc<AppState>);
+/// One place under `limits.max_connections` and under its user's
+/// `limits.max_connections_per_sub`, given back when dropped.
+pub(crate) struct ConnectionSlot {
+    state: Arc<AppState>,
+    sub: String,
+}
 
 impl ConnectionSlot {
-    fn acquire(state: &Arc<AppState>) -> Result<ConnectionSlot, ApiError> {
+    fn acquire(state: &Arc<AppState>, sub: &str) -> Result<ConnectionSlot, ApiError> {
         let max = state.settings.limits.max_connections;
         if state.connections.fetch_add(1, Ordering::Relaxed) >= max {
             state.connections.fetch_sub(1, Ordering::Relaxed);
             return Err(ApiError::TooManyConnections(max));
         }
+        let per_sub = state.settings.limits.max_connections_per_sub;
+        {
+            let mut by_sub = lock(&state.connections_by_sub);
+            let held = by_sub.entry(sub.to_owned()).or_insert(0);
+            if *held >= per_sub {
+                drop(by_sub);
+                state.connections.fetch_sub(1, Ordering::Relaxed);
+                return Err(ApiError::TooManyUserConnections(per_sub));
+            }
+            *held += 1;
+        }
         metrics::gauge!(names::CONNECTIONS).increment(1.0);
-        Ok(ConnectionSlot(Arc::clone(state)))
+        Ok(ConnectionSlot {
+            state: Arc::clone(state),
+            sub: sub.to_owned(),
+        })
     }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        {
+            let mut by_sub = lock(&self.state.connections_by_sub);
+            if let Some(held) = by_sub.get_mut(&self.sub) {
+                *held -= 1;
+                if *held == 0 {
+                    by_sub.remove(&self.sub);
+                }
+            }
+        }
+        self.state.connections.fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!(names::CONNECTIONS).decrement(1.0);
     }
+}
+
+/// The lock, even if a thread panicked holding it (the counts stay right:
+/// no critical section here can panic half-way).
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Refuses browser handshakes from origins not listed in

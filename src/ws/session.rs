@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use actix_http::ws::{CloseCode, CloseReason, OpCode};
 use tokio_util::sync::CancellationToken;
 
-use super::rate::TokenBucket;
 use super::socket::{Message, Socket};
 use super::{Accepted, Admitted, ConnectionSlot};
 use crate::auth::{Action, Grants, unix_now_secs};
@@ -20,14 +19,62 @@ use crate::config::LimitSettings;
 use crate::event::Event;
 use crate::hub::{Inbox, Mailbox};
 use crate::protocol::{self, ClientOp, ErrorCode, Reply};
+use crate::rate::TokenBucket;
 use crate::startup::AppState;
 use crate::store::NewEvent;
 use crate::telemetry::names;
 use crate::topic::Topic;
 
-/// Publishes refused by the rate limit before the connection is closed
+/// Ops refused by a rate limit in a row before the connection is closed
 /// (1008): one burst is a mistake, a stream of them abuse.
 const RATE_LIMIT_STRIKES: u32 = 20;
+
+/// One per-connection rate limit on a kind of op, and how many of those
+/// ops it refused in a row.
+struct Limited {
+    bucket: TokenBucket,
+    strikes: u32,
+    rate: u32,
+    /// The ops it limits, for messages ("publishes").
+    ops: &'static str,
+    setting: &'static str,
+}
+
+/// What a rate limit says of one op.
+enum Admission {
+    Allowed,
+    /// Answer with a `rate_limited` error frame.
+    Refused(String),
+    /// Refused too often in a row: close with 1008.
+    Close(String),
+}
+
+impl Limited {
+    fn new(rate: u32, ops: &'static str, setting: &'static str) -> Limited {
+        Limited {
+            bucket: TokenBucket::new(rate),
+            strikes: 0,
+            rate,
+            ops,
+            setting,
+        }
+    }
+
+    fn admit(&mut self) -> Admission {
+        if self.bucket.try_take() {
+            self.strikes = 0;
+            return Admission::Allowed;
+        }
+        self.strikes += 1;
+        if self.strikes > RATE_LIMIT_STRIKES {
+            return Admission::Close(format!("{} rate limit exceeded repeatedly", self.setting));
+        }
+        Admission::Refused(format!(
+            "more than {} {} per second ({}); slow down",
+            self.rate, self.ops, self.setting
+        ))
+    }
+}
 
 /// Longest a connection's token is taken to live (ten years); `exp` beyond
 /// it is treated as this.
@@ -78,7 +125,12 @@ pub(super) async fn run(accepted: Accepted) {
         limits.outbound_queue_bytes,
         &state.shutdown,
     );
-    let publish_rate = TokenBucket::new(limits.publish_rate);
+    let publish_rate = Limited::new(limits.publish_rate, "publishes", "limits.publish_rate");
+    let subscribe_rate = Limited::new(
+        limits.subscribe_rate,
+        "subscribe, unsubscribe and refresh ops",
+        "limits.subscribe_rate",
+    );
     let subscriptions = Registrations {
         state: Arc::clone(&state),
         mailbox: mailbox.clone(),
@@ -89,7 +141,7 @@ pub(super) async fn run(accepted: Accepted) {
         _slot: slot,
         grants,
         publish_rate,
-        rate_strikes: 0,
+        subscribe_rate,
         encoding,
         socket,
         mailbox,
@@ -107,9 +159,8 @@ struct Connection {
     /// Frees this connection's place under `limits.max_connections` on drop.
     _slot: ConnectionSlot,
     grants: Grants,
-    publish_rate: TokenBucket,
-    /// Publishes refused by the rate limit since the last accepted one.
-    rate_strikes: u32,
+    publish_rate: Limited,
+    subscribe_rate: Limited,
     encoding: protocol::Encoding,
     socket: Socket,
     mailbox: Mailbox,
@@ -234,23 +285,24 @@ impl Connection {
             Ok(op) => op,
             Err(e) => return self.error(e.id, e.code, &e.message).await.map(|()| None),
         };
-        if let ClientOp::Publish { id, .. } = &op {
-            if !self.publish_rate.try_take() {
-                self.rate_strikes += 1;
-                if self.rate_strikes > RATE_LIMIT_STRIKES {
-                    return Ok(Some(reason(
-                        CloseCode::Policy,
-                        "publish rate limit exceeded repeatedly",
-                    )));
-                }
-                let limit = self.state.settings.limits.publish_rate;
-                let message = format!("more than {limit} publishes per second; slow down");
+        let (limit, id) = match &op {
+            ClientOp::Publish { id, .. } => (&mut self.publish_rate, *id),
+            ClientOp::Subscribe { id, .. }
+            | ClientOp::Unsubscribe { id, .. }
+            | ClientOp::Refresh { id, .. } => (&mut self.subscribe_rate, *id),
+            ClientOp::Ping { .. } => return self.on_op(op).await.map(|()| None),
+        };
+        match limit.admit() {
+            Admission::Allowed => {}
+            Admission::Refused(message) => {
                 return self
-                    .error(*id, ErrorCode::RateLimited, &message)
+                    .error(id, ErrorCode::RateLimited, &message)
                     .await
                     .map(|()| None);
             }
-            self.rate_strikes = 0;
+            Admission::Close(description) => {
+                return Ok(Some(reason(CloseCode::Policy, &description)));
+            }
         }
         self.on_op(op).await.map(|()| None)
     }
@@ -633,6 +685,7 @@ mod tests {
         settings.auth.jwt_secret = Some("unit-test-secret-0123456789abcdef".into());
         settings.store.url = format!("sqlite://{}", dir.join("herald.db").display()).into();
         let shutdown = CancellationToken::new();
+        let http_publish_rate = crate::rate::PerUser::new(settings.limits.http_publish_rate);
         Arc::new(AppState {
             verifier: Verifier::new(&settings.auth).unwrap(),
             broker: Broker::new(&settings, shutdown.clone()).await.unwrap(),
@@ -640,6 +693,8 @@ mod tests {
             shutdown,
             next_conn_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
+            connections_by_sub: Default::default(),
+            http_publish_rate,
             node_id: "test".into(),
             started: Instant::now(),
         })

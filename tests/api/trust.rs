@@ -305,3 +305,113 @@ async fn a_replay_ends_with_the_token_that_authorised_it() {
         "the whole replay went out after the token expired"
     );
 }
+
+#[tokio::test]
+async fn one_user_cannot_take_every_connection_slot_of_a_node() {
+    let node = crate::helpers::spawn_node_with(|s| s.limits.max_connections_per_sub = 3).await;
+    let greedy = token("greedy", &[">"], &[]);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(node.connect(&greedy).await);
+    }
+    let (status, body) = node
+        .handshake(&format!("?token={greedy}"))
+        .try_open()
+        .await
+        .err()
+        .expect("a fourth connection of the same user is refused");
+    assert_eq!(status, 429);
+    assert_eq!(body["error"], "too_many_connections");
+    // Another user is unaffected.
+    node.connect(&token("someone-else", &[">"], &[])).await;
+    // A slot given back can be taken again.
+    drop(held.pop());
+    eventually("the user's slot is given back", || async {
+        node.handshake(&format!("?token={greedy}"))
+            .try_open()
+            .await
+            .is_ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn http_publishing_is_rate_limited_per_user_with_retry_after() {
+    // A slow rate, so that the test's own pace does not refill the bucket.
+    let node = crate::helpers::spawn_node_with(|s| s.limits.http_publish_rate = 2).await;
+    let hasty = token("hasty", &[], &[">"]);
+    // A batch counts its events: the whole burst of 2.
+    let batch = json!([{"topic": "r", "data": 1}, {"topic": "r", "data": 2}]);
+    assert_eq!(node.publish_batch(&hasty, &batch).await.status(), 201);
+    let refused = node.publish(&hasty, "r", &json!(3)).await;
+    assert_eq!(refused.status(), 429);
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(retry_after, 1, "a token comes back within half a second");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.http_publish_rate"),
+        "{body}"
+    );
+    // Another user has a bucket of its own.
+    assert_eq!(
+        node.publish(&publisher(), "r", &json!(7)).await.status(),
+        201
+    );
+    // A batch larger than the burst can never pass: no Retry-After.
+    let big: Vec<Value> = (0..3).map(|i| json!({"topic": "r", "data": i})).collect();
+    let refused = node
+        .publish_batch(&token("other", &[], &[">"]), &Value::Array(big))
+        .await;
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().get("retry-after").is_none());
+}
+
+#[tokio::test]
+async fn subscribe_ops_are_rate_limited_per_connection_then_closed_with_1008() {
+    // One a second, so that the test's own pace does not refill it.
+    let node = crate::helpers::spawn_node_with(|s| s.limits.subscribe_rate = 1).await;
+    let mut ws = node.connect(&token("churner", &[">"], &[])).await;
+    let reply = ws
+        .request(json!({"op": "subscribe", "id": 1, "topic": "t0"}))
+        .await;
+    assert_eq!(reply["op"], "subscribed", "{reply}");
+    let reply = ws
+        .request(json!({"op": "unsubscribe", "id": 9, "topic": "t0"}))
+        .await;
+    assert_eq!(
+        (reply["op"].as_str(), reply["code"].as_str()),
+        (Some("error"), Some("rate_limited"))
+    );
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.subscribe_rate"),
+        "{reply}"
+    );
+    // Pings are not limited.
+    assert_eq!(
+        ws.request(json!({"op": "ping", "id": 10})).await["op"],
+        "pong"
+    );
+    // Going on regardless closes the connection.
+    for i in 0..30 {
+        ws.send(json!({"op": "refresh", "id": 100 + i, "token": "x"}))
+            .await;
+    }
+    let close = ws.closed().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1008);
+    assert!(
+        close.reason.contains("limits.subscribe_rate"),
+        "{}",
+        close.reason
+    );
+}
