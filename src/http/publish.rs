@@ -13,7 +13,7 @@ use crate::broker::Transport;
 use crate::payload::Payload;
 use crate::protocol::{BASE64_LENIENT, check_key};
 use crate::startup::AppState;
-use crate::store::NewEvent;
+use crate::store::{IdempotencyKey, NewEvent};
 use crate::topic::Topic;
 
 /// Reads the body, refusing it (413) as soon as it passes `limit` bytes.
@@ -44,8 +44,8 @@ fn is_json(req: &HttpRequest) -> bool {
         && (mime.subtype() == mime::JSON || mime.suffix() == Some(mime::JSON))
 }
 
-/// The `Idempotency-Key` header, checked.
-fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+/// The `Idempotency-Key` header, checked, as `publisher`'s key.
+fn idempotency_key(req: &HttpRequest, publisher: &str) -> Result<Option<IdempotencyKey>, ApiError> {
     let Some(value) = req.headers().get("idempotency-key") else {
         return Ok(None);
     };
@@ -53,7 +53,10 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
         .to_str()
         .map_err(|_| ApiError::BadRequest("Idempotency-Key is not ASCII".into()))?;
     check_key(key).map_err(ApiError::BadRequest)?;
-    Ok(Some(key.to_owned()))
+    Ok(Some(IdempotencyKey {
+        publisher: publisher.to_owned(),
+        key: key.to_owned(),
+    }))
 }
 
 /// Counts `events` against the user's `limits.http_publish_rate`.
@@ -92,7 +95,7 @@ pub(super) struct Published<'a> {
     post,
     path = "/api/v1/topics/{topic}/events",
     tag = "publish",
-    params(super::TopicPath, ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key on the same topic publish once", pattern = r"^[!-~]+$", min_length = 1, max_length = 255)),
+    params(super::TopicPath, ("Idempotency-Key" = Option<String>, Header, description = "Retries by the same publisher (token sub) with the same key on the same topic publish once", pattern = r"^[!-~]+$", min_length = 1, max_length = 255)),
     request_body(content(("application/json"), ("application/octet-stream")), description = "The event's data"),
     responses(
         (status = 201, description = "Committed and published", body = Published),
@@ -121,7 +124,7 @@ pub(super) async fn publish_one(
     } else {
         Payload::Binary(body)
     };
-    let key = idempotency_key(&req)?;
+    let key = idempotency_key(&req, &grants.sub)?;
     take_quota(&state, &grants.sub, 1)?;
     let event = NewEvent {
         topic: topic.clone(),
@@ -256,7 +259,10 @@ pub(super) async fn publish_batch(
         events.push(NewEvent {
             topic,
             payload,
-            key: item.key,
+            key: item.key.map(|key| IdempotencyKey {
+                publisher: grants.sub.clone(),
+                key,
+            }),
         });
     }
     take_quota(&state, &grants.sub, events.len())?;

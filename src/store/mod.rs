@@ -36,7 +36,7 @@ use crate::topic::Topic;
 
 /// Connections in the pool of one node.
 const POOL_SIZE: u32 = 8;
-/// Rows per `INSERT` of a batch (6 bound parameters each: well under
+/// Rows per `INSERT` of a batch (7 bound parameters each: well under
 /// SQLite's and PostgreSQL's limits).
 const INSERT_CHUNK: usize = 500;
 /// How many times a batch is retried when a concurrent publish with the same
@@ -67,9 +67,19 @@ pub enum Backend {
 pub struct NewEvent {
     pub topic: Topic,
     pub payload: Payload,
-    /// Idempotency key: a second append with the same key on the same topic
-    /// returns the first one's offset and appends nothing.
-    pub key: Option<String>,
+    /// Idempotency key: a second append with the same key, by the same
+    /// publisher, on the same topic returns the first one's offset and
+    /// appends nothing.
+    pub key: Option<IdempotencyKey>,
+}
+
+/// An idempotency key and whose it is: keys are scoped to (publisher,
+/// topic, key), so one publisher cannot take another's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey {
+    /// The publishing token's `sub`.
+    pub publisher: String,
+    pub key: String,
 }
 
 /// What an append did with one event.
@@ -239,22 +249,24 @@ impl Store {
         // Idempotency first: an event whose key is already in the log (or
         // earlier in this batch) is a duplicate and takes no offset.
         let mut outcome: Vec<Option<Appended>> = vec![None; events.len()];
-        let mut first_with_key: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut first_with_key: HashMap<(&str, &IdempotencyKey), usize> = HashMap::new();
         let mut alias: Vec<Option<usize>> = vec![None; events.len()];
         for (i, event) in events.iter().enumerate() {
             let Some(key) = &event.key else { continue };
             let topic = event.topic.as_str();
-            if let Some(&first) = first_with_key.get(&(topic, key.as_str())) {
+            if let Some(&first) = first_with_key.get(&(topic, key)) {
                 alias[i] = Some(first);
                 continue;
             }
-            first_with_key.insert((topic, key.as_str()), i);
-            let existing =
-                sqlx::query("SELECT seq FROM herald_events WHERE topic = $1 AND idem_key = $2")
-                    .bind(topic)
-                    .bind(key.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?;
+            first_with_key.insert((topic, key), i);
+            let existing = sqlx::query(
+                "SELECT seq FROM herald_events WHERE topic = $1 AND idem_sub = $2 AND idem_key = $3",
+            )
+            .bind(topic)
+            .bind(key.publisher.as_str())
+            .bind(key.key.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
             if let Some(row) = existing {
                 outcome[i] = Some(Appended {
                     offset: row.try_get::<i64, _>(0)? as u64,
@@ -307,7 +319,8 @@ impl Store {
                     .bind(ts as i64)
                     .bind(is_binary)
                     .bind(body.to_vec())
-                    .bind(event.key.clone());
+                    .bind(event.key.as_ref().map(|k| k.publisher.clone()))
+                    .bind(event.key.as_ref().map(|k| k.key.clone()));
             }
             query.execute(&mut *tx).await?;
         }
@@ -500,26 +513,19 @@ fn decode_event(topic: &Topic, row: &AnyRow) -> Result<Event, StoreError> {
     Ok(Event::new(topic.clone(), offset, ts, payload))
 }
 
-/// `INSERT INTO herald_events ... VALUES ($1, ..., $6), ...` for `rows`
+/// `INSERT INTO herald_events ... VALUES ($1, ..., $7), ...` for `rows`
 /// rows: only numbered placeholders, every value is bound.
 fn insert_events_sql(rows: usize) -> String {
     let mut sql = String::from(
-        "INSERT INTO herald_events (topic, seq, ts, is_binary, payload, idem_key) VALUES ",
+        "INSERT INTO herald_events (topic, seq, ts, is_binary, payload, idem_sub, idem_key) VALUES ",
     );
     for row in 0..rows {
-        let p = row * 6;
+        let p = row * 7;
         if row > 0 {
             sql.push_str(", ");
         }
-        sql.push_str(&format!(
-            "(${}, ${}, ${}, ${}, ${}, ${})",
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4,
-            p + 5,
-            p + 6
-        ));
+        let placeholders: Vec<String> = (1..=7).map(|k| format!("${}", p + k)).collect();
+        sql.push_str(&format!("({})", placeholders.join(", ")));
     }
     sql
 }

@@ -21,7 +21,7 @@ use crate::hub::{Inbox, Mailbox};
 use crate::protocol::{self, ClientOp, ErrorCode, Reply};
 use crate::rate::TokenBucket;
 use crate::startup::AppState;
-use crate::store::NewEvent;
+use crate::store::{IdempotencyKey, NewEvent};
 use crate::telemetry::names;
 use crate::topic::Topic;
 
@@ -347,7 +347,10 @@ impl Connection {
                 let event = NewEvent {
                     topic: topic.clone(),
                     payload,
-                    key,
+                    key: key.map(|key| IdempotencyKey {
+                        publisher: self.grants.sub.clone(),
+                        key,
+                    }),
                 };
                 match self
                     .state

@@ -264,7 +264,8 @@ async fn a_store_failure_answers_a_generic_message_with_an_id_and_no_database_te
 
 #[tokio::test]
 async fn a_replay_ends_with_the_token_that_authorised_it() {
-    let node = spawn_node().await;
+    // One publisher sends 4,000 events at once.
+    let node = crate::helpers::spawn_node_with(|s| s.limits.http_publish_rate = 1_000_000).await;
     // Far more than the socket buffers hold, so the replay is still
     // running when the token expires.
     let data = "x".repeat(8 * 1024);
@@ -414,4 +415,76 @@ async fn subscribe_ops_are_rate_limited_per_connection_then_closed_with_1008() {
         "{}",
         close.reason
     );
+}
+
+/// Two publishers use one key on one topic: both events are stored and
+/// delivered; each publisher's retry gets its own first offset back.
+async fn idempotency_keys_belong_to_their_publisher(node: &TestNode) {
+    let mut ws = node.connect(&subscriber()).await;
+    ws.subscribe("orders").await;
+    let post = |who: &'static str, data: Value| {
+        let request = node
+            .http
+            .post(node.url("/api/v1/topics/orders/events"))
+            .bearer_auth(token(who, &[], &["orders"]))
+            .header("idempotency-key", "order-1002")
+            .json(&data);
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 201);
+            response.json::<Value>().await.unwrap()["offset"]
+                .as_u64()
+                .unwrap()
+        }
+    };
+    let attacker = post("attacker", json!("first, by someone else")).await;
+    let backend = post("backend", json!("the real order")).await;
+    assert_ne!(
+        attacker, backend,
+        "the backend's event took the attacker's offset"
+    );
+    assert_eq!(post("backend", json!("retry")).await, backend);
+    assert_eq!(post("attacker", json!("retry")).await, attacker);
+    // The same key in a batch, and over WebSocket, is the same publisher's.
+    let batch = node
+        .http
+        .post(node.url("/api/v1/events"))
+        .bearer_auth(token("backend", &[], &["orders"]))
+        .json(&json!([{"topic": "orders", "data": "retry in a batch", "key": "order-1002"}]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        batch.json::<Value>().await.unwrap()["offsets"],
+        json!([backend])
+    );
+    let mut backend_ws = node.connect(&token("backend", &[], &["orders"])).await;
+    let reply = backend_ws
+        .request(json!({"op": "publish", "id": 1, "topic": "orders", "data": "ws retry", "key": "order-1002"}))
+        .await;
+    assert_eq!(reply["offset"], backend, "{reply}");
+
+    let received = [ws.recv().await, ws.recv().await];
+    let data: Vec<&Value> = received.iter().map(|e| &e["data"]).collect();
+    assert_eq!(
+        data,
+        [&json!("first, by someone else"), &json!("the real order")]
+    );
+    let history = node
+        .get_json("/api/v1/topics/orders/events", &subscriber())
+        .await;
+    assert_eq!(history["events"].as_array().unwrap().len(), 2, "{history}");
+}
+
+#[tokio::test]
+async fn idempotency_keys_belong_to_their_publisher_on_sqlite() {
+    idempotency_keys_belong_to_their_publisher(&spawn_node().await).await;
+}
+
+#[tokio::test]
+async fn idempotency_keys_belong_to_their_publisher_on_postgres() {
+    let pg = crate::helpers::PgDatabase::create().await;
+    let url = pg.url();
+    let node = crate::helpers::spawn_node_with(|s| s.store.url = url.into()).await;
+    idempotency_keys_belong_to_their_publisher(&node).await;
 }
