@@ -152,6 +152,10 @@ pub struct ServerSettings {
     /// A WebSocket silent for this long (no frame, no pong) is closed.
     #[serde(deserialize_with = "duration")]
     pub heartbeat_timeout: Duration,
+    /// An HTTP response or WebSocket frame the client does not take within
+    /// this long is abandoned and the connection closed.
+    #[serde(deserialize_with = "duration")]
+    pub write_timeout: Duration,
 }
 
 /// JWT signing algorithms Herald accepts (one per node).
@@ -196,6 +200,9 @@ pub struct LimitSettings {
     pub max_connections: usize,
     /// Topics one connection may subscribe to at once.
     pub max_subscriptions: usize,
+    /// Payload bytes in one history page or one replay read, besides its
+    /// event count (at least one event is always read).
+    pub max_page_bytes: usize,
     /// WebSocket publishes per second per connection (also the burst).
     pub publish_rate: u32,
     /// WebSocket connections one user (token `sub`) may hold on a node.
@@ -223,6 +230,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("server.handshake_timeout", "5s"),
     ("server.heartbeat_interval", "20s"),
     ("server.heartbeat_timeout", "60s"),
+    ("server.write_timeout", "30s"),
     ("auth.algorithm", "HS256"),
     ("limits.max_payload_bytes", "65536"),
     ("limits.max_batch_events", "1000"),
@@ -231,6 +239,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("limits.outbound_queue_bytes", "8388608"),
     ("limits.max_connections", "10000"),
     ("limits.max_subscriptions", "100"),
+    ("limits.max_page_bytes", "1048576"),
     ("limits.publish_rate", "100"),
     ("limits.max_connections_per_sub", "100"),
     ("limits.http_publish_rate", "1000"),
@@ -336,6 +345,11 @@ impl Settings {
                 "HERALD__LIMITS__MAX_SUBSCRIPTIONS",
             ),
             (
+                self.limits.max_page_bytes,
+                "limits.max_page_bytes",
+                "HERALD__LIMITS__MAX_PAGE_BYTES",
+            ),
+            (
                 self.limits.publish_rate as usize,
                 "limits.publish_rate",
                 "HERALD__LIMITS__PUBLISH_RATE",
@@ -372,6 +386,11 @@ impl Settings {
                 server.heartbeat_timeout,
                 "server.heartbeat_timeout",
                 "HERALD__SERVER__HEARTBEAT_TIMEOUT",
+            ),
+            (
+                server.write_timeout,
+                "server.write_timeout",
+                "HERALD__SERVER__WRITE_TIMEOUT",
             ),
         ] {
             if value.is_zero() {

@@ -8,6 +8,8 @@
 //! - [`cli`]: the command line (`serve`, `token`); `main` only calls it.
 //! - [`config`]: settings, layered from defaults, files and `HERALD__*`.
 //! - [`startup`]: builds a node (state, HTTP server) and runs it to shutdown.
+//! - [`stall`]: a write the client does not take within
+//!   `server.write_timeout` fails, and its connection with it.
 //! - [`auth`]: JWT verification and signing; claims become [`auth::Grants`].
 //! - [`topic`]: [`topic::Topic`] names and [`topic::Pattern`] grants.
 //! - [`payload`]: what an event carries, and the one rule for what the edge
@@ -52,6 +54,7 @@ pub mod payload;
 pub mod protocol;
 pub mod rate;
 pub mod relay;
+pub mod stall;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -15,16 +15,18 @@ use std::time::Duration;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use actix_http::HttpService;
-use actix_service::{fn_service, map_config};
+use actix_http::{HttpService, Protocol};
+use actix_service::{ServiceFactoryExt as _, fn_service, map_config};
 use actix_web::dev::{AppConfig, Server};
 use actix_web::{App, HttpServer, web};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Verifier;
 use crate::broker::Broker;
 use crate::config::{ConfigError, Settings};
 use crate::rate::PerUser;
+use crate::stall::WriteTimeout;
 use crate::{http, ws};
 
 /// How long in-flight requests get to finish once shutdown starts.
@@ -104,6 +106,7 @@ impl Application {
         });
         let state_handle = state.clone();
         let handshake_timeout = state.settings.server.handshake_timeout;
+        let write_timeout = state.settings.server.write_timeout;
         // What actix-web's `HttpServer::listen` builds, plus the upgrade
         // hook: WebSocket handshakes leave the HTTP dispatcher with their
         // connection for `ws::upgrade`.
@@ -133,7 +136,7 @@ impl Application {
                     ws::upgrade(Arc::clone(&ws_state), req, framed)
                 });
                 let stopping = state.shutdown.clone();
-                HttpService::build()
+                let http = HttpService::build()
                     // Idle keep-alive connections close as soon as shutdown
                     // starts, as under `HttpServer` (hidden in actix-http's
                     // docs, but what actix-web itself calls).
@@ -144,8 +147,18 @@ impl Application {
                     .upgrade(upgrade)
                     // Herald reads neither the host nor the address the
                     // router's config carries.
-                    .finish(map_config(app, |_| AppConfig::default()))
-                    .tcp()
+                    .finish(map_config(app, |_| AppConfig::default()));
+                // What `HttpService::tcp` does, with every socket's writes
+                // bounded by `server.write_timeout`.
+                fn_service(move |io: TcpStream| async move {
+                    let peer = io.peer_addr().ok();
+                    Ok::<_, actix_http::error::DispatchError>((
+                        WriteTimeout::new(io, write_timeout),
+                        Protocol::Http1,
+                        peer,
+                    ))
+                })
+                .and_then(http)
             })
             .map_err(|source| StartError::Bind { addr, source })?
             .run();

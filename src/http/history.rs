@@ -9,6 +9,7 @@ use super::{ApiError, ErrorBody, authenticate};
 use crate::auth::Action;
 use crate::protocol::{MAX_EPOCH_BYTES, MAX_OFFSET};
 use crate::startup::AppState;
+use crate::store::Page;
 use crate::topic::Topic;
 
 /// Events returned when `limit` is not given.
@@ -32,6 +33,10 @@ pub(super) struct History<'a> {
     /// The topic's last offset.
     offset: u64,
     truncated: bool,
+    /// More events follow the last one returned (the page was full, in
+    /// events or in `limits.max_page_bytes`): ask again with `since` set
+    /// to the last offset received.
+    more: bool,
     /// Event frames, exactly as a WebSocket client receives them.
     #[schema(value_type = Vec<Object>)]
     events: Vec<Box<RawValue>>,
@@ -45,7 +50,7 @@ pub(super) struct History<'a> {
     params(
         super::TopicPath,
         ("since" = Option<u64>, Query, description = "Return events after this offset (default 0)", maximum = 9223372036854775807_u64),
-        ("limit" = Option<u64>, Query, description = "At most this many events (1-1000, default 100)", minimum = 1, maximum = 1000),
+        ("limit" = Option<u64>, Query, description = "At most this many events (1-1000, default 100), and at most limits.max_page_bytes of payloads; `more` says whether events follow", minimum = 1, maximum = 1000),
         ("epoch" = Option<String>, Query, description = "The epoch `since` belongs to", max_length = 64),
     ),
     responses(
@@ -97,9 +102,17 @@ pub(super) async fn history(
     let head = store.head(&topic).await?;
     let plan = head.plan_replay(Some(since), query.epoch.as_deref());
     let after = plan.after.unwrap_or(head.last);
-    let events = store
-        .read(&topic, after, limit)
-        .await?
+    let page = Page {
+        events: limit,
+        bytes: state.settings.limits.max_page_bytes,
+    };
+    let read = store.read(&topic, after, page).await?;
+    let last_read = read
+        .iter()
+        .map(|e| e.offset)
+        .filter(|&o| o <= head.last)
+        .max();
+    let events = read
         .iter()
         .filter(|e| e.offset <= head.last)
         // A stored payload is valid JSON (the store checks it on reading),
@@ -109,11 +122,13 @@ pub(super) async fn history(
             RawValue::from_string(frame.to_string()).ok()
         })
         .collect();
+    drop(read);
     Ok(HttpResponse::Ok().json(History {
         topic: topic.as_str(),
         epoch: &head.epoch,
         offset: head.last,
         truncated: plan.truncated,
+        more: last_read.is_some_and(|last| last < head.last),
         events,
     }))
 }

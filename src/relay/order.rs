@@ -15,12 +15,16 @@ use std::sync::Arc;
 
 use crate::event::Event;
 use crate::hub::Hub;
-use crate::store::Store;
 use crate::store::retention::Retention;
+use crate::store::{Page, Store};
 use crate::topic::Topic;
 
-/// Events read from the store per query while filling a gap.
-const FILL_PAGE: u64 = 500;
+/// Events read from the store per query while filling a gap, at most
+/// 1 MiB of payloads.
+const FILL_PAGE: Page = Page {
+    events: 500,
+    bytes: 1 << 20,
+};
 
 #[derive(Default)]
 pub struct Orderer {
@@ -105,7 +109,10 @@ impl Orderer {
             return;
         };
         while *last < until {
-            let page = (until - *last).min(FILL_PAGE);
+            let page = Page {
+                events: (until - *last).min(FILL_PAGE.events),
+                ..FILL_PAGE
+            };
             let events = match store.read(topic, *last, page).await {
                 Ok(events) => events,
                 Err(e) => {

@@ -82,6 +82,14 @@ pub struct IdempotencyKey {
     pub key: String,
 }
 
+/// How much one [`Store::read`] may return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    pub events: u64,
+    /// Payload bytes (as stored).
+    pub bytes: usize,
+}
+
 /// What an append did with one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
@@ -415,21 +423,28 @@ impl Store {
             .collect())
     }
 
-    /// Up to `limit` retained events of `topic` with offsets above `after`,
-    /// in offset order.
+    /// Retained events of `topic` with offsets above `after`, in offset
+    /// order: up to `page.events` of them, and no more payload bytes than
+    /// `page.bytes` (but always the first, whatever its size). The byte
+    /// bound is applied by the database (a running sum), so rows past it
+    /// are never sent, and a page never holds more than its bound.
     pub async fn read(
         &self,
         topic: &Topic,
         after: u64,
-        limit: u64,
+        page: Page,
     ) -> Result<Vec<Event>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, ts, is_binary, payload FROM herald_events \
-             WHERE topic = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            "SELECT seq, ts, is_binary, payload FROM ( \
+                 SELECT seq, ts, is_binary, payload, LENGTH(payload) AS size, \
+                        SUM(LENGTH(payload)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS upto \
+                 FROM herald_events WHERE topic = $1 AND seq > $2 ORDER BY seq LIMIT $3 \
+             ) page WHERE upto <= $4 OR upto = size ORDER BY seq",
         )
         .bind(topic.as_str())
         .bind(after as i64)
-        .bind(limit.min(i64::MAX as u64) as i64)
+        .bind(page.events.min(i64::MAX as u64) as i64)
+        .bind(i64::try_from(page.bytes).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(|row| decode_event(topic, row)).collect()

@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use crate::auth::{AuthError, Grants};
 use crate::http::{ApiError, bearer_token};
 use crate::protocol::{Encoding, JSON_PROTOCOL, MSGPACK_PROTOCOL};
+use crate::stall::WriteTimeout;
 use crate::startup::AppState;
 use crate::telemetry::names;
 use socket::Socket;
@@ -79,7 +80,7 @@ async fn not_upgraded(
 pub async fn upgrade(
     state: Arc<AppState>,
     req: Request,
-    framed: Framed<TcpStream, h1::Codec>,
+    framed: Framed<WriteTimeout<TcpStream>, h1::Codec>,
 ) -> Result<(), actix_web::Error> {
     // Out of the HTTP dispatcher, only this bounds how long a client may
     // take to read the handshake's answer.
@@ -107,7 +108,7 @@ struct Accepted {
 async fn handshake(
     state: Arc<AppState>,
     req: Request,
-    framed: Framed<TcpStream, h1::Codec>,
+    framed: Framed<WriteTimeout<TcpStream>, h1::Codec>,
 ) -> Option<Accepted> {
     let head = req.head();
     let peer = head.peer_addr;
@@ -120,7 +121,9 @@ async fn handshake(
         record(&admitted, peer);
         admitted
     };
+    // The socket leaves the HTTP wrapper: the session bounds its own writes.
     let mut parts = framed.into_parts();
+    let io = parts.io.into_inner();
     let admitted = match admitted {
         Ok(admitted) => admitted,
         Err(e) => {
@@ -136,7 +139,7 @@ async fn handshake(
                     parts.write_buf.extend_from_slice(&body);
                 }
             }
-            Socket::new(parts.io, parts.read_buf, parts.write_buf, 0)
+            Socket::new(io, parts.read_buf, parts.write_buf, 0)
                 .end()
                 .await;
             return None;
@@ -157,7 +160,7 @@ async fn handshake(
         )
         .ok()?;
     let max_message = session::max_message(&state.settings.limits);
-    let mut socket = Socket::new(parts.io, parts.read_buf, parts.write_buf, max_message);
+    let mut socket = Socket::new(io, parts.read_buf, parts.write_buf, max_message);
     socket.flush().await.ok()?;
     Some(Accepted {
         state,

@@ -21,7 +21,7 @@ use crate::hub::{Inbox, Mailbox};
 use crate::protocol::{self, ClientOp, ErrorCode, Reply};
 use crate::rate::TokenBucket;
 use crate::startup::AppState;
-use crate::store::{IdempotencyKey, NewEvent};
+use crate::store::{IdempotencyKey, NewEvent, Page};
 use crate::telemetry::names;
 use crate::topic::Topic;
 
@@ -80,7 +80,9 @@ impl Limited {
 /// it is treated as this.
 const MAX_TOKEN_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
 
-/// Events read from the store per query while replaying.
+/// Events read from the store per query while replaying (and at most
+/// `limits.max_page_bytes`); the next page is read once this one is
+/// written.
 const REPLAY_PAGE: u64 = 500;
 
 /// Room in a client frame for the envelope around the payload (op, id,
@@ -175,7 +177,7 @@ struct Connection {
     delivered: HashMap<Topic, u64>,
     /// Why to close, when a handler ends the connection on purpose.
     close_with: Option<CloseReason>,
-    /// A write waited `heartbeat_timeout` for a client that reads nothing:
+    /// A write waited `write_timeout` for a client that reads nothing:
     /// it is cut off without a close frame, which could not reach it.
     stalled: bool,
 }
@@ -446,7 +448,14 @@ impl Connection {
                 .state
                 .broker
                 .store()
-                .read(&topic, after, REPLAY_PAGE)
+                .read(
+                    &topic,
+                    after,
+                    Page {
+                        events: REPLAY_PAGE,
+                        bytes: self.state.settings.limits.max_page_bytes,
+                    },
+                )
                 .await
             {
                 Ok(page) => page,
@@ -582,7 +591,7 @@ impl Connection {
         // or, its parent, shutdown), and for a client that reads nothing at
         // all: one that only sends would otherwise hold its place forever,
         // the heartbeat being checked by the loop this write holds up.
-        let stalled = self.state.settings.server.heartbeat_timeout;
+        let stalled = self.state.settings.server.write_timeout;
         tokio::select! {
             biased;
             sent = self.socket.flush() => sent.map_err(|_| Gone),

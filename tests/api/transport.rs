@@ -296,8 +296,7 @@ async fn a_fragmented_control_frame_closes_with_1002() {
 async fn a_client_that_sends_but_never_reads_is_cut_off_and_frees_its_place() {
     let node = spawn_node_with(|s| {
         s.limits.max_connections = 1;
-        s.server.heartbeat_interval = Duration::from_millis(200);
-        s.server.heartbeat_timeout = Duration::from_millis(500);
+        s.server.write_timeout = Duration::from_millis(500);
     })
     .await;
     // A small receive buffer, never read past the 101: the node's answers

@@ -488,3 +488,159 @@ async fn idempotency_keys_belong_to_their_publisher_on_postgres() {
     let node = crate::helpers::spawn_node_with(|s| s.store.url = url.into()).await;
     idempotency_keys_belong_to_their_publisher(&node).await;
 }
+
+#[tokio::test]
+async fn a_history_page_is_bounded_in_bytes_and_says_more_follow() {
+    let node = crate::helpers::spawn_node_with(|s| s.limits.max_page_bytes = 10_000).await;
+    let data = "x".repeat(4000);
+    for _ in 0..5 {
+        node.publish_ok(&publisher(), "pages", &json!(data)).await;
+    }
+    let (mut since, mut epoch) = (0, String::new());
+    let mut pages = Vec::new();
+    while pages.len() < 10 {
+        let page = node
+            .get_json(
+                &format!("/api/v1/topics/pages/events?since={since}&epoch={epoch}&limit=1000"),
+                &subscriber(),
+            )
+            .await;
+        epoch = page["epoch"].as_str().unwrap().to_owned();
+        let offsets: Vec<u64> = page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["offset"].as_u64().unwrap())
+            .collect();
+        pages.push(offsets.clone());
+        if page["more"] == false {
+            break;
+        }
+        assert_eq!(page["more"], true, "{page}");
+        since = *offsets.last().unwrap();
+    }
+    // Two 4,000-byte payloads fit in 10,000 bytes; a third would not.
+    assert_eq!(pages, [vec![1, 2], vec![3, 4], vec![5]]);
+}
+
+/// Sends `GET path` on a raw socket with a tiny receive buffer and reads
+/// nothing; returns the socket.
+async fn request_and_read_nothing(addr: std::net::SocketAddr, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\r\n",
+        subscriber()
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    tcp
+}
+
+#[tokio::test]
+async fn an_http_response_the_client_does_not_take_is_abandoned_after_write_timeout() {
+    use tokio::io::AsyncReadExt as _;
+    let node = crate::helpers::spawn_node_with(|s| {
+        s.server.write_timeout = std::time::Duration::from_millis(500);
+        s.limits.http_publish_rate = 1_000_000;
+        // One page larger than the kernel's socket buffers can absorb.
+        s.limits.max_page_bytes = 64 << 20;
+    })
+    .await;
+    let data = "y".repeat(60_000);
+    for _ in 0..14 {
+        let batch: Vec<Value> = (0..15)
+            .map(|_| json!({"topic": "big", "data": data}))
+            .collect();
+        assert_eq!(
+            node.publish_batch(&publisher(), &Value::Array(batch))
+                .await
+                .status(),
+            201
+        );
+    }
+    let mut tcp = request_and_read_nothing(node.addr, "/api/v1/topics/big/events?limit=1000").await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // Now read: what the kernel had buffered, then the end of a connection
+    // the node gave up on, well before the whole (~12 MB) response.
+    let mut received = Vec::new();
+    let mut chunk = vec![0u8; 65536];
+    loop {
+        match tokio::time::timeout(crate::helpers::RECV_TIMEOUT, tcp.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => received.extend_from_slice(&chunk[..n]),
+            Err(_) => panic!("the node still holds the connection open"),
+        }
+    }
+    let head = String::from_utf8_lossy(&received[..received.len().min(200)]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        received.len() < 12_000_000,
+        "the whole response went out: {} bytes",
+        received.len()
+    );
+}
+
+/// Resident memory of a process, in KiB, from /proc.
+fn resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+#[tokio::test]
+async fn readers_that_do_not_read_cannot_pin_a_nodes_memory() {
+    let node = crate::helpers::ServeProcess::start(
+        "pinned-memory",
+        &[("HERALD__LIMITS__HTTP_PUBLISH_RATE", "1000000".into())],
+        std::process::Stdio::null(),
+    )
+    .await;
+    let pid = node.child.0.id();
+    let http = reqwest::Client::new();
+    // The largest history page: 1,000 events of the largest payload.
+    let data = "z".repeat(65_000);
+    for _ in 0..67 {
+        let batch: Vec<Value> = (0..15)
+            .map(|_| json!({"topic": "huge", "data": data}))
+            .collect();
+        let response = http
+            .post(node.url("/api/v1/events"))
+            .bearer_auth(publisher())
+            .json(&batch)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+    }
+    let path = "/api/v1/topics/huge/events?limit=1000";
+    // Warm up: read the page fully from several clients at once, so that
+    // caches and pools are at their working size before measuring.
+    let warm: Vec<_> = (0..8)
+        .map(|_| {
+            let request = http.get(node.url(path)).bearer_auth(subscriber()).send();
+            async move { request.await.unwrap().bytes().await.unwrap().len() }
+        })
+        .collect();
+    futures_util::future::join_all(warm).await;
+    let before = resident_kib(pid);
+
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", node.port).parse().unwrap();
+    let mut stalled = Vec::new();
+    for _ in 0..16 {
+        stalled.push(request_and_read_nothing(addr, path).await);
+    }
+    // Every request answered as far as the sockets take it, and held.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let grown = resident_kib(pid).saturating_sub(before);
+    eprintln!("16 stalled readers of the largest page: +{grown} KiB resident");
+    assert!(
+        grown < 64 * 1024,
+        "16 stalled readers grew the node by {grown} KiB"
+    );
+    drop(stalled);
+}
