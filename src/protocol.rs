@@ -252,10 +252,12 @@ pub fn decode(encoding: Encoding, frame: &[u8]) -> Result<ClientOp, DecodeError>
         },
         Encoding::MsgPack => {
             // Read with a depth limit first: deserializing nested values
-            // straight from the bytes recurses without one. The frame is
-            // one level: its payload gets the payload's limit.
+            // straight from the bytes recurses without one. rmpv counts
+            // about two steps per level (and more at strings), so this
+            // bounds the stack only; the payload's own nesting is checked
+            // against MAX_NESTING in `Payload::from_msgpack`.
             let value =
-                rmpv::decode::read_value_with_max_depth(&mut &frame[..], MAX_NESTING + 1)
+                rmpv::decode::read_value_with_max_depth(&mut &frame[..], MSGPACK_READ_DEPTH)
                     .map_err(|e| DecodeError::bad_request(None, format!("invalid frame: {e}")))?;
             let id = value
                 .as_map()
@@ -271,6 +273,10 @@ pub fn decode(encoding: Encoding, frame: &[u8]) -> Result<ClientOp, DecodeError>
 
 /// Deepest nesting of a payload, in either encoding.
 pub use crate::payload::MAX_NESTING;
+
+/// rmpv's depth budget for a MessagePack frame: room for the frame and a
+/// payload at [`MAX_NESTING`], in rmpv's own steps.
+const MSGPACK_READ_DEPTH: usize = 4 * (MAX_NESTING + 2);
 
 impl<D> WireOp<D> {
     fn into_op(
@@ -584,17 +590,36 @@ mod tests {
         let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
         let frame = |n: usize| format!(r#"{{"op":"publish","topic":"a","data":{}}}"#, nested(n));
         let msgpack = |n: usize| {
-            let value: serde_json::Value = serde_json::from_str(&frame(n)).unwrap();
-            rmp_serde::to_vec_named(&value).unwrap()
+            // Built by hand: serde_json's own parser stops at 127 levels.
+            let data = (0..n).fold(rmpv::Value::Array(vec![]), |inner, _| {
+                rmpv::Value::Array(vec![inner])
+            });
+            let data = match data {
+                rmpv::Value::Array(mut outer) => outer.pop().unwrap(),
+                _ => unreachable!(),
+            };
+            let frame = rmpv::Value::Map(vec![
+                ("op".into(), "publish".into()),
+                ("topic".into(), "a".into()),
+                ("data".into(), data),
+            ]);
+            let mut bytes = Vec::new();
+            rmpv::encode::write_value(&mut bytes, &frame).unwrap();
+            bytes
         };
         for encoding in [Encoding::Json, Encoding::MsgPack] {
             let bytes = |n| match encoding {
                 Encoding::Json => frame(n).into_bytes(),
                 Encoding::MsgPack => msgpack(n),
             };
+            if let Err(e) = decode(encoding, &bytes(MAX_NESTING)) {
+                panic!("{encoding:?}: {}", e.message);
+            }
+            let too_deep = decode(encoding, &bytes(MAX_NESTING + 1)).unwrap_err();
             assert!(
-                decode(encoding, &bytes(MAX_NESTING)).is_ok(),
-                "{encoding:?}"
+                too_deep.message.contains("nested deeper"),
+                "{}",
+                too_deep.message
             );
             assert!(
                 decode(encoding, &bytes(MAX_NESTING + 1)).is_err(),
