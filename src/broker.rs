@@ -24,7 +24,7 @@ use crate::payload::Payload;
 pub use crate::relay::PublishError;
 use crate::relay::{Relay, Shared};
 use crate::store::heads::HeadReader;
-use crate::store::retention::{Retention, run_pruner};
+use crate::store::retention::{Retention, Watchers, run_pruner};
 use crate::store::{Backend, Head, NewEvent, Store, StoreError};
 use crate::telemetry::names;
 use crate::topic::Topic;
@@ -47,7 +47,8 @@ impl Transport {
 
 pub struct Broker {
     hub: Arc<Hub>,
-    relay: Relay,
+    /// Shared with the pruner, which asks it who watches a topic.
+    relay: Arc<Relay>,
     store: Arc<Store>,
     retention: Arc<Retention>,
     /// Reads subscribes' heads, many per query.
@@ -80,10 +81,11 @@ impl Broker {
             store: Arc::clone(&store),
             retention: Arc::clone(&retention),
         };
-        let relay = Relay::from_settings(settings, shared, shutdown.clone())?;
+        let relay = Arc::new(Relay::from_settings(settings, shared, shutdown.clone())?);
         let pruner = tokio::spawn(run_pruner(
             Arc::clone(&store),
             Arc::clone(&retention),
+            Arc::clone(&relay) as Arc<dyn Watchers>,
             shutdown.clone(),
         ));
         let (heads, head_reader) = HeadReader::spawn(Arc::clone(&store), shutdown);
@@ -203,7 +205,7 @@ impl Broker {
 
     /// `local` (single node), `connected` or `disconnected` (Redis).
     pub fn relay_state(&self) -> &'static str {
-        match (&self.relay, self.relay.is_ready()) {
+        match (self.relay.as_ref(), self.relay.is_ready()) {
             (Relay::Local(_), _) => "local",
             (Relay::Redis(_), true) => "connected",
             (Relay::Redis(_), false) => "disconnected",

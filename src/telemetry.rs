@@ -67,6 +67,9 @@ pub mod names {
     pub const REPLAYS: &str = "herald_recovery_replays_total";
     pub const REPLAYED_EVENTS: &str = "herald_recovery_replayed_events_total";
     pub const ENCODE_FAILURES: &str = "herald_encode_failures_total";
+    pub const PRUNE_SECONDS: &str = "herald_prune_seconds";
+    pub const PRUNED_EVENTS: &str = "herald_pruned_events_total";
+    pub const TOPICS_REMOVED: &str = "herald_topics_removed_total";
 
     /// Every metric Herald documents (README, Operations).
     pub const ALL: &[&str] = &[
@@ -84,6 +87,9 @@ pub mod names {
         REPLAYS,
         REPLAYED_EVENTS,
         ENCODE_FAILURES,
+        PRUNE_SECONDS,
+        PRUNED_EVENTS,
+        TOPICS_REMOVED,
     ];
 }
 
@@ -101,6 +107,8 @@ fn register_at_zero() {
         RELAY_RECONNECTS,
         REPLAYS,
         REPLAYED_EVENTS,
+        PRUNED_EVENTS,
+        TOPICS_REMOVED,
     ] {
         metrics::counter!(counter).increment(0);
     }
@@ -114,7 +122,7 @@ fn register_at_zero() {
     ] {
         metrics::counter!(ENCODE_FAILURES, "encoding" => encoding).increment(0);
     }
-    for histogram in [FANOUT_LATENCY, STORE_COMMIT] {
+    for histogram in [FANOUT_LATENCY, STORE_COMMIT, PRUNE_SECONDS] {
         let _ = metrics::histogram!(histogram);
     }
 }
@@ -167,6 +175,16 @@ fn describe() {
         "Subscriptions that replayed missed events (recovery)."
     );
     describe_counter!(REPLAYED_EVENTS, "Events sent by recovery replays.");
+    describe_histogram!(
+        PRUNE_SECONDS,
+        Unit::Seconds,
+        "Time one pruning pass over the event log took."
+    );
+    describe_counter!(PRUNED_EVENTS, "Events pruned from the event log.");
+    describe_counter!(
+        TOPICS_REMOVED,
+        "Topic logs removed entirely: no event left and nobody watching."
+    );
     describe_counter!(
         ENCODE_FAILURES,
         "Events that could not be encoded for subscribers of one encoding, and were skipped for them."

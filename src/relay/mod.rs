@@ -26,7 +26,7 @@ use crate::event::Event;
 use crate::hub::Hub;
 use crate::payload::Payload;
 use crate::store::Store;
-use crate::store::retention::Retention;
+use crate::store::retention::{Retention, Watchers};
 use crate::topic::Topic;
 
 pub use self::local::LocalRelay;
@@ -112,9 +112,22 @@ impl Relay {
         match self {
             // The orderer keeps the topic's position until its next
             // subscribe or unsubscribe syncs it with the hub: still
-            // correct (each delivery moves it), one map entry until then.
+            // correct (each delivery moves it), one map entry until then,
+            // and the pruner leaves a tracked topic's log alone.
             Relay::Local(_) => {}
             Relay::Redis(redis) => redis.interest_dropped(topic),
+        }
+    }
+
+    /// Of `topics`, those no node subscribes to: this node's hub on its
+    /// own; the whole cluster's subscriptions in Redis.
+    pub async fn unwatched(&self, topics: Vec<Topic>) -> Vec<Topic> {
+        match self {
+            Relay::Local(local) => topics
+                .into_iter()
+                .filter(|t| !local.has_subscribers(t))
+                .collect(),
+            Relay::Redis(redis) => redis.unwatched(topics).await,
         }
     }
 
@@ -131,5 +144,11 @@ impl Relay {
         if let Relay::Redis(redis) = self {
             redis.stopped().await;
         }
+    }
+}
+
+impl Watchers for Relay {
+    fn unwatched(&self, topics: Vec<Topic>) -> futures_util::future::BoxFuture<'_, Vec<Topic>> {
+        Box::pin(Relay::unwatched(self, topics))
     }
 }

@@ -72,6 +72,11 @@ impl Orderer {
         }
     }
 
+    /// Whether `topic`'s position is kept.
+    pub fn tracks(&self, topic: &Topic) -> bool {
+        self.last.contains_key(topic)
+    }
+
     /// Delivers `event` to the hub in its place: after filling any gap
     /// before it, and not at all if it was delivered already.
     pub async fn accept(&mut self, event: Arc<Event>, hub: &Hub, store: &Store) {

@@ -60,24 +60,36 @@ const BROADCAST_RETRY_DELAYS: [Duration; 3] = [
     Duration::from_millis(250),
     Duration::ZERO,
 ];
+/// Channels counted by one `PUBSUB NUMSUB`.
+const NUMSUB_CHUNK: usize = 500;
+/// How long a counter of a topic without history lives after its last
+/// publish: a topic watched but silent this long numbers from 1 again,
+/// which subscribers of such topics accept (they keep no order by offset).
+const EPHEMERAL_COUNTER_TTL_MS: u64 = 24 * 3600 * 1000;
 /// Pending subscription changes; sessions wait when it is full.
 const INTEREST_QUEUE: usize = 1024;
 
 /// Increments each topic's offset and publishes its event, atomically.
 /// A topic no node subscribes to (its event reached nobody) has its counter
 /// deleted: its numbering starts again from 1, seen by no subscriber, and
-/// Redis holds counters only for topics someone watches.
+/// Redis holds counters only for topics someone watches. Every counter
+/// kept expires [`EPHEMERAL_COUNTER_TTL_MS`] after its last publish, so one
+/// whose watchers left without another publish does not stay forever.
 /// KEYS: offset key and channel of each event, in pairs.
-/// ARGV: `"{ts} {kind} {payload}"` of each event.
+/// ARGV: the TTL in milliseconds, then `"{ts} {kind} {payload}"` of each
+/// event.
 const PUBLISH_SCRIPT: &str = r"
 local offsets = {}
-for i = 1, #ARGV do
-  local offset = redis.call('INCR', KEYS[2 * i - 1])
-  local receivers = redis.call('PUBLISH', KEYS[2 * i], offset .. ' ' .. ARGV[i])
+for i = 2, #ARGV do
+  local key = KEYS[2 * i - 3]
+  local offset = redis.call('INCR', key)
+  local receivers = redis.call('PUBLISH', KEYS[2 * i - 2], offset .. ' ' .. ARGV[i])
   if receivers == 0 then
-    redis.call('DEL', KEYS[2 * i - 1])
+    redis.call('DEL', key)
+  else
+    redis.call('PEXPIRE', key, ARGV[1])
   end
-  offsets[i] = offset
+  offsets[i - 1] = offset
 end
 return offsets
 ";
@@ -170,6 +182,7 @@ impl RedisRelay {
         ts: u64,
     ) -> Result<Vec<u64>, PublishError> {
         let mut invocation = self.script.prepare_invoke();
+        invocation.arg(EPHEMERAL_COUNTER_TTL_MS);
         for (topic, payload) in &events {
             invocation
                 .key(self.names.offset_key(topic))
@@ -221,6 +234,35 @@ impl RedisRelay {
             // Dropped without an answer only when the task stopped.
             let _ = confirmed.await;
         }
+    }
+
+    /// Of `topics`, those no node subscribes to, by `PUBSUB NUMSUB` of
+    /// their channels; none when Redis cannot say.
+    pub async fn unwatched(&self, topics: Vec<Topic>) -> Vec<Topic> {
+        let mut unwatched = Vec::new();
+        let mut conn = self.publisher.clone();
+        for chunk in topics.chunks(NUMSUB_CHUNK) {
+            let mut cmd = redis::cmd("PUBSUB");
+            cmd.arg("NUMSUB");
+            for topic in chunk {
+                cmd.arg(self.names.channel(topic));
+            }
+            match cmd.query_async::<Vec<(String, u64)>>(&mut conn).await {
+                Ok(counts) if counts.len() == chunk.len() => unwatched.extend(
+                    chunk
+                        .iter()
+                        .zip(counts)
+                        .filter(|(_, (_, n))| *n == 0)
+                        .map(|(t, _)| t.clone()),
+                ),
+                Ok(_) => return Vec::new(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot count a topic's subscribers; its log stays");
+                    return Vec::new();
+                }
+            }
+        }
+        unwatched
     }
 
     /// Queues the change without waiting for Redis to confirm it.

@@ -4,12 +4,15 @@
 //! is acknowledged. The store assigns offsets: per topic, gap-free (1, 2, 3
 //! …), under a row lock on the topic so concurrent publishers on any number
 //! of nodes serialize. Each topic's log has an `epoch`: the database's
-//! `store_id` (table `herald_meta`, drawn when the database is first opened),
-//! fixed in the topic's row when its first event is written and reported
-//! from the start for a topic with no row yet. A fresh SQLite file or a new
-//! database gives new epochs, so offsets from a lost log are never mistaken
-//! for current ones. Resetting the log by hand means emptying `herald_meta`
-//! along with the event tables (or dropping the database).
+//! current `log_epoch` (table `herald_meta`; first the `store_id` drawn when
+//! the database is first opened), fixed in the topic's row when its first
+//! event is written and reported from the start for a topic with no row
+//! yet. A fresh SQLite file or a new database gives new epochs, so offsets
+//! from a lost log are never mistaken for current ones; so does pruning,
+//! which draws a new `log_epoch` whenever it removes a topic's log entirely
+//! (see [`retention`]), so a topic published to again starts a log that old
+//! resume positions do not match. Resetting the log by hand means emptying
+//! `herald_meta` along with the event tables (or dropping the database).
 //!
 //! One SQL dialect serves both backends through sqlx's `Any` driver (`$N`
 //! placeholders work in SQLite and PostgreSQL); only the migrations differ,
@@ -150,8 +153,6 @@ impl Head {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
-    /// This database's id: the epoch of every topic log created in it.
-    store_id: String,
 }
 
 impl Store {
@@ -179,17 +180,13 @@ impl Store {
             .connect(url)
             .await
             .map_err(|e| invalid(format!("cannot connect: {e}")))?;
-        let mut store = Store {
-            pool,
-            backend,
-            store_id: String::new(),
-        };
+        let store = Store { pool, backend };
         store
             .migrate()
             .await
             .map_err(|e| invalid(format!("cannot apply migrations: {e}")))?;
-        store.store_id = store
-            .load_store_id()
+        store
+            .init_meta()
             .await
             .map_err(|e| invalid(format!("cannot read the store's id: {e}")))?;
         Ok(store)
@@ -199,19 +196,22 @@ impl Store {
         self.backend
     }
 
-    /// The database's id, drawn by whichever node opens it first.
-    async fn load_store_id(&self) -> Result<String, sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO herald_meta (name, value) VALUES ('store_id', $1) \
-             ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(new_epoch())
-        .execute(&self.pool)
-        .await?;
-        sqlx::query("SELECT value FROM herald_meta WHERE name = 'store_id'")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)
+    /// Draws the database's id and first log epoch (the same value), on
+    /// whichever node opens it first.
+    async fn init_meta(&self) -> Result<(), sqlx::Error> {
+        let id = new_epoch();
+        for name in ["store_id", "log_epoch"] {
+            sqlx::query(
+                "INSERT INTO herald_meta (name, value) VALUES ($1, \
+                 COALESCE((SELECT value FROM herald_meta WHERE name = 'store_id'), $2)) \
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
     }
 
     /// Applies any migration not applied yet; a no-op when up to date.
@@ -295,12 +295,12 @@ impl Store {
         for (topic, indexes) in &per_topic {
             let n = indexes.len() as i64;
             let row = sqlx::query(
-                "INSERT INTO herald_topics (topic, epoch, last_seq, created_ms) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (topic) DO UPDATE SET last_seq = herald_topics.last_seq + $3 \
+                "INSERT INTO herald_topics (topic, epoch, last_seq, created_ms) \
+                 VALUES ($1, (SELECT value FROM herald_meta WHERE name = 'log_epoch'), $2, $3) \
+                 ON CONFLICT (topic) DO UPDATE SET last_seq = herald_topics.last_seq + $2 \
                  RETURNING last_seq",
             )
             .bind(*topic)
-            .bind(self.store_id.as_str())
             .bind(n)
             .bind(ts as i64)
             .fetch_one(&mut *tx)
@@ -353,15 +353,15 @@ impl Store {
         let (is_binary, body) = stored_payload(&event.payload);
         let row = sqlx::query(
             "WITH t AS ( \
-                 INSERT INTO herald_topics (topic, epoch, last_seq, created_ms) VALUES ($1, $2, 1, $3) \
+                 INSERT INTO herald_topics (topic, epoch, last_seq, created_ms) \
+                 VALUES ($1, (SELECT value FROM herald_meta WHERE name = 'log_epoch'), 1, $2) \
                  ON CONFLICT (topic) DO UPDATE SET last_seq = herald_topics.last_seq + 1 \
                  RETURNING last_seq) \
              INSERT INTO herald_events (topic, seq, ts, is_binary, payload, idem_key) \
-             SELECT $1, t.last_seq, $3, $4, $5, NULL FROM t \
+             SELECT $1, t.last_seq, $2, $3, $4, NULL FROM t \
              RETURNING seq",
         )
         .bind(event.topic.as_str())
-        .bind(self.store_id.as_str())
         .bind(ts as i64)
         .bind(is_binary)
         .bind(body.to_vec())
@@ -389,12 +389,15 @@ impl Store {
         distinct.sort_unstable();
         distinct.dedup();
         let mut found = HashMap::with_capacity(distinct.len());
+        let mut new_log_epoch = String::new();
         for chunk in distinct.chunks(INSERT_CHUNK) {
             let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            // The last row is the epoch a topic without a log would get.
             let sql = format!(
                 "SELECT t.topic, t.epoch, t.last_seq, \
                  (SELECT MIN(e.seq) FROM herald_events e WHERE e.topic = t.topic) \
-                 FROM herald_topics t WHERE t.topic IN ({})",
+                 FROM herald_topics t WHERE t.topic IN ({}) \
+                 UNION ALL SELECT NULL, value, 0, NULL FROM herald_meta WHERE name = 'log_epoch'",
                 placeholders.join(", ")
             );
             // Only numbered placeholders: every topic is bound.
@@ -403,6 +406,10 @@ impl Store {
                 query = query.bind(topic.as_str());
             }
             for row in query.fetch_all(&self.pool).await? {
+                if row.try_get::<Option<String>, _>(0)?.is_none() {
+                    new_log_epoch = row.try_get(1)?;
+                    continue;
+                }
                 let head = Head {
                     epoch: row.try_get(1)?,
                     last: row.try_get::<i64, _>(2)? as u64,
@@ -415,7 +422,7 @@ impl Store {
             .iter()
             .map(|t| {
                 found.get(t.as_str()).cloned().unwrap_or_else(|| Head {
-                    epoch: self.store_id.clone(),
+                    epoch: new_log_epoch.clone(),
                     last: 0,
                     oldest: None,
                 })
@@ -465,36 +472,162 @@ impl Store {
         Ok(())
     }
 
-    /// Every topic that has a log.
-    pub async fn topics(&self) -> Result<Vec<Topic>, StoreError> {
-        let rows = sqlx::query("SELECT topic FROM herald_topics")
+    /// Topics with an event published before `before_ms` (through the
+    /// `ts` index: as many rows as there are such events, at most).
+    pub async fn topics_with_events_before(
+        &self,
+        before_ms: u64,
+    ) -> Result<Vec<Topic>, StoreError> {
+        let rows = sqlx::query("SELECT DISTINCT topic FROM herald_events WHERE ts < $1")
+            .bind(clamp(before_ms))
             .fetch_all(&self.pool)
             .await?;
-        let mut topics = Vec::with_capacity(rows.len());
-        for row in rows {
-            let name: String = row.try_get(0)?;
-            // Only valid topics are ever written; skip anything else.
-            if let Ok(topic) = Topic::parse(&name) {
-                topics.push(topic);
-            }
-        }
-        Ok(topics)
+        Ok(topics_of(&rows))
     }
 
-    /// Deletes `topic`'s events published before `before_ms` and all but its
-    /// newest `keep` events. The topic's row (epoch, last offset) stays.
-    pub async fn prune(&self, topic: &Topic, before_ms: u64, keep: u64) -> Result<u64, StoreError> {
-        let result = sqlx::query(
-            "DELETE FROM herald_events WHERE topic = $1 AND (ts < $2 OR seq <= \
-             (SELECT last_seq FROM herald_topics WHERE topic = $1) - $3)",
-        )
-        .bind(topic.as_str())
-        .bind(before_ms.min(i64::MAX as u64) as i64)
-        .bind(keep.min(i64::MAX as u64) as i64)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected())
+    /// Deletes the events of `topics` published before `before_ms`, in
+    /// statements of [`INSERT_CHUNK`] topics; returns how many went.
+    pub async fn delete_before(
+        &self,
+        topics: &[&Topic],
+        before_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        for chunk in topics.chunks(INSERT_CHUNK) {
+            let placeholders: Vec<String> = (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "DELETE FROM herald_events WHERE ts < $1 AND topic IN ({})",
+                placeholders.join(", ")
+            );
+            // Only numbered placeholders: every value is bound.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(clamp(before_ms));
+            for topic in chunk {
+                query = query.bind(topic.as_str());
+            }
+            deleted += query.execute(&self.pool).await?.rows_affected();
+        }
+        Ok(deleted)
     }
+
+    /// Topics that retain an event at least `keep` below their last offset
+    /// (so more than `keep` events), with their last offset: one index
+    /// probe per topic that has a log.
+    pub async fn topics_over(&self, keep: u64) -> Result<Vec<(Topic, u64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT t.topic, t.last_seq FROM herald_topics t WHERE EXISTS \
+             (SELECT 1 FROM herald_events e WHERE e.topic = t.topic AND e.seq <= t.last_seq - $1)",
+        )
+        .bind(clamp(keep))
+        .fetch_all(&self.pool)
+        .await?;
+        topics_with_offsets(&rows)
+    }
+
+    /// Deletes each topic's events at or below its offset, in statements
+    /// of [`INSERT_CHUNK`] topics; returns how many went.
+    pub async fn delete_through(&self, upto: &[(&Topic, u64)]) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        for chunk in upto.chunks(INSERT_CHUNK) {
+            let terms: Vec<String> = (0..chunk.len())
+                .map(|i| format!("(topic = ${} AND seq <= ${})", 2 * i + 1, 2 * i + 2))
+                .collect();
+            let sql = format!("DELETE FROM herald_events WHERE {}", terms.join(" OR "));
+            // Only numbered placeholders: every value is bound.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (topic, offset) in chunk {
+                query = query.bind(topic.as_str()).bind(clamp(*offset));
+            }
+            deleted += query.execute(&self.pool).await?.rows_affected();
+        }
+        Ok(deleted)
+    }
+
+    /// Topics whose log retains no event, with their last offset.
+    pub async fn empty_topics(&self) -> Result<Vec<(Topic, u64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT t.topic, t.last_seq FROM herald_topics t WHERE NOT EXISTS \
+             (SELECT 1 FROM herald_events e WHERE e.topic = t.topic)",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        topics_with_offsets(&rows)
+    }
+
+    /// Removes the logs of `topics` (found empty at these last offsets)
+    /// entirely, those still empty and not published to since, and draws a
+    /// new log epoch if any went: a topic published to again starts a log
+    /// that no earlier resume position matches. Returns how many went.
+    pub async fn remove_topics(&self, topics: &[(&Topic, u64)]) -> Result<u64, StoreError> {
+        if topics.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        let mut removed = 0;
+        for chunk in topics.chunks(INSERT_CHUNK) {
+            // A publish since the topic was found empty moved its last
+            // offset (and holds its row until it commits): such a topic
+            // stays.
+            let terms: Vec<String> = (0..chunk.len())
+                .map(|i| format!("(topic = ${} AND last_seq = ${})", 2 * i + 1, 2 * i + 2))
+                .collect();
+            let sql = format!(
+                "DELETE FROM herald_topics WHERE ({}) AND NOT EXISTS \
+                 (SELECT 1 FROM herald_events e WHERE e.topic = herald_topics.topic)",
+                terms.join(" OR ")
+            );
+            // Only numbered placeholders: every value is bound.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (topic, last) in chunk {
+                query = query.bind(topic.as_str()).bind(clamp(*last));
+            }
+            removed += query.execute(&mut *tx).await?.rows_affected();
+        }
+        if removed > 0 {
+            sqlx::query("UPDATE herald_meta SET value = $1 WHERE name = 'log_epoch'")
+                .bind(new_epoch())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(removed)
+    }
+
+    /// How many topics have a log (row), retained events or not.
+    pub async fn topic_count(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM herald_topics")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>(0)? as u64)
+    }
+}
+
+/// A value for a BIGINT column (offsets and times fit in 63 bits).
+fn clamp(value: u64) -> i64 {
+    value.min(i64::MAX as u64) as i64
+}
+
+/// The topics in the first column of `rows`; anything not a valid topic
+/// (never written) is skipped.
+fn topics_of(rows: &[AnyRow]) -> Vec<Topic> {
+    rows.iter()
+        .filter_map(|row| row.try_get::<String, _>(0).ok())
+        .filter_map(|name| Topic::parse(&name).ok())
+        .collect()
+}
+
+/// `(topic, last_seq)` rows.
+fn topics_with_offsets(rows: &[AnyRow]) -> Result<Vec<(Topic, u64)>, StoreError> {
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let name: String = row.try_get(0)?;
+        if let Ok(topic) = Topic::parse(&name) {
+            out.push((topic, row.try_get::<i64, _>(1)? as u64));
+        }
+    }
+    Ok(out)
 }
 
 /// A payload as stored: `is_binary` (0 for JSON text, 1 for bytes) and the

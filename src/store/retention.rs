@@ -6,14 +6,17 @@
 //! topic without history (e.g. a price ticker) skips the store entirely:
 //! its events are only relayed live and cannot be replayed.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use super::Store;
 use crate::config::{ConfigError, Settings};
 use crate::event::now_ms;
+use crate::telemetry::names;
 use crate::topic::{Pattern, Topic};
 
 /// What is kept of one topic.
@@ -73,11 +76,52 @@ impl Retention {
     pub fn history(&self, topic: &Topic) -> bool {
         self.policy(topic).history
     }
+
+    /// Every policy, the default's included.
+    fn policies(&self) -> impl Iterator<Item = &Policy> {
+        std::iter::once(&self.default).chain(self.rules.iter().map(|(_, p)| p))
+    }
+
+    /// The shortest `max_age` of any policy: no event younger is pruned.
+    fn shortest_max_age(&self) -> Duration {
+        self.policies()
+            .map(|p| p.max_age)
+            .min()
+            .unwrap_or(self.default.max_age)
+    }
+
+    /// The smallest `max_events` of any policy.
+    fn fewest_max_events(&self) -> u64 {
+        self.policies()
+            .map(|p| p.max_events)
+            .min()
+            .unwrap_or(self.default.max_events)
+    }
 }
 
-/// Prunes every topic's log by its policy each `prune_interval`, until
-/// `shutdown`.
-pub async fn run_pruner(store: Arc<Store>, retention: Arc<Retention>, shutdown: CancellationToken) {
+/// Tells which topics nobody watches anywhere: no subscriber on any node.
+/// A topic's log is removed only then (the relay answers it).
+pub trait Watchers: Send + Sync {
+    /// The topics of `topics` that no node subscribes to. When this cannot
+    /// be known (Redis unreachable), none.
+    fn unwatched(&self, topics: Vec<Topic>) -> BoxFuture<'_, Vec<Topic>>;
+}
+
+/// What one pruning pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub events: u64,
+    /// Topic logs removed entirely (no event left, nobody watching).
+    pub topics: u64,
+}
+
+/// Prunes by the policies each `prune_interval`, until `shutdown`.
+pub async fn run_pruner(
+    store: Arc<Store>,
+    retention: Arc<Retention>,
+    watchers: Arc<dyn Watchers>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(retention.prune_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -85,22 +129,72 @@ pub async fn run_pruner(store: Arc<Store>, retention: Arc<Retention>, shutdown: 
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match prune_once(&store, &retention).await {
-            Ok(0) => {}
-            Ok(pruned) => tracing::debug!(pruned, "pruned old events"),
+        let started = Instant::now();
+        match prune_once(&store, &retention, watchers.as_ref()).await {
+            Ok(pruned) => {
+                metrics::histogram!(names::PRUNE_SECONDS).record(started.elapsed().as_secs_f64());
+                metrics::counter!(names::PRUNED_EVENTS).increment(pruned.events);
+                metrics::counter!(names::TOPICS_REMOVED).increment(pruned.topics);
+                if pruned != Pruned::default() {
+                    tracing::debug!(events = pruned.events, topics = pruned.topics, "pruned");
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "pruning failed; will retry"),
         }
     }
 }
 
-/// One pruning pass over every topic; returns how many events went.
-pub async fn prune_once(store: &Store, retention: &Retention) -> Result<u64, super::StoreError> {
-    let mut pruned = 0;
-    for topic in store.topics().await? {
-        let policy = retention.policy(&topic);
-        let max_age_ms = u64::try_from(policy.max_age.as_millis()).unwrap_or(u64::MAX);
-        let before = now_ms().saturating_sub(max_age_ms);
-        pruned += store.prune(&topic, before, policy.max_events).await?;
+/// One pruning pass. Each step is a few set-based statements whose cost
+/// grows with what they delete (and, for counts and empty logs, with the
+/// topics that have a log, never with every topic that ever had one):
+/// 1. events older than their topic's `max_age`, found through the `ts`
+///    index;
+/// 2. events beyond their topic's `max_events`;
+/// 3. logs left with no event that nobody watches, removed entirely (a
+///    later publish starts a new log, in a new epoch).
+pub async fn prune_once(
+    store: &Store,
+    retention: &Retention,
+    watchers: &dyn Watchers,
+) -> Result<Pruned, super::StoreError> {
+    let now = now_ms();
+    let cutoff =
+        |age: Duration| now.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+    let mut pruned = Pruned::default();
+
+    let old = store
+        .topics_with_events_before(cutoff(retention.shortest_max_age()))
+        .await?;
+    let mut by_age: BTreeMap<Duration, Vec<&Topic>> = BTreeMap::new();
+    for topic in &old {
+        by_age
+            .entry(retention.policy(topic).max_age)
+            .or_default()
+            .push(topic);
     }
+    for (age, topics) in by_age {
+        pruned.events += store.delete_before(&topics, cutoff(age)).await?;
+    }
+
+    let over = store.topics_over(retention.fewest_max_events()).await?;
+    let beyond: Vec<(&Topic, u64)> = over
+        .iter()
+        .filter_map(|(topic, last)| {
+            let keep = retention.policy(topic).max_events;
+            (*last > keep).then(|| (topic, last - keep))
+        })
+        .collect();
+    pruned.events += store.delete_through(&beyond).await?;
+
+    let empty = store.empty_topics().await?;
+    let last: HashMap<&Topic, u64> = empty.iter().map(|(t, l)| (t, *l)).collect();
+    let unwatched = watchers
+        .unwatched(empty.iter().map(|(t, _)| t.clone()).collect())
+        .await;
+    let removable: Vec<(&Topic, u64)> = unwatched
+        .iter()
+        .filter_map(|t| last.get_key_value(t).map(|(t, l)| (*t, *l)))
+        .collect();
+    pruned.topics = store.remove_topics(&removable).await?;
     Ok(pruned)
 }

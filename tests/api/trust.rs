@@ -644,3 +644,143 @@ async fn readers_that_do_not_read_cannot_pin_a_nodes_memory() {
     );
     drop(stalled);
 }
+
+/// Rows in the node's SQLite tables.
+async fn sqlite_rows(node: &TestNode, table: &str) -> i64 {
+    use sqlx::{Connection as _, Row as _};
+    let url = format!("sqlite://{}", node.sqlite_path().display());
+    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let sql = format!("SELECT COUNT(*) FROM {table}");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A node whose events live one second, pruned five times a second.
+async fn short_retention_node() -> TestNode {
+    crate::helpers::spawn_node_with(|s| {
+        s.retention.max_age = std::time::Duration::from_secs(1);
+        s.retention.prune_interval = std::time::Duration::from_millis(200);
+        s.limits.http_publish_rate = 1_000_000;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn one_shot_topics_leave_no_rows_once_pruned_and_come_back_in_a_new_epoch() {
+    let node = short_retention_node().await;
+    let first = node.publish_ok(&publisher(), "once.again", &json!(1)).await;
+    let old = node
+        .get_json("/api/v1/topics/once.again/events", &subscriber())
+        .await;
+    let old_epoch = old["epoch"].as_str().unwrap().to_owned();
+    for round in 0..10 {
+        let batch: Vec<Value> = (0..1000)
+            .map(|i| json!({"topic": format!("once.{round}.{i}"), "data": i}))
+            .collect();
+        let response = node.publish_batch(&publisher(), &json!(batch)).await;
+        assert_eq!(response.status(), 201);
+    }
+    eventually("every one-shot topic is gone, events and logs", || async {
+        sqlite_rows(&node, "herald_topics").await == 0
+            && sqlite_rows(&node, "herald_events").await == 0
+    })
+    .await;
+
+    // Published to again: a new log, which a resume from the old one
+    // cannot mistake for its own.
+    assert_eq!(
+        node.publish_ok(&publisher(), "once.again", &json!(2)).await,
+        first
+    );
+    let mut ws = node.connect(&subscriber()).await;
+    let reply = ws
+        .subscribe_with(json!({"op": "subscribe", "id": 1, "topic": "once.again", "since": 1, "epoch": old_epoch}))
+        .await;
+    assert_ne!(reply["epoch"], old_epoch.as_str(), "{reply}");
+    assert_eq!(reply["truncated"], true, "{reply}");
+    assert_eq!(ws.recv().await["data"], 2);
+}
+
+#[tokio::test]
+async fn a_watched_topic_keeps_its_log_when_its_events_are_pruned() {
+    let node = short_retention_node().await;
+    let mut ws = node.connect(&subscriber()).await;
+    ws.subscribe("kept").await;
+    assert_eq!(node.publish_ok(&publisher(), "kept", &json!(1)).await, 1);
+    assert_eq!(ws.recv().await["offset"], 1);
+    eventually("the watched topic's event is pruned", || async {
+        sqlite_rows(&node, "herald_events").await == 0
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(sqlite_rows(&node, "herald_topics").await, 1);
+    // Its numbering goes on, and its subscriber gets what follows.
+    assert_eq!(node.publish_ok(&publisher(), "kept", &json!(2)).await, 2);
+    assert_eq!(ws.recv().await["offset"], 2);
+}
+
+#[tokio::test]
+async fn in_a_cluster_a_log_watched_on_another_node_stays() {
+    use crate::helpers::{PgDatabase, RedisServer};
+    let redis = RedisServer::start().await;
+    let pg = PgDatabase::create().await;
+    let short = |s: &mut herald::config::Settings| {
+        s.retention.max_age = std::time::Duration::from_secs(1);
+        s.retention.prune_interval = std::time::Duration::from_millis(200);
+    };
+    let a = TestNode::clustered_with(&redis, &pg, short).await;
+    let b = TestNode::clustered_with(&redis, &pg, short).await;
+    let mut ws = b.connect(&subscriber()).await;
+    ws.subscribe("watched.on.b").await;
+    a.publish_ok(&publisher(), "watched.on.b", &json!(1)).await;
+    a.publish_ok(&publisher(), "nobody.watches", &json!(1))
+        .await;
+    assert_eq!(ws.recv().await["offset"], 1);
+    let topics = || async {
+        let info = a
+            .get_json("/api/v1/topics/watched.on.b", &publisher())
+            .await;
+        let gone = a
+            .get_json("/api/v1/topics/nobody.watches", &publisher())
+            .await;
+        (info["retained"].as_u64(), gone["offset"].as_u64())
+    };
+    eventually(
+        "the unwatched log is removed and the watched one emptied",
+        || async { topics().await == (Some(0), Some(0)) },
+    )
+    .await;
+    // The watched log was kept: its offsets go on for b's subscriber.
+    assert_eq!(
+        a.publish_ok(&publisher(), "watched.on.b", &json!(2)).await,
+        2
+    );
+    assert_eq!(ws.recv().await["offset"], 2);
+    drop((a, b));
+}
+
+#[tokio::test]
+async fn counters_of_topics_without_history_expire() {
+    use crate::helpers::{PgDatabase, RedisServer};
+    let redis = RedisServer::start().await;
+    let pg = PgDatabase::create().await;
+    let node = TestNode::clustered_with(&redis, &pg, |s| {
+        s.topics = vec![herald::config::TopicRule {
+            pattern: "ticker.>".into(),
+            history: Some(false),
+            max_age: None,
+            max_events: None,
+        }];
+    })
+    .await;
+    let mut ws = node.connect(&subscriber()).await;
+    ws.subscribe("ticker.btc").await;
+    node.publish_ok(&publisher(), "ticker.btc", &json!(1)).await;
+    let ttl: i64 = redis
+        .query(redis::cmd("PTTL").arg("herald:offset:ticker.btc"))
+        .await;
+    assert!(ttl > 0, "the counter has no expiry (PTTL {ttl})");
+}
