@@ -18,9 +18,6 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Algorithm, AuthSettings, ConfigError};
 use crate::topic::{Pattern, Topic, is_valid_segment};
 
-/// Clock skew tolerated on `exp` and `nbf`, in seconds.
-pub const LEEWAY_SECS: u64 = 5;
-
 /// The placeholder in a grant pattern that stands for the token's `sub`.
 pub const SUB_PLACEHOLDER: &str = "{sub}";
 
@@ -116,8 +113,12 @@ pub enum Audience {
 #[derive(Debug, Clone)]
 pub struct Grants {
     pub sub: String,
-    /// Unix seconds at which the token expires.
+    /// Unix seconds at which the token expires (its `exp`).
     pub exp: u64,
+    /// Unix seconds until which the token is accepted: `exp` plus
+    /// `auth.leeway`, the one rule for every path (HTTP, handshake, a
+    /// connection's life, a replay).
+    pub valid_until: u64,
     subscribe: Vec<Pattern>,
     publish: Vec<Pattern>,
     /// The `admin` claim: introspection of the node and of every topic.
@@ -176,6 +177,7 @@ impl Grants {
         Ok(Grants {
             sub: claims.sub,
             exp: claims.exp,
+            valid_until: claims.exp,
             admin: claims.admin,
             subscribe,
             publish,
@@ -231,6 +233,8 @@ fn jwt_algorithm(a: Algorithm) -> jsonwebtoken::Algorithm {
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    /// `auth.leeway`, in seconds.
+    leeway: u64,
 }
 
 impl Verifier {
@@ -270,7 +274,7 @@ impl Verifier {
             }
         };
         let mut validation = Validation::new(jwt_algorithm(auth.algorithm));
-        validation.leeway = LEEWAY_SECS;
+        validation.leeway = auth.leeway.as_secs();
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         match &auth.issuer {
@@ -281,12 +285,18 @@ impl Verifier {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
-        Ok(Verifier { key, validation })
+        Ok(Verifier {
+            key,
+            validation,
+            leeway: auth.leeway.as_secs(),
+        })
     }
 
     pub fn verify(&self, token: &str) -> Result<Grants, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?;
-        Grants::from_claims(data.claims)
+        let mut grants = Grants::from_claims(data.claims)?;
+        grants.valid_until = grants.exp.saturating_add(self.leeway);
+        Ok(grants)
     }
 }
 

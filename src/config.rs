@@ -180,6 +180,9 @@ pub struct AuthSettings {
     pub issuer: Option<String>,
     /// Required `aud` claim, when set.
     pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, on every path.
+    #[serde(deserialize_with = "duration")]
+    pub leeway: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -232,6 +235,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("server.heartbeat_timeout", "60s"),
     ("server.write_timeout", "30s"),
     ("auth.algorithm", "HS256"),
+    ("auth.leeway", "5s"),
     ("limits.max_payload_bytes", "65536"),
     ("limits.max_batch_events", "1000"),
     ("limits.max_batch_bytes", "1048576"),

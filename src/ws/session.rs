@@ -195,7 +195,7 @@ impl Connection {
         let mut heartbeat = tokio::time::interval(server.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_seen = Instant::now();
-        let expiry = tokio::time::sleep_until(expiry_instant(self.grants.exp));
+        let expiry = tokio::time::sleep_until(expiry_instant(self.grants.valid_until));
         tokio::pin!(expiry);
         tracing::info!(conn = self.mailbox.id, sub = %self.grants.sub, ?peer, encoding = self.encoding.protocol_name(), "connection opened");
 
@@ -231,7 +231,7 @@ impl Connection {
                         Ok(None) => {
                             last_seen = Instant::now();
                             // A refresh may have moved the expiry.
-                            expiry.as_mut().reset(expiry_instant(self.grants.exp));
+                            expiry.as_mut().reset(expiry_instant(self.grants.valid_until));
                         }
                         Ok(Some(close)) => break Some(close),
                         Err(Gone) => break self.abort_reason(),
@@ -476,7 +476,7 @@ impl Connection {
             };
             for event in page.iter().filter(|e| e.offset <= head.last) {
                 // A replay can outlast the token: it ends with it.
-                if self.grants.exp <= unix_now_secs() {
+                if self.grants.valid_until <= unix_now_secs() {
                     self.close_with = Some(token_expired());
                     return Err(Gone);
                 }

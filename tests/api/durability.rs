@@ -392,6 +392,8 @@ async fn a_cluster_with_a_sqlite_store_is_refused_at_start_up() {
         .arg("serve")
         .env("HERALD__AUTH__JWT_SECRET", SECRET)
         .env("HERALD__REDIS__URL", "redis://127.0.0.1:1")
+        // Never the default 8080: a developer's own node may hold it.
+        .env("HERALD__SERVER__BIND", "127.0.0.1:0")
         .current_dir(temp_dir("cluster-sqlite"))
         .output()
         .unwrap();

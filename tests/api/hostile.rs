@@ -264,7 +264,7 @@ async fn a_publish_flood_is_rate_limited_then_closed_with_1008() {
 
 #[tokio::test]
 async fn a_connection_is_closed_with_4001_when_its_token_expires() {
-    let node = spawn_node().await;
+    let node = spawn_node_with(|s| s.auth.leeway = Duration::ZERO).await;
     let short = claims_token(json!({"sub": "a", "exp": now() + 1, "topics": [">"]}));
     let mut ws = node.connect(&short).await;
     let (code, reason) = close_code(&mut ws).await;
@@ -326,4 +326,36 @@ async fn clients_that_stop_answering_pings_are_closed() {
     assert_eq!(code, 1008);
     assert!(reason.contains("heartbeat"), "{reason}");
     assert_eq!(lively.request(json!({"op": "ping"})).await["op"], "pong");
+}
+
+#[tokio::test]
+async fn token_expiry_has_one_rule_on_every_path() {
+    let node = spawn_node_with(|s| s.auth.leeway = Duration::from_secs(3)).await;
+    // Expired a second ago, within the leeway: accepted everywhere.
+    let late =
+        claims_token(json!({"sub": "a", "exp": now() - 1, "topics": [">"], "publish": [">"]}));
+    let response = node.publish(&late, "leeway", &json!(1)).await;
+    assert_eq!(response.status(), 201);
+    let mut ws = node.connect(&late).await;
+    assert_eq!(
+        ws.request(json!({"op": "ping", "id": 1})).await["op"],
+        "pong"
+    );
+    // ... and the open connection ends when the leeway does.
+    let (code, _) = close_code(&mut ws).await;
+    assert_eq!(code, 4001);
+    // Past the leeway: refused everywhere.
+    let expired =
+        claims_token(json!({"sub": "a", "exp": now() - 4, "topics": [">"], "publish": [">"]}));
+    assert_eq!(
+        node.publish(&expired, "leeway", &json!(2)).await.status(),
+        401
+    );
+    let (status, _) = node
+        .handshake(&format!("?token={expired}"))
+        .try_open()
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(status, 401);
 }
