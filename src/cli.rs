@@ -35,6 +35,10 @@ enum Command {
         /// configured and print ready tokens.
         #[arg(long)]
         dev: bool,
+        /// Address to listen on, e.g. 0.0.0.0:8080 or localhost:9000
+        /// (overrides `server.bind`).
+        #[arg(long)]
+        bind: Option<String>,
     },
     /// Apply the event store's migrations (also done at every start-up).
     Migrate {
@@ -70,7 +74,7 @@ enum Command {
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config, dev } => serve(config, dev),
+        Command::Serve { config, dev, bind } => serve(config, dev, bind),
         Command::Migrate { config } => migrate(config),
         Command::Token {
             sub,
@@ -90,8 +94,12 @@ pub fn run() -> ExitCode {
     }
 }
 
-fn serve(config: Option<PathBuf>, dev_mode: bool) -> Result<(), String> {
+fn serve(config: Option<PathBuf>, dev_mode: bool, bind: Option<String>) -> Result<(), String> {
     let mut settings = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
+    if let Some(bind) = bind {
+        crate::config::resolve(&bind).map_err(|e| format!("invalid --bind: {e}"))?;
+        settings.server.bind = bind;
+    }
     telemetry::init(settings.log.format);
     if dev_mode {
         settings.ui.enabled = true;

@@ -442,17 +442,32 @@ impl Settings {
             .bind
             .as_deref()
             .map(|bind| {
-                bind.parse().map_err(|e| {
-                    ConfigError::invalid("metrics.bind", "HERALD__METRICS__BIND", format!("{e}"))
-                })
+                resolve(bind)
+                    .map_err(|e| ConfigError::invalid("metrics.bind", "HERALD__METRICS__BIND", e))
             })
             .transpose()
     }
 
     pub fn bind_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.server.bind.parse().map_err(|e| {
-            ConfigError::invalid("server.bind", "HERALD__SERVER__BIND", format!("{e}"))
-        })
+        resolve(&self.server.bind)
+            .map_err(|e| ConfigError::invalid("server.bind", "HERALD__SERVER__BIND", e))
+    }
+}
+
+/// An address to listen on: `IP:PORT` (`127.0.0.1:8080`, `[::1]:8080`,
+/// `0.0.0.0:8080`) or `HOST:PORT` (`localhost:8080`), a host name taking
+/// its first resolved address.
+pub fn resolve(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    use std::net::ToSocketAddrs as _;
+    let usage = "use IP:PORT (e.g. 127.0.0.1:8080, [::1]:8080, 0.0.0.0:8080) or HOST:PORT";
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("{text:?} resolves to no address; {usage}")),
+        Err(e) => Err(format!("{text:?} is not an address ({e}); {usage}")),
     }
 }
 
@@ -496,6 +511,14 @@ mod tests {
         assert_eq!(s.bind_addr().unwrap().to_string(), "127.0.0.1:8080");
         assert!(s.server.allowed_origins.is_empty());
         assert_eq!(s.auth.algorithm, Algorithm::HS256);
+    }
+
+    #[test]
+    fn bind_takes_host_names() {
+        let mut s = Settings::defaults();
+        s.server.bind = "localhost:8090".into();
+        let addr = s.bind_addr().unwrap();
+        assert!(addr.ip().is_loopback() && addr.port() == 8090, "{addr}");
     }
 
     #[test]

@@ -269,6 +269,13 @@ impl Connection {
     /// connection.
     async fn on_message(&mut self, msg: Message) -> Result<Option<CloseReason>, Gone> {
         match msg {
+            Message::Text(_) if self.encoding == protocol::Encoding::MsgPack => {
+                let message = "this connection speaks herald.msgpack: send MessagePack in \
+                               binary frames (or connect without the sub-protocol for JSON)";
+                self.error(None, ErrorCode::BadRequest, message)
+                    .await
+                    .map(|()| None)
+            }
             Message::Text(bytes) | Message::Binary(bytes) => self.on_frame(&bytes).await,
             Message::Ping(bytes) => self
                 .send(&super::frame(OpCode::Pong, &bytes))

@@ -368,6 +368,10 @@ async fn tokens_and_secrets_never_reach_the_logs_even_at_trace_level() {
         logs.contains("logged-sub"),
         "the log has the connection lines"
     );
+    assert!(
+        !logs.contains('\u{1b}'),
+        "a log written to a file has no colour codes"
+    );
     for (what, secret) in [
         ("subscriber token", sub.as_str()),
         ("publisher token", publ.as_str()),
@@ -396,4 +400,38 @@ async fn dev_mode_keeps_its_folder_and_files_private() {
     }
     assert!(folder.join("herald.db").exists());
     drop(node);
+}
+
+#[tokio::test]
+async fn serve_takes_bind_on_the_command_line_and_host_names() {
+    let dir = temp_dir("bind-flag");
+    let port = crate::helpers::free_port();
+    let mut child = crate::helpers::KillOnDrop(
+        herald(&dir)
+            .args(["serve", "--bind", &format!("localhost:{port}")])
+            .env("HERALD__AUTH__JWT_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let http = reqwest::Client::new();
+    let url = format!("http://localhost:{port}/healthz");
+    crate::helpers::eventually("the node answers on localhost", || async {
+        http.get(&url).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let _ = child.0.kill();
+
+    let out = herald(&dir)
+        .args(["serve", "--bind", "nowhere"])
+        .env("HERALD__AUTH__JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--bind") && stderr.contains("IP:PORT"),
+        "{stderr}"
+    );
 }

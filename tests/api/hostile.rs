@@ -359,3 +359,29 @@ async fn token_expiry_has_one_rule_on_every_path() {
         .expect("refused");
     assert_eq!(status, 401);
 }
+
+#[tokio::test]
+async fn a_text_frame_on_a_msgpack_connection_is_told_which_encoding_to_speak() {
+    let node = spawn_node().await;
+    let mut ws = node
+        .handshake(&format!("?token={}", subscriber()))
+        .protocol("herald.msgpack")
+        .open()
+        .await;
+    ws.send_raw(Message::Text(r#"{"op":"ping","id":1}"#.into()))
+        .await;
+    let reply = ws.recv().await;
+    assert_eq!(reply["code"], "bad_request", "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("herald.msgpack"),
+        "{reply}"
+    );
+    // The connection goes on in MessagePack.
+    assert_eq!(
+        ws.request(json!({"op": "ping", "id": 2})).await["op"],
+        "pong"
+    );
+}
