@@ -28,6 +28,8 @@ export interface HeraldOptions {
   maxDelay?: number;
   /** Refresh the token this many ms before it expires (default 30000). */
   refreshBefore?: number;
+  /** Give up on a connection attempt that neither opens nor fails within this many ms, and retry (default 10000). */
+  connectTimeout?: number;
 }
 
 export interface SubscribeOptions {

@@ -59,6 +59,7 @@ export class Herald {
     minDelay = 250,
     maxDelay = 15000,
     refreshBefore = 30000,
+    connectTimeout = 10000,
   }) {
     if (!url) throw new TypeError("Herald: `url` is required");
     if (!token && !getToken) throw new TypeError("Herald: `token` or `getToken` is required");
@@ -69,6 +70,7 @@ export class Herald {
     this._minDelay = minDelay;
     this._maxDelay = maxDelay;
     this._refreshBefore = refreshBefore;
+    this._connectTimeout = connectTimeout;
     this._state = "connecting";
     this._listeners = new Map();
     this._topics = new Map(); // topic -> { handlers: Set, last, epoch }
@@ -170,9 +172,21 @@ export class Herald {
     }
     if (this._closed) return;
     const separator = this._url.includes("?") ? "&" : "?";
-    const socket = new this._Socket(`${this._url}${separator}token=${encodeURIComponent(token)}`, "herald.json");
+    let socket;
+    try {
+      socket = new this._Socket(`${this._url}${separator}token=${encodeURIComponent(token)}`, "herald.json");
+    } catch (e) {
+      this._emit("error", new HeraldError("connect", `cannot open a WebSocket: ${e?.message ?? e}`));
+      return this._retry();
+    }
     this._socket = socket;
+    // Implementations differ in what they fire when a connection fails or
+    // drops: `close`, `error`, both, in either order (Node 20's built-in
+    // WebSocket fires only `error` for a refused connection), or nothing
+    // while a handshake hangs. Any of them ends this socket, once.
+    const connectTimer = setTimeout(() => this._lost(socket, "timeout"), this._connectTimeout);
     socket.onopen = () => {
+      clearTimeout(connectTimer);
       if (socket !== this._socket) return;
       this._attempt = 0;
       this._setState("open");
@@ -186,18 +200,34 @@ export class Herald {
       if (socket === this._socket) this._onFrame(message.data);
     };
     socket.onclose = (event) => {
-      if (socket !== this._socket) return;
-      clearTimeout(this._refreshTimer);
-      for (const [id, pending] of this._pending) {
-        if (!pending.resend) {
-          this._pending.delete(id);
-          pending.reject(new HeraldError("disconnected", `connection closed (${event.code})`));
-        }
-      }
-      if (this._closed) return;
-      this._retry();
+      clearTimeout(connectTimer);
+      this._lost(socket, event?.code);
     };
-    socket.onerror = () => {};
+    socket.onerror = () => {
+      clearTimeout(connectTimer);
+      this._lost(socket, "error");
+    };
+  }
+
+  /** `socket` failed or closed: fail what cannot be resent and reconnect,
+   * once per socket whatever events led here. */
+  _lost(socket, why) {
+    if (socket !== this._socket) return;
+    this._socket = undefined;
+    try {
+      socket.close();
+    } catch {
+      // Already closed or never opened.
+    }
+    clearTimeout(this._refreshTimer);
+    for (const [id, pending] of this._pending) {
+      if (!pending.resend) {
+        this._pending.delete(id);
+        pending.reject(new HeraldError("disconnected", `connection closed (${why})`));
+      }
+    }
+    if (this._closed) return;
+    this._retry();
   }
 
   _retry() {

@@ -110,9 +110,12 @@ test("the console shows live events and every event missed across a node restart
   await page.waitForSelector('#events tr[data-offset="2"]');
   assert.match(await page.textContent('#events tr[data-offset="2"] td.payload'), /http/);
 
-  // Restart the node while events keep being published.
+  // Restart the node, after several seconds down (the page retries
+  // against a refused port meanwhile), while events keep being published.
   node.child.kill("SIGKILL");
   await new Promise((resolve) => node.child.once("exit", resolve));
+  await page.waitForSelector('#state[data-state="reconnecting"]');
+  await new Promise((resolve) => setTimeout(resolve, 3000));
   node = await startDev(dir, port);
   await publish(publisher, "alerts", { n: 3 });
   await publish(publisher, "alerts", { n: 4 });
