@@ -33,15 +33,66 @@ async fn read_body(req: &HttpRequest, body: web::Payload, limit: usize) -> Resul
     }
 }
 
-fn is_json(req: &HttpRequest) -> bool {
-    let Some(ct) = req.headers().get(header::CONTENT_TYPE) else {
-        return false;
+/// What a single-event body is, by its `Content-Type`: the rule a curl
+/// user would guess.
+enum BodyKind {
+    /// `application/json`, `application/*+json`: the event's JSON data.
+    Json,
+    /// `text/*`, `application/x-www-form-urlencoded` (curl's `-d`): the
+    /// body as a JSON string (UTF-8).
+    Text,
+    /// Anything else, or no `Content-Type`: opaque bytes.
+    Binary,
+}
+
+fn body_kind(req: &HttpRequest) -> Result<(BodyKind, String), ApiError> {
+    let Some(value) = req.headers().get(header::CONTENT_TYPE) else {
+        return Ok((BodyKind::Binary, String::new()));
     };
-    let Ok(mime) = ct.to_str().unwrap_or_default().parse::<mime::Mime>() else {
-        return false;
-    };
-    mime.type_() == mime::APPLICATION
+    let text = value.to_str().unwrap_or_default().to_owned();
+    let mime: mime::Mime = text
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("Content-Type {text:?} is not a media type")))?;
+    let kind = if mime.type_() == mime::APPLICATION
         && (mime.subtype() == mime::JSON || mime.suffix() == Some(mime::JSON))
+    {
+        BodyKind::Json
+    } else if mime.type_() == mime::TEXT
+        || (mime.type_() == mime::APPLICATION && mime.subtype() == mime::WWW_FORM_URLENCODED)
+    {
+        let charset = mime.get_param(mime::CHARSET);
+        if charset.is_some_and(|c| c != mime::UTF_8 && c != "us-ascii") {
+            return Err(ApiError::BadRequest(format!(
+                "Content-Type {text:?}: text bodies must be UTF-8"
+            )));
+        }
+        BodyKind::Text
+    } else {
+        BodyKind::Binary
+    };
+    Ok((kind, mime.essence_str().to_owned()))
+}
+
+/// The event's payload from a single-event body, as its `Content-Type`
+/// says; a body that is not what its type claims is refused, naming it.
+fn payload_of(req: &HttpRequest, body: Bytes) -> Result<Payload, ApiError> {
+    let (kind, media_type) = body_kind(req)?;
+    match kind {
+        BodyKind::Json => Payload::json_from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("body (Content-Type {media_type}): {e}"))),
+        BodyKind::Text => {
+            let text = std::str::from_utf8(&body).map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "body is not UTF-8 text, as its Content-Type {media_type} says; \
+                     send bytes as application/octet-stream"
+                ))
+            })?;
+            let raw = serde_json::value::to_raw_value(text)
+                .map_err(|e| ApiError::BadRequest(format!("body: {e}")))?;
+            Payload::json(raw).map_err(|e| ApiError::BadRequest(format!("body: {e}")))
+        }
+        BodyKind::Binary => Ok(Payload::Binary(body)),
+    }
 }
 
 /// The `Idempotency-Key` header, checked, as `publisher`'s key.
@@ -90,13 +141,14 @@ pub(super) struct Published<'a> {
 }
 
 /// Publish one event. A JSON body (`application/json` or `application/*+json`)
-/// is the event's data; any other body is a binary payload.
+/// is the event's data; a text body (`text/*`, or a form-encoded one as
+/// `curl -d` sends) is a JSON string; any other body is a binary payload.
 #[utoipa::path(
     post,
     path = "/api/v1/topics/{topic}/events",
     tag = "publish",
     params(super::TopicPath, ("Idempotency-Key" = Option<String>, Header, description = "Retries by the same publisher (token sub) with the same key on the same topic publish once", pattern = r"^[!-~]+$", min_length = 1, max_length = 255)),
-    request_body(content(("application/json"), ("application/octet-stream")), description = "The event's data"),
+    request_body(content(("application/json"), ("text/plain"), ("application/octet-stream")), description = "The event's data: JSON, UTF-8 text (sent as a JSON string) or bytes"),
     responses(
         (status = 201, description = "Committed and published", body = Published),
         (status = 400, description = "Bad body or invalid topic", body = ErrorBody),
@@ -119,11 +171,7 @@ pub(super) async fn publish_one(
     grants.check(Action::Publish, &topic)?;
     let limit = state.settings.limits.max_payload_bytes;
     let body = read_body(&req, body, limit).await?;
-    let payload = if is_json(&req) {
-        Payload::json_from_slice(&body).map_err(|e| ApiError::BadRequest(format!("body: {e}")))?
-    } else {
-        Payload::Binary(body)
-    };
+    let payload = payload_of(&req, body)?;
     let key = idempotency_key(&req, &grants.sub)?;
     take_quota(&state, &grants.sub, 1)?;
     let event = NewEvent {

@@ -238,3 +238,84 @@ async fn an_empty_batch_publishes_nothing() {
         json!({"offsets": []})
     );
 }
+
+#[tokio::test]
+async fn the_content_type_decides_what_a_body_is_and_a_body_that_is_not_it_is_refused() {
+    let node = spawn_node().await;
+    let mut ws = node.connect(&token("s", &["typed"], &[])).await;
+    ws.subscribe("typed").await;
+    let post = |content_type: Option<&'static str>, body: Vec<u8>| {
+        let mut request = node
+            .http
+            .post(node.url("/api/v1/topics/typed/events"))
+            .bearer_auth(token("p", &[], &["typed"]))
+            .body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let accepted = [
+        (
+            Some("application/json"),
+            &br#"{"text":"hi"}"#[..],
+            "data",
+            json!({"text": "hi"}),
+        ),
+        (
+            Some("application/cloudevents+json"),
+            b"[1]",
+            "data",
+            json!([1]),
+        ),
+        // What `curl -d` sends: the body is text, not JSON, and says so.
+        (
+            Some("application/x-www-form-urlencoded"),
+            br#"{"text":"hi"}"#,
+            "data",
+            json!(r#"{"text":"hi"}"#),
+        ),
+        (
+            Some("text/plain; charset=utf-8"),
+            "héllo".as_bytes(),
+            "data",
+            json!("héllo"),
+        ),
+        (
+            Some("application/octet-stream"),
+            &[0, 255],
+            "data_b64",
+            json!("AP8="),
+        ),
+        (None, &[1, 2], "data_b64", json!("AQI=")),
+    ];
+    for (content_type, body, field, expected) in accepted {
+        let (status, reply) = post(content_type, body.to_vec()).await;
+        assert_eq!(status, 201, "{content_type:?}: {reply}");
+        let event = ws.recv().await;
+        assert_eq!(event[field], expected, "{content_type:?}: {event}");
+    }
+    let refused = [
+        (
+            Some("application/json"),
+            b"{not json".to_vec(),
+            "application/json",
+        ),
+        (Some("text/plain"), vec![0xff, 0xfe], "text/plain"),
+        (Some("text/plain; charset=latin1"), b"abc".to_vec(), "UTF-8"),
+        (Some("not a type"), b"abc".to_vec(), "not a type"),
+    ];
+    for (content_type, body, named) in refused {
+        let (status, reply) = post(content_type, body).await;
+        assert_eq!(status, 400, "{content_type:?}: {reply}");
+        assert_eq!(reply["error"], "bad_request");
+        assert!(
+            reply["message"].as_str().unwrap().contains(named),
+            "{reply}"
+        );
+    }
+}
