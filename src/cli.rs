@@ -151,12 +151,29 @@ fn token(
     let mut settings = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
     if dev::no_key_configured(&settings) {
         // Reuse the key `serve --dev` created, so its tokens verify.
-        settings.auth.jwt_secret = dev::existing_secret(&settings.dev.secret_file);
+        let path = &settings.dev.secret_file;
+        settings.auth.jwt_secret = dev::existing_secret(path);
+        if settings.auth.jwt_secret.is_none() {
+            let here = std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|_| "the current directory".into());
+            return Err(format!(
+                "no signing key: none is configured, and there is no development key at {} \
+                 (setting `dev.secret_file`, relative to {here}). Run this where \
+                 `herald serve --dev` runs, point HERALD__DEV__SECRET_FILE at its key, or \
+                 configure the node's key (auth.jwt_secret / HERALD__AUTH__JWT_SECRET, or \
+                 auth.private_key_pem for RS256/ES256) with --config or the environment",
+                path.display()
+            ));
+        }
     }
     check_patterns("topics", topics).map_err(|e| e.to_string())?;
     check_patterns("publish", publish).map_err(|e| e.to_string())?;
     if sub.is_empty() {
         return Err("--sub must not be empty".into());
+    }
+    for warning in token_warnings(sub, topics, publish, admin, ttl) {
+        eprintln!("warning: {warning}");
     }
     let signer = Signer::new(&settings.auth).map_err(|e: ConfigError| e.to_string())?;
     let token = signer
@@ -164,4 +181,38 @@ fn token(
         .map_err(|e| format!("cannot sign: {e}"))?;
     println!("{token}");
     Ok(())
+}
+
+/// What makes a token useless, said before it is printed (it is still
+/// printed: a test may want exactly that token).
+fn token_warnings(
+    sub: &str,
+    topics: &[String],
+    publish: &[String],
+    admin: bool,
+    ttl: Duration,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if topics.is_empty() && publish.is_empty() && !admin {
+        warnings.push(
+            "the token grants nothing: it can connect but not subscribe or publish; \
+             add --topics and/or --publish (e.g. --topics 'alerts.>')"
+                .to_owned(),
+        );
+    }
+    if ttl.is_zero() {
+        warnings.push("--ttl 0s: the token is expired as soon as it is made".to_owned());
+    }
+    let uses_sub = topics
+        .iter()
+        .chain(publish)
+        .any(|p| p.contains(crate::auth::SUB_PLACEHOLDER));
+    if uses_sub && !crate::topic::is_valid_segment(sub) {
+        warnings.push(format!(
+            "grants using {{sub}} will match nothing: the sub {sub:?} has characters \
+             outside [A-Za-z0-9_-], so it cannot stand in a topic (use an id like \
+             \"alice\" or \"u-42\")"
+        ));
+    }
+    warnings
 }

@@ -235,7 +235,53 @@ async fn token_refuses_invalid_patterns_and_missing_keys() {
 
     let out = herald(&dir).args(["token", "--sub", "a"]).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("HERALD__AUTH__JWT_SECRET"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("HERALD__AUTH__JWT_SECRET"), "{stderr}");
+    // Where it looked for a development key, and how to point it elsewhere.
+    assert!(stderr.contains(".herald/dev-secret"), "{stderr}");
+    assert!(stderr.contains("HERALD__DEV__SECRET_FILE"), "{stderr}");
+}
+
+#[tokio::test]
+async fn token_warns_about_tokens_that_cannot_do_anything() {
+    let dir = temp_dir("token-warnings");
+    let cases: [(&[&str], &str); 3] = [
+        (&["--sub", "a"], "grants nothing"),
+        (
+            &["--sub", "a", "--topics", "alerts", "--ttl", "0s"],
+            "expired",
+        ),
+        (
+            &["--sub", "alice@example.com", "--topics", "user.{sub}.>"],
+            "match nothing",
+        ),
+    ];
+    for (args, warning) in cases {
+        let out = herald(&dir)
+            .arg("token")
+            .args(args)
+            .env("HERALD__AUTH__JWT_SECRET", SECRET)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).split('.').count(), 3);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("warning:") && stderr.contains(warning),
+            "{args:?}: {stderr}"
+        );
+    }
+    // A useful token gets no warning.
+    let out = herald(&dir)
+        .args(["token", "--sub", "alice", "--topics", "user.{sub}.>"])
+        .env("HERALD__AUTH__JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]
