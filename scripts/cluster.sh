@@ -28,8 +28,12 @@ port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 if [[ -z "${HERALD_BIN:-}" ]]; then
     cargo build --release --quiet
-    HERALD_BIN=target/release/herald
+    # Where cargo put it: CARGO_TARGET_DIR or build.target-dir move it.
+    target_dir=$(cargo metadata --format-version 1 --no-deps |
+        sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+    HERALD_BIN=${target_dir:-target}/release/herald
 fi
+[[ -x "$HERALD_BIN" ]] || { echo "no herald binary at $HERALD_BIN (set HERALD_BIN)" >&2; exit 1; }
 
 redis_port=${HERALD_CLUSTER_REDIS_PORT:-}
 if [[ -z "$redis_port" ]]; then
@@ -78,13 +82,18 @@ for port in "${ports[@]}"; do
     node_pids+=($!)
 done
 
-# Wait (at most 30 s) until every node reports ready.
+# Wait (at most 30 s) until every node reports ready; a node that exits or
+# stays unready has its log's last lines shown.
+i=0
 for port in "${ports[@]}"; do
+    i=$((i + 1))
     for _ in $(seq 300); do
         if curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then continue 2; fi
+        if ! kill -0 "${node_pids[$((i - 1))]}" 2>/dev/null; then break; fi
         sleep 0.1
     done
-    echo "node on port $port did not become ready; see $logs/" >&2
+    echo "node $i (port $port) did not become ready; the end of $logs/node$i.log:" >&2
+    tail -n 20 "$logs/node$i.log" >&2
     exit 1
 done
 

@@ -481,3 +481,31 @@ async fn serve_takes_bind_on_the_command_line_and_host_names() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn cluster_script_shows_the_log_of_a_node_that_cannot_start() {
+    use crate::helpers::free_port;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh");
+    let ports = [free_port(), free_port(), free_port()];
+    let out = tokio::process::Command::new("bash")
+        .arg(script)
+        .env("HERALD_BIN", HERALD)
+        .env(
+            "HERALD_CLUSTER_PORTS",
+            format!("{} {} {}", ports[0], ports[1], ports[2]),
+        )
+        .env("HERALD_CLUSTER_REDIS_PORT", free_port().to_string())
+        .env("HERALD_JWT_SECRET", SECRET)
+        // A cluster refuses a SQLite store: every node exits at start-up.
+        .env("HERALD_CLUSTER_STORE_URL", "sqlite://cluster.db")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("did not become ready"), "{stderr}");
+    assert!(
+        stderr.contains("store.url"),
+        "the node's own error is shown: {stderr}"
+    );
+}
