@@ -65,8 +65,10 @@ impl Broker {
         settings: &Settings,
         shutdown: CancellationToken,
     ) -> Result<Broker, ConfigError> {
-        let store = Arc::new(Store::open(&settings.store.url).await?);
-        if settings.redis.url.is_some() && store.backend() == Backend::Sqlite {
+        // Checked before the store opens, which would create the file.
+        if settings.redis.url.is_some()
+            && Backend::of_url(&settings.store.url) == Some(Backend::Sqlite)
+        {
             return Err(ConfigError::invalid(
                 "store.url",
                 "HERALD__STORE__URL",
@@ -74,6 +76,7 @@ impl Broker {
                  with a SQLite file per node, nodes would assign conflicting offsets",
             ));
         }
+        let store = Arc::new(Store::open(&settings.store.url).await?);
         let retention = Arc::new(Retention::from_settings(settings)?);
         let hub = Arc::new(Hub::default());
         let shared = Shared {

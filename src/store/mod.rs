@@ -66,6 +66,20 @@ pub enum Backend {
     Postgres,
 }
 
+impl Backend {
+    /// The backend a `store.url` names, if any.
+    pub fn of_url(url: &SecretString) -> Option<Backend> {
+        let url = url.expose_secret();
+        if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
 /// An event to append.
 pub struct NewEvent {
     pub topic: Topic,
@@ -161,14 +175,9 @@ impl Store {
     pub async fn open(url: &SecretString) -> Result<Store, ConfigError> {
         let invalid =
             |reason: String| ConfigError::invalid("store.url", "HERALD__STORE__URL", reason);
+        let backend = Backend::of_url(url)
+            .ok_or_else(|| invalid("must start with sqlite:// or postgres://".into()))?;
         let url = url.expose_secret();
-        let backend = if url.starts_with("sqlite:") {
-            Backend::Sqlite
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Backend::Postgres
-        } else {
-            return Err(invalid("must start with sqlite:// or postgres://".into()));
-        };
         sqlx::any::install_default_drivers();
         match backend {
             Backend::Sqlite => prepare_sqlite(url).await,
