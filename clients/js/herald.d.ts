@@ -52,6 +52,8 @@ export interface Truncated {
 export declare class HeraldError extends Error {
   /** Herald's error code, e.g. "forbidden", "invalid_topic", "rate_limited". */
   code: string;
+  /** The topic of a refused subscription (which the client then forgets). */
+  topic?: string;
 }
 
 export declare class Herald {

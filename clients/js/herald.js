@@ -35,6 +35,9 @@ function randomKey() {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+/** Error codes that refuse a subscription for good. */
+const REFUSALS = ["forbidden", "invalid_topic", "too_many_subscriptions", "unauthorized"];
+
 export class HeraldError extends Error {
   constructor(code, message) {
     super(message);
@@ -286,7 +289,12 @@ export class Herald {
       else if (reply.truncated) entry.last = 0; // replay restarts at the oldest retained event
     };
     this._request(frame, { onReply }).catch((e) => {
-      if (e.code !== "disconnected") this._emit("error", e);
+      if (e.code === "disconnected") return;
+      e.topic = topic;
+      // Refused for good (not a passing outage): forget it, so reconnects
+      // do not ask again.
+      if (REFUSALS.includes(e.code) && this._topics.get(topic) === entry) this._topics.delete(topic);
+      this._emit("error", e);
     });
   }
 

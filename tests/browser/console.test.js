@@ -110,6 +110,14 @@ test("the console shows live events and every event missed across a node restart
   await page.waitForSelector('#events tr[data-offset="2"]');
   assert.match(await page.textContent('#events tr[data-offset="2"] td.payload'), /http/);
 
+  // A refused topic gets no chip; its reason shows by the subscribe form.
+  await page.fill("#topic", "bad..topic");
+  await page.click("#subscribe-form button");
+  await page.waitForSelector("#subscribe-notice:has-text('bad..topic')");
+  assert.deepEqual(await page.$$eval("#topics .chip", (chips) => chips.map((c) => c.firstChild.textContent)), ["alerts"]);
+  // The page has its icon.
+  assert.equal((await fetch(`http://127.0.0.1:${port}/favicon.ico`)).status, 200);
+
   // Restart the node, after several seconds down (the page retries
   // against a refused port meanwhile), while events keep being published.
   node.child.kill("SIGKILL");

@@ -136,6 +136,9 @@ test("a refused subscription is reported as an error", async () => {
   h.subscribe("not.granted", () => {});
   await eventually("the error", () => errors.length === 1);
   assert.equal(errors[0].code, "forbidden");
+  assert.equal(errors[0].topic, "not.granted");
+  // Forgotten: a reconnect does not ask again.
+  assert.equal(h._topics.has("not.granted"), false);
   h.close();
 });
 
