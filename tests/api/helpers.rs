@@ -194,6 +194,17 @@ impl TestNode {
         Handshake::to(&format!("ws://{}/ws{}", self.addr, query))
     }
 
+    /// A `herald.msgpack` connection authenticated with `token`.
+    pub async fn connect_msgpack(&self, token: &str) -> WsClient {
+        let ws = self
+            .handshake(&format!("?token={token}"))
+            .protocol("herald.msgpack")
+            .open()
+            .await;
+        assert!(ws.msgpack, "the node chose herald.msgpack");
+        ws
+    }
+
     /// A JSON connection authenticated with `token` in the query string,
     /// as a browser would.
     pub async fn connect(&self, token: &str) -> WsClient {

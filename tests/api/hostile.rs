@@ -136,11 +136,7 @@ async fn bad_frames_get_the_documented_error_codes_and_the_connection_stays_open
 #[tokio::test]
 async fn deeply_nested_msgpack_is_refused_without_harm() {
     let node = spawn_node().await;
-    let mut mp = node
-        .handshake(&format!("?token={}", publisher()))
-        .protocol("herald.msgpack")
-        .open()
-        .await;
+    let mut mp = node.connect_msgpack(&publisher()).await;
     // 50,000 nested one-element arrays (0x91 is "array of 1"), within the
     // frame size limit.
     let mut frame = vec![0x84];
@@ -363,11 +359,7 @@ async fn token_expiry_has_one_rule_on_every_path() {
 #[tokio::test]
 async fn a_text_frame_on_a_msgpack_connection_is_told_which_encoding_to_speak() {
     let node = spawn_node().await;
-    let mut ws = node
-        .handshake(&format!("?token={}", subscriber()))
-        .protocol("herald.msgpack")
-        .open()
-        .await;
+    let mut ws = node.connect_msgpack(&subscriber()).await;
     ws.send_raw(Message::Text(r#"{"op":"ping","id":1}"#.into()))
         .await;
     let reply = ws.recv().await;

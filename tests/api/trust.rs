@@ -77,11 +77,7 @@ async fn a_number_neither_encoding_can_carry_is_refused_at_every_edge() {
 #[tokio::test]
 async fn the_documented_nesting_limit_is_delivered_in_both_encodings_and_one_more_is_refused() {
     let node = spawn_node().await;
-    let mut msgpack = node
-        .handshake(&format!("?token={}", subscriber()))
-        .protocol("herald.msgpack")
-        .open()
-        .await;
+    let mut msgpack = node.connect_msgpack(&subscriber()).await;
     assert!(msgpack.msgpack);
     msgpack.subscribe("deep").await;
     let mut json_ws = node.connect(&subscriber()).await;
@@ -125,11 +121,7 @@ async fn a_stored_event_msgpack_cannot_carry_is_skipped_and_the_connection_lives
     }
     overwrite_stored_payload(&node, "poisoned", 2, r#"{"x":1e400}"#).await;
 
-    let mut ws = node
-        .handshake(&format!("?token={}", subscriber()))
-        .protocol("herald.msgpack")
-        .open()
-        .await;
+    let mut ws = node.connect_msgpack(&subscriber()).await;
     ws.subscribe_with(json!({"op": "subscribe", "id": 1, "topic": "poisoned", "since": 0}))
         .await;
     assert_eq!(ws.recv().await["data"], 1);

@@ -192,11 +192,7 @@ async fn json_clients_send_and_receive_binary_payloads_as_data_b64() {
 async fn msgpack_is_negotiated_by_subprotocol_and_carries_binary_as_bin() {
     let node = spawn_node().await;
     let t = token("s", &[">"], &[">"]);
-    let mut mp = node
-        .handshake(&format!("?token={t}"))
-        .protocol("herald.msgpack")
-        .open()
-        .await;
+    let mut mp = node.connect_msgpack(&t).await;
     assert!(
         mp.msgpack,
         "server answered with the herald.msgpack protocol"
@@ -237,11 +233,7 @@ async fn msgpack_is_negotiated_by_subprotocol_and_carries_binary_as_bin() {
 async fn malformed_msgpack_is_a_bad_request() {
     let node = spawn_node().await;
     let t = subscriber();
-    let mut mp = node
-        .handshake(&format!("?token={t}"))
-        .protocol("herald.msgpack")
-        .open()
-        .await;
+    let mut mp = node.connect_msgpack(&t).await;
     mp.send_raw(Message::Binary(vec![0xc1, 0x00, 0xff].into()))
         .await;
     let reply = mp.recv().await;
