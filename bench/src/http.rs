@@ -55,6 +55,16 @@ impl Http {
         self.read_response().await
     }
 
+    /// `GET path` with a bearer token.
+    pub async fn get_authorized(&mut self, path: &str, token: &str) -> io::Result<Response> {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\r\n",
+            self.addr
+        );
+        self.stream.write_all(request.as_bytes()).await?;
+        self.read_response().await
+    }
+
     async fn read_response(&mut self) -> io::Result<Response> {
         let head_end = loop {
             if let Some(at) = memchr::memmem::find(&self.buf, b"\r\n\r\n") {

@@ -21,7 +21,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::nodes::{Cluster, Paths, System};
 use crate::report::Report;
-use crate::scenario::{connections, fanout, latency, publish};
+use crate::scenario::{connections, fanout, latency, prune, publish};
 
 #[derive(Parser)]
 #[command(
@@ -83,6 +83,9 @@ enum Command {
     Connections(ConnectionsArgs),
     /// HTTP publish throughput with the PostgreSQL log (Herald only).
     Publish(PublishArgs),
+    /// Time the pruning passes that remove one-shot topics, and the idle
+    /// passes after them (Herald only).
+    Prune(PruneArgs),
     /// Internal: the do-nothing echo server the latency floor is measured on.
     #[command(hide = true)]
     Echo {
@@ -136,6 +139,33 @@ struct PublishArgs {
     topics: usize,
 }
 
+#[derive(Args, Clone)]
+struct PruneArgs {
+    /// One-shot topics published and pruned first: the baseline.
+    #[arg(long, default_value_t = 10, value_parser = topic_count())]
+    small: u64,
+    /// One-shot topics published and pruned next.
+    #[arg(long, default_value_t = 10_000, value_parser = topic_count())]
+    large: u64,
+    /// Idle prune passes averaged after each (and after each vacuum).
+    #[arg(
+        long,
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=prune::MAX_PASSES),
+    )]
+    passes: u64,
+    /// Also vacuum the event log between the two phases, as autovacuum
+    /// would once the first topics are gone.
+    #[arg(long)]
+    vacuum_after_small: bool,
+}
+
+/// `--small` and `--large`: at least one topic, at most
+/// [`prune::MAX_TOPICS`].
+fn topic_count() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(1..=prune::MAX_TOPICS)
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Command::Echo { bind } = cli.command {
@@ -186,6 +216,12 @@ async fn run(cli: Cli) -> Result<()> {
                 connections: 32,
                 topics: 16,
             }),
+            prune: Some(PruneArgs {
+                small: 10,
+                large: 10_000,
+                passes: 10,
+                vacuum_after_small: false,
+            }),
         },
         Command::Smoke => Plan {
             fanout: Some(FanoutArgs {
@@ -208,6 +244,12 @@ async fn run(cli: Cli) -> Result<()> {
                 connections: 4,
                 topics: 4,
             }),
+            prune: Some(PruneArgs {
+                small: 10,
+                large: 200,
+                passes: 3,
+                vacuum_after_small: false,
+            }),
         },
         Command::Fanout(args) => Plan::only_fanout(args),
         Command::Latency(args) => Plan {
@@ -220,6 +262,10 @@ async fn run(cli: Cli) -> Result<()> {
         },
         Command::Publish(args) => Plan {
             publish: Some(args),
+            ..Plan::default()
+        },
+        Command::Prune(args) => Plan {
+            prune: Some(args),
             ..Plan::default()
         },
         Command::Echo { .. } => unreachable!("handled in main"),
@@ -331,6 +377,25 @@ async fn run(cli: Cli) -> Result<()> {
             Err(e) => add(or_error("publish", System::Herald, Err(e))),
         }
     }
+    if let Some(args) = &plan.prune {
+        if systems.contains(&System::Herald) {
+            let options = prune::Options {
+                small: args.small,
+                large: args.large,
+                passes: args.passes,
+                vacuum_after_small: args.vacuum_after_small,
+            };
+            // One node, no Redis: a single node knows by itself who
+            // watches a topic.
+            let cluster =
+                Cluster::start_with_env(System::Herald, 1, false, &paths, prune::NODE_ENV).await?;
+            let result = prune::run(&cluster, &options).await;
+            cluster.stop().await;
+            add(or_error("prune", System::Herald, result));
+        } else {
+            eprintln!("herald-bench: prune measures Herald's pruner only; skipped (--systems)");
+        }
+    }
     print!("{}", report::table(&reports));
     if reports.iter().any(|r| r.error.is_some()) {
         bail!("some runs did not complete; see the errors above");
@@ -359,6 +424,7 @@ struct Plan {
     latency: Option<LatencyArgs>,
     connections: Option<ConnectionsArgs>,
     publish: Option<PublishArgs>,
+    prune: Option<PruneArgs>,
 }
 
 impl Plan {

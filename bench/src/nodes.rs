@@ -164,6 +164,18 @@ impl Cluster {
         relay: bool,
         paths: &Paths,
     ) -> Result<Cluster> {
+        Cluster::start_with_env(system, count, relay, paths, &[]).await
+    }
+
+    /// [`start`](Self::start), with extra environment variables for every
+    /// node (a scenario's own settings, e.g. `HERALD__RETENTION__…`).
+    pub async fn start_with_env(
+        system: System,
+        count: usize,
+        relay: bool,
+        paths: &Paths,
+        env: &[(&str, &str)],
+    ) -> Result<Cluster> {
         std::fs::create_dir_all(&paths.work_dir)?;
         let mut cluster = Cluster {
             system,
@@ -171,7 +183,7 @@ impl Cluster {
             redis: None,
             database: None,
         };
-        match cluster.launch(count, relay, paths).await {
+        match cluster.launch(count, relay, paths, env).await {
             Ok(()) => Ok(cluster),
             Err(e) => {
                 // Whatever did start (and the database) goes away.
@@ -181,7 +193,13 @@ impl Cluster {
         }
     }
 
-    async fn launch(&mut self, count: usize, relay: bool, paths: &Paths) -> Result<()> {
+    async fn launch(
+        &mut self,
+        count: usize,
+        relay: bool,
+        paths: &Paths,
+        env: &[(&str, &str)],
+    ) -> Result<()> {
         let redis_url = if relay {
             let port = free_port()?;
             let mut command = Command::new(&paths.redis_server);
@@ -220,7 +238,7 @@ impl Cluster {
             let port = free_port()?;
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let name = format!("{}-{}", self.system.name(), (b'a' + i as u8) as char);
-            let command = match self.system {
+            let mut command = match self.system {
                 System::Herald => {
                     let (server, db) = self.database.as_ref().expect("set above");
                     let config = paths.work_dir.join("herald-bench.toml");
@@ -266,6 +284,7 @@ impl Cluster {
                     command
                 }
             };
+            command.envs(env.iter().copied());
             let proc = Proc::spawn(&name, command, &paths.work_dir)?;
             self.nodes.push(Node { addr, proc });
             // Nodes start one after another: the first Herald node creates
@@ -307,6 +326,30 @@ impl Cluster {
                 .map(|pid| cpu_of(&format!("/proc/{pid}/stat")))
                 .sum(),
         )
+    }
+
+    /// Runs `sql` on this run's database (Herald's event log) and returns
+    /// the first column of its first row, if it has one (a bigint): for a
+    /// scenario that checks what the store keeps, or maintains it as a
+    /// database server would. A `'static` text: the scenario's own.
+    pub async fn store_sql(&self, sql: &'static str) -> Result<Option<i64>> {
+        use sqlx::{Connection, Row};
+        let (server, db) = self
+            .database
+            .as_ref()
+            .context("only Herald runs have a database")?;
+        let url = format!("{}/{db}", server.trim_end_matches('/'));
+        let mut conn = sqlx::PgConnection::connect(&url)
+            .await
+            .with_context(|| format!("cannot connect to {url}"))?;
+        let row = sqlx::raw_sql(sql)
+            .fetch_optional(&mut conn)
+            .await
+            .with_context(|| format!("{sql} failed"))?;
+        let _ = conn.close().await;
+        row.map(|row| row.try_get::<i64, _>(0))
+            .transpose()
+            .with_context(|| format!("{sql} answered no bigint"))
     }
 
     /// CPU time of the private Redis.

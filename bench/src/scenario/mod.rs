@@ -4,6 +4,7 @@
 pub mod connections;
 pub mod fanout;
 pub mod latency;
+pub mod prune;
 pub mod publish;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
