@@ -73,6 +73,7 @@ pub mod names {
     pub const PRUNE_SECONDS: &str = "herald_prune_seconds";
     pub const PRUNED_EVENTS: &str = "herald_pruned_events_total";
     pub const TOPICS_REMOVED: &str = "herald_topics_removed_total";
+    pub const PRUNE_FAILURES: &str = "herald_prune_failures_total";
 
     /// Every metric Herald documents (README, Operations).
     pub const ALL: &[&str] = &[
@@ -93,6 +94,7 @@ pub mod names {
         PRUNE_SECONDS,
         PRUNED_EVENTS,
         TOPICS_REMOVED,
+        PRUNE_FAILURES,
     ];
 }
 
@@ -112,6 +114,7 @@ fn register_at_zero() {
         REPLAYED_EVENTS,
         PRUNED_EVENTS,
         TOPICS_REMOVED,
+        PRUNE_FAILURES,
     ] {
         metrics::counter!(counter).increment(0);
     }
@@ -184,6 +187,10 @@ fn describe() {
         "Time one pruning pass over the event log took."
     );
     describe_counter!(PRUNED_EVENTS, "Events pruned from the event log.");
+    describe_counter!(
+        PRUNE_FAILURES,
+        "Pruning passes that failed (the store was unavailable); retried at the next interval."
+    );
     describe_counter!(
         TOPICS_REMOVED,
         "Topic logs removed entirely: no event left and nobody watching."

@@ -481,6 +481,11 @@ impl Store {
         Ok(())
     }
 
+    // The pruning statements below are planned at each run, not once per
+    // pooled connection (`persistent(false)`): a plan PostgreSQL made while
+    // the tables were empty (a nested loop) would stay with the connection
+    // and turn a pass over thousands of topics quadratic.
+
     /// Topics with an event published before `before_ms` (through the
     /// `ts` index: as many rows as there are such events, at most).
     pub async fn topics_with_events_before(
@@ -488,6 +493,7 @@ impl Store {
         before_ms: u64,
     ) -> Result<Vec<Topic>, StoreError> {
         let rows = sqlx::query("SELECT DISTINCT topic FROM herald_events WHERE ts < $1")
+            .persistent(false)
             .bind(clamp(before_ms))
             .fetch_all(&self.pool)
             .await?;
@@ -509,7 +515,9 @@ impl Store {
                 placeholders.join(", ")
             );
             // Only numbered placeholders: every value is bound.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(clamp(before_ms));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .persistent(false)
+                .bind(clamp(before_ms));
             for topic in chunk {
                 query = query.bind(topic.as_str());
             }
@@ -526,6 +534,7 @@ impl Store {
             "SELECT t.topic, t.last_seq FROM herald_topics t WHERE EXISTS \
              (SELECT 1 FROM herald_events e WHERE e.topic = t.topic AND e.seq <= t.last_seq - $1)",
         )
+        .persistent(false)
         .bind(clamp(keep))
         .fetch_all(&self.pool)
         .await?;
@@ -542,7 +551,7 @@ impl Store {
                 .collect();
             let sql = format!("DELETE FROM herald_events WHERE {}", terms.join(" OR "));
             // Only numbered placeholders: every value is bound.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
             for (topic, offset) in chunk {
                 query = query.bind(topic.as_str()).bind(clamp(*offset));
             }
@@ -557,6 +566,7 @@ impl Store {
             "SELECT t.topic, t.last_seq FROM herald_topics t WHERE NOT EXISTS \
              (SELECT 1 FROM herald_events e WHERE e.topic = t.topic)",
         )
+        .persistent(false)
         .fetch_all(&self.pool)
         .await?;
         topics_with_offsets(&rows)
@@ -588,7 +598,7 @@ impl Store {
                 terms.join(" OR ")
             );
             // Only numbered placeholders: every value is bound.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false);
             for (topic, last) in chunk {
                 query = query.bind(topic.as_str()).bind(clamp(*last));
             }

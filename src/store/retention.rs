@@ -139,7 +139,10 @@ pub async fn run_pruner(
                     tracing::debug!(events = pruned.events, topics = pruned.topics, "pruned");
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "pruning failed; will retry"),
+            Err(e) => {
+                metrics::counter!(names::PRUNE_FAILURES).increment(1);
+                tracing::warn!(error = %e, "pruning failed; will retry");
+            }
         }
     }
 }
