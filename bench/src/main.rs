@@ -71,7 +71,7 @@ struct Setup {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Every scenario with the counts (several minutes).
+    /// Every scenario with the documented counts (several minutes).
     All,
     /// Every scenario with small counts: checks the harness works.
     Smoke,
