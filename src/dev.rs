@@ -80,14 +80,15 @@ Subscriber token (subscribe to any topic, 24h):
 Publisher token (publish to any topic, 24h):
   {publisher}
 
-Receive: open a WebSocket and subscribe, e.g. with websocat:
-  websocat 'ws://{addr}/ws?token={subscriber}'
+Receive: open a WebSocket and subscribe, e.g. with npx wscat (or
+python3 -m websockets, or websocat), then type the subscribe line:
+  npx wscat -c 'ws://{addr}/ws?token={subscriber}'
   {{\"op\":\"subscribe\",\"id\":1,\"topic\":\"alerts\"}}
 
 Publish (from another terminal):
-  curl -i -X POST http://{addr}/api/v1/topics/alerts/events \\
+  curl -i --json '{{\"text\":\"hello\"}}' \\
     -H 'Authorization: Bearer {publisher}' \\
-    -H 'Content-Type: application/json' -d '{{\"text\":\"hello\"}}'
+    http://{addr}/api/v1/topics/alerts/events
 
 More tokens: {program} token --sub alice --topics 'user.{{sub}}.>' --publish 'chat.>' --ttl 1h
 "
