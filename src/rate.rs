@@ -32,6 +32,11 @@ impl TokenBucket {
         }
     }
 
+    /// Its rate, per second.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
     /// Takes one token if there is one.
     pub fn try_take(&mut self) -> bool {
         self.try_take_n(1).is_ok()

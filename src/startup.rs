@@ -58,9 +58,12 @@ pub struct AppState {
     pub(crate) next_conn_id: AtomicU64,
     /// Open WebSocket connections on this node.
     pub(crate) connections: AtomicUsize,
-    /// Open WebSocket connections on this node per user (token `sub`);
-    /// users with none have no entry.
-    pub(crate) connections_by_sub: Mutex<HashMap<String, usize>>,
+    /// Open WebSocket connections on this node per user (by the keyed
+    /// hash of the token's `sub`, [`sub_keys`](Self::sub_keys)); users
+    /// with none have no entry.
+    pub(crate) connections_by_sub: Mutex<HashMap<u64, usize>>,
+    /// Hashes a `sub` to its key in `connections_by_sub` (random per node).
+    pub(crate) sub_keys: std::hash::RandomState,
     /// `limits.http_publish_rate`, per user.
     pub(crate) http_publish_rate: PerUser,
     /// A random id for this node's process, for introspection and logs.
@@ -97,6 +100,7 @@ impl Application {
             next_conn_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             connections_by_sub: Mutex::default(),
+            sub_keys: std::hash::RandomState::new(),
             http_publish_rate,
             node_id: rand::random::<[u8; 6]>()
                 .iter()

@@ -217,7 +217,9 @@ fn record<T>(result: &Result<T, ApiError>, peer: Option<SocketAddr>) {
 /// `limits.max_connections_per_sub`, given back when dropped.
 pub(crate) struct ConnectionSlot {
     state: Arc<AppState>,
-    sub: String,
+    /// The user's key in `connections_by_sub`: a keyed 64-bit hash of the
+    /// `sub`, not a copy of it, to keep every connection small.
+    sub: u64,
 }
 
 impl ConnectionSlot {
@@ -228,9 +230,10 @@ impl ConnectionSlot {
             return Err(ApiError::TooManyConnections(max));
         }
         let per_sub = state.settings.limits.max_connections_per_sub;
+        let sub = std::hash::BuildHasher::hash_one(&state.sub_keys, sub);
         {
             let mut by_sub = lock(&state.connections_by_sub);
-            let held = by_sub.entry(sub.to_owned()).or_insert(0);
+            let held = by_sub.entry(sub).or_insert(0);
             if *held >= per_sub {
                 drop(by_sub);
                 state.connections.fetch_sub(1, Ordering::Relaxed);
@@ -241,7 +244,7 @@ impl ConnectionSlot {
         metrics::gauge!(names::CONNECTIONS).increment(1.0);
         Ok(ConnectionSlot {
             state: Arc::clone(state),
-            sub: sub.to_owned(),
+            sub,
         })
     }
 }

@@ -17,7 +17,7 @@ use crate::auth::{Action, Grants, unix_now_secs};
 use crate::broker::Transport;
 use crate::config::LimitSettings;
 use crate::event::Event;
-use crate::hub::{Inbox, Mailbox};
+use crate::hub::{ConnId, Inbox, Mailbox};
 use crate::protocol::{self, ClientOp, ErrorCode, Reply};
 use crate::rate::TokenBucket;
 use crate::startup::AppState;
@@ -30,14 +30,30 @@ use crate::topic::Topic;
 const RATE_LIMIT_STRIKES: u32 = 20;
 
 /// One per-connection rate limit on a kind of op, and how many of those
-/// ops it refused in a row.
+/// ops it refused in a row. Kept small: every connection holds two.
 struct Limited {
     bucket: TokenBucket,
     strikes: u32,
-    rate: u32,
-    /// The ops it limits, for messages ("publishes").
-    ops: &'static str,
-    setting: &'static str,
+    kind: LimitedOps,
+}
+
+/// Which ops a [`Limited`] counts.
+#[derive(Clone, Copy)]
+enum LimitedOps {
+    Publish,
+    Subscribe,
+}
+
+impl LimitedOps {
+    fn describe(self) -> (&'static str, &'static str) {
+        match self {
+            LimitedOps::Publish => ("publishes", "limits.publish_rate"),
+            LimitedOps::Subscribe => (
+                "subscribe, unsubscribe and refresh ops",
+                "limits.subscribe_rate",
+            ),
+        }
+    }
 }
 
 /// What a rate limit says of one op.
@@ -50,13 +66,11 @@ enum Admission {
 }
 
 impl Limited {
-    fn new(rate: u32, ops: &'static str, setting: &'static str) -> Limited {
+    fn new(rate: u32, kind: LimitedOps) -> Limited {
         Limited {
             bucket: TokenBucket::new(rate),
             strikes: 0,
-            rate,
-            ops,
-            setting,
+            kind,
         }
     }
 
@@ -66,12 +80,13 @@ impl Limited {
             return Admission::Allowed;
         }
         self.strikes += 1;
+        let (ops, setting) = self.kind.describe();
         if self.strikes > RATE_LIMIT_STRIKES {
-            return Admission::Close(format!("{} rate limit exceeded repeatedly", self.setting));
+            return Admission::Close(format!("{setting} rate limit exceeded repeatedly"));
         }
         Admission::Refused(format!(
-            "more than {} {} per second ({}); slow down",
-            self.rate, self.ops, self.setting
+            "more than {} {ops} per second ({setting}); slow down",
+            self.bucket.rate()
         ))
     }
 }
@@ -127,15 +142,11 @@ pub(super) async fn run(accepted: Accepted) {
         limits.outbound_queue_bytes,
         &state.shutdown,
     );
-    let publish_rate = Limited::new(limits.publish_rate, "publishes", "limits.publish_rate");
-    let subscribe_rate = Limited::new(
-        limits.subscribe_rate,
-        "subscribe, unsubscribe and refresh ops",
-        "limits.subscribe_rate",
-    );
+    let publish_rate = Limited::new(limits.publish_rate, LimitedOps::Publish);
+    let subscribe_rate = Limited::new(limits.subscribe_rate, LimitedOps::Subscribe);
     let subscriptions = Registrations {
         state: Arc::clone(&state),
-        mailbox: mailbox.clone(),
+        mailbox,
         topics: HashSet::new(),
     };
     let conn = Connection {
@@ -146,7 +157,6 @@ pub(super) async fn run(accepted: Accepted) {
         subscribe_rate,
         encoding,
         socket,
-        mailbox,
         overflowed,
         subscriptions,
         delivered: HashMap::new(),
@@ -165,7 +175,6 @@ struct Connection {
     subscribe_rate: Limited,
     encoding: protocol::Encoding,
     socket: Socket,
-    mailbox: Mailbox,
     /// Cancelled by the hub when the mailbox overflowed, and (a child of
     /// the shutdown token) when the node shuts down.
     overflowed: CancellationToken,
@@ -183,6 +192,11 @@ struct Connection {
 }
 
 impl Connection {
+    /// This connection's id on the node.
+    fn id(&self) -> ConnId {
+        self.subscriptions.mailbox.id
+    }
+
     async fn run(mut self, mut events: Inbox, peer: Option<SocketAddr>) {
         let opened = Instant::now();
         let shutdown = self.state.shutdown.clone();
@@ -197,7 +211,7 @@ impl Connection {
         let mut last_seen = Instant::now();
         let expiry = tokio::time::sleep_until(expiry_instant(self.grants.valid_until));
         tokio::pin!(expiry);
-        tracing::info!(conn = self.mailbox.id, sub = %self.grants.sub, ?peer, encoding = self.encoding.protocol_name(), "connection opened");
+        tracing::info!(conn = self.id(), sub = %self.grants.sub, ?peer, encoding = self.encoding.protocol_name(), "connection opened");
 
         // The stop token first: once evicted, not one more event may go out
         // (the client resumes after the last one it got), and a mailbox that
@@ -237,7 +251,7 @@ impl Connection {
                         Err(Gone) => break self.abort_reason(),
                     },
                     Err(err) => {
-                        tracing::debug!(conn = self.mailbox.id, error = %err, "unreadable frame");
+                        tracing::debug!(conn = self.id(), error = %err, "unreadable frame");
                         break err.close_reason();
                     }
                 },
@@ -251,18 +265,19 @@ impl Connection {
 
     /// Unsubscribes everything, sends the close frame and logs the end.
     async fn end(mut self, close: Option<CloseReason>, opened: Instant, peer: Option<SocketAddr>) {
-        self.mailbox.close();
+        let id = self.id();
+        self.subscriptions.mailbox.close();
         let topics: Vec<Topic> = self.subscriptions.drain().collect();
         for topic in topics {
-            self.state.broker.unsubscribe(&topic, self.mailbox.id).await;
+            self.state.broker.unsubscribe(&topic, id).await;
         }
         let code = close.as_ref().map(|c| u16::from(c.code));
         if self.stalled {
-            tracing::info!(conn = self.mailbox.id, "client stopped reading; cut off");
+            tracing::info!(conn = id, "client stopped reading; cut off");
         } else {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.close(close)).await;
         }
-        tracing::info!(conn = self.mailbox.id, sub = %self.grants.sub, ?peer, duration_ms = opened.elapsed().as_millis() as u64, close_code = ?code, "connection closed");
+        tracing::info!(conn = id, sub = %self.grants.sub, ?peer, duration_ms = opened.elapsed().as_millis() as u64, close_code = ?code, "connection closed");
     }
 
     /// Handles one client message; returns a close reason to end the
@@ -329,7 +344,7 @@ impl Connection {
             ClientOp::Unsubscribe { id, topic } => {
                 if self.subscriptions.remove(&topic) {
                     self.delivered.remove(&topic);
-                    self.state.broker.unsubscribe(&topic, self.mailbox.id).await;
+                    self.state.broker.unsubscribe(&topic, self.id()).await;
                 }
                 self.reply(&Reply::Unsubscribed {
                     id,
@@ -407,14 +422,19 @@ impl Connection {
         // Registered before the head is read: every event after the head
         // arrives live, every one up to it can be replayed.
         let new = self.subscriptions.insert(topic.clone());
-        let head = match self.state.broker.subscribe(&topic, &self.mailbox).await {
+        let head = match self
+            .state
+            .broker
+            .subscribe(&topic, &self.subscriptions.mailbox)
+            .await
+        {
             Ok(head) => head,
             Err(e) => {
                 tracing::warn!(%topic, error = %e, "subscribe failed");
                 // A repeated subscribe keeps the subscription it already had.
                 if new {
                     self.subscriptions.remove(&topic);
-                    self.state.broker.unsubscribe(&topic, self.mailbox.id).await;
+                    self.state.broker.unsubscribe(&topic, self.id()).await;
                 }
                 return self
                     .error(
@@ -533,7 +553,7 @@ impl Connection {
         for topic in dropped {
             self.subscriptions.remove(&topic);
             self.delivered.remove(&topic);
-            self.state.broker.unsubscribe(&topic, self.mailbox.id).await;
+            self.state.broker.unsubscribe(&topic, self.id()).await;
             let message = format!("unsubscribed from \"{topic}\": the new token does not grant it");
             let reply = Reply::Error {
                 id: None,
@@ -567,22 +587,28 @@ impl Connection {
     async fn send_event(&mut self, event: &Event) -> Result<(), Gone> {
         match event.ws_frame(self.encoding) {
             Some(frame) => self.send(&frame).await,
-            None => {
-                let message = format!(
-                    "event {} of \"{}\" cannot be encoded in {}; skipped",
-                    event.offset,
-                    event.topic,
-                    self.encoding.protocol_name()
-                );
-                self.reply(&Reply::Error {
-                    id: None,
-                    code: ErrorCode::Unavailable,
-                    message: &message,
-                    topic: None,
-                })
-                .await
-            }
+            // Boxed: this rare path's state must not grow every idle
+            // connection's future, which holds this one's.
+            None => Box::pin(self.skipped(event)).await,
         }
+    }
+
+    /// Tells the client an event was skipped: it has no form in this
+    /// connection's encoding.
+    async fn skipped(&mut self, event: &Event) -> Result<(), Gone> {
+        let message = format!(
+            "event {} of \"{}\" cannot be encoded in {}; skipped",
+            event.offset,
+            event.topic,
+            self.encoding.protocol_name()
+        );
+        self.reply(&Reply::Error {
+            id: None,
+            code: ErrorCode::Unavailable,
+            message: &message,
+            topic: None,
+        })
+        .await
     }
 
     /// Writes whole frames. A write waiting for a client that does not read
@@ -625,8 +651,8 @@ impl Connection {
     }
 }
 
-/// A connection's subscriptions, released from the hub (and the relay's
-/// interest) when dropped. The orderly end unsubscribes each topic and
+/// A connection's mailbox and subscriptions, released from the hub (and
+/// the relay's interest) when dropped. The orderly end unsubscribes each topic and
 /// leaves this empty; a task that ends any other way (a panic, or its
 /// future dropped mid-way) still leaves no registration, no gauge and no
 /// Redis subscription behind.
@@ -713,6 +739,7 @@ mod tests {
             next_conn_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             connections_by_sub: Default::default(),
+            sub_keys: Default::default(),
             http_publish_rate,
             node_id: "test".into(),
             started: Instant::now(),
