@@ -47,10 +47,9 @@ const PROBE: Duration = Duration::from_millis(20);
 /// How often they are read while idle passes are counted: seldom enough
 /// not to weigh on the passes measured.
 const IDLE_PROBE: Duration = Duration::from_millis(100);
-/// Passes left untimed before idle passes are timed. The pass's
-/// statements are prepared once per pooled connection and planned anew
-/// for their first executions, and again after a vacuum changed the
-/// tables' statistics: the first passes after a change cost more.
+/// Passes left untimed before idle passes are timed: the first passes
+/// after the tables changed (the deletes, a vacuum) run on cold caches and
+/// statistics, and cost more.
 const SETTLE_PASSES: u64 = 4;
 /// Longest wait for the pruner to remove a phase's topics (from the last
 /// publish), or to run the idle passes.
