@@ -5,6 +5,7 @@ mod auth;
 mod browser;
 mod cli;
 mod cluster;
+mod deploy;
 mod durability;
 mod examples;
 mod helpers;
