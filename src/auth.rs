@@ -233,8 +233,6 @@ fn jwt_algorithm(a: Algorithm) -> jsonwebtoken::Algorithm {
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
-    /// `auth.leeway`, in seconds.
-    leeway: u64,
 }
 
 impl Verifier {
@@ -285,17 +283,13 @@ impl Verifier {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
-        Ok(Verifier {
-            key,
-            validation,
-            leeway: auth.leeway.as_secs(),
-        })
+        Ok(Verifier { key, validation })
     }
 
     pub fn verify(&self, token: &str) -> Result<Grants, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?;
         let mut grants = Grants::from_claims(data.claims)?;
-        grants.valid_until = grants.exp.saturating_add(self.leeway);
+        grants.valid_until = grants.exp.saturating_add(self.validation.leeway);
         Ok(grants)
     }
 }

@@ -91,18 +91,28 @@ pub struct Transcoded<'a>(pub &'a str);
 impl Serialize for Transcoded<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         check_nesting(self.0).map_err(serde::ser::Error::custom)?;
+        Nested(self.0).serialize(serializer)
+    }
+}
+
+/// JSON text already found within [`MAX_NESTING`], transcoded.
+struct Nested<'a>(&'a str);
+
+impl Serialize for Nested<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut de = serde_json::Deserializer::from_str(self.0);
         // serde_json's own limit (127 levels) is one short of ours; the
-        // depth was bounded just above, so the stack is too.
+        // depth was bounded before, so the stack is too.
         de.disable_recursion_limit();
         serde_transcode::transcode(&mut de, serializer)
     }
 }
 
-/// Checks that JSON text is a payload both encodings carry.
+/// Checks that JSON text is a payload both encodings carry: its nesting,
+/// then the transcoder delivery runs (the text is scanned once for depth).
 pub fn check_json(json: &str) -> Result<(), PayloadError> {
     check_nesting(json)?;
-    rmp_serde::encode::write_named(&mut io::sink(), &Transcoded(json))
+    rmp_serde::encode::write_named(&mut io::sink(), &Nested(json))
         .map(|_| ())
         .map_err(|e| PayloadError::NotPortable(e.to_string()))
 }

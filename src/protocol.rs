@@ -271,8 +271,7 @@ pub fn decode(encoding: Encoding, frame: &[u8]) -> Result<ClientOp, DecodeError>
     }
 }
 
-/// Deepest nesting of a payload, in either encoding.
-pub use crate::payload::MAX_NESTING;
+use crate::payload::MAX_NESTING;
 
 /// rmpv's depth budget for a MessagePack frame: room for the frame and a
 /// payload at [`MAX_NESTING`], in rmpv's own steps.

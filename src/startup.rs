@@ -71,6 +71,34 @@ pub struct AppState {
     pub started: std::time::Instant,
 }
 
+impl AppState {
+    /// A node's shared state: its broker (store, relay and background
+    /// tasks, stopped by `shutdown`) and its empty counters.
+    pub(crate) async fn new(
+        settings: Settings,
+        verifier: Verifier,
+        shutdown: CancellationToken,
+    ) -> Result<AppState, ConfigError> {
+        let broker = Broker::new(&settings, shutdown.clone()).await?;
+        Ok(AppState {
+            http_publish_rate: PerUser::new(settings.limits.http_publish_rate),
+            settings,
+            verifier,
+            broker,
+            shutdown,
+            next_conn_id: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+            connections_by_sub: Mutex::default(),
+            sub_keys: std::hash::RandomState::new(),
+            node_id: rand::random::<[u8; 6]>()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            started: std::time::Instant::now(),
+        })
+    }
+}
+
 pub struct Application {
     server: Server,
     addr: SocketAddr,
@@ -90,24 +118,7 @@ impl Application {
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
         let shutdown = CancellationToken::new();
-        let broker = Broker::new(&settings, shutdown.clone()).await?;
-        let http_publish_rate = PerUser::new(settings.limits.http_publish_rate);
-        let state = web::Data::new(AppState {
-            settings,
-            verifier,
-            broker,
-            shutdown: shutdown.clone(),
-            next_conn_id: AtomicU64::new(1),
-            connections: AtomicUsize::new(0),
-            connections_by_sub: Mutex::default(),
-            sub_keys: std::hash::RandomState::new(),
-            http_publish_rate,
-            node_id: rand::random::<[u8; 6]>()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
-            started: std::time::Instant::now(),
-        });
+        let state = web::Data::new(AppState::new(settings, verifier, shutdown.clone()).await?);
         let state_handle = state.clone();
         let handshake_timeout = state.settings.server.handshake_timeout;
         let write_timeout = state.settings.server.write_timeout;

@@ -106,15 +106,13 @@ pub(super) async fn history(
         events: limit,
         bytes: state.settings.limits.max_page_bytes,
     };
-    let read = store.read(&topic, after, page).await?;
-    let last_read = read
-        .iter()
-        .map(|e| e.offset)
-        .filter(|&o| o <= head.last)
-        .max();
+    let mut read = store.read(&topic, after, page).await?;
+    // In offset order: what was published after the head was read waits
+    // for the next page.
+    read.retain(|e| e.offset <= head.last);
+    let last_read = read.last().map(|e| e.offset);
     let events = read
         .iter()
-        .filter(|e| e.offset <= head.last)
         // A stored payload is valid JSON (the store checks it on reading),
         // so its frame is too; one that is not is skipped, never a panic.
         .filter_map(|e| {

@@ -63,7 +63,7 @@ impl LocalRelay {
     /// Whether the topic is watched here: subscribed in the hub, or still
     /// tracked by the orderer (whose position a removed log would
     /// contradict). Busy orderer: taken as watched.
-    pub fn has_subscribers(&self, topic: &Topic) -> bool {
+    pub fn watches(&self, topic: &Topic) -> bool {
         self.shared.hub.has_subscribers(topic)
             || self.orderer.try_lock().map_or(true, |o| o.tracks(topic))
     }

@@ -119,18 +119,6 @@ impl Relay {
         }
     }
 
-    /// Of `topics`, those no node subscribes to: this node's hub on its
-    /// own; the whole cluster's subscriptions in Redis.
-    pub async fn unwatched(&self, topics: Vec<Topic>) -> Vec<Topic> {
-        match self {
-            Relay::Local(local) => topics
-                .into_iter()
-                .filter(|t| !local.has_subscribers(t))
-                .collect(),
-            Relay::Redis(redis) => redis.unwatched(topics).await,
-        }
-    }
-
     /// Whether this node can publish and receive events from other nodes.
     pub fn is_ready(&self) -> bool {
         match self {
@@ -147,8 +135,15 @@ impl Relay {
     }
 }
 
+/// Who watches a topic: this node's hub on its own; the whole cluster's
+/// subscriptions in Redis.
 impl Watchers for Relay {
     fn unwatched(&self, topics: Vec<Topic>) -> futures_util::future::BoxFuture<'_, Vec<Topic>> {
-        Box::pin(Relay::unwatched(self, topics))
+        Box::pin(async move {
+            match self {
+                Relay::Local(local) => topics.into_iter().filter(|t| !local.watches(t)).collect(),
+                Relay::Redis(redis) => redis.unwatched(topics).await,
+            }
+        })
     }
 }

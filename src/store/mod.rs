@@ -256,13 +256,8 @@ impl Store {
         {
             return self.append_one_postgres(event, ts).await.map(|a| vec![a]);
         }
-        // SQLite: take the write lock up front. The key lookups below read
-        // first, and a deferred transaction that reads and then writes fails
-        // at once (SQLITE_BUSY_SNAPSHOT) when another writer got in between.
-        let mut tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
-        };
+        // The key lookups below read before the writes.
+        let mut tx = self.begin_write().await?;
         // Idempotency first: an event whose key is already in the log (or
         // earlier in this batch) is a duplicate and takes no offset.
         let mut outcome: Vec<Option<Appended>> = vec![None; events.len()];
@@ -459,8 +454,8 @@ impl Store {
         )
         .bind(topic.as_str())
         .bind(after as i64)
-        .bind(page.events.min(i64::MAX as u64) as i64)
-        .bind(i64::try_from(page.bytes).unwrap_or(i64::MAX))
+        .bind(clamp(page.events))
+        .bind(clamp(page.bytes as u64))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(|row| decode_event(topic, row)).collect()
@@ -580,10 +575,7 @@ impl Store {
         if topics.is_empty() {
             return Ok(0);
         }
-        let mut tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
-        };
+        let mut tx = self.begin_write().await?;
         let mut removed = 0;
         for chunk in topics.chunks(INSERT_CHUNK) {
             // A publish since the topic was found empty moved its last
@@ -614,12 +606,14 @@ impl Store {
         Ok(removed)
     }
 
-    /// How many topics have a log (row), retained events or not.
-    pub async fn topic_count(&self) -> Result<u64, StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) FROM herald_topics")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.try_get::<i64, _>(0)? as u64)
+    /// A transaction that will write. SQLite takes its write lock up
+    /// front: one that reads and then writes fails at once
+    /// (SQLITE_BUSY_SNAPSHOT) when another writer got in between.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 //! topic without history (e.g. a price ticker) skips the store entirely:
 //! its events are only relayed live and cannot be replayed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -190,13 +190,15 @@ pub async fn prune_once(
     pruned.events += store.delete_through(&beyond).await?;
 
     let empty = store.empty_topics().await?;
-    let last: HashMap<&Topic, u64> = empty.iter().map(|(t, l)| (t, *l)).collect();
-    let unwatched = watchers
+    let unwatched: HashSet<Topic> = watchers
         .unwatched(empty.iter().map(|(t, _)| t.clone()).collect())
-        .await;
-    let removable: Vec<(&Topic, u64)> = unwatched
+        .await
+        .into_iter()
+        .collect();
+    let removable: Vec<(&Topic, u64)> = empty
         .iter()
-        .filter_map(|t| last.get_key_value(t).map(|(t, l)| (*t, *l)))
+        .filter(|(t, _)| unwatched.contains(t))
+        .map(|(t, last)| (t, *last))
         .collect();
     pruned.topics = store.remove_topics(&removable).await?;
     Ok(pruned)

@@ -718,32 +718,17 @@ fn reason(code: CloseCode, description: &str) -> CloseReason {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, AtomicUsize};
-
     use super::*;
     use crate::auth::Verifier;
-    use crate::broker::Broker;
     use crate::config::Settings;
 
     async fn node_state(dir: &std::path::Path) -> Arc<AppState> {
         let mut settings = Settings::defaults();
         settings.auth.jwt_secret = Some("unit-test-secret-0123456789abcdef".into());
         settings.store.url = format!("sqlite://{}", dir.join("herald.db").display()).into();
-        let shutdown = CancellationToken::new();
-        let http_publish_rate = crate::rate::PerUser::new(settings.limits.http_publish_rate);
-        Arc::new(AppState {
-            verifier: Verifier::new(&settings.auth).unwrap(),
-            broker: Broker::new(&settings, shutdown.clone()).await.unwrap(),
-            settings,
-            shutdown,
-            next_conn_id: AtomicU64::new(1),
-            connections: AtomicUsize::new(0),
-            connections_by_sub: Default::default(),
-            sub_keys: Default::default(),
-            http_publish_rate,
-            node_id: "test".into(),
-            started: Instant::now(),
-        })
+        let verifier = Verifier::new(&settings.auth).unwrap();
+        let state = AppState::new(settings, verifier, CancellationToken::new());
+        Arc::new(state.await.unwrap())
     }
 
     #[tokio::test]
