@@ -1,33 +1,43 @@
-//! The routing interface the WebSocket and HTTP layers talk to.
+//! The node's core, which the WebSocket and HTTP layers talk to.
 //!
-//! [`Broker`] ties together the local [`Hub`] (who on this node wants which
-//! topic), the [`Store`] (the durable log of topics with history) and the
-//! [`Relay`] (how events reach every node). Callers never see which relay
-//! or store runs: single node or cluster, SQLite or PostgreSQL, the
-//! WebSocket and HTTP code is the same.
+//! [`Broker`] ties together the [`Store`] (the durable log of topics with
+//! history), the [`Relay`] (how events reach every node) and the
+//! [`Pipeline`] (how they reach this node's subscribers). Callers never
+//! see which relay or store runs: single node or cluster, SQLite or
+//! PostgreSQL, the WebSocket and HTTP code is the same.
 //!
 //! A publish to a topic with history is acknowledged only after its commit;
-//! then it is broadcast. A publish to a topic without history is relayed
-//! live only.
+//! then it is relayed. A publish to a topic without history is relayed
+//! live only, numbered by the relay.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::Mutex;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, Settings};
 use crate::event::{Event, now_ms};
-use crate::hub::{ConnId, Hub, Mailbox};
+use crate::mailbox::{ConnId, Mailbox};
 use crate::payload::Payload;
-pub use crate::relay::PublishError;
-use crate::relay::{Relay, Shared};
-use crate::store::heads::HeadReader;
-use crate::store::retention::{Retention, Watchers, run_pruner};
+use crate::pipeline::Pipeline;
+use crate::relay::{self, Inbound, Relay, RelayError, RelayState};
+use crate::store::retention::{Retention, run_pruner};
 use crate::store::{Backend, Head, NewEvent, Store, StoreError};
 use crate::telemetry::names;
 use crate::topic::Topic;
+
+/// Why a publish was not accepted. Nothing was published when this is
+/// returned.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The relay is not connected (also what `/readyz` reports).
+    #[error("publishing is unavailable: the relay (Redis) is not connected; retry")]
+    NotReady,
+    #[error("publishing is unavailable: the event store is unavailable; retry")]
+    Store(#[source] StoreError),
+    #[error("publishing is unavailable: {0}; retry")]
+    Relay(#[from] RelayError),
+}
 
 /// How a publish reached this node (a metrics label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,21 +56,19 @@ impl Transport {
 }
 
 pub struct Broker {
-    hub: Arc<Hub>,
     /// Shared with the pruner, which asks it who watches a topic.
-    relay: Arc<Relay>,
+    relay: Arc<dyn Relay>,
+    pipeline: Pipeline,
     store: Arc<Store>,
     retention: Arc<Retention>,
-    /// Reads subscribes' heads, many per query.
-    heads: HeadReader,
-    /// The pruner and the head reader.
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The pruner.
+    pruner: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Broker {
-    /// Opens the store (applying migrations), starts the relay, the pruner
-    /// and the head reader; every background task stops when `shutdown` is
-    /// cancelled.
+    /// Opens the store (applying migrations), starts the relay, the
+    /// pipeline and the pruner; every background task stops when
+    /// `shutdown` is cancelled.
     pub async fn new(
         settings: &Settings,
         shutdown: CancellationToken,
@@ -78,27 +86,27 @@ impl Broker {
         }
         let store = Arc::new(Store::open(&settings.store.url).await?);
         let retention = Arc::new(Retention::from_settings(settings)?);
-        let hub = Arc::new(Hub::default());
-        let shared = Shared {
-            hub: Arc::clone(&hub),
-            store: Arc::clone(&store),
-            retention: Arc::clone(&retention),
-        };
-        let relay = Arc::new(Relay::from_settings(settings, shared, shutdown.clone())?);
+        let shards = std::thread::available_parallelism().map_or(1, usize::from);
+        let (inbound, lanes) = Inbound::new(shards);
+        let relay = relay::from_settings(settings, inbound, shutdown.clone())?;
+        let pipeline = Pipeline::start(
+            Arc::clone(&relay),
+            Arc::clone(&store),
+            lanes,
+            shutdown.clone(),
+        );
         let pruner = tokio::spawn(run_pruner(
             Arc::clone(&store),
             Arc::clone(&retention),
-            Arc::clone(&relay) as Arc<dyn Watchers>,
-            shutdown.clone(),
+            Arc::clone(&relay) as _,
+            shutdown,
         ));
-        let (heads, head_reader) = HeadReader::spawn(Arc::clone(&store), shutdown);
         Ok(Broker {
-            hub,
             relay,
+            pipeline,
             store,
             retention,
-            heads,
-            tasks: Mutex::new(vec![pruner, head_reader]),
+            pruner: tokio::sync::Mutex::new(Some(pruner)),
         })
     }
 
@@ -117,10 +125,8 @@ impl Broker {
     }
 
     async fn publish_events(&self, events: Vec<NewEvent>) -> Result<Vec<u64>, PublishError> {
-        if !self.relay.is_ready() {
-            return Err(PublishError::Unavailable(
-                "the relay (Redis) is not connected; retry".into(),
-            ));
+        if !self.is_ready() {
+            return Err(PublishError::NotReady);
         }
         let ts = now_ms();
         let (durable, live): (Vec<_>, Vec<_>) = events
@@ -136,7 +142,7 @@ impl Broker {
             metrics::histogram!(names::STORE_COMMIT).record(started.elapsed().as_secs_f64());
             let appended = appended.map_err(|e| {
                 tracing::warn!(error = %e, "publish not committed");
-                PublishError::Unavailable("the event store is unavailable; retry".into())
+                PublishError::Store(e)
             })?;
             let mut fresh = Vec::new();
             for ((slot, event), done) in slots.into_iter().zip(events).zip(appended) {
@@ -150,14 +156,14 @@ impl Broker {
                     )));
                 }
             }
-            self.relay.broadcast(fresh).await;
+            self.relay.publish(fresh).await;
         }
         if !live.is_empty() {
             let (slots, events): (Vec<usize>, Vec<(Topic, Payload)>) = live
                 .into_iter()
                 .map(|(slot, e)| (slot, (e.topic, e.payload)))
                 .unzip();
-            let assigned = self.relay.publish_ephemeral(events, ts).await?;
+            let assigned = self.relay.publish_live(events, ts).await?;
             for (slot, offset) in slots.into_iter().zip(assigned) {
                 offsets[slot] = offset;
             }
@@ -166,53 +172,36 @@ impl Broker {
     }
 
     /// Starts delivering `topic`'s events to `mailbox`. Returns once events
-    /// published from now on will reach it, with the topic's head when it
-    /// keeps history.
+    /// after the returned head's `last` will reach it (for a topic with
+    /// history; replay up to there).
     pub async fn subscribe(
         &self,
         topic: &Topic,
         mailbox: &Mailbox,
     ) -> Result<Option<Head>, StoreError> {
-        self.hub.subscribe(topic, mailbox);
-        // Not only for the topic's first local subscriber: a second one
-        // must also wait until the first one's Redis subscription is
-        // confirmed. The relay applies changes in order and skips no-ops.
-        self.relay.interest_changed(topic).await;
-        if self.retention.history(topic) {
-            Ok(Some(self.heads.head(topic).await?))
-        } else {
-            Ok(None)
-        }
+        let history = self.retention.history(topic);
+        self.pipeline.subscribe(topic, mailbox, history).await
     }
 
-    /// Stops delivering `topic`'s events to connection `id`.
+    /// Stops delivering `topic`'s events to connection `id`; returns once
+    /// what was delivered before is in its mailbox.
     pub async fn unsubscribe(&self, topic: &Topic, id: ConnId) {
-        if self.hub.unsubscribe(topic, id) {
-            self.relay.interest_changed(topic).await;
-        }
+        self.pipeline.unsubscribe(topic, id).await;
     }
 
     /// [`unsubscribe`](Self::unsubscribe) for a connection whose task is
-    /// ending in a way that cannot wait (its drop guard): the hub at once,
-    /// the relay told without waiting for its confirmation.
+    /// ending in a way that cannot wait (its drop guard).
     pub fn release(&self, topic: &Topic, id: ConnId) {
-        if self.hub.unsubscribe(topic, id) {
-            self.relay.interest_dropped(topic);
-        }
+        self.pipeline.release(topic, id);
     }
 
     /// How many connections on this node subscribe to `topic`.
-    pub fn local_subscribers(&self, topic: &Topic) -> usize {
-        self.hub.subscriber_count(topic)
+    pub async fn local_subscribers(&self, topic: &Topic) -> usize {
+        self.pipeline.local_subscribers(topic).await
     }
 
-    /// `local` (single node), `connected` or `disconnected` (Redis).
-    pub fn relay_state(&self) -> &'static str {
-        match (self.relay.as_ref(), self.relay.is_ready()) {
-            (Relay::Local(_), _) => "local",
-            (Relay::Redis(_), true) => "connected",
-            (Relay::Redis(_), false) => "disconnected",
-        }
+    pub fn relay_state(&self) -> RelayState {
+        self.relay.state()
     }
 
     pub fn store(&self) -> &Store {
@@ -225,14 +214,15 @@ impl Broker {
 
     /// Whether this node can publish and receive events right now.
     pub fn is_ready(&self) -> bool {
-        self.relay.is_ready()
+        self.relay.state() != RelayState::Disconnected
     }
 
     /// Waits for background work to finish once shutdown was requested.
     pub async fn stopped(&self) {
         self.relay.stopped().await;
-        for task in self.tasks.lock().await.drain(..) {
-            let _ = task.await;
+        self.pipeline.stopped().await;
+        if let Some(pruner) = self.pruner.lock().await.take() {
+            let _ = pruner.await;
         }
     }
 }

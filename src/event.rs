@@ -12,10 +12,9 @@ use bytes::Bytes;
 use bytestring::ByteString;
 
 use crate::payload::Payload;
-use crate::protocol::{self, EncodeError, Encoding, Frame};
+use crate::protocol::{self, EncodeError, Encoding, EventHeader, Frame};
 use crate::telemetry::names;
 use crate::topic::Topic;
-use crate::ws;
 
 #[derive(Debug)]
 pub struct Event {
@@ -44,14 +43,22 @@ impl Event {
         }
     }
 
+    fn header(&self) -> EventHeader<'_> {
+        EventHeader {
+            topic: &self.topic,
+            offset: self.offset,
+            ts: self.ts,
+        }
+    }
+
     /// The `herald.json` event message.
     pub fn json_message(&self) -> Result<ByteString, EncodeError> {
-        protocol::encode_event_json(self)
+        protocol::encode_event_json(self.header(), &self.payload)
     }
 
     /// The `herald.msgpack` event message.
     pub fn msgpack_message(&self) -> Result<Bytes, EncodeError> {
-        protocol::encode_event_msgpack(self)
+        protocol::encode_event_msgpack(self.header(), &self.payload)
     }
 
     /// The event as one WebSocket frame in `encoding`, encoded on first use
@@ -68,7 +75,7 @@ impl Event {
                 Encoding::MsgPack => self.msgpack_message().map(Frame::Binary),
             };
             match message {
-                Ok(message) => Some(ws::data_frame(&message).freeze()),
+                Ok(message) => Some(message.to_ws().freeze()),
                 Err(e) => {
                     tracing::warn!(topic = %self.topic, offset = self.offset, encoding = encoding.protocol_name(), error = %e, "event cannot be encoded; not sent in this encoding");
                     metrics::counter!(names::ENCODE_FAILURES, "encoding" => encoding.protocol_name()).increment(1);
@@ -77,6 +84,15 @@ impl Event {
             }
         })
         .clone()
+    }
+}
+
+/// Registers the encoding failure series at zero, one per encoding (the
+/// other series are registered by [`crate::telemetry::metrics`]).
+pub fn register_metrics() {
+    for encoding in [Encoding::Json, Encoding::MsgPack] {
+        metrics::counter!(names::ENCODE_FAILURES, "encoding" => encoding.protocol_name())
+            .increment(0);
     }
 }
 

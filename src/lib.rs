@@ -4,42 +4,57 @@
 //! apps hold a WebSocket open, authenticate with a JWT, subscribe to the
 //! topics their token grants and receive each event as it is published.
 //!
-//! # Modules
-//! - [`cli`]: the command line (`serve`, `token`); `main` only calls it.
-//! - [`config`]: settings, layered from defaults, files and `HERALD__*`.
-//! - [`startup`]: builds a node (state, HTTP server) and runs it to shutdown.
-//! - [`stall`]: a write the client does not take within
-//!   `server.write_timeout` fails, and its connection with it.
-//! - [`auth`]: JWT verification and signing; claims become [`auth::Grants`].
-//! - [`topic`]: [`topic::Topic`] names and [`topic::Pattern`] grants.
-//! - [`payload`]: what an event carries, and the one rule for what the edge
-//!   accepts: exactly what both encodings can carry.
-//! - [`event`]: an [`event::Event`] and its once-per-encoding wire frames.
-//! - [`protocol`]: WebSocket ops, replies, encodings, error codes.
-//! - [`http`]: publish and health routes; `ApiError` → status in one place.
-//! - [`ws`]: the `/ws` handshake, the WebSocket transport (frames read
-//!   and written on the socket itself) and the per-connection session task.
-//! - [`broker`]: the routing interface (publish, subscribe) used by `http`
-//!   and `ws`; [`hub`] is its local fan-out.
-//! - [`rate`]: token buckets, per connection and per user.
-//! - [`dev`]: the zero-setup development key and banner.
-//! - [`files`]: what Herald writes to disk is private to its user.
+//! # Modules, bottom to top
+//! Each layer uses only those below it (`scripts/check-layers.py` checks).
+//! - Foundation: [`config`] (settings from defaults, files and
+//!   `HERALD__*`), [`telemetry`] (logs and metric names), [`rate`] (token
+//!   buckets), [`stall`] (a write the client does not take within
+//!   `server.write_timeout` fails), [`files`] (what Herald writes is
+//!   private to its user).
+//! - Pure types: [`topic`] (names and grant patterns), [`payload`] (what an
+//!   event carries, and what the edge accepts), [`protocol`] (WebSocket
+//!   ops, replies, encodings, error codes, frame bytes), [`auth`] (JWTs
+//!   become [`auth::Grants`]), [`event`] (an event and its wire frames,
+//!   encoded once per encoding).
+//! - [`store`] (the durable log: offsets, epochs, ranges, retention),
+//!   [`relay`] (how events move between nodes: loopback or Redis),
+//!   [`mailbox`] (a connection's bounded queue of events).
+//! - [`pipeline`] (per topic on this node: who subscribes, the last offset
+//!   delivered, gap-fill, the replay/live seam), [`broker`] (publish and
+//!   subscribe, for the edges), [`state`] (what handlers share).
+//! - Edges: [`http`] (publish, history, health; errors → statuses in one
+//!   place), [`ws`] (handshake, RFC 6455 transport, the session; errors →
+//!   error frames or close codes in one place).
+//! - Entry points: [`startup`] (builds and runs a node), [`cli`] (`serve`,
+//!   `token`), [`dev`] (the zero-setup key and banner).
 //!
 //! # The life of an event
-//! `POST /api/v1/topics/{topic}/events` → `http` verifies the token, parses
-//! the topic and checks the `publish` grant → [`broker::Broker::publish`]
-//! assigns the topic's next offset and builds one `Arc<Event>` → the
-//! [`hub::Hub`] offers it to the bounded mailbox of every local subscriber
-//! → each connection's session task writes the event's frame, encoded once
-//! per encoding and shared.
+//! 1. `POST /api/v1/topics/{topic}/events` → `http::publish::publish_one`
+//!    checks the token, topic, grant and payload.
+//! 2. [`broker::Broker::publish`]: a topic with history is committed first,
+//!    [`store::Store::append`] assigning its offset, and only then
+//!    acknowledged; a topic without history is numbered by the relay.
+//! 3. [`relay::Relay::publish`] sends the event to every node: straight
+//!    back into this node's [`relay::Inbound`] (one node), or `PUBLISH`ed
+//!    on its Redis channel and handed to each watching node's `Inbound` by
+//!    that node's subscriber task.
+//! 4. The topic's pipeline shard (`pipeline::Shard::arrive`) drops an
+//!    offset already delivered, fills a gap from the store
+//!    ([`store::Store::range`]), and offers the one `Arc<Event>` to each
+//!    subscriber's [`mailbox::Mailbox`] (never waiting: a full mailbox
+//!    evicts its slow consumer).
+//! 5. The connection's task (`ws::session`) takes it from its
+//!    [`mailbox::Inbox`] and writes [`event::Event::ws_frame`]: encoded once
+//!    per encoding, the same bytes for every subscriber.
 //!
-//! # The life of a connection
-//! `GET /ws` with `Upgrade: websocket` leaves the HTTP dispatcher with its
-//! socket → origin, token and sub-protocol are checked before the 101 → the
-//! connection's one task `select!`s over client frames, its mailbox,
-//! eviction (mailbox overflow) and node shutdown, writing frames straight
-//! to the socket → on exit it unsubscribes everything and sends a close
-//! frame.
+//! # The life of a subscription
+//! `{"op":"subscribe"}` → [`broker::Broker::subscribe`] →
+//! [`pipeline::Pipeline::subscribe`]: the shard has the relay watch the
+//! topic, the head is read once the watch is in force, and the shard adds
+//! the mailbox at the topic's position (the seam) → the session answers
+//! `subscribed` with that offset, replays up to it from the store, and
+//! everything after comes through the mailbox. On any end (even a panic)
+//! the connection's drop guard releases its topics.
 
 pub mod auth;
 pub mod broker;
@@ -49,13 +64,15 @@ pub mod dev;
 pub mod event;
 pub mod files;
 pub mod http;
-pub mod hub;
+pub mod mailbox;
 pub mod payload;
+pub mod pipeline;
 pub mod protocol;
 pub mod rate;
 pub mod relay;
 pub mod stall;
 pub mod startup;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod topic;

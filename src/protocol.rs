@@ -14,7 +14,9 @@ use bytestring::ByteString;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
-use crate::event::Event;
+use actix_http::ws::{OpCode, Parser};
+use bytes::BytesMut;
+
 use crate::payload::{self, Payload, Transcoded};
 use crate::topic::{Topic, TopicError};
 
@@ -32,27 +34,10 @@ pub const JSON_PROTOCOL: &str = "herald.json";
 /// Sub-protocol name of the MessagePack encoding.
 pub const MSGPACK_PROTOCOL: &str = "herald.msgpack";
 
-/// Close codes Herald sends beyond RFC 6455's.
-pub mod close {
-    /// The token's `exp` passed and no `refresh` replaced it.
-    pub const TOKEN_EXPIRED: u16 = 4001;
-
-    /// Every close code a node sends (docs/protocol.md lists each; a test
-    /// checks): normal (echoed), going away, protocol error, invalid UTF-8,
-    /// policy, too big, internal error (replay failed), try again later,
-    /// token expired.
-    pub const SENT: &[u16] = &[
-        1000,
-        1001,
-        1002,
-        1007,
-        1008,
-        1009,
-        1011,
-        1013,
-        TOKEN_EXPIRED,
-    ];
-}
+/// The close code Herald sends when a token's `exp` passed and no
+/// `refresh` replaced it (the others are RFC 6455's; every code a node
+/// sends is listed by `ws::CloseCause::codes`).
+pub const TOKEN_EXPIRED: u16 = 4001;
 
 /// How frames are encoded on one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +143,19 @@ pub enum ClientOp {
         id: Option<u64>,
         token: String,
     },
+}
+
+impl ClientOp {
+    /// The request's `id`, which its reply or error frame carries.
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            ClientOp::Subscribe { id, .. }
+            | ClientOp::Unsubscribe { id, .. }
+            | ClientOp::Publish { id, .. }
+            | ClientOp::Ping { id }
+            | ClientOp::Refresh { id, .. } => *id,
+        }
+    }
 }
 
 /// A client frame that could not be turned into a [`ClientOp`].
@@ -458,13 +456,21 @@ struct EventFrame<'a, D: Serialize> {
     data_b64: Option<String>,
 }
 
+/// What an event frame says besides the payload.
+#[derive(Debug, Clone, Copy)]
+pub struct EventHeader<'a> {
+    pub topic: &'a Topic,
+    pub offset: u64,
+    pub ts: u64,
+}
+
 impl<'a, D: Serialize> EventFrame<'a, D> {
-    fn new(event: &'a Event, data: Option<D>, data_b64: Option<String>) -> Self {
+    fn new(header: EventHeader<'a>, data: Option<D>, data_b64: Option<String>) -> Self {
         EventFrame {
             op: "event",
-            topic: event.topic.as_str(),
-            offset: event.offset,
-            ts: event.ts,
+            topic: header.topic.as_str(),
+            offset: header.offset,
+            ts: header.ts,
             data,
             data_b64,
         }
@@ -478,8 +484,12 @@ impl<'a, D: Serialize> EventFrame<'a, D> {
 #[error("event cannot be encoded: {0}")]
 pub struct EncodeError(String);
 
-pub(crate) fn encode_event_json(event: &Event) -> Result<ByteString, EncodeError> {
-    let frame = match &event.payload {
+/// The `herald.json` event message.
+pub(crate) fn encode_event_json(
+    event: EventHeader<'_>,
+    payload: &Payload,
+) -> Result<ByteString, EncodeError> {
+    let frame = match payload {
         Payload::Json(raw) => EventFrame::new(event, Some(&**raw), None),
         Payload::Binary(bytes) => EventFrame::new(event, None, Some(BASE64.encode(bytes))),
     };
@@ -488,8 +498,12 @@ pub(crate) fn encode_event_json(event: &Event) -> Result<ByteString, EncodeError
         .map_err(|e| EncodeError(e.to_string()))
 }
 
-pub(crate) fn encode_event_msgpack(event: &Event) -> Result<Bytes, EncodeError> {
-    let encoded = match &event.payload {
+/// The `herald.msgpack` event message.
+pub(crate) fn encode_event_msgpack(
+    event: EventHeader<'_>,
+    payload: &Payload,
+) -> Result<Bytes, EncodeError> {
+    let encoded = match payload {
         // The transcoder the edge checked the payload with.
         Payload::Json(raw) => {
             rmp_serde::to_vec_named(&EventFrame::new(event, Some(Transcoded(raw.get())), None))
@@ -505,9 +519,31 @@ pub(crate) fn encode_event_msgpack(event: &Event) -> Result<Bytes, EncodeError> 
         .map_err(|e| EncodeError(e.to_string()))
 }
 
+/// Longest frame header: 2 bytes, 8 of extended length, 4 of mask.
+pub const MAX_FRAME_HEADER: usize = 14;
+
+impl Frame {
+    /// The message as one WebSocket data frame: text for JSON, binary for
+    /// MessagePack.
+    pub fn to_ws(&self) -> BytesMut {
+        match self {
+            Frame::Text(text) => ws_frame(OpCode::Text, text.as_bytes()),
+            Frame::Binary(bytes) => ws_frame(OpCode::Binary, bytes),
+        }
+    }
+}
+
+/// One unfragmented, unmasked (server) WebSocket frame (RFC 6455 §5.2).
+pub fn ws_frame(op: OpCode, payload: &[u8]) -> BytesMut {
+    let mut frame = BytesMut::with_capacity(payload.len() + MAX_FRAME_HEADER);
+    Parser::write_message(&mut frame, payload, op, true, false);
+    frame
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Event;
 
     fn json(frame: &str) -> Result<ClientOp, DecodeError> {
         decode(Encoding::Json, frame.as_bytes())

@@ -122,12 +122,7 @@ fn register_at_zero() {
     for transport in ["http", "ws"] {
         metrics::counter!(PUBLISHED, "transport" => transport).increment(0);
     }
-    for encoding in [
-        crate::protocol::JSON_PROTOCOL,
-        crate::protocol::MSGPACK_PROTOCOL,
-    ] {
-        metrics::counter!(ENCODE_FAILURES, "encoding" => encoding).increment(0);
-    }
+    // ENCODE_FAILURES, labelled by encoding: `event::register_metrics`.
     for histogram in [FANOUT_LATENCY, STORE_COMMIT, PRUNE_SECONDS] {
         let _ = metrics::histogram!(histogram);
     }

@@ -56,6 +56,16 @@ fn check_shape(s: &str) -> Result<(), TopicError> {
 pub struct Topic(Arc<str>);
 
 impl Topic {
+    /// Which of `count` lanes the topic belongs to (`count` > 0): always the
+    /// same one, on every node.
+    pub fn lane(&self, count: usize) -> usize {
+        use std::hash::{DefaultHasher, Hash, Hasher};
+        // `DefaultHasher::new()` has fixed keys: stable within a build.
+        let mut hasher = DefaultHasher::new();
+        self.as_str().hash(&mut hasher);
+        (hasher.finish() % count as u64) as usize
+    }
+
     /// Parses an exact topic name; wildcards are refused.
     pub fn parse(s: &str) -> Result<Topic, TopicError> {
         check_shape(s)?;

@@ -107,6 +107,13 @@ struct FanoutArgs {
     /// overload (0: skip).
     #[arg(long, default_value_t = 0)]
     overload_rate: u64,
+    /// Spread the subscribers over this many topics, each published to at
+    /// the same rate (the same offered deliveries in total).
+    #[arg(long, default_value_t = 1)]
+    topics: usize,
+    /// Herald nodes (1: a single node, no Redis).
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
 }
 
 #[derive(Args, Clone)]
@@ -201,6 +208,8 @@ async fn run(cli: Cli) -> Result<()> {
                 rate: 50_000,
                 seconds: 20.0,
                 overload_rate: 200_000,
+                topics: 1,
+                nodes: 2,
             }),
             latency: Some(LatencyArgs {
                 events: 1000,
@@ -229,6 +238,8 @@ async fn run(cli: Cli) -> Result<()> {
                 rate: 500,
                 seconds: 2.0,
                 overload_rate: 0,
+                topics: 2,
+                nodes: 2,
             }),
             latency: Some(LatencyArgs {
                 events: 50,
@@ -283,6 +294,7 @@ async fn run(cli: Cli) -> Result<()> {
                 subscribers: args.subscribers,
                 rate: args.rate,
                 seconds: args.seconds,
+                topics: args.topics,
             },
         )];
         if args.overload_rate > 0 {
@@ -292,6 +304,7 @@ async fn run(cli: Cli) -> Result<()> {
                     subscribers: args.subscribers,
                     rate: args.overload_rate,
                     seconds: args.seconds,
+                    topics: args.topics,
                 },
             ));
         }
@@ -306,7 +319,8 @@ async fn run(cli: Cli) -> Result<()> {
                 add(or_error(name, System::Echo, result));
             }
             for &system in &systems {
-                let cluster = Cluster::start(system, 2, true, &paths).await?;
+                let nodes = args.nodes.max(1);
+                let cluster = Cluster::start(system, nodes, nodes > 1, &paths).await?;
                 let result = fanout::run(name, &cluster, options).await;
                 cluster.stop().await;
                 add(or_error(name, system, result));

@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 use super::{ApiError, ErrorBody, authenticate};
 use crate::auth::Action;
 use crate::protocol::{MAX_EPOCH_BYTES, MAX_OFFSET};
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::Page;
 use crate::topic::Topic;
 
@@ -106,11 +106,9 @@ pub(super) async fn history(
         events: limit,
         bytes: state.settings.limits.max_page_bytes,
     };
-    let mut read = store.read(&topic, after, page).await?;
-    // In offset order: what was published after the head was read waits
-    // for the next page.
-    read.retain(|e| e.offset <= head.last);
-    let last_read = read.last().map(|e| e.offset);
+    // Up to the head: what was published after it waits for the next page.
+    let mut range = store.range(&topic, after, head.last, page);
+    let read = range.next().await?.unwrap_or_default();
     let events = read
         .iter()
         // A stored payload is valid JSON (the store checks it on reading),
@@ -120,13 +118,14 @@ pub(super) async fn history(
             RawValue::from_string(frame.to_string()).ok()
         })
         .collect();
+    let more = range.more();
     drop(read);
     Ok(HttpResponse::Ok().json(History {
         topic: topic.as_str(),
         epoch: &head.epoch,
         offset: head.last,
         truncated: plan.truncated,
-        more: last_read.is_some_and(|last| last < head.last),
+        more,
         events,
     }))
 }

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{ApiError, ErrorBody, authenticate};
 use crate::auth::{Action, Forbidden};
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::Backend;
 use crate::topic::Topic;
 
@@ -58,7 +58,7 @@ pub(super) async fn node(
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.started.elapsed().as_secs(),
         connections: state.connections.load(Ordering::Relaxed),
-        relay: state.broker.relay_state(),
+        relay: state.broker.relay_state().as_str(),
         store: StoreInfo {
             backend: match store.backend() {
                 Backend::Sqlite => "sqlite",
@@ -129,6 +129,6 @@ pub(super) async fn topic(
         offset,
         epoch,
         retained,
-        local_subscribers: state.broker.local_subscribers(&topic),
+        local_subscribers: state.broker.local_subscribers(&topic).await,
     }))
 }

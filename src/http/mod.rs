@@ -14,9 +14,9 @@ use serde::Serialize;
 
 use crate::auth::Grants;
 use crate::auth::{AuthError, Forbidden};
+use crate::broker::PublishError;
 use crate::protocol::ErrorCode;
-use crate::relay::PublishError;
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::StoreError;
 use crate::topic::{Topic, TopicError};
 
@@ -64,9 +64,7 @@ async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     if state.broker.is_ready() {
         Ok(HttpResponse::Ok().json(Status { status: "ready" }))
     } else {
-        Err(ApiError::Unavailable(PublishError::Unavailable(
-            "the relay (Redis) is not connected".into(),
-        )))
+        Err(ApiError::Unavailable(PublishError::NotReady))
     }
 }
 

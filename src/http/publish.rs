@@ -12,7 +12,7 @@ use crate::auth::Action;
 use crate::broker::Transport;
 use crate::payload::Payload;
 use crate::protocol::{BASE64_LENIENT, check_key};
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::store::{IdempotencyKey, NewEvent};
 use crate::topic::Topic;
 

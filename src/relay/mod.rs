@@ -1,149 +1,179 @@
-//! Between nodes: how an event gets its offset and reaches every node's
-//! hub.
+//! Between nodes: how an event reaches every node.
 //!
-//! Topics with history get their offsets from the store (see
-//! [`crate::store`]); the relay only broadcasts them once committed, and
-//! each node's [`order::Orderer`] delivers them in order, filling gaps from
-//! the store. Topics without history get their offsets from the relay.
+//! A relay only moves events. Every relay has the same capabilities
+//! ([`Relay`]):
+//! - publish committed events, and number and publish events of topics
+//!   without history (their offsets come from the relay);
+//! - watch a topic and unwatch it: which topics this node wants to
+//!   receive;
+//! - a stream of incoming events: what arrives, from any node (this one
+//!   included), goes into the node's [`Inbound`] lanes, which the delivery
+//!   pipeline reads.
 //!
-//! - [`Relay::Local`] (no `redis.url`): one node; events go straight to the
-//!   local hub.
-//! - [`Relay::Redis`] (cluster mode): events travel on namespaced Redis
-//!   channels. Every node, the one that took the publish included, delivers
-//!   an event when it comes back from Redis: one path, so each subscriber
-//!   gets it once.
+//! Ordering, gap-fill and who on the node gets an event are the
+//! pipeline's (see [`crate::pipeline`]); a relay knows nothing of them.
+//!
+//! - [`LocalRelay`] (no `redis.url`): one node; a loopback.
+//! - [`RedisRelay`] (cluster mode): events travel on namespaced Redis
+//!   channels.
+//!
+//! Adding a relay means implementing [`Relay`] and naming it in
+//! [`from_settings`].
 
 mod local;
-pub mod order;
 pub mod redis;
 
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, Settings};
 use crate::event::Event;
-use crate::hub::Hub;
 use crate::payload::Payload;
-use crate::store::Store;
-use crate::store::retention::{Retention, Watchers};
+use crate::store::retention::Watchers;
 use crate::topic::Topic;
 
 pub use self::local::LocalRelay;
 pub use self::redis::RedisRelay;
 
-/// Why a publish was not accepted. Nothing was published when this is
+/// Why a relay could not publish. Nothing was published when this is
 /// returned.
 #[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    #[error("publishing is unavailable: {0}")]
-    Unavailable(String),
+pub enum RelayError {
+    #[error("the relay (Redis) cannot be reached")]
+    Unreachable(#[source] ::redis::RedisError),
+    #[error("the relay (Redis) answered {got} offsets for {sent} events")]
+    UnexpectedReply { sent: usize, got: usize },
 }
 
-/// What the relays share with the rest of the node.
-#[derive(Clone)]
-pub struct Shared {
-    pub hub: Arc<Hub>,
-    pub store: Arc<Store>,
-    pub retention: Arc<Retention>,
+/// Whether a relay reaches the other nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayState {
+    /// A single node: nothing to reach.
+    Local,
+    Connected,
+    Disconnected,
 }
 
-pub enum Relay {
-    Local(LocalRelay),
-    Redis(RedisRelay),
-}
-
-impl Relay {
-    /// The relay the settings ask for. The Redis relay's background task
-    /// stops when `shutdown` is cancelled.
-    pub fn from_settings(
-        settings: &Settings,
-        shared: Shared,
-        shutdown: CancellationToken,
-    ) -> Result<Relay, ConfigError> {
-        Ok(match &settings.redis.url {
-            None => Relay::Local(LocalRelay::new(shared)),
-            Some(url) => Relay::Redis(RedisRelay::start(
-                url,
-                &settings.redis.prefix,
-                shared,
-                shutdown,
-            )?),
-        })
+impl RelayState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayState::Local => "local",
+            RelayState::Connected => "connected",
+            RelayState::Disconnected => "disconnected",
+        }
     }
+}
 
-    /// Assigns offsets to events of topics without history and broadcasts
-    /// them, in order.
-    pub async fn publish_ephemeral(
+/// How events move between nodes. As [`Watchers`], a relay tells the
+/// pruner which topics no node watches.
+pub trait Relay: Watchers + Send + Sync {
+    /// Sends events already committed to the store to every node. They are
+    /// durable, so a failure here is not the publisher's: it is logged, and
+    /// nodes fill the gap from the store when the next event or the relay
+    /// comes back.
+    fn publish(&self, events: Vec<Arc<Event>>) -> BoxFuture<'_, ()>;
+
+    /// Numbers events of topics without history (per topic, from 1) and
+    /// sends them to every node, in that order; returns their offsets.
+    fn publish_live(
         &self,
         events: Vec<(Topic, Payload)>,
         ts: u64,
-    ) -> Result<Vec<u64>, PublishError> {
-        match self {
-            Relay::Local(local) => Ok(local.publish_ephemeral(events, ts)),
-            Relay::Redis(redis) => redis.publish_ephemeral(events, ts).await,
-        }
-    }
+    ) -> BoxFuture<'_, Result<Vec<u64>, RelayError>>;
 
-    /// Broadcasts events already committed to the store. They are durable,
-    /// so a failure here is not the publisher's: nodes fill the gap from the
-    /// store when the next event or the relay comes back.
-    pub async fn broadcast(&self, events: Vec<Arc<Event>>) {
-        match self {
-            Relay::Local(local) => local.broadcast(events).await,
-            Relay::Redis(redis) => redis.broadcast(&events).await,
-        }
-    }
+    /// Starts receiving `topic`'s events. Changes take effect in the order
+    /// they are made; the future resolves once this one is in force, so
+    /// that every event published after it arrives (when Redis is down: at
+    /// once, since watched topics are restored on reconnect).
+    fn watch(&self, topic: &Topic) -> BoxFuture<'static, ()>;
 
-    /// The local subscribers of `topic` changed; returns once this node's
-    /// subscription matches the hub, so that a subscriber receives every
-    /// event published after this returns (when Redis is down: once the
-    /// topic will be restored on reconnect).
-    pub async fn interest_changed(&self, topic: &Topic) {
-        match self {
-            Relay::Local(local) => local.interest_changed(topic).await,
-            Relay::Redis(redis) => redis.interest_changed(topic).await,
-        }
-    }
+    /// Stops receiving `topic`'s events, without waiting.
+    fn unwatch(&self, topic: &Topic);
 
-    /// [`interest_changed`](Self::interest_changed) for a topic whose last
-    /// local subscriber left, without waiting (callable from `Drop`).
-    pub fn interest_dropped(&self, topic: &Topic) {
-        match self {
-            // The orderer keeps the topic's position until its next
-            // subscribe or unsubscribe syncs it with the hub: still
-            // correct (each delivery moves it), one map entry until then,
-            // and the pruner leaves a tracked topic's log alone.
-            Relay::Local(_) => {}
-            Relay::Redis(redis) => redis.interest_dropped(topic),
-        }
-    }
+    fn state(&self) -> RelayState;
 
-    /// Whether this node can publish and receive events from other nodes.
-    pub fn is_ready(&self) -> bool {
-        match self {
-            Relay::Local(_) => true,
-            Relay::Redis(redis) => redis.is_connected(),
-        }
-    }
-
-    /// Waits for the relay's background task to finish after shutdown.
-    pub async fn stopped(&self) {
-        if let Relay::Redis(redis) = self {
-            redis.stopped().await;
-        }
-    }
+    /// Waits for the relay's background work to end after shutdown.
+    fn stopped(&self) -> BoxFuture<'_, ()>;
 }
 
-/// Who watches a topic: this node's hub on its own; the whole cluster's
-/// subscriptions in Redis.
-impl Watchers for Relay {
-    fn unwatched(&self, topics: Vec<Topic>) -> futures_util::future::BoxFuture<'_, Vec<Topic>> {
-        Box::pin(async move {
-            match self {
-                Relay::Local(local) => topics.into_iter().filter(|t| !local.watches(t)).collect(),
-                Relay::Redis(redis) => redis.unwatched(topics).await,
-            }
-        })
+/// The relay the settings ask for, handing what arrives to `inbound`. Its
+/// background task, if any, stops when `shutdown` is cancelled.
+pub fn from_settings(
+    settings: &Settings,
+    inbound: Inbound,
+    shutdown: CancellationToken,
+) -> Result<Arc<dyn Relay>, ConfigError> {
+    Ok(match &settings.redis.url {
+        None => Arc::new(LocalRelay::new(inbound)),
+        Some(url) => Arc::new(RedisRelay::start(
+            url,
+            &settings.redis.prefix,
+            inbound,
+            shutdown,
+        )?),
+    })
+}
+
+/// What a relay hands the node.
+#[derive(Debug)]
+pub enum Arrival {
+    Event(Arc<Event>),
+    /// The relay was away: events of watched topics may have been missed
+    /// with no later event to reveal it.
+    Resync,
+}
+
+/// Events waiting in one lane; a relay waits when its lane is full.
+const LANE_CAPACITY: usize = 1024;
+
+/// Where relays hand what arrives: one ordered lane per pipeline shard, a
+/// topic always in the same lane, so each topic's events stay in the order
+/// the relay received them.
+#[derive(Clone)]
+pub struct Inbound {
+    lanes: Arc<[mpsc::Sender<Arrival>]>,
+}
+
+impl Inbound {
+    /// `count` lanes, and the receiving end of each, in lane order.
+    pub fn new(count: usize) -> (Inbound, Vec<mpsc::Receiver<Arrival>>) {
+        let (senders, receivers) = (0..count.max(1))
+            .map(|_| mpsc::channel(LANE_CAPACITY))
+            .unzip::<_, _, Vec<_>, Vec<_>>();
+        (
+            Inbound {
+                lanes: senders.into(),
+            },
+            receivers,
+        )
+    }
+
+    /// The lane of `topic`: the same on every call.
+    pub fn lane_of(&self, topic: &Topic) -> usize {
+        topic.lane(self.lanes.len())
+    }
+
+    /// Hands over an event; waits while its lane is full.
+    pub async fn event(&self, event: Arc<Event>) {
+        let lane = &self.lanes[self.lane_of(&event.topic)];
+        // Closed only when the node is stopping.
+        let _ = lane.send(Arrival::Event(event)).await;
+    }
+
+    /// Room for one event of `topic`, taken now and filled later without
+    /// waiting: lets a relay number and hand over an event in one step.
+    pub async fn reserve(&self, topic: &Topic) -> Option<mpsc::OwnedPermit<Arrival>> {
+        let lane = &self.lanes[self.lane_of(topic)];
+        lane.clone().reserve_owned().await.ok()
+    }
+
+    /// Tells every lane the relay was away.
+    pub async fn resync(&self) {
+        for lane in self.lanes.iter() {
+            let _ = lane.send(Arrival::Resync).await;
+        }
     }
 }

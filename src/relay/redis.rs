@@ -1,17 +1,19 @@
-//! Cluster mode: the Redis relay.
+//! Cluster mode: the Redis relay. It moves bytes on namespaced channels and
+//! knows nothing of ordering.
 //!
 //! Events of topics with history are committed to the store first (which
-//! assigns their offsets) and then `PUBLISH`ed; receiving nodes put them in
-//! order with their [`Orderer`]. For topics without history, one Lua script
+//! assigns their offsets) and then `PUBLISH`ed; each node's pipeline puts
+//! them in order. For topics without history, one Lua script
 //! per publish (or batch) atomically increments each topic's offset counter
 //! in Redis and `PUBLISH`es the event with that offset; scripts run one at a
 //! time, so Redis hands every node those events in offset order.
 //!
 //! Receiving runs on a dedicated pub/sub connection owned by one background
-//! task. It subscribes only to the topics this node's connections hold
-//! (first local subscriber → `SUBSCRIBE`, last one gone → `UNSUBSCRIBE`),
-//! reconnects with capped exponential backoff when Redis goes away, and then
-//! re-subscribes every topic the hub holds, without any client action.
+//! task, which hands each message to the node's [`Inbound`] lanes. It
+//! subscribes only to the topics the node watches (`SUBSCRIBE` on watch,
+//! `UNSUBSCRIBE` on unwatch), reconnects with capped exponential backoff
+//! when Redis goes away, and then re-subscribes every watched topic and
+//! tells the pipeline to resynchronise, without any client action.
 //!
 //! Keys and channels all start with `redis.prefix`; topic names can only
 //! hold `[A-Za-z0-9_.-]` and are never used as patterns, so a topic cannot
@@ -28,6 +30,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::value::RawValue;
@@ -35,11 +38,11 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::order::Orderer;
-use super::{PublishError, Shared};
+use super::{Inbound, Relay, RelayError, RelayState};
 use crate::config::ConfigError;
 use crate::event::Event;
 use crate::payload::Payload;
+use crate::store::retention::Watchers;
 use crate::telemetry::names;
 use crate::topic::Topic;
 
@@ -66,8 +69,6 @@ const NUMSUB_CHUNK: usize = 500;
 /// publish: a topic watched but silent this long numbers from 1 again,
 /// which subscribers of such topics accept (they keep no order by offset).
 const EPHEMERAL_COUNTER_TTL_MS: u64 = 24 * 3600 * 1000;
-/// Pending subscription changes; sessions wait when it is full.
-const INTEREST_QUEUE: usize = 1024;
 
 /// Increments each topic's offset and publishes its event, atomically.
 /// A topic no node subscribes to (its event reached nobody) has its counter
@@ -119,6 +120,7 @@ impl Names {
 /// acknowledgement once Redis confirmed it.
 struct Interest {
     topic: Topic,
+    watch: bool,
     done: Option<oneshot::Sender<()>>,
 }
 
@@ -126,7 +128,10 @@ pub struct RedisRelay {
     publisher: ConnectionManager,
     script: redis::Script,
     names: Names,
-    interest: mpsc::Sender<Interest>,
+    /// Unbounded so that the pipeline hands changes over in order without
+    /// waiting; each is one client's subscribe or unsubscribe, themselves
+    /// bounded by `limits.subscribe_rate`.
+    interest: mpsc::UnboundedSender<Interest>,
     connected: Arc<AtomicBool>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -138,7 +143,7 @@ impl RedisRelay {
     pub fn start(
         url: &SecretString,
         prefix: &str,
-        shared: Shared,
+        inbound: Inbound,
         shutdown: CancellationToken,
     ) -> Result<RedisRelay, ConfigError> {
         let client = redis::Client::open(url.expose_secret())
@@ -153,12 +158,12 @@ impl RedisRelay {
         let names = Names {
             prefix: prefix.to_owned(),
         };
-        let (interest, interest_rx) = mpsc::channel(INTEREST_QUEUE);
+        let (interest, interest_rx) = mpsc::unbounded_channel();
         let connected = Arc::new(AtomicBool::new(false));
         let subscriber = Subscriber {
             client,
-            shared,
-            orderer: Orderer::default(),
+            inbound,
+            wanted: HashSet::new(),
             ever_connected: false,
             names: names.clone(),
             interest: interest_rx,
@@ -176,33 +181,17 @@ impl RedisRelay {
         })
     }
 
-    pub async fn publish_ephemeral(
-        &self,
-        events: Vec<(Topic, Payload)>,
-        ts: u64,
-    ) -> Result<Vec<u64>, PublishError> {
-        let mut invocation = self.script.prepare_invoke();
-        invocation.arg(EPHEMERAL_COUNTER_TTL_MS);
-        for (topic, payload) in &events {
-            invocation
-                .key(self.names.offset_key(topic))
-                .key(self.names.channel(topic))
-                .arg(encode_tail(ts, payload));
-        }
-        let mut conn = self.publisher.clone();
-        let offsets: Vec<u64> = invocation.invoke_async(&mut conn).await.map_err(|e| {
-            tracing::debug!(error = %e, "publish through redis failed");
-            PublishError::Unavailable("the relay (Redis) cannot be reached; retry".into())
-        })?;
-        if offsets.len() != events.len() {
-            return Err(PublishError::Unavailable(
-                "redis: unexpected script reply".into(),
-            ));
-        }
-        Ok(offsets)
+    fn change(&self, topic: &Topic, watch: bool, done: Option<oneshot::Sender<()>>) {
+        let change = Interest {
+            topic: topic.clone(),
+            watch,
+            done,
+        };
+        // Fails only once the task stopped (shutdown).
+        let _ = self.interest.send(change);
     }
 
-    pub async fn broadcast(&self, events: &[Arc<Event>]) {
+    async fn publish_committed(&self, events: &[Arc<Event>]) {
         let mut pipe = redis::pipe();
         for event in events {
             let mut message = format!("{} ", event.offset).into_bytes();
@@ -224,21 +213,36 @@ impl RedisRelay {
         }
     }
 
-    pub async fn interest_changed(&self, topic: &Topic) {
-        let (done, confirmed) = oneshot::channel();
-        let change = Interest {
-            topic: topic.clone(),
-            done: Some(done),
-        };
-        if self.interest.send(change).await.is_ok() {
-            // Dropped without an answer only when the task stopped.
-            let _ = confirmed.await;
+    async fn publish_numbered(
+        &self,
+        events: Vec<(Topic, Payload)>,
+        ts: u64,
+    ) -> Result<Vec<u64>, RelayError> {
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(EPHEMERAL_COUNTER_TTL_MS);
+        for (topic, payload) in &events {
+            invocation
+                .key(self.names.offset_key(topic))
+                .key(self.names.channel(topic))
+                .arg(encode_tail(ts, payload));
         }
+        let mut conn = self.publisher.clone();
+        let offsets: Vec<u64> = invocation.invoke_async(&mut conn).await.map_err(|e| {
+            tracing::debug!(error = %e, "publish through redis failed");
+            RelayError::Unreachable(e)
+        })?;
+        if offsets.len() != events.len() {
+            return Err(RelayError::UnexpectedReply {
+                sent: events.len(),
+                got: offsets.len(),
+            });
+        }
+        Ok(offsets)
     }
 
     /// Of `topics`, those no node subscribes to, by `PUBSUB NUMSUB` of
     /// their channels; none when Redis cannot say.
-    pub async fn unwatched(&self, topics: Vec<Topic>) -> Vec<Topic> {
+    async fn count_unwatched(&self, topics: Vec<Topic>) -> Vec<Topic> {
         let mut unwatched = Vec::new();
         let mut conn = self.publisher.clone();
         for chunk in topics.chunks(NUMSUB_CHUNK) {
@@ -264,28 +268,55 @@ impl RedisRelay {
         }
         unwatched
     }
+}
 
-    /// Queues the change without waiting for Redis to confirm it.
-    pub fn interest_dropped(&self, topic: &Topic) {
-        let change = Interest {
-            topic: topic.clone(),
-            done: None,
-        };
-        if self.interest.try_send(change).is_err() {
-            // Full only under a burst of changes, each of which re-reads
-            // the hub: a later one for this topic unsubscribes it.
-            tracing::warn!(%topic, "relay interest queue full; the topic's Redis subscription is dropped at its next change");
+impl Relay for RedisRelay {
+    fn publish(&self, events: Vec<Arc<Event>>) -> BoxFuture<'_, ()> {
+        Box::pin(async move { self.publish_committed(&events).await })
+    }
+
+    fn publish_live(
+        &self,
+        events: Vec<(Topic, Payload)>,
+        ts: u64,
+    ) -> BoxFuture<'_, Result<Vec<u64>, RelayError>> {
+        Box::pin(self.publish_numbered(events, ts))
+    }
+
+    fn watch(&self, topic: &Topic) -> BoxFuture<'static, ()> {
+        let (done, confirmed) = oneshot::channel();
+        self.change(topic, true, Some(done));
+        // Dropped without an answer only when the task stopped.
+        Box::pin(async move {
+            let _ = confirmed.await;
+        })
+    }
+
+    fn unwatch(&self, topic: &Topic) {
+        self.change(topic, false, None);
+    }
+
+    fn state(&self) -> RelayState {
+        if self.connected.load(Ordering::Relaxed) {
+            RelayState::Connected
+        } else {
+            RelayState::Disconnected
         }
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
+    fn stopped(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(task) = self.task.lock().await.take() {
+                let _ = task.await;
+            }
+        })
     }
+}
 
-    pub async fn stopped(&self) {
-        if let Some(task) = self.task.lock().await.take() {
-            let _ = task.await;
-        }
+/// Who watches a topic: any node subscribed to its channel.
+impl Watchers for RedisRelay {
+    fn unwatched(&self, topics: Vec<Topic>) -> BoxFuture<'_, Vec<Topic>> {
+        Box::pin(self.count_unwatched(topics))
     }
 }
 
@@ -318,12 +349,13 @@ fn decode_message(topic: Topic, message: &[u8]) -> Option<Event> {
 /// The background task that owns the pub/sub connection.
 struct Subscriber {
     client: redis::Client,
-    shared: Shared,
-    orderer: Orderer,
+    inbound: Inbound,
+    /// The topics the node watches: subscribed whenever connected.
+    wanted: HashSet<Topic>,
     /// Whether a connection succeeded before (the next one is a reconnect).
     ever_connected: bool,
     names: Names,
-    interest: mpsc::Receiver<Interest>,
+    interest: mpsc::UnboundedReceiver<Interest>,
     connected: Arc<AtomicBool>,
     shutdown: CancellationToken,
 }
@@ -365,7 +397,7 @@ impl Subscriber {
     }
 
     /// Waits `delay` before reconnecting. Subscription changes meanwhile are
-    /// acknowledged at once: the topics are restored from the hub on
+    /// acknowledged at once: the watched topics are subscribed on
     /// reconnect. `Err` on shutdown.
     async fn wait(&mut self, delay: Duration) -> Result<(), ()> {
         let sleep = tokio::time::sleep(delay);
@@ -375,16 +407,23 @@ impl Subscriber {
                 _ = self.shutdown.cancelled() => return Err(()),
                 _ = &mut sleep => return Ok(()),
                 Some(change) = self.interest.recv() => {
-                    // Keep the orderer in step with the hub meanwhile.
-                    let Shared { hub, store, retention } = &self.shared;
-                    self.orderer.sync(&[&change.topic], hub, store, retention).await;
+                    self.apply(&change);
                     acknowledge(change);
                 }
             }
         }
     }
 
-    /// Runs one connected session: restore subscriptions, then deliver
+    /// Records a change in the watched set.
+    fn apply(&mut self, change: &Interest) {
+        if change.watch {
+            self.wanted.insert(change.topic.clone());
+        } else {
+            self.wanted.remove(&change.topic);
+        }
+    }
+
+    /// Runs one connected session: restore subscriptions, then hand over
     /// messages and apply subscription changes until the connection drops.
     async fn serve(
         &mut self,
@@ -393,13 +432,12 @@ impl Subscriber {
         backoff: &mut Duration,
     ) -> Ended {
         let mut subscribed: HashSet<Topic> = HashSet::new();
-        let wanted = self.shared.hub.topics();
-        if !wanted.is_empty() {
-            let channels: Vec<String> = wanted.iter().map(|t| self.names.channel(t)).collect();
+        if !self.wanted.is_empty() {
+            let channels: Vec<String> = self.wanted.iter().map(|t| self.names.channel(t)).collect();
             if confirmed(sink.subscribe(channels)).await.is_err() {
                 return Ended::Lost;
             }
-            subscribed.extend(wanted);
+            subscribed.clone_from(&self.wanted);
         }
         self.connected.store(true, Ordering::Relaxed);
         metrics::gauge!(names::RELAY_CONNECTED).set(1.0);
@@ -410,15 +448,13 @@ impl Subscriber {
         *backoff = MIN_BACKOFF;
         tracing::info!(topics = subscribed.len(), "redis relay connected");
         // Events relayed while we were away are in the store.
-        self.orderer
-            .catch_up(&self.shared.hub, &self.shared.store)
-            .await;
+        self.inbound.resync().await;
 
         let ended = loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break Ended::Shutdown,
                 message = stream.next() => match message {
-                    Some(message) => self.deliver(&message).await,
+                    Some(message) => self.hand_over(&message).await,
                     None => break Ended::Lost,
                 },
                 Some(change) = self.interest.recv() => {
@@ -430,14 +466,11 @@ impl Subscriber {
                     {
                         changes.push(change);
                     }
+                    changes.iter().for_each(|c| self.apply(c));
                     let topics: Vec<&Topic> = changes.iter().map(|c| &c.topic).collect();
-                    let Shared { hub, store, retention } = &self.shared;
-                    let lost = reconcile(hub, &self.names, &mut sink, &mut subscribed, &topics)
+                    let lost = reconcile(&self.wanted, &self.names, &mut sink, &mut subscribed, &topics)
                         .await
                         .is_err();
-                    // Tracked either way (it needs only the store), so the
-                    // catch-up after a reconnect covers these topics too.
-                    self.orderer.sync(&topics, hub, store, retention).await;
                     changes.into_iter().for_each(acknowledge);
                     if lost {
                         break Ended::Lost;
@@ -450,16 +483,13 @@ impl Subscriber {
         ended
     }
 
-    async fn deliver(&mut self, message: &redis::Msg) {
+    async fn hand_over(&mut self, message: &redis::Msg) {
         let event = self
             .names
             .topic_of(message.get_channel_name())
             .and_then(|topic| decode_message(topic, message.get_payload_bytes()));
         match event {
-            Some(event) => {
-                let Shared { hub, store, .. } = &self.shared;
-                self.orderer.accept(Arc::new(event), hub, store).await;
-            }
+            Some(event) => self.inbound.event(Arc::new(event)).await,
             None => tracing::warn!(
                 channel = message.get_channel_name(),
                 "dropped a relay message that is not Herald's format"
@@ -468,10 +498,10 @@ impl Subscriber {
     }
 }
 
-/// Brings the Redis subscriptions of `topics` in line with the hub: the
-/// hub is the truth, so changes that raced each other settle correctly.
+/// Brings the Redis subscriptions of `topics` in line with the watched
+/// set.
 async fn reconcile(
-    hub: &crate::hub::Hub,
+    wanted: &HashSet<Topic>,
     names: &Names,
     sink: &mut PubSubSink,
     subscribed: &mut HashSet<Topic>,
@@ -479,7 +509,7 @@ async fn reconcile(
 ) -> redis::RedisResult<()> {
     let (mut add, mut remove): (Vec<Topic>, Vec<Topic>) = (Vec::new(), Vec::new());
     for &topic in topics {
-        let wanted = hub.has_subscribers(topic);
+        let wanted = wanted.contains(topic);
         if wanted && !subscribed.contains(topic) && !add.contains(topic) {
             add.push(topic.clone());
         } else if !wanted && subscribed.contains(topic) && !remove.contains(topic) {

@@ -107,6 +107,45 @@ pub struct Page {
     pub bytes: usize,
 }
 
+/// A range of one topic's log, `(after, until]`, read a bounded page at a
+/// time (see [`Store::range`]).
+pub struct Range<'a> {
+    store: &'a Store,
+    topic: &'a Topic,
+    /// The last offset read so far.
+    after: u64,
+    until: u64,
+    page: Page,
+}
+
+impl Range<'_> {
+    /// The next page of retained events, in offset order; `None` once the
+    /// range is read (events pruned from it are skipped, not waited for).
+    pub async fn next(&mut self) -> Result<Option<Vec<Event>>, StoreError> {
+        if self.after >= self.until {
+            return Ok(None);
+        }
+        let page = Page {
+            events: (self.until - self.after).min(self.page.events),
+            ..self.page
+        };
+        let mut events = self.store.read(self.topic, self.after, page).await?;
+        let Some(newest) = events.last().map(|e| e.offset) else {
+            // Nothing retained up to `until`: the rest was pruned.
+            self.after = self.until;
+            return Ok(None);
+        };
+        events.retain(|e| e.offset <= self.until);
+        self.after = newest.min(self.until);
+        Ok(Some(events))
+    }
+
+    /// Whether events of the range are left to read.
+    pub fn more(&self) -> bool {
+        self.after < self.until
+    }
+}
+
 /// What an append did with one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
@@ -459,6 +498,18 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(|row| decode_event(topic, row)).collect()
+    }
+
+    /// The retained events of `topic` in `(after, until]`, read page by
+    /// page: the one way replay, history and gap-fill read the log.
+    pub fn range<'a>(&'a self, topic: &'a Topic, after: u64, until: u64, page: Page) -> Range<'a> {
+        Range {
+            store: self,
+            topic,
+            after,
+            until,
+            page,
+        }
     }
 
     /// How many events of `topic` are retained.

@@ -10,6 +10,7 @@
 //! without the upgrade goes through the router to [`not_upgraded`], which
 //! runs the same checks and answers 400.
 
+mod close;
 mod session;
 mod socket;
 
@@ -31,10 +32,12 @@ use crate::auth::{AuthError, Grants};
 use crate::http::{ApiError, bearer_token};
 use crate::protocol::{Encoding, JSON_PROTOCOL, MSGPACK_PROTOCOL};
 use crate::stall::WriteTimeout;
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::telemetry::names;
+pub use close::CloseCause;
+pub(crate) use socket::LINGER;
 use socket::Socket;
-pub(crate) use socket::{LINGER, data_frame, frame};
+pub use socket::WsError;
 
 /// The WebSocket route.
 const PATH: &str = "/ws";

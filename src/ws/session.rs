@@ -2,26 +2,27 @@
 //! and `select!`s over incoming frames, its mailbox of events, eviction,
 //! the heartbeat, the token's expiry and node shutdown.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use actix_http::ws::{CloseCode, CloseReason, OpCode};
+use actix_http::ws::OpCode;
 use tokio_util::sync::CancellationToken;
 
+use super::close::CloseCause;
 use super::socket::{Message, Socket};
 use super::{Accepted, Admitted, ConnectionSlot};
-use crate::auth::{Action, Grants, unix_now_secs};
-use crate::broker::Transport;
+use crate::auth::{Action, AuthError, Forbidden, Grants, unix_now_secs};
+use crate::broker::{PublishError, Transport};
 use crate::config::LimitSettings;
 use crate::event::Event;
-use crate::hub::{ConnId, Inbox, Mailbox};
-use crate::protocol::{self, ClientOp, ErrorCode, Reply};
+use crate::mailbox::{ConnId, Inbox, Mailbox};
+use crate::protocol::{self, ClientOp, DecodeError, ErrorCode, Reply, ws_frame};
 use crate::rate::TokenBucket;
-use crate::startup::AppState;
-use crate::store::{IdempotencyKey, NewEvent, Page};
+use crate::state::AppState;
+use crate::store::{Head, IdempotencyKey, NewEvent, Page};
 use crate::telemetry::names;
 use crate::topic::Topic;
 
@@ -56,15 +57,6 @@ impl LimitedOps {
     }
 }
 
-/// What a rate limit says of one op.
-enum Admission {
-    Allowed,
-    /// Answer with a `rate_limited` error frame.
-    Refused(String),
-    /// Refused too often in a row: close with 1008.
-    Close(String),
-}
-
 impl Limited {
     fn new(rate: u32, kind: LimitedOps) -> Limited {
         Limited {
@@ -74,20 +66,92 @@ impl Limited {
         }
     }
 
-    fn admit(&mut self) -> Admission {
+    /// Takes one op, or refuses it: with an error frame, or (refused too
+    /// often in a row) by closing the connection.
+    fn admit(&mut self) -> Result<(), OpError> {
         if self.bucket.try_take() {
             self.strikes = 0;
-            return Admission::Allowed;
+            return Ok(());
         }
         self.strikes += 1;
         let (ops, setting) = self.kind.describe();
         if self.strikes > RATE_LIMIT_STRIKES {
-            return Admission::Close(format!("{setting} rate limit exceeded repeatedly"));
+            return Err(OpError::Stop(CloseCause::RateLimited(setting)));
         }
-        Admission::Refused(format!(
-            "more than {} {ops} per second ({setting}); slow down",
-            self.bucket.rate()
-        ))
+        Err(OpError::RateLimited {
+            rate: self.bucket.rate(),
+            ops,
+            setting,
+        })
+    }
+}
+
+/// Why an op was refused, or the connection must end: mapped once, in
+/// [`Connection::refuse`], to an error frame (the connection stays) or
+/// a close.
+#[derive(Debug, thiserror::Error)]
+enum OpError {
+    #[error("{}", .0.message)]
+    Decode(DecodeError),
+    #[error(
+        "this connection speaks herald.msgpack: send MessagePack in binary frames \
+         (or connect without the sub-protocol for JSON)"
+    )]
+    TextOnMsgPack,
+    #[error("more than {rate} {ops} per second ({setting}); slow down")]
+    RateLimited {
+        rate: f64,
+        ops: &'static str,
+        setting: &'static str,
+    },
+    #[error(transparent)]
+    Unauthorized(#[from] AuthError),
+    #[error(transparent)]
+    Forbidden(#[from] Forbidden),
+    #[error("the new token is for another sub")]
+    OtherSub,
+    #[error("unsubscribed from \"{0}\": the new token does not grant it")]
+    Revoked(Topic),
+    #[error("a connection may hold {0} subscriptions (limits.max_subscriptions)")]
+    TooManySubscriptions(usize),
+    #[error("payload is larger than the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// Detail logged where it happened; the client gets no database text.
+    #[error("the event store is unavailable; retry")]
+    Store,
+    #[error("event {offset} of \"{topic}\" cannot be encoded in {encoding}; skipped")]
+    Unencodable {
+        topic: Topic,
+        offset: u64,
+        encoding: &'static str,
+    },
+    #[error("the connection ends")]
+    Stop(CloseCause),
+}
+
+impl From<CloseCause> for OpError {
+    fn from(cause: CloseCause) -> OpError {
+        OpError::Stop(cause)
+    }
+}
+
+impl OpError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            OpError::Decode(e) => e.code,
+            OpError::TextOnMsgPack => ErrorCode::BadRequest,
+            OpError::RateLimited { .. } => ErrorCode::RateLimited,
+            OpError::Unauthorized(_) => ErrorCode::Unauthorized,
+            OpError::Forbidden(_) | OpError::OtherSub | OpError::Revoked(_) => ErrorCode::Forbidden,
+            OpError::TooManySubscriptions(_) => ErrorCode::TooManySubscriptions,
+            OpError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            OpError::Publish(_)
+            | OpError::Store
+            | OpError::Unencodable { .. }
+            | OpError::Stop(_) => ErrorCode::Unavailable,
+        }
     }
 }
 
@@ -108,10 +172,6 @@ const FRAME_ENVELOPE_BYTES: usize = 4096;
 /// slow client that still reads gets its close code (e.g. 1013) after the
 /// frames already queued; one that stopped reading is cut off after this.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The connection cannot go on: the client is gone, or a write was cut short
-/// by eviction or shutdown (see [`Connection::abort_reason`]).
-struct Gone;
 
 /// The largest message a client may send: the largest payload, in its
 /// largest form (base64 makes binary 4/3 larger in JSON), plus envelope.
@@ -159,9 +219,6 @@ pub(super) async fn run(accepted: Accepted) {
         socket,
         overflowed,
         subscriptions,
-        delivered: HashMap::new(),
-        close_with: None,
-        stalled: false,
     };
     conn.run(events, peer).await;
 }
@@ -175,20 +232,12 @@ struct Connection {
     subscribe_rate: Limited,
     encoding: protocol::Encoding,
     socket: Socket,
-    /// Cancelled by the hub when the mailbox overflowed, and (a child of
-    /// the shutdown token) when the node shuts down.
+    /// Cancelled by the pipeline when the mailbox overflowed, and (a child
+    /// of the shutdown token) when the node shuts down.
     overflowed: CancellationToken,
     /// The topics subscribed to; whatever is left in it is released when
     /// the connection's task ends, however it ends.
     subscriptions: Registrations,
-    /// Last offset sent, per subscribed topic with history: events at or
-    /// below it (already replayed) are not sent again.
-    delivered: HashMap<Topic, u64>,
-    /// Why to close, when a handler ends the connection on purpose.
-    close_with: Option<CloseReason>,
-    /// A write waited `write_timeout` for a client that reads nothing:
-    /// it is cut off without a close frame, which could not reach it.
-    stalled: bool,
 }
 
 impl Connection {
@@ -199,7 +248,6 @@ impl Connection {
 
     async fn run(mut self, mut events: Inbox, peer: Option<SocketAddr>) {
         let opened = Instant::now();
-        let shutdown = self.state.shutdown.clone();
         // Cancelled on overflow and, being its child, on shutdown: one
         // future, registered once, for both.
         let stopped = self.overflowed.clone().cancelled_owned();
@@ -216,63 +264,62 @@ impl Connection {
         // The stop token first: once evicted, not one more event may go out
         // (the client resumes after the last one it got), and a mailbox that
         // never empties must not starve shutdown, expiry or the heartbeat.
-        let close: Option<CloseReason> = loop {
-            tokio::select! {
+        // Events before client frames: an unsubscribe's leftovers are
+        // drained before the next frame is read.
+        let cause: CloseCause = loop {
+            let step = tokio::select! {
                 biased;
-                () = &mut stopped => {
-                    break Some(if shutdown.is_cancelled() { going_away() } else { slow_consumer() });
-                }
-                _ = &mut expiry => break Some(token_expired()),
+                () = &mut stopped => Err(self.stop_cause()),
+                _ = &mut expiry => Err(CloseCause::TokenExpired),
                 _ = heartbeat.tick() => {
                     if last_seen.elapsed() > heartbeat_timeout {
-                        break Some(reason(CloseCode::Policy, "heartbeat timeout: no pong"));
-                    }
-                    if self.send(&super::frame(OpCode::Ping, b"")).await.is_err() {
-                        break self.abort_reason();
-                    }
-                }
-                Some(event) = events.recv() => {
-                    if self.send_live(&event).await.is_err() {
-                        break self.abort_reason();
+                        Err(CloseCause::HeartbeatTimeout)
+                    } else {
+                        self.send(&ws_frame(OpCode::Ping, b"")).await
                     }
                 }
+                Some(event) = events.recv() => self.send_live(&event).await,
                 msg = self.socket.recv() => match msg {
-                    Ok(None) => break None,
+                    Ok(None) => Err(CloseCause::ClientGone),
                     // Boxed: handling a request (subscribe, replay,
                     // publish) needs far more state than waiting does, and
                     // an idle connection should not carry it.
-                    Ok(Some(msg)) => match Box::pin(self.on_message(msg)).await {
-                        Ok(None) => {
+                    Ok(Some(msg)) => {
+                        let handled = Box::pin(self.on_message(msg)).await;
+                        if handled.is_ok() {
                             last_seen = Instant::now();
                             // A refresh may have moved the expiry.
                             expiry.as_mut().reset(expiry_instant(self.grants.valid_until));
                         }
-                        Ok(Some(close)) => break Some(close),
-                        Err(Gone) => break self.abort_reason(),
-                    },
+                        handled
+                    }
                     Err(err) => {
                         tracing::debug!(conn = self.id(), error = %err, "unreadable frame");
-                        break err.close_reason();
+                        Err(CloseCause::Unreadable(err))
                     }
                 },
+            };
+            if let Err(cause) = step {
+                break cause;
             }
         };
 
         // Boxed: what ending needs is not carried through the connection's
         // life in every waiting connection's future.
-        Box::pin(self.end(close, opened, peer)).await;
+        Box::pin(self.end(cause, opened, peer)).await;
     }
 
     /// Unsubscribes everything, sends the close frame and logs the end.
-    async fn end(mut self, close: Option<CloseReason>, opened: Instant, peer: Option<SocketAddr>) {
+    async fn end(mut self, cause: CloseCause, opened: Instant, peer: Option<SocketAddr>) {
         let id = self.id();
         self.subscriptions.mailbox.close();
         let topics: Vec<Topic> = self.subscriptions.drain().collect();
         for topic in topics {
             self.state.broker.unsubscribe(&topic, id).await;
         }
+        let close = cause.reason();
         let code = close.as_ref().map(|c| u16::from(c.code));
-        if self.stalled {
+        if matches!(cause, CloseCause::Stalled) {
             tracing::info!(conn = id, "client stopped reading; cut off");
         } else {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.close(close)).await;
@@ -280,60 +327,45 @@ impl Connection {
         tracing::info!(conn = id, sub = %self.grants.sub, ?peer, duration_ms = opened.elapsed().as_millis() as u64, close_code = ?code, "connection closed");
     }
 
-    /// Handles one client message; returns a close reason to end the
-    /// connection.
-    async fn on_message(&mut self, msg: Message) -> Result<Option<CloseReason>, Gone> {
+    /// Handles one client message.
+    async fn on_message(&mut self, msg: Message) -> Result<(), CloseCause> {
         match msg {
             Message::Text(_) if self.encoding == protocol::Encoding::MsgPack => {
-                let message = "this connection speaks herald.msgpack: send MessagePack in \
-                               binary frames (or connect without the sub-protocol for JSON)";
-                self.error(None, ErrorCode::BadRequest, message)
-                    .await
-                    .map(|()| None)
+                self.refuse(None, OpError::TextOnMsgPack).await
             }
             Message::Text(bytes) | Message::Binary(bytes) => self.on_frame(&bytes).await,
-            Message::Ping(bytes) => self
-                .send(&super::frame(OpCode::Pong, &bytes))
-                .await
-                .map(|()| None),
-            Message::Pong => Ok(None),
-            // Echo the client's close code, as RFC 6455 asks.
-            Message::Close(theirs) => Ok(Some(
-                theirs.unwrap_or_else(|| reason(CloseCode::Normal, "")),
-            )),
+            Message::Ping(bytes) => self.send(&ws_frame(OpCode::Pong, &bytes)).await,
+            Message::Pong => Ok(()),
+            Message::Close(theirs) => Err(CloseCause::ClientClosed(theirs)),
         }
     }
 
-    async fn on_frame(&mut self, frame: &[u8]) -> Result<Option<CloseReason>, Gone> {
+    async fn on_frame(&mut self, frame: &[u8]) -> Result<(), CloseCause> {
         let op = match protocol::decode(self.encoding, frame) {
             Ok(op) => op,
-            Err(e) => return self.error(e.id, e.code, &e.message).await.map(|()| None),
+            Err(e) => return self.refuse(e.id, OpError::Decode(e)).await,
         };
-        let (limit, id) = match &op {
-            ClientOp::Publish { id, .. } => (&mut self.publish_rate, *id),
-            ClientOp::Subscribe { id, .. }
-            | ClientOp::Unsubscribe { id, .. }
-            | ClientOp::Refresh { id, .. } => (&mut self.subscribe_rate, *id),
-            ClientOp::Ping { .. } => return self.on_op(op).await.map(|()| None),
+        let id = op.id();
+        let admitted = match &op {
+            ClientOp::Publish { .. } => self.publish_rate.admit(),
+            ClientOp::Subscribe { .. }
+            | ClientOp::Unsubscribe { .. }
+            | ClientOp::Refresh { .. } => self.subscribe_rate.admit(),
+            ClientOp::Ping { .. } => Ok(()),
         };
-        match limit.admit() {
-            Admission::Allowed => {}
-            Admission::Refused(message) => {
-                return self
-                    .error(id, ErrorCode::RateLimited, &message)
-                    .await
-                    .map(|()| None);
-            }
-            Admission::Close(description) => {
-                return Ok(Some(reason(CloseCode::Policy, &description)));
-            }
+        let done = match admitted {
+            Ok(()) => self.on_op(op).await,
+            Err(refused) => Err(refused),
+        };
+        match done {
+            Ok(()) => Ok(()),
+            Err(error) => self.refuse(id, error).await,
         }
-        self.on_op(op).await.map(|()| None)
     }
 
-    async fn on_op(&mut self, op: ClientOp) -> Result<(), Gone> {
+    async fn on_op(&mut self, op: ClientOp) -> Result<(), OpError> {
         match op {
-            ClientOp::Ping { id } => self.reply(&Reply::Pong { id }).await,
+            ClientOp::Ping { id } => Ok(self.reply(&Reply::Pong { id }).await?),
             ClientOp::Refresh { id, token } => self.refresh(id, &token).await,
             ClientOp::Subscribe {
                 id,
@@ -343,14 +375,13 @@ impl Connection {
             } => self.subscribe(id, topic, since, epoch).await,
             ClientOp::Unsubscribe { id, topic } => {
                 if self.subscriptions.remove(&topic) {
-                    self.delivered.remove(&topic);
                     self.state.broker.unsubscribe(&topic, self.id()).await;
                 }
-                self.reply(&Reply::Unsubscribed {
+                let reply = Reply::Unsubscribed {
                     id,
                     topic: topic.as_str(),
-                })
-                .await
+                };
+                Ok(self.reply(&reply).await?)
             }
             ClientOp::Publish {
                 id,
@@ -358,15 +389,10 @@ impl Connection {
                 payload,
                 key,
             } => {
-                if let Err(denied) = self.grants.check(Action::Publish, &topic) {
-                    return self
-                        .error(id, ErrorCode::Forbidden, &denied.to_string())
-                        .await;
-                }
+                self.grants.check(Action::Publish, &topic)?;
                 let limit = self.state.settings.limits.max_payload_bytes;
                 if payload.len() > limit {
-                    let msg = format!("payload is larger than the limit of {limit} bytes");
-                    return self.error(id, ErrorCode::PayloadTooLarge, &msg).await;
+                    return Err(OpError::PayloadTooLarge(limit));
                 }
                 let event = NewEvent {
                     topic: topic.clone(),
@@ -376,51 +402,38 @@ impl Connection {
                         key,
                     }),
                 };
-                match self
+                let offsets = self
                     .state
                     .broker
                     .publish(vec![event], Transport::WebSocket)
-                    .await
-                {
-                    Ok(offsets) => {
-                        let reply = Reply::Published {
-                            id,
-                            topic: topic.as_str(),
-                            offset: offsets[0],
-                        };
-                        self.reply(&reply).await
-                    }
-                    Err(e) => self.error(id, ErrorCode::Unavailable, &e.to_string()).await,
-                }
+                    .await?;
+                let reply = Reply::Published {
+                    id,
+                    topic: topic.as_str(),
+                    offset: offsets[0],
+                };
+                Ok(self.reply(&reply).await?)
             }
         }
     }
 
     /// Subscribes, answers with the topic's head, replays what the client
-    /// missed since `since`, and from then on sends live events above the
-    /// replayed ones: no gap and no duplicate at the seam.
+    /// missed since `since`, and from then on its mailbox brings the live
+    /// events: the pipeline added it at the head it answered, the seam, so
+    /// there is no gap and no duplicate between the two. Subscribing to a
+    /// topic already subscribed answers the same way and changes nothing.
     async fn subscribe(
         &mut self,
         id: Option<u64>,
         topic: Topic,
         since: Option<u64>,
         epoch: Option<String>,
-    ) -> Result<(), Gone> {
-        if let Err(denied) = self.grants.check(Action::Subscribe, &topic) {
-            return self
-                .error(id, ErrorCode::Forbidden, &denied.to_string())
-                .await;
-        }
+    ) -> Result<(), OpError> {
+        self.grants.check(Action::Subscribe, &topic)?;
         let max = self.state.settings.limits.max_subscriptions;
         if !self.subscriptions.contains(&topic) && self.subscriptions.len() >= max {
-            let message =
-                format!("a connection may hold {max} subscriptions (limits.max_subscriptions)");
-            return self
-                .error(id, ErrorCode::TooManySubscriptions, &message)
-                .await;
+            return Err(OpError::TooManySubscriptions(max));
         }
-        // Registered before the head is read: every event after the head
-        // arrives live, every one up to it can be replayed.
         let new = self.subscriptions.insert(topic.clone());
         let head = match self
             .state
@@ -436,26 +449,19 @@ impl Connection {
                     self.subscriptions.remove(&topic);
                     self.state.broker.unsubscribe(&topic, self.id()).await;
                 }
-                return self
-                    .error(
-                        id,
-                        ErrorCode::Unavailable,
-                        "the event store is unavailable; retry",
-                    )
-                    .await;
+                return Err(OpError::Store);
             }
         };
         let Some(head) = head else {
             // No history: live events only, so a resume cannot be complete.
-            let truncated = since.map(|_| true);
             let reply = Reply::Subscribed {
                 id,
                 topic: topic.as_str(),
                 offset: None,
                 epoch: None,
-                truncated,
+                truncated: since.map(|_| true),
             };
-            return self.reply(&reply).await;
+            return Ok(self.reply(&reply).await?);
         };
         let plan = head.plan_replay(since, epoch.as_deref());
         let reply = Reply::Subscribed {
@@ -463,85 +469,67 @@ impl Connection {
             topic: topic.as_str(),
             offset: Some(head.last),
             epoch: Some(&head.epoch),
-            truncated: plan.truncated.then_some(true),
+            truncated: (new && plan.truncated).then_some(true),
         };
         self.reply(&reply).await?;
-        let mut after = plan.after.unwrap_or(head.last);
-        if after < head.last {
-            metrics::counter!(names::REPLAYS).increment(1);
+        if new {
+            self.replay(&topic, plan.after.unwrap_or(head.last), &head)
+                .await?;
         }
-        while after < head.last {
-            let page = match self
-                .state
-                .broker
-                .store()
-                .read(
-                    &topic,
-                    after,
-                    Page {
-                        events: REPLAY_PAGE,
-                        bytes: self.state.settings.limits.max_page_bytes,
-                    },
-                )
-                .await
-            {
-                Ok(page) => page,
+        Ok(())
+    }
+
+    /// Sends the stored events of `topic` in `(after, head.last]`, a page
+    /// at a time, each page read once the previous one was written.
+    async fn replay(&mut self, topic: &Topic, after: u64, head: &Head) -> Result<(), CloseCause> {
+        if after >= head.last {
+            return Ok(());
+        }
+        metrics::counter!(names::REPLAYS).increment(1);
+        let page = Page {
+            events: REPLAY_PAGE,
+            bytes: self.state.settings.limits.max_page_bytes,
+        };
+        let state = Arc::clone(&self.state);
+        let mut range = state.broker.store().range(topic, after, head.last, page);
+        loop {
+            let events = match range.next().await {
+                Ok(Some(events)) => events,
+                Ok(None) => return Ok(()),
                 Err(e) => {
                     // Live events would now go out with a hole before
                     // them: close instead, and the client resumes with the
                     // last offset it really got.
                     tracing::warn!(%topic, error = %e, "replay failed");
-                    self.close_with = Some(reason(
-                        CloseCode::Error,
-                        "replay failed: event store unavailable; reconnect and resume",
-                    ));
-                    return Err(Gone);
+                    return Err(CloseCause::ReplayFailed);
                 }
             };
-            let Some(newest) = page.last().map(|e| e.offset) else {
-                break;
-            };
-            for event in page.iter().filter(|e| e.offset <= head.last) {
+            for event in &events {
                 // A replay can outlast the token: it ends with it.
                 if self.grants.valid_until <= unix_now_secs() {
-                    self.close_with = Some(token_expired());
-                    return Err(Gone);
+                    return Err(CloseCause::TokenExpired);
                 }
                 self.send_event(event).await?;
                 metrics::counter!(names::REPLAYED_EVENTS).increment(1);
             }
-            after = newest;
         }
-        let delivered = self.delivered.entry(topic).or_insert(0);
-        *delivered = (*delivered).max(head.last);
-        Ok(())
     }
 
-    /// Sends a live event unless it was replayed already.
-    async fn send_live(&mut self, event: &Event) -> Result<(), Gone> {
-        if let Some(last) = self.delivered.get_mut(&event.topic) {
-            if event.offset <= *last {
-                return Ok(());
-            }
-            *last = event.offset;
+    /// Sends a live event, unless its topic was unsubscribed since the
+    /// pipeline offered it.
+    async fn send_live(&mut self, event: &Event) -> Result<(), CloseCause> {
+        if !self.subscriptions.contains(&event.topic) {
+            return Ok(());
         }
         self.send_event(event).await
     }
 
     /// Replaces the token with a newer one for the same `sub`; topics the
     /// new grants no longer allow are unsubscribed, each with an error.
-    async fn refresh(&mut self, id: Option<u64>, token: &str) -> Result<(), Gone> {
-        let grants = match self.state.verifier.verify(token) {
-            Ok(grants) => grants,
-            Err(e) => {
-                return self
-                    .error(id, ErrorCode::Unauthorized, &e.to_string())
-                    .await;
-            }
-        };
+    async fn refresh(&mut self, id: Option<u64>, token: &str) -> Result<(), OpError> {
+        let grants = self.state.verifier.verify(token)?;
         if grants.sub != self.grants.sub {
-            let message = "the new token is for another sub";
-            return self.error(id, ErrorCode::Forbidden, message).await;
+            return Err(OpError::OtherSub);
         }
         self.grants = grants;
         let dropped: Vec<Topic> = self
@@ -552,70 +540,62 @@ impl Connection {
             .collect();
         for topic in dropped {
             self.subscriptions.remove(&topic);
-            self.delivered.remove(&topic);
             self.state.broker.unsubscribe(&topic, self.id()).await;
-            let message = format!("unsubscribed from \"{topic}\": the new token does not grant it");
-            let reply = Reply::Error {
-                id: None,
-                code: ErrorCode::Forbidden,
-                message: &message,
-                topic: Some(topic.as_str()),
-            };
-            self.reply(&reply).await?;
+            self.refuse(None, OpError::Revoked(topic)).await?;
         }
-        self.reply(&Reply::Refreshed { id }).await
+        Ok(self.reply(&Reply::Refreshed { id }).await?)
     }
 
-    async fn error(&mut self, id: Option<u64>, code: ErrorCode, message: &str) -> Result<(), Gone> {
+    /// The one place an [`OpError`] becomes what the client sees: an error
+    /// frame, or the end of the connection.
+    async fn refuse(&mut self, id: Option<u64>, error: OpError) -> Result<(), CloseCause> {
+        let message = error.to_string();
+        if let OpError::Stop(cause) = error {
+            return Err(cause);
+        }
+        let topic = match &error {
+            OpError::Revoked(topic) => Some(topic.as_str()),
+            _ => None,
+        };
         self.reply(&Reply::Error {
             id,
-            code,
-            message,
-            topic: None,
+            code: error.code(),
+            message: &message,
+            topic,
         })
         .await
     }
 
-    async fn reply(&mut self, reply: &Reply<'_>) -> Result<(), Gone> {
-        self.send(&super::data_frame(&reply.encode(self.encoding)))
-            .await
+    async fn reply(&mut self, reply: &Reply<'_>) -> Result<(), CloseCause> {
+        self.send(&reply.encode(self.encoding).to_ws()).await
     }
 
     /// Writes an event's shared frame. An event without a form in this
     /// connection's encoding (see [`Event::ws_frame`]) is skipped with an
     /// error frame naming it; the connection lives on.
-    async fn send_event(&mut self, event: &Event) -> Result<(), Gone> {
+    async fn send_event(&mut self, event: &Event) -> Result<(), CloseCause> {
         match event.ws_frame(self.encoding) {
             Some(frame) => self.send(&frame).await,
             // Boxed: this rare path's state must not grow every idle
             // connection's future, which holds this one's.
-            None => Box::pin(self.skipped(event)).await,
+            None => {
+                let skipped = OpError::Unencodable {
+                    topic: event.topic.clone(),
+                    offset: event.offset,
+                    encoding: self.encoding.protocol_name(),
+                };
+                Box::pin(self.refuse(None, skipped)).await
+            }
         }
-    }
-
-    /// Tells the client an event was skipped: it has no form in this
-    /// connection's encoding.
-    async fn skipped(&mut self, event: &Event) -> Result<(), Gone> {
-        let message = format!(
-            "event {} of \"{}\" cannot be encoded in {}; skipped",
-            event.offset,
-            event.topic,
-            self.encoding.protocol_name()
-        );
-        self.reply(&Reply::Error {
-            id: None,
-            code: ErrorCode::Unavailable,
-            message: &message,
-            topic: None,
-        })
-        .await
     }
 
     /// Writes whole frames. A write waiting for a client that does not read
     /// is cut short by eviction or shutdown, so neither waits on that
     /// client; what it had not written yet goes out before the close frame.
-    async fn send(&mut self, frames: &[u8]) -> Result<(), Gone> {
-        self.socket.queue(frames).map_err(|_| Gone)?;
+    async fn send(&mut self, frames: &[u8]) -> Result<(), CloseCause> {
+        self.socket
+            .queue(frames)
+            .map_err(|_| CloseCause::ClientGone)?;
         if self.socket.is_flushed() {
             // The usual case: the kernel took the frames at once.
             return Ok(());
@@ -627,35 +607,27 @@ impl Connection {
         let stalled = self.state.settings.server.write_timeout;
         tokio::select! {
             biased;
-            sent = self.socket.flush() => sent.map_err(|_| Gone),
-            () = self.overflowed.cancelled() => Err(Gone),
-            () = tokio::time::sleep(stalled) => {
-                self.stalled = true;
-                Err(Gone)
-            }
+            sent = self.socket.flush() => sent.map_err(|_| CloseCause::ClientGone),
+            () = self.overflowed.cancelled() => Err(self.stop_cause()),
+            () = tokio::time::sleep(stalled) => Err(CloseCause::Stalled),
         }
     }
 
-    /// The close frame owed after a write was cut short; none when the client
-    /// simply went away.
-    fn abort_reason(&mut self) -> Option<CloseReason> {
-        if let Some(close) = self.close_with.take() {
-            Some(close)
-        } else if self.state.shutdown.is_cancelled() {
-            Some(going_away())
-        } else if self.overflowed.is_cancelled() {
-            Some(slow_consumer())
+    /// Why the stop token was cancelled: shutdown or overflow.
+    fn stop_cause(&self) -> CloseCause {
+        if self.state.shutdown.is_cancelled() {
+            CloseCause::GoingAway
         } else {
-            None
+            CloseCause::SlowConsumer
         }
     }
 }
 
-/// A connection's mailbox and subscriptions, released from the hub (and
-/// the relay's interest) when dropped. The orderly end unsubscribes each topic and
-/// leaves this empty; a task that ends any other way (a panic, or its
-/// future dropped mid-way) still leaves no registration, no gauge and no
-/// Redis subscription behind.
+/// A connection's mailbox and subscriptions, released from the pipeline
+/// (and the relay's watch) when dropped. The orderly end unsubscribes each
+/// topic and leaves this empty; a task that ends any other way (a panic,
+/// or its future dropped mid-way) still leaves no registration, no gauge
+/// and no Redis subscription behind.
 struct Registrations {
     state: Arc<AppState>,
     mailbox: Mailbox,
@@ -684,21 +656,6 @@ impl Drop for Registrations {
     }
 }
 
-fn token_expired() -> CloseReason {
-    reason(
-        CloseCode::Other(protocol::close::TOKEN_EXPIRED),
-        "token expired",
-    )
-}
-
-fn going_away() -> CloseReason {
-    reason(CloseCode::Away, "server shutting down")
-}
-
-fn slow_consumer() -> CloseReason {
-    reason(CloseCode::Again, "slow consumer: outbound queue full")
-}
-
 /// When a token with `exp` (Unix seconds) expires, on the runtime's clock.
 fn expiry_instant(exp: u64) -> tokio::time::Instant {
     // Capped: an issuer's far-future `exp` must not overflow the clock.
@@ -707,13 +664,6 @@ fn expiry_instant(exp: u64) -> tokio::time::Instant {
             .min(MAX_TOKEN_LIFETIME_SECS),
     );
     tokio::time::Instant::now() + left
-}
-
-fn reason(code: CloseCode, description: &str) -> CloseReason {
-    CloseReason {
-        code,
-        description: (!description.is_empty()).then(|| description.to_owned()),
-    }
 }
 
 #[cfg(test)]
@@ -745,14 +695,16 @@ mod tests {
             topics: HashSet::new(),
         };
         registrations.insert(topic.clone());
-        assert_eq!(state.broker.local_subscribers(&topic), 1);
+        assert_eq!(state.broker.local_subscribers(&topic).await, 1);
 
         let task = tokio::spawn(async move {
             let _registrations = registrations;
             panic!("a bug in a handler");
         });
         assert!(task.await.unwrap_err().is_panic());
-        assert_eq!(state.broker.local_subscribers(&topic), 0);
+        // The drop guard's release is queued to the pipeline; a count is
+        // answered after it.
+        assert_eq!(state.broker.local_subscribers(&topic).await, 0);
         state.shutdown.cancel();
         state.broker.stopped().await;
         let _ = std::fs::remove_dir_all(dir);

@@ -5,27 +5,23 @@
 //! An idle connection holds no buffer. Bytes read are kept only while a
 //! frame is incomplete; bytes to send are copied only when the kernel's
 //! send queue cannot take them at once. An event's frame is encoded once
-//! per node (see [`Event::ws_frame`](crate::event::Event::ws_frame)) and
+//! per node (see [`Event::ws_frame`](crate::event::Event::ws_frame), and
+//! [`protocol::ws_frame`](crate::protocol::ws_frame) for how a frame is written) and
 //! written from those shared bytes to every subscriber.
 
 use std::io;
 use std::time::Duration;
 
-use actix_http::ws::{CloseCode, CloseReason, OpCode, Parser, ProtocolError};
+use actix_http::ws::{CloseReason, OpCode, Parser, ProtocolError};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-use crate::protocol;
 
 /// Room reserved for each read from the socket.
 const READ_CHUNK: usize = 4096;
 
 /// The RSV1, RSV2 and RSV3 bits of a frame's first byte.
 const RSV_BITS: u8 = 0x70;
-
-/// Longest frame header: 2 bytes, 8 of extended length, 4 of mask.
-const MAX_HEADER: usize = 14;
 
 /// How long a closed connection waits for the client to close its side, so
 /// that unread client bytes do not turn the last frames into a reset (the
@@ -63,23 +59,6 @@ impl From<ProtocolError> for WsError {
             ProtocolError::Io(e) => WsError::Io(e),
             other => WsError::Protocol(other.to_string()),
         }
-    }
-}
-
-impl WsError {
-    /// The close frame the client is owed, its code saying what it got
-    /// wrong; none when the connection itself failed.
-    pub fn close_reason(&self) -> Option<CloseReason> {
-        let (code, description) = match self {
-            WsError::TooBig => (CloseCode::Size, "message too big"),
-            WsError::InvalidUtf8 => (CloseCode::Invalid, "text frame is not valid UTF-8"),
-            WsError::Protocol(_) => (CloseCode::Protocol, "WebSocket protocol error"),
-            WsError::Io(_) => return None,
-        };
-        Some(CloseReason {
-            code,
-            description: Some(description.to_owned()),
-        })
     }
 }
 
@@ -259,22 +238,6 @@ impl Socket {
         })
         .await;
     }
-}
-
-/// A Herald message as one data frame: text for JSON, binary for
-/// MessagePack.
-pub fn data_frame(message: &protocol::Frame) -> BytesMut {
-    match message {
-        protocol::Frame::Text(text) => frame(OpCode::Text, text.as_bytes()),
-        protocol::Frame::Binary(bytes) => frame(OpCode::Binary, bytes),
-    }
-}
-
-/// One unfragmented, unmasked (server) frame.
-pub fn frame(op: OpCode, payload: &[u8]) -> BytesMut {
-    let mut frame = BytesMut::with_capacity(payload.len() + MAX_HEADER);
-    Parser::write_message(&mut frame, payload, op, true, false);
-    frame
 }
 
 /// The payload length a frame's header announces, once its length bytes

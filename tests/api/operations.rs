@@ -3,7 +3,8 @@
 
 use std::process::Stdio;
 
-use herald::protocol::{ErrorCode, close};
+use herald::protocol::ErrorCode;
+use herald::ws::CloseCause;
 use serde_json::{Value, json};
 
 use crate::helpers::{ServeProcess, claims_token, now, spawn_node, temp_dir, token};
@@ -133,7 +134,7 @@ fn every_error_code_and_close_code_is_documented() {
             code.as_str()
         );
     }
-    for code in close::SENT {
+    for code in CloseCause::codes() {
         assert!(
             docs.contains(&format!("| {code} |")),
             "close code {code} is not in docs/protocol.md"

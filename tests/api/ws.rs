@@ -332,3 +332,55 @@ async fn a_subscriber_that_stops_reading_is_evicted_and_others_get_everything() 
     );
     assert_eq!(offsets, (1..=offsets.len() as u64).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn subscribing_again_replays_nothing_and_answers_the_current_offset() {
+    let node = spawn_node().await;
+    for n in 1..=3 {
+        node.publish_ok(&publisher(), "again", &json!(n)).await;
+    }
+    let mut ws = node.connect(&subscriber()).await;
+    let reply = ws.subscribe("again").await;
+    assert_eq!(reply["offset"], 3);
+    node.publish_ok(&publisher(), "again", &json!(4)).await;
+    assert_eq!(ws.recv().await["offset"], 4);
+
+    // The subscription was live all along: `since` replays nothing.
+    let reply = ws
+        .subscribe_with(json!({"op": "subscribe", "id": 2, "topic": "again", "since": 0}))
+        .await;
+    assert_eq!(reply["offset"], 4);
+    assert_eq!(reply.get("truncated"), None);
+    node.publish_ok(&publisher(), "again", &json!(5)).await;
+    let next = ws.recv().await;
+    assert_eq!((&next["offset"], &next["data"]), (&json!(5), &json!(5)));
+}
+
+#[tokio::test]
+async fn after_the_unsubscribed_reply_no_event_of_the_topic_arrives() {
+    let node = spawn_node().await;
+    let mut ws = node.connect(&subscriber()).await;
+    ws.subscribe("burst").await;
+    ws.subscribe("marker").await;
+    let events: Vec<_> = (0..200)
+        .map(|n| json!({"topic": "burst", "data": n}))
+        .collect();
+    let res = node.publish_batch(&publisher(), &json!(events)).await;
+    assert_eq!(res.status(), 201);
+    // Asked while the burst may still be on its way to this connection.
+    ws.send(json!({"op": "unsubscribe", "id": 9, "topic": "burst"}))
+        .await;
+    loop {
+        let frame = ws.recv().await;
+        if frame["op"] == "unsubscribed" {
+            break;
+        }
+        assert_eq!(frame["topic"], "burst", "{frame}");
+    }
+    node.publish_ok(&publisher(), "marker", &json!("end")).await;
+    let next = ws.recv().await;
+    assert_eq!(
+        (&next["topic"], &next["data"]),
+        (&json!("marker"), &json!("end"))
+    );
+}

@@ -1,7 +1,8 @@
-//! fanout: S subscribers on one topic spread over the cluster's nodes, a
-//! publisher posting at a fixed rate to the first node; deliveries per
-//! second, publish→receive latency, lost and duplicated deliveries, and the
-//! nodes' CPU time per delivery.
+//! fanout: S subscribers on one topic (or spread over T topics) spread over
+//! the cluster's nodes, a publisher posting at a fixed rate to the first
+//! node; deliveries per second, publish→receive latency, lost and
+//! duplicated deliveries, the nodes' CPU time per delivery, and the
+//! busiest node's cores in use.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,6 +22,10 @@ pub struct Options {
     /// Offered deliveries per second (events per second × subscribers).
     pub rate: u64,
     pub seconds: f64,
+    /// Subscribers are spread round-robin over this many topics, each
+    /// published to at the same rate: the same offered deliveries as one
+    /// topic, over several.
+    pub topics: usize,
 }
 
 /// What one subscriber saw.
@@ -45,34 +50,66 @@ pub async fn run(name: &str, cluster: &Cluster, options: &Options) -> Result<Rep
     let mut report = Report::new(name, cluster.system);
     let addrs: Vec<_> = cluster.nodes.iter().map(|n| n.addr).collect();
     let subscribers = options.subscribers.max(1);
+    let topics: Vec<String> = match options.topics.max(1) {
+        1 => vec![TOPIC.to_owned()],
+        n => (0..n).map(|t| format!("{TOPIC}.{t}")).collect(),
+    };
+    // Per topic: each of its events reaches subscribers / topics.
     let events_per_sec = (options.rate as f64 / subscribers as f64).max(0.1);
     let events = ((events_per_sec * options.seconds).round() as u64).max(1);
     report.set("subscribers", subscribers as f64);
+    report.set("topics", topics.len() as f64);
     report.set(
         "offered_deliveries_per_s",
         events_per_sec * subscribers as f64,
     );
-    report.set("events", events as f64);
+    report.set("events", (events * topics.len() as u64) as f64);
 
-    let (subs, _) = subscribe_many(cluster.system, &addrs, subscribers, |_| TOPIC.into()).await?;
+    let topic_of = |i: usize| i % topics.len();
+    let (subs, _) = subscribe_many(cluster.system, &addrs, subscribers, |i| {
+        topics[topic_of(i)].clone()
+    })
+    .await?;
     let delivered = Arc::new(AtomicU64::new(0));
     let finished = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    for sub in subs {
+    for (i, sub) in subs.into_iter().enumerate() {
         let (delivered, finished, stop) = (delivered.clone(), finished.clone(), stop.clone());
+        let topic = topic_of(i);
         tasks.spawn(async move {
             let seen = receive(sub, events, delivered, stop).await;
             finished.fetch_add(1, Ordering::Relaxed);
-            seen
+            (topic, seen)
         });
     }
 
-    warm_up(addrs[0], TOPIC).await?;
+    for topic in &topics {
+        warm_up(addrs[0], topic).await?;
+    }
     let (cpu0, store0) = (cluster.cpu(), cluster.store_cpu().await);
     let (redis0, self0) = (cluster.redis_cpu(), self_cpu());
-    let published = publish_schedule(addrs[0], TOPIC, events, events_per_sec, 4).await?;
-    let expected = published.accepted_count * subscribers as u64;
+    let nodes0: Vec<Duration> = cluster.nodes.iter().map(|n| n.proc.cpu()).collect();
+    let started = Instant::now();
+    let schedules: Vec<_> = topics
+        .iter()
+        .map(|topic| {
+            let (addr, topic) = (addrs[0], topic.clone());
+            tokio::spawn(
+                async move { publish_schedule(addr, &topic, events, events_per_sec, 4).await },
+            )
+        })
+        .collect();
+    let mut published = Vec::with_capacity(schedules.len());
+    for schedule in schedules {
+        published.push(schedule.await??);
+    }
+    let subs_per_topic = |t: usize| (subscribers - t).div_ceil(topics.len()) as u64;
+    let expected: u64 = published
+        .iter()
+        .enumerate()
+        .map(|(t, p)| p.accepted_count * subs_per_topic(t))
+        .sum();
     let publish_end = Instant::now();
     let (mut last_count, mut last_progress) = (delivered.load(Ordering::Relaxed), Instant::now());
     loop {
@@ -89,6 +126,13 @@ pub async fn run(name: &str, cluster: &Cluster, options: &Options) -> Result<Rep
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (cpu1, redis1, self1) = (cluster.cpu(), cluster.redis_cpu(), self_cpu());
+    let busiest = cluster
+        .nodes
+        .iter()
+        .zip(&nodes0)
+        .map(|(n, before)| n.proc.cpu().saturating_sub(*before))
+        .max()
+        .unwrap_or_default();
     let store1 = cluster.store_cpu().await;
     let _ = stop_tx.send(true);
 
@@ -100,9 +144,9 @@ pub async fn run(name: &str, cluster: &Cluster, options: &Options) -> Result<Rep
     let mut last: Option<Instant> = None;
     let mut first_close = None;
     while let Some(joined) = tasks.join_next().await {
-        let seen = joined?;
+        let (topic, seen) = joined?;
         unique += seen.unique;
-        for (got, ok) in seen.bits.iter().zip(&published.accepted) {
+        for (got, ok) in seen.bits.iter().zip(&published[topic].accepted) {
             lost += u64::from((ok & !got).count_ones());
             unacknowledged += u64::from((got & !ok).count_ones());
         }
@@ -115,8 +159,10 @@ pub async fn run(name: &str, cluster: &Cluster, options: &Options) -> Result<Rep
             first_close.get_or_insert(reason);
         }
     }
-    let span = last.map_or(0.0, |l| (l - published.first).as_secs_f64());
-    report.set("publish_failed", published.failed as f64);
+    let first = published.iter().map(|p| p.first).min().unwrap_or(started);
+    let span = last.map_or(0.0, |l| (l - first).as_secs_f64());
+    let failed: u64 = published.iter().map(|p| p.failed).sum();
+    report.set("publish_failed", failed as f64);
     report.set("deliveries", unique as f64);
     report.set(
         "deliveries_per_s",
@@ -147,6 +193,10 @@ pub async fn run(name: &str, cluster: &Cluster, options: &Options) -> Result<Rep
         );
     }
     report.set("redis_cpu_us_per_delivery", per_delivery(redis1 - redis0));
+    // CPU seconds per second of the run on the busiest node: above 1.0,
+    // it used more than one core.
+    let wall = started.elapsed().as_secs_f64();
+    report.set("busiest_node_cores", busiest.as_secs_f64() / wall);
     report.set("harness_cpu_us_per_delivery", per_delivery(self1 - self0));
     if let Some(reason) = first_close {
         report.error = Some(format!("{closed} subscribers disconnected, e.g.: {reason}"));
