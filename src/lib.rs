@@ -53,8 +53,17 @@
 //! topic, the head is read once the watch is in force, and the shard adds
 //! the mailbox at the topic's position (the seam) → the session answers
 //! `subscribed` with that offset, replays up to it from the store, and
-//! everything after comes through the mailbox. On any end (even a panic)
-//! the connection's drop guard releases its topics.
+//! everything after comes through the mailbox.
+//!
+//! # The life of a connection
+//! `GET /ws` with `Upgrade: websocket` leaves the HTTP dispatcher with its
+//! socket (`ws::upgrade`) → origin, token and sub-protocol are checked
+//! before the 101 → the connection's one task `select!`s over eviction and
+//! shutdown, expiry, the heartbeat, its mailbox and client frames, writing
+//! frames straight to the socket; a refused op becomes an error frame, and
+//! every end is a [`ws::CloseCause`] → on exit it unsubscribes everything
+//! (its drop guard does even after a panic) and sends the cause's close
+//! frame.
 
 pub mod auth;
 pub mod broker;

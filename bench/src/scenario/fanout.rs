@@ -126,6 +126,7 @@ pub async fn run(name: &str, cluster: &Cluster, options: &Options) -> Result<Rep
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (cpu1, redis1, self1) = (cluster.cpu(), cluster.redis_cpu(), self_cpu());
+    let wall = started.elapsed().as_secs_f64();
     let busiest = cluster
         .nodes
         .iter()
@@ -195,7 +196,6 @@ pub async fn run(name: &str, cluster: &Cluster, options: &Options) -> Result<Rep
     report.set("redis_cpu_us_per_delivery", per_delivery(redis1 - redis0));
     // CPU seconds per second of the run on the busiest node: above 1.0,
     // it used more than one core.
-    let wall = started.elapsed().as_secs_f64();
     report.set("busiest_node_cores", busiest.as_secs_f64() / wall);
     report.set("harness_cpu_us_per_delivery", per_delivery(self1 - self0));
     if let Some(reason) = first_close {
