@@ -11,7 +11,6 @@
 //! live only, numbered by the relay.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +20,7 @@ use crate::mailbox::{ConnId, Mailbox};
 use crate::payload::Payload;
 use crate::pipeline::Pipeline;
 use crate::relay::{self, Inbound, Relay, RelayError, RelayState};
+use crate::store::commit::{Committed, GroupCommit};
 use crate::store::retention::{Retention, run_pruner};
 use crate::store::{Backend, Head, NewEvent, Store, StoreError};
 use crate::telemetry::names;
@@ -60,9 +60,11 @@ pub struct Broker {
     relay: Arc<dyn Relay>,
     pipeline: Pipeline,
     store: Arc<Store>,
+    /// Publishes to topics with history commit through it.
+    commits: GroupCommit,
     retention: Arc<Retention>,
-    /// The pruner.
-    pruner: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The pruner and the committer.
+    tasks: tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Broker {
@@ -99,14 +101,16 @@ impl Broker {
             Arc::clone(&store),
             Arc::clone(&retention),
             Arc::clone(&relay) as _,
-            shutdown,
+            shutdown.clone(),
         ));
+        let (commits, committer) = GroupCommit::spawn(Arc::clone(&store), shutdown);
         Ok(Broker {
             relay,
             pipeline,
             store,
+            commits,
             retention,
-            pruner: tokio::sync::Mutex::new(Some(pruner)),
+            tasks: tokio::sync::Mutex::new(vec![pruner, committer]),
         })
     }
 
@@ -128,7 +132,6 @@ impl Broker {
         if !self.is_ready() {
             return Err(PublishError::NotReady);
         }
-        let ts = now_ms();
         let (durable, live): (Vec<_>, Vec<_>) = events
             .into_iter()
             .enumerate()
@@ -137,10 +140,11 @@ impl Broker {
 
         if !durable.is_empty() {
             let (slots, events): (Vec<usize>, Vec<NewEvent>) = durable.into_iter().unzip();
-            let started = Instant::now();
-            let appended = self.store.append(&events, ts).await;
-            metrics::histogram!(names::STORE_COMMIT).record(started.elapsed().as_secs_f64());
-            let appended = appended.map_err(|e| {
+            let Committed {
+                events,
+                appended,
+                ts,
+            } = self.commits.append(events).await.map_err(|e| {
                 tracing::warn!(error = %e, "publish not committed");
                 PublishError::Store(e)
             })?;
@@ -163,7 +167,7 @@ impl Broker {
                 .into_iter()
                 .map(|(slot, e)| (slot, (e.topic, e.payload)))
                 .unzip();
-            let assigned = self.relay.publish_live(events, ts).await?;
+            let assigned = self.relay.publish_live(events, now_ms()).await?;
             for (slot, offset) in slots.into_iter().zip(assigned) {
                 offsets[slot] = offset;
             }
@@ -221,8 +225,8 @@ impl Broker {
     pub async fn stopped(&self) {
         self.relay.stopped().await;
         self.pipeline.stopped().await;
-        if let Some(pruner) = self.pruner.lock().await.take() {
-            let _ = pruner.await;
+        for task in self.tasks.lock().await.drain(..) {
+            let _ = task.await;
         }
     }
 }

@@ -35,14 +35,25 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
+/// Buckets of [`names::COMMIT_GROUP_EVENTS`]: events per commit.
+const GROUP_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1000.0,
+];
+
 /// The process's Prometheus recorder, installed on first use.
 pub fn metrics() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
             .set_buckets(LATENCY_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(names::COMMIT_GROUP_EVENTS.into()),
+                    GROUP_BUCKETS,
+                )
+            })
             // The buckets are constants, valid by construction.
-            .expect("latency buckets are not empty")
+            .expect("histogram buckets are not empty")
             .build_recorder();
         let handle = recorder.handle();
         // Fails only if another recorder was installed first (an embedding
@@ -65,6 +76,7 @@ pub mod names {
     pub const SLOW_CONSUMERS: &str = "herald_slow_consumer_closes_total";
     pub const FANOUT_LATENCY: &str = "herald_publish_to_fanout_seconds";
     pub const STORE_COMMIT: &str = "herald_store_commit_seconds";
+    pub const COMMIT_GROUP_EVENTS: &str = "herald_store_commit_group_events";
     pub const RELAY_CONNECTED: &str = "herald_relay_connected";
     pub const RELAY_RECONNECTS: &str = "herald_relay_reconnects_total";
     pub const REPLAYS: &str = "herald_recovery_replays_total";
@@ -86,6 +98,7 @@ pub mod names {
         SLOW_CONSUMERS,
         FANOUT_LATENCY,
         STORE_COMMIT,
+        COMMIT_GROUP_EVENTS,
         RELAY_CONNECTED,
         RELAY_RECONNECTS,
         REPLAYS,
@@ -123,7 +136,12 @@ fn register_at_zero() {
         metrics::counter!(PUBLISHED, "transport" => transport).increment(0);
     }
     // ENCODE_FAILURES, labelled by encoding: `event::register_metrics`.
-    for histogram in [FANOUT_LATENCY, STORE_COMMIT, PRUNE_SECONDS] {
+    for histogram in [
+        FANOUT_LATENCY,
+        STORE_COMMIT,
+        COMMIT_GROUP_EVENTS,
+        PRUNE_SECONDS,
+    ] {
         let _ = metrics::histogram!(histogram);
     }
 }
@@ -161,7 +179,12 @@ fn describe() {
     describe_histogram!(
         STORE_COMMIT,
         Unit::Seconds,
-        "Time to commit a publish to the event log."
+        "Time to commit one group of publishes to the event log."
+    );
+    describe_histogram!(
+        COMMIT_GROUP_EVENTS,
+        Unit::Count,
+        "Events committed together in one transaction (group commit)."
     );
     describe_gauge!(
         RELAY_CONNECTED,

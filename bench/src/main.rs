@@ -144,6 +144,11 @@ struct PublishArgs {
     connections: usize,
     #[arg(long, default_value_t = 16)]
     topics: usize,
+    /// Events of the lone publisher, one at a time at --lone-rate (0: skip).
+    #[arg(long, default_value_t = 1000)]
+    lone_events: u64,
+    #[arg(long, default_value_t = 100.0)]
+    lone_rate: f64,
 }
 
 #[derive(Args, Clone)]
@@ -222,8 +227,10 @@ async fn run(cli: Cli) -> Result<()> {
             publish: Some(PublishArgs {
                 seconds: 10.0,
                 batch: 100,
-                connections: 32,
-                topics: 16,
+                connections: 64,
+                topics: 64,
+                lone_events: 1000,
+                lone_rate: 100.0,
             }),
             prune: Some(PruneArgs {
                 small: 10,
@@ -254,6 +261,8 @@ async fn run(cli: Cli) -> Result<()> {
                 batch: 10,
                 connections: 4,
                 topics: 4,
+                lone_events: 20,
+                lone_rate: 100.0,
             }),
             prune: Some(PruneArgs {
                 small: 10,
@@ -383,6 +392,8 @@ async fn run(cli: Cli) -> Result<()> {
             batch: args.batch,
             connections: args.connections,
             topics: args.topics,
+            lone_events: args.lone_events,
+            lone_rate: args.lone_rate,
         };
         let cluster = Cluster::start(System::Herald, 1, false, &paths).await?;
         let result = publish::run(&cluster, &options).await;

@@ -334,11 +334,7 @@ impl Cluster {
     /// database server would. A `'static` text: the scenario's own.
     pub async fn store_sql(&self, sql: &'static str) -> Result<Option<i64>> {
         use sqlx::{Connection, Row};
-        let (server, db) = self
-            .database
-            .as_ref()
-            .context("only Herald runs have a database")?;
-        let url = format!("{}/{db}", server.trim_end_matches('/'));
+        let url = self.database_url()?;
         let mut conn = sqlx::PgConnection::connect(&url)
             .await
             .with_context(|| format!("cannot connect to {url}"))?;
@@ -350,6 +346,15 @@ impl Cluster {
         row.map(|row| row.try_get::<i64, _>(0))
             .transpose()
             .with_context(|| format!("{sql} answered no bigint"))
+    }
+
+    /// The URL of this run's database (Herald's event log).
+    pub fn database_url(&self) -> Result<String> {
+        let (server, db) = self
+            .database
+            .as_ref()
+            .context("only Herald runs have a database")?;
+        Ok(format!("{}/{db}", server.trim_end_matches('/')))
     }
 
     /// CPU time of the private Redis.

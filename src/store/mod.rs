@@ -19,6 +19,7 @@
 //! under `migrations/sqlite` and `migrations/postgres`. All SQL binds its
 //! parameters.
 
+pub mod commit;
 pub mod heads;
 pub mod retention;
 
@@ -333,31 +334,38 @@ impl Store {
             }
         }
         // One row lock per topic, taken in topic order so that concurrent
-        // batches over the same topics cannot deadlock. The upsert creates
-        // the topic's log on its first events and reserves their offsets.
-        for (topic, indexes) in &per_topic {
-            let n = indexes.len() as i64;
-            let row = sqlx::query(
-                "INSERT INTO herald_topics (topic, epoch, last_seq, created_ms) \
-                 VALUES ($1, (SELECT value FROM herald_meta WHERE name = 'log_epoch'), $2, $3) \
-                 ON CONFLICT (topic) DO UPDATE SET last_seq = herald_topics.last_seq + $2 \
-                 RETURNING last_seq",
-            )
-            .bind(*topic)
-            .bind(n)
-            .bind(ts as i64)
-            .fetch_one(&mut *tx)
-            .await?;
-            let last: i64 = row.try_get(0)?;
-            for (k, &i) in indexes.iter().enumerate() {
-                outcome[i] = Some(Appended {
-                    offset: (last - n + 1 + k as i64) as u64,
-                    duplicate: false,
-                });
+        // batches over the same topics cannot deadlock, with one statement
+        // per chunk of topics. The upsert creates a topic's log on its
+        // first events and reserves their offsets.
+        let topics: Vec<(&str, &Vec<usize>)> = per_topic.iter().map(|(t, i)| (*t, i)).collect();
+        for chunk in topics.chunks(INSERT_CHUNK) {
+            let mut query =
+                sqlx::query(sqlx::AssertSqlSafe(reserve_offsets_sql(chunk.len()))).bind(ts as i64);
+            for (topic, indexes) in chunk {
+                query = query.bind(*topic).bind(indexes.len() as i64);
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                let topic: String = row.try_get(0)?;
+                let last: i64 = row.try_get(1)?;
+                let indexes = &per_topic[topic.as_str()];
+                let n = indexes.len() as i64;
+                for (k, &i) in indexes.iter().enumerate() {
+                    outcome[i] = Some(Appended {
+                        offset: (last - n + 1 + k as i64) as u64,
+                        duplicate: false,
+                    });
+                }
             }
         }
         // The new events are exactly those given offsets above.
         let new: Vec<usize> = per_topic.into_values().flatten().collect();
+        if new.iter().any(|&i| outcome[i].is_none()) {
+            // Every topic's row was returned: anything else is a bug, not
+            // a publish to acknowledge.
+            return Err(StoreError::Unavailable(sqlx::Error::Protocol(
+                "reserving offsets returned fewer topics than asked".into(),
+            )));
+        }
         for chunk in new.chunks(INSERT_CHUNK) {
             let mut query = sqlx::query(sqlx::AssertSqlSafe(insert_events_sql(chunk.len())));
             for &i in chunk {
@@ -723,6 +731,27 @@ fn decode_event(topic: &Topic, row: &AnyRow) -> Result<Event, StoreError> {
         Payload::Binary(Bytes::from(body))
     };
     Ok(Event::new(topic.clone(), offset, ts, payload))
+}
+
+/// `INSERT … ON CONFLICT` reserving offsets for `rows` topics: `$1` is
+/// the publish time, then each topic and its number of new events; returns
+/// each topic with its new last offset.
+fn reserve_offsets_sql(rows: usize) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|r| {
+            format!(
+                "(${}, (SELECT value FROM herald_meta WHERE name = 'log_epoch'), ${}, $1)",
+                2 * r + 2,
+                2 * r + 3
+            )
+        })
+        .collect();
+    format!(
+        "INSERT INTO herald_topics (topic, epoch, last_seq, created_ms) VALUES {} \
+         ON CONFLICT (topic) DO UPDATE SET last_seq = herald_topics.last_seq + excluded.last_seq \
+         RETURNING topic, last_seq",
+        values.join(", ")
+    )
 }
 
 /// `INSERT INTO herald_events ... VALUES ($1, ..., $7), ...` for `rows`

@@ -715,3 +715,69 @@ async fn clients_subscribing_at_once_each_get_their_own_topic_s_head_on_both_bac
         );
     }
 }
+
+/// The value of an unlabelled series in a Prometheus text exposition.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} in /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_publishes_arriving_together_commit_together_with_gap_free_offsets() {
+    // Its own process: /metrics then counts this node's commits only.
+    let pg = PgDatabase::create().await;
+    let node = ServeProcess::start(
+        "group-commit",
+        &[("HERALD__STORE__URL", pg.url())],
+        std::process::Stdio::null(),
+    )
+    .await;
+    const TOPICS: usize = 4;
+    const EACH: usize = 50;
+    let http = reqwest::Client::new();
+    let publishes = (0..TOPICS * EACH).map(|i| {
+        let (http, url) = (
+            http.clone(),
+            node.url(&format!("/api/v1/topics/hot.{}/events", i % TOPICS)),
+        );
+        async move {
+            let res = http
+                .post(url)
+                .bearer_auth(publisher())
+                .json(&json!({ "i": i }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 201);
+            let body: Value = res.json().await.unwrap();
+            (i % TOPICS, body["offset"].as_u64().unwrap())
+        }
+    });
+    let mut offsets = vec![Vec::new(); TOPICS];
+    for (topic, offset) in futures_util::future::join_all(publishes).await {
+        offsets[topic].push(offset);
+    }
+    for mut topic in offsets {
+        topic.sort_unstable();
+        assert_eq!(topic, (1..=EACH as u64).collect::<Vec<_>>());
+    }
+    let text = http
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events = metric(&text, "herald_store_commit_group_events_sum");
+    let commits = metric(&text, "herald_store_commit_group_events_count");
+    assert_eq!(events, (TOPICS * EACH) as f64);
+    assert!(
+        commits < events,
+        "{commits} commits for {events} concurrent publishes: none were grouped"
+    );
+}

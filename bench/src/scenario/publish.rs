@@ -1,5 +1,7 @@
 //! publish: HTTP publish requests per second one node accepts with its
-//! PostgreSQL event log, one event per request and in batches.
+//! PostgreSQL event log: one event per request over many topics and over
+//! one, in batches, and a lone publisher at a steady rate beside the
+//! store's own commit time for the same statement.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +12,7 @@ use tokio::task::JoinSet;
 use crate::client;
 use crate::http::Http;
 use crate::nodes::Cluster;
-use crate::report::{Report, latencies};
+use crate::report::{Report, latencies, quantile};
 
 pub struct Options {
     pub seconds: f64,
@@ -20,25 +22,46 @@ pub struct Options {
     pub connections: usize,
     /// Topics the events are spread over.
     pub topics: usize,
+    /// Events of the lone publisher (0: skip it).
+    pub lone_events: u64,
+    /// Its events per second.
+    pub lone_rate: f64,
 }
 
-/// Runs the single-event and the batch variant.
+/// Runs the single-event variants (over `topics` topics, then over one),
+/// the batch variant and the lone publisher.
 pub async fn run(cluster: &Cluster, options: &Options) -> Result<Vec<Report>> {
-    let single = load(cluster, options, 1).await?;
-    let batch = load(cluster, options, options.batch.max(1)).await?;
-    Ok(vec![single, batch])
+    let mut reports = vec![
+        load(cluster, options, "publish_single", 1, options.topics).await?,
+        load(cluster, options, "publish_single_one_topic", 1, 1).await?,
+        load(
+            cluster,
+            options,
+            "publish_batch",
+            options.batch.max(1),
+            options.topics,
+        )
+        .await?,
+    ];
+    if options.lone_events > 0 {
+        reports.push(lone(cluster, options.lone_events, options.lone_rate).await?);
+    }
+    Ok(reports)
 }
 
-async fn load(cluster: &Cluster, options: &Options, batch: usize) -> Result<Report> {
-    let name = if batch == 1 {
-        "publish_single"
-    } else {
-        "publish_batch"
-    };
+async fn load(
+    cluster: &Cluster,
+    options: &Options,
+    name: &str,
+    batch: usize,
+    topics: usize,
+) -> Result<Report> {
     let mut report = Report::new(name, cluster.system);
+    report.set("topics", topics as f64);
+    report.set("connections", options.connections as f64);
     let addr = cluster.nodes[0].addr;
     let token: Arc<str> = client::token().into();
-    let topics = options.topics.max(1);
+    let topics = topics.max(1);
     let mut connections = Vec::new();
     for _ in 0..options.connections.max(1) {
         connections.push(Http::connect(addr).await?);
@@ -134,4 +157,81 @@ async fn load(cluster: &Cluster, options: &Options, batch: usize) -> Result<Repo
     );
     latencies(&mut report, all);
     Ok(report)
+}
+
+/// What Herald runs for one event without a key on PostgreSQL (see
+/// `Store::append`): the store's own commit time is this statement's.
+const APPEND_ONE: &str = "WITH t AS ( \
+     INSERT INTO herald_topics (topic, epoch, last_seq, created_ms) \
+     VALUES ($1, (SELECT value FROM herald_meta WHERE name = 'log_epoch'), 1, $2) \
+     ON CONFLICT (topic) DO UPDATE SET last_seq = herald_topics.last_seq + 1 \
+     RETURNING last_seq) \
+ INSERT INTO herald_events (topic, seq, ts, is_binary, payload, idem_key) \
+ SELECT $1, t.last_seq, $2, $3, $4, NULL FROM t \
+ RETURNING seq";
+
+/// One publisher, one event at a time at `rate` per second: each
+/// request's time to 201. Then the same number of the same statement
+/// straight to the same database, at the same rate: the floor.
+async fn lone(cluster: &Cluster, events: u64, rate: f64) -> Result<Report> {
+    use sqlx::Connection;
+    let mut report = Report::new("publish_lone", cluster.system);
+    let interval = Duration::from_secs_f64(1.0 / rate.max(0.1));
+    let token = client::token();
+    let path = client::publish_path("bench.lone");
+    let mut http = Http::connect(cluster.nodes[0].addr).await?;
+    let mut herald = Vec::with_capacity(events as usize);
+    let mut next = tokio::time::Instant::now();
+    for seq in 1..=events {
+        tokio::time::sleep_until(next).await;
+        next += interval;
+        let sent = Instant::now();
+        let res = http
+            .post_json(&path, &token, &client::event_body(seq, 0))
+            .await?;
+        if res.status != 201 {
+            bail!("publish_lone: publish answered {}", res.status);
+        }
+        herald.push(micros(sent));
+    }
+    let mut conn = sqlx::PgConnection::connect(&cluster.database_url()?).await?;
+    let mut floor = Vec::with_capacity(events as usize);
+    for seq in 1..=events {
+        tokio::time::sleep_until(next).await;
+        next += interval;
+        let sent = Instant::now();
+        sqlx::query(APPEND_ONE)
+            .bind("bench.lone.floor")
+            .bind(unix_ms())
+            .bind(false)
+            .bind(client::event_body(seq, 0))
+            .execute(&mut conn)
+            .await?;
+        floor.push(micros(sent));
+    }
+    let _ = conn.close().await;
+    report.set("events", events as f64);
+    report.set("rate", rate);
+    floor.sort_unstable();
+    let (floor_p50, floor_p99) = (
+        quantile(&floor, 0.5) / 1000.0,
+        quantile(&floor, 0.99) / 1000.0,
+    );
+    report.set("store_commit_p50_ms", floor_p50);
+    report.set("store_commit_p99_ms", floor_p99);
+    latencies(&mut report, herald);
+    let (p50, p99) = (report.get("p50_ms"), report.get("p99_ms"));
+    report.set("p50_above_store_ms", p50.unwrap_or(f64::NAN) - floor_p50);
+    report.set("p99_above_store_ms", p99.unwrap_or(f64::NAN) - floor_p99);
+    Ok(report)
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn micros(since: Instant) -> u32 {
+    since.elapsed().as_micros().min(u128::from(u32::MAX)) as u32
 }

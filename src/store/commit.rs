@@ -1,0 +1,183 @@
+//! Group commit: appends that arrive while a commit is in flight are
+//! written together, in one transaction, as soon as it ends.
+//!
+//! One task per node owns the committing. When nothing is in flight, an
+//! append commits at once, so a lone publish waits no longer than before.
+//! Under load each commit takes everything queued meanwhile (up to
+//! [`MAX_EVENTS`] events and [`MAX_BYTES`] payload bytes), so publishers
+//! share one transaction, one row lock per topic and one `fsync` instead
+//! of waiting for each other's. Order, offsets and idempotency are the
+//! store's, as for any batch: each topic's events get gap-free offsets in
+//! the order they were queued.
+//!
+//! A group that fails is committed again one append at a time, when its
+//! failure could be one append's own (an error from the database), so
+//! that each append gets the answer it would have had alone; when the
+//! store itself is unreachable, every append of the group gets that error.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{Appended, NewEvent, Store, StoreError};
+use crate::event::now_ms;
+use crate::telemetry::names;
+
+/// Most events in one group (an append above it commits alone).
+pub const MAX_EVENTS: usize = 1000;
+/// Most payload bytes in one group (an append above it commits alone).
+pub const MAX_BYTES: usize = 4 << 20;
+/// Appends waiting for the committer; publishers wait when it is full.
+const QUEUE: usize = 4096;
+
+/// What an append became: its events (given back), what happened to each,
+/// and the publish time they were committed with.
+pub struct Committed {
+    pub events: Vec<NewEvent>,
+    pub appended: Vec<Appended>,
+    pub ts: u64,
+}
+
+struct Request {
+    events: Vec<NewEvent>,
+    reply: oneshot::Sender<Result<Committed, StoreError>>,
+}
+
+impl Request {
+    fn bytes(&self) -> usize {
+        self.events.iter().map(|e| e.payload.len()).sum()
+    }
+}
+
+/// The handle appends go through.
+pub struct GroupCommit {
+    requests: mpsc::Sender<Request>,
+}
+
+impl GroupCommit {
+    /// Starts the committing task; it ends when `shutdown` is cancelled.
+    pub fn spawn(store: Arc<Store>, shutdown: CancellationToken) -> (GroupCommit, JoinHandle<()>) {
+        let (requests, rx) = mpsc::channel(QUEUE);
+        let task = tokio::spawn(run(store, rx, shutdown));
+        (GroupCommit { requests }, task)
+    }
+
+    /// Appends `events` in order (see [`Store::append`]), together with
+    /// whatever else is queued for the same commit.
+    pub async fn append(&self, events: Vec<NewEvent>) -> Result<Committed, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        if self.requests.send(Request { events, reply }).await.is_err() {
+            return Err(stopped());
+        }
+        answer.await.unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Unavailable(sqlx::Error::PoolClosed)
+}
+
+async fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Request>, shutdown: CancellationToken) {
+    // An append that did not fit in the previous group leads the next.
+    let mut next: Option<Request> = None;
+    loop {
+        let first = match next.take() {
+            Some(request) => request,
+            None => tokio::select! {
+                () = shutdown.cancelled() => return,
+                request = rx.recv() => match request {
+                    Some(request) => request,
+                    None => return,
+                },
+            },
+        };
+        let (mut events, mut bytes) = (first.events.len(), first.bytes());
+        let mut group = vec![first];
+        while events < MAX_EVENTS && bytes < MAX_BYTES {
+            let Ok(request) = rx.try_recv() else { break };
+            let (more, size) = (request.events.len(), request.bytes());
+            if events + more > MAX_EVENTS || bytes + size > MAX_BYTES {
+                next = Some(request);
+                break;
+            }
+            events += more;
+            bytes += size;
+            group.push(request);
+        }
+        commit(&store, group).await;
+    }
+}
+
+/// Commits a group in one transaction and answers each of its appends.
+async fn commit(store: &Store, group: Vec<Request>) {
+    let ts = now_ms();
+    let mut sizes = Vec::with_capacity(group.len());
+    let mut replies = Vec::with_capacity(group.len());
+    let mut all = Vec::new();
+    for request in group {
+        sizes.push(request.events.len());
+        replies.push(request.reply);
+        all.extend(request.events);
+    }
+    let result = timed(store.append(&all, ts)).await;
+    metrics::histogram!(names::COMMIT_GROUP_EVENTS).record(all.len() as f64);
+    match result {
+        Ok(appended) => {
+            let mut events = all.into_iter();
+            let mut appended = appended.into_iter();
+            for (size, reply) in sizes.into_iter().zip(replies) {
+                let committed = Committed {
+                    events: events.by_ref().take(size).collect(),
+                    appended: appended.by_ref().take(size).collect(),
+                    ts,
+                };
+                // The publisher may have gone meanwhile; its events stay
+                // committed, and are relayed by no one: nodes fill the gap
+                // from the store with the topic's next event.
+                let _ = reply.send(Ok(committed));
+            }
+        }
+        Err(e) if replies.len() > 1 && may_be_one_appends(&e) => {
+            tracing::debug!(error = %e, appends = replies.len(), "group commit failed; committing its appends one by one");
+            let mut events = all.into_iter();
+            for (size, reply) in sizes.into_iter().zip(replies) {
+                let own: Vec<NewEvent> = events.by_ref().take(size).collect();
+                let ts = now_ms();
+                let answer = timed(store.append(&own, ts))
+                    .await
+                    .map(|appended| Committed {
+                        events: own,
+                        appended,
+                        ts,
+                    });
+                let _ = reply.send(answer);
+            }
+        }
+        Err(e) => {
+            let shared = Arc::new(e);
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::Shared(Arc::clone(&shared))));
+            }
+        }
+    }
+}
+
+/// Runs an append and records its commit time.
+async fn timed<T>(append: impl Future<Output = T>) -> T {
+    let started = Instant::now();
+    let result = append.await;
+    metrics::histogram!(names::STORE_COMMIT).record(started.elapsed().as_secs_f64());
+    result
+}
+
+/// Whether a group's failure could come from one of its appends rather
+/// than from the store as a whole (which every append would meet alone).
+fn may_be_one_appends(error: &StoreError) -> bool {
+    matches!(
+        error,
+        StoreError::Unavailable(sqlx::Error::Database(_) | sqlx::Error::Encode(_))
+    )
+}
