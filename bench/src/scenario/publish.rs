@@ -28,21 +28,17 @@ pub struct Options {
     pub lone_rate: f64,
 }
 
-/// Runs the single-event variants (over `topics` topics, then over one),
-/// the batch variant and the lone publisher.
+/// Runs the single-event variants (over `topics` topics, then over one)
+/// and the batch variant (for `seconds` each; 0 skips them), then the lone
+/// publisher.
 pub async fn run(cluster: &Cluster, options: &Options) -> Result<Vec<Report>> {
-    let mut reports = vec![
-        load(cluster, options, "publish_single", 1, options.topics).await?,
-        load(cluster, options, "publish_single_one_topic", 1, 1).await?,
-        load(
-            cluster,
-            options,
-            "publish_batch",
-            options.batch.max(1),
-            options.topics,
-        )
-        .await?,
-    ];
+    let mut reports = Vec::new();
+    if options.seconds > 0.0 {
+        reports.push(load(cluster, options, "publish_single", 1, options.topics).await?);
+        reports.push(load(cluster, options, "publish_single_one_topic", 1, 1).await?);
+        let batch = options.batch.max(1);
+        reports.push(load(cluster, options, "publish_batch", batch, options.topics).await?);
+    }
     if options.lone_events > 0 {
         reports.push(lone(cluster, options.lone_events, options.lone_rate).await?);
     }
@@ -203,7 +199,7 @@ async fn lone(cluster: &Cluster, events: u64, rate: f64) -> Result<Report> {
         sqlx::query(APPEND_ONE)
             .bind("bench.lone.floor")
             .bind(unix_ms())
-            .bind(false)
+            .bind(0_i64) // is_binary: a JSON payload
             .bind(client::event_body(seq, 0))
             .execute(&mut conn)
             .await?;
