@@ -114,6 +114,13 @@ struct FanoutArgs {
     /// Herald nodes (1: a single node, no Redis).
     #[arg(long, default_value_t = 2)]
     nodes: usize,
+    /// Also run with each of these subscriber counts (comma-separated) at
+    /// --sweep-rate, each beside the echo floor: the fan-out tail across
+    /// audiences.
+    #[arg(long, value_delimiter = ',')]
+    sweep: Vec<usize>,
+    #[arg(long, default_value_t = 40_000)]
+    sweep_rate: u64,
 }
 
 #[derive(Args, Clone)]
@@ -215,6 +222,8 @@ async fn run(cli: Cli) -> Result<()> {
                 overload_rate: 200_000,
                 topics: 1,
                 nodes: 2,
+                sweep: vec![1_000, 5_000, 10_000],
+                sweep_rate: 40_000,
             }),
             latency: Some(LatencyArgs {
                 events: 1000,
@@ -247,6 +256,8 @@ async fn run(cli: Cli) -> Result<()> {
                 overload_rate: 0,
                 topics: 1,
                 nodes: 2,
+                sweep: Vec::new(),
+                sweep_rate: 40_000,
             }),
             latency: Some(LatencyArgs {
                 events: 50,
@@ -297,8 +308,11 @@ async fn run(cli: Cli) -> Result<()> {
     };
 
     if let Some(args) = &plan.fanout {
+        // The echo server knows no topics: a floor for one topic only.
+        let floor = args.topics == 1;
         let mut runs = vec![(
-            "fanout",
+            "fanout".to_owned(),
+            floor,
             fanout::Options {
                 subscribers: args.subscribers,
                 rate: args.rate,
@@ -308,7 +322,8 @@ async fn run(cli: Cli) -> Result<()> {
         )];
         if args.overload_rate > 0 {
             runs.push((
-                "fanout_overload",
+                "fanout_overload".to_owned(),
+                false,
                 fanout::Options {
                     subscribers: args.subscribers,
                     rate: args.overload_rate,
@@ -317,9 +332,20 @@ async fn run(cli: Cli) -> Result<()> {
                 },
             ));
         }
-        for (name, options) in &runs {
-            // The echo server knows no topics: a floor for one topic only.
-            if *name == "fanout" && args.topics == 1 {
+        for &subscribers in &args.sweep {
+            runs.push((
+                format!("fanout_s{subscribers}"),
+                floor,
+                fanout::Options {
+                    subscribers,
+                    rate: args.sweep_rate,
+                    seconds: args.seconds,
+                    topics: args.topics,
+                },
+            ));
+        }
+        for (name, floor, options) in &runs {
+            if *floor {
                 // The floor: one process writing each event to every
                 // socket, nothing else; its CPU per delivery is what one
                 // loopback write costs here.
