@@ -1,8 +1,11 @@
 //! A connection's mailbox: where the delivery pipeline drops the events
 //! the connection subscribed to, and the connection takes them from.
 //!
-//! Offering an event is one non-blocking `try_send` of a shared
-//! `Arc<Event>`: a subscriber never slows the pipeline.
+//! Offering an event is a few atomic operations and one non-blocking
+//! send of a shared `Arc<Event>`: a subscriber never slows the pipeline.
+//! The bounds are kept in two counters beside an unbounded channel, not by
+//! a bounded channel's semaphore: one counter of events and one of bytes,
+//! checked the same way.
 //!
 //! Overflow policy: each connection's mailbox is bounded, in events
 //! (`limits.outbound_queue`) and in payload bytes
@@ -27,16 +30,20 @@ pub type ConnId = u64;
 #[derive(Clone, Debug)]
 pub struct Mailbox {
     pub id: ConnId,
-    tx: mpsc::Sender<Arc<Event>>,
+    tx: mpsc::UnboundedSender<Arc<Event>>,
     queue: Arc<QueueState>,
-    max_bytes: usize,
     /// Cancelled when the mailbox overflowed: the connection must close.
     overflowed: CancellationToken,
 }
 
 /// What the pipeline and the connection both know of a mailbox.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct QueueState {
+    /// Most events and payload bytes queued.
+    capacity: usize,
+    max_bytes: usize,
+    /// Events queued and not yet taken by the connection.
+    events: AtomicUsize,
     /// Payload bytes queued and not yet taken by the connection.
     bytes: AtomicUsize,
     /// Set once, on overflow or when the connection closes. Read on every
@@ -47,13 +54,14 @@ struct QueueState {
 
 /// The connection's end of its mailbox.
 pub struct Inbox {
-    rx: mpsc::Receiver<Arc<Event>>,
+    rx: mpsc::UnboundedReceiver<Arc<Event>>,
     queue: Arc<QueueState>,
 }
 
 impl Inbox {
     pub async fn recv(&mut self) -> Option<Arc<Event>> {
         let event = self.rx.recv().await?;
+        self.queue.events.fetch_sub(1, Ordering::Relaxed);
         self.queue
             .bytes
             .fetch_sub(event.payload.len(), Ordering::Relaxed);
@@ -72,14 +80,19 @@ impl Mailbox {
         max_bytes: usize,
         parent: &CancellationToken,
     ) -> (Mailbox, Inbox, CancellationToken) {
-        let (tx, rx) = mpsc::channel(capacity);
-        let queue = Arc::new(QueueState::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(QueueState {
+            capacity,
+            max_bytes,
+            events: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        });
         let overflowed = parent.child_token();
         let mailbox = Mailbox {
             id,
             tx,
             queue: Arc::clone(&queue),
-            max_bytes,
             overflowed: overflowed.clone(),
         };
         (mailbox, Inbox { rx, queue }, overflowed)
@@ -107,25 +120,22 @@ impl Mailbox {
             return false;
         }
         let size = event.payload.len();
+        let queue = &self.queue;
         // Counted before sending so the receiver's decrement never comes
         // first; undone when the event is not queued. One event larger
-        // than the limit still goes into an empty mailbox.
-        let before = self.queue.bytes.fetch_add(size, Ordering::Relaxed);
-        if before > 0 && before + size > self.max_bytes {
-            self.queue.bytes.fetch_sub(size, Ordering::Relaxed);
-            self.evict();
+        // than the byte limit still goes into an empty mailbox.
+        let events = queue.events.fetch_add(1, Ordering::Relaxed);
+        let bytes = queue.bytes.fetch_add(size, Ordering::Relaxed);
+        let full = events >= queue.capacity || (bytes > 0 && bytes + size > queue.max_bytes);
+        if full || self.tx.send(Arc::clone(event)).is_err() {
+            queue.events.fetch_sub(1, Ordering::Relaxed);
+            queue.bytes.fetch_sub(size, Ordering::Relaxed);
+            if full {
+                self.evict();
+            }
+            // Not full: the connection is closing and will unsubscribe.
             return false;
         }
-        match self.tx.try_send(Arc::clone(event)) {
-            Ok(()) => true,
-            Err(e) => {
-                self.queue.bytes.fetch_sub(size, Ordering::Relaxed);
-                if matches!(e, mpsc::error::TrySendError::Full(_)) {
-                    self.evict();
-                }
-                // Closed: the connection is closing and will unsubscribe.
-                false
-            }
-        }
+        true
     }
 }

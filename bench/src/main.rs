@@ -151,6 +151,10 @@ struct PublishArgs {
     connections: usize,
     #[arg(long, default_value_t = 16)]
     topics: usize,
+    /// Herald nodes the connections are spread over (more than 1: a
+    /// cluster, with Redis, on one PostgreSQL).
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
     /// Events of the lone publisher, one at a time at --lone-rate (0: skip).
     #[arg(long, default_value_t = 1000)]
     lone_events: u64,
@@ -238,6 +242,7 @@ async fn run(cli: Cli) -> Result<()> {
                 batch: 100,
                 connections: 64,
                 topics: 64,
+                nodes: 1,
                 lone_events: 1000,
                 lone_rate: 100.0,
             }),
@@ -272,6 +277,7 @@ async fn run(cli: Cli) -> Result<()> {
                 batch: 10,
                 connections: 4,
                 topics: 4,
+                nodes: 1,
                 lone_events: 20,
                 lone_rate: 100.0,
             }),
@@ -421,7 +427,8 @@ async fn run(cli: Cli) -> Result<()> {
             lone_events: args.lone_events,
             lone_rate: args.lone_rate,
         };
-        let cluster = Cluster::start(System::Herald, 1, false, &paths).await?;
+        let nodes = args.nodes.max(1);
+        let cluster = Cluster::start(System::Herald, nodes, nodes > 1, &paths).await?;
         let result = publish::run(&cluster, &options).await;
         cluster.stop().await;
         match result {

@@ -55,13 +55,16 @@ async fn load(
     let mut report = Report::new(name, cluster.system);
     report.set("topics", topics as f64);
     report.set("connections", options.connections as f64);
-    let addr = cluster.nodes[0].addr;
     let token: Arc<str> = client::token().into();
     let topics = topics.max(1);
+    // Spread over the nodes: a cluster's nodes publishing to the same
+    // topics contend for their rows.
     let mut connections = Vec::new();
-    for _ in 0..options.connections.max(1) {
-        connections.push(Http::connect(addr).await?);
+    for c in 0..options.connections.max(1) {
+        let node = &cluster.nodes[c % cluster.nodes.len()];
+        connections.push(Http::connect(node.addr).await?);
     }
+    report.set("nodes", cluster.nodes.len() as f64);
     // Measured from here: connections are open, the clock and CPU start.
     let (cpu0, self0) = (cluster.cpu(), crate::nodes::self_cpu());
     let store0 = cluster.store_cpu().await;
