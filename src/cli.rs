@@ -114,7 +114,7 @@ fn serve(config: Option<PathBuf>, dev_mode: bool, bind: Option<String>) -> Resul
         })?;
         settings.auth.jwt_secret = Some(secret);
     }
-    actix_web::rt::System::new().block_on(async move {
+    node_system()?.block_on(async move {
         let app = Application::build(settings.clone())
             .await
             .map_err(|e| e.to_string())?;
@@ -127,6 +127,20 @@ fn serve(config: Option<PathBuf>, dev_mode: bool, bind: Option<String>) -> Resul
         tracing::info!(addr = %app.local_addr(), "herald listening");
         app.run_until_stopped().await.map_err(|e| e.to_string())
     })
+}
+
+/// The runtime a node runs on. HTTP and WebSocket connections are served
+/// by actix's workers, one thread and runtime each; what the node runs in
+/// the background (the pipeline's shards, the relay, the committer, the
+/// pruner) is spawned on this system's Tokio runtime, which is
+/// multi-threaded so that the shards run on every core.
+fn node_system() -> Result<actix_web::rt::SystemRunner, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("herald-core")
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    Ok(actix_web::rt::System::with_tokio_rt(|| runtime))
 }
 
 fn migrate(config: Option<PathBuf>) -> Result<(), String> {
