@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::{
     PgDatabase, RedisServer, SECRET, ServeProcess, TestNode, TwoNodes, WsClient, eventually,
-    spawn_node, spawn_node_with, temp_dir, token,
+    get_text, spawn_node, spawn_node_with, temp_dir, token,
 };
 
 fn subscriber() -> String {
@@ -765,14 +765,7 @@ async fn single_publishes_arriving_together_commit_together_with_gap_free_offset
         topic.sort_unstable();
         assert_eq!(topic, (1..=EACH as u64).collect::<Vec<_>>());
     }
-    let text = http
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&http, node.url("/metrics")).await;
     let events = metric(&text, "herald_store_commit_group_events_sum");
     let commits = metric(&text, "herald_store_commit_group_events_count");
     assert_eq!(events, (TOPICS * EACH) as f64);

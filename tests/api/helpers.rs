@@ -610,6 +610,11 @@ impl TestNode {
     }
 }
 
+/// The body of `GET url` (e.g. a node's `/metrics`), as text.
+pub async fn get_text(http: &reqwest::Client, url: String) -> String {
+    http.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 /// A child process stopped when the test ends, even when it fails first:
 /// SIGTERM (so a script can stop what it started), SIGKILL after 5 s.
 pub struct KillOnDrop(pub std::process::Child);

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{TestNode, eventually, spawn_node, token};
+use crate::helpers::{TestNode, eventually, get_text, spawn_node, token};
 
 fn subscriber() -> String {
     token("sub", &[">"], &[])
@@ -143,15 +143,7 @@ async fn a_stored_event_msgpack_cannot_carry_is_skipped_and_the_connection_lives
     node.publish_ok(&publisher, "poisoned", &json!(4)).await;
     assert_eq!(ws.recv().await["offset"], 4);
 
-    let metrics = node
-        .http
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&node.http, node.url("/metrics")).await;
     assert!(
         metrics
             .lines()
