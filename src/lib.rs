@@ -16,7 +16,8 @@
 //!   ops, replies, encodings, error codes, frame bytes), [`auth`] (JWTs
 //!   become [`auth::Grants`]), [`event`] (an event and its wire frames,
 //!   encoded once per encoding).
-//! - [`store`] (the durable log: offsets, epochs, ranges, retention),
+//! - [`store`] (the durable log: offsets, epochs, ranges, group commit,
+//!   retention),
 //!   [`relay`] (how events move between nodes: loopback or Redis),
 //!   [`mailbox`] (a connection's bounded queue of events).
 //! - [`pipeline`] (per topic on this node: who subscribes, the last offset
@@ -31,8 +32,10 @@
 //! # The life of an event
 //! 1. `POST /api/v1/topics/{topic}/events` → `http::publish::publish_one`
 //!    checks the token, topic, grant and payload.
-//! 2. [`broker::Broker::publish`]: a topic with history is committed first,
-//!    [`store::Store::append`] assigning its offset, and only then
+//! 2. [`broker::Broker::publish`]: a topic with history is committed first
+//!    ([`store::commit::GroupCommit::append`]: at once, or together with
+//!    the publishes queued behind the commit in flight;
+//!    [`store::Store::append`] assigns the offsets), and only then
 //!    acknowledged; a topic without history is numbered by the relay.
 //! 3. [`relay::Relay::publish`] sends the event to every node: straight
 //!    back into this node's [`relay::Inbound`] (one node), or `PUBLISH`ed

@@ -14,6 +14,9 @@
 //! resume positions do not match. Resetting the log by hand means emptying
 //! `herald_meta` along with the event tables (or dropping the database).
 //!
+//! Appends reach it through [`commit::GroupCommit`], which writes
+//! publishes that arrive during a commit together in the next one.
+//!
 //! One SQL dialect serves both backends through sqlx's `Any` driver (`$N`
 //! placeholders work in SQLite and PostgreSQL); only the migrations differ,
 //! under `migrations/sqlite` and `migrations/postgres`. All SQL binds its
