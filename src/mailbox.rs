@@ -126,7 +126,7 @@ impl Mailbox {
         // than the byte limit still goes into an empty mailbox.
         let events = queue.events.fetch_add(1, Ordering::Relaxed);
         let bytes = queue.bytes.fetch_add(size, Ordering::Relaxed);
-        let full = events >= queue.capacity || (bytes > 0 && bytes + size > queue.max_bytes);
+        let full = events >= queue.capacity || (events > 0 && bytes + size > queue.max_bytes);
         if full || self.tx.send(Arc::clone(event)).is_err() {
             queue.events.fetch_sub(1, Ordering::Relaxed);
             queue.bytes.fetch_sub(size, Ordering::Relaxed);

@@ -62,12 +62,13 @@ pub struct Pipeline {
 /// guard of a connection must be able to send one without waiting.
 enum Command {
     /// First step of a subscribe: the topic is watched (kept while the
-    /// subscriber reads its head); answers once the relay was asked.
+    /// subscriber reads its head); answers once the relay was asked, and
+    /// whether the connection joins (false: it is subscribed already).
     Join {
         topic: Topic,
         id: ConnId,
         history: bool,
-        watching: oneshot::Sender<futures_util::future::BoxFuture<'static, ()>>,
+        watching: oneshot::Sender<(bool, futures_util::future::BoxFuture<'static, ()>)>,
     },
     /// Second step: the mailbox is added at the topic's position, which is
     /// answered (the seam).
@@ -148,7 +149,7 @@ impl Pipeline {
         if shard.send(join).is_err() {
             return Err(stopping());
         }
-        let watch = watch.await.map_err(|_| stopping())?;
+        let (joined, watch) = watch.await.map_err(|_| stopping())?;
         // From here on the relay receives every event of the topic: a head
         // read now misses nothing.
         watch.await;
@@ -156,7 +157,10 @@ impl Pipeline {
             match self.heads.head(topic).await {
                 Ok(head) => Some(head),
                 Err(e) => {
-                    self.leave(topic, mailbox.id, None);
+                    // A subscription held already stays as it was.
+                    if joined {
+                        self.leave(topic, mailbox.id, None);
+                    }
                     return Err(e);
                 }
             }
@@ -174,7 +178,13 @@ impl Pipeline {
             return Err(stopping());
         }
         let last = at.await.map_err(|_| stopping())?;
-        Ok(head.map(|head| Head { last, ..head }))
+        Ok(head.map(|head| Head {
+            // Past the head read, the store holds everything up to the
+            // seam: a log empty when read is not empty any more.
+            oldest: head.oldest.or((last > head.last).then_some(head.last + 1)),
+            last,
+            ..head
+        }))
     }
 
     /// Stops delivering `topic`'s events to connection `id`; returns once
@@ -241,8 +251,10 @@ enum Position {
     Live,
     /// History, and no subscriber started yet: nothing is delivered, and
     /// the newest offset that arrived is remembered, so the first start
-    /// can fill what came before its head was read.
-    Starting { newest: u64 },
+    /// can fill what came before its head was read. `resync`: the relay
+    /// was away meanwhile, so the first start reads the store's head again
+    /// and fills up to it.
+    Starting { newest: u64, resync: bool },
     /// History: the last offset delivered.
     At(u64),
 }
@@ -288,19 +300,23 @@ impl Shard {
                         mailboxes: Vec::new(),
                         joining: Vec::new(),
                         position: if history {
-                            Position::Starting { newest: 0 }
+                            Position::Starting {
+                                newest: 0,
+                                resync: false,
+                            }
                         } else {
                             Position::Live
                         },
                     }
                 });
-                if !watched.mailboxes.iter().any(|m| m.id == id) {
+                let joins = !watched.mailboxes.iter().any(|m| m.id == id);
+                if joins {
                     watched.joining.push(id);
                 }
                 // Asked on every join, not only the topic's first: a second
                 // subscriber must also wait until the first one's watch is
                 // in force. The relay applies changes in order.
-                let _ = watching.send(self.relay.watch(&topic));
+                let _ = watching.send((joins, self.relay.watch(&topic)));
             }
             Command::Start {
                 topic,
@@ -336,13 +352,22 @@ impl Shard {
         };
         watched.joining.swap_remove(pos);
         match (watched.position, head) {
-            (Position::Starting { newest }, Some(head)) => {
+            (Position::Starting { newest, resync }, Some(head)) => {
                 watched.position = Position::At(head);
                 add(watched, mailbox);
                 // Arrived while the topic was starting: events after the
                 // head went nowhere, and now go to every subscriber.
-                if newest > head {
-                    fill(&self.store, topic, watched, newest).await;
+                let mut until = newest;
+                if resync {
+                    match self.store.head(topic).await {
+                        Ok(now) => until = until.max(now.last),
+                        Err(e) => {
+                            tracing::warn!(%topic, error = %e, "cannot catch up the topic; its next event fills its gap")
+                        }
+                    }
+                }
+                if until > head {
+                    fill(&self.store, topic, watched, until).await;
                 }
                 head
             }
@@ -388,9 +413,10 @@ impl Shard {
         };
         match watched.position {
             Position::Live => {}
-            Position::Starting { newest } => {
+            Position::Starting { newest, resync } => {
                 watched.position = Position::Starting {
                     newest: newest.max(event.offset),
+                    resync,
                 };
                 return;
             }
@@ -409,8 +435,14 @@ impl Shard {
 
     /// Delivers every stored event of started topics newer than what was
     /// delivered (after the relay was away, events may be missing with no
-    /// later event to reveal the gap). Heads are read in one query.
+    /// later event to reveal the gap). Heads are read in one query; topics
+    /// still starting catch up when they start.
     async fn resync(&mut self) {
+        for watched in self.topics.values_mut() {
+            if let Position::Starting { resync, .. } = &mut watched.position {
+                *resync = true;
+            }
+        }
         let topics: Vec<Topic> = self
             .topics
             .iter()

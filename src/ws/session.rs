@@ -313,8 +313,10 @@ impl Connection {
     async fn end(mut self, cause: CloseCause, opened: Instant, peer: Option<SocketAddr>) {
         let id = self.id();
         self.subscriptions.mailbox.close();
-        let topics: Vec<Topic> = self.subscriptions.drain().collect();
-        for topic in topics {
+        // One at a time, each out of the drop guard before it is left: if
+        // this task is dropped part-way, the guard releases the rest.
+        while let Some(topic) = self.subscriptions.iter().next().cloned() {
+            self.subscriptions.remove(&topic);
             self.state.broker.unsubscribe(&topic, id).await;
         }
         let close = cause.reason();
