@@ -20,7 +20,7 @@ use crate::mailbox::{ConnId, Mailbox};
 use crate::payload::Payload;
 use crate::pipeline::Pipeline;
 use crate::relay::{self, Inbound, Relay, RelayError, RelayState};
-use crate::store::commit::{Committed, GroupCommit};
+use crate::store::commit::{GroupCommit, Orphans};
 use crate::store::retention::{Retention, run_pruner};
 use crate::store::{Backend, Head, NewEvent, Store, StoreError};
 use crate::telemetry::names;
@@ -62,6 +62,8 @@ pub struct Broker {
     store: Arc<Store>,
     /// Publishes to topics with history commit through it.
     commits: GroupCommit,
+    /// Committed events whose publisher left before relaying them.
+    orphans: Orphans,
     retention: Arc<Retention>,
     /// The pruner and the committer.
     tasks: tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -103,14 +105,22 @@ impl Broker {
             Arc::clone(&relay) as _,
             shutdown.clone(),
         ));
-        let (commits, committer) = GroupCommit::spawn(Arc::clone(&store), shutdown);
+        let (orphans, orphaned) = tokio::sync::mpsc::unbounded_channel();
+        let relayer = tokio::spawn(relay_orphans(
+            Arc::clone(&relay),
+            orphaned,
+            shutdown.clone(),
+        ));
+        let (commits, committer) =
+            GroupCommit::spawn(Arc::clone(&store), orphans.clone(), shutdown);
         Ok(Broker {
             relay,
             pipeline,
             store,
             commits,
+            orphans,
             retention,
-            tasks: tokio::sync::Mutex::new(vec![pruner, committer]),
+            tasks: tokio::sync::Mutex::new(vec![pruner, committer, relayer]),
         })
     }
 
@@ -140,27 +150,21 @@ impl Broker {
 
         if !durable.is_empty() {
             let (slots, events): (Vec<usize>, Vec<NewEvent>) = durable.into_iter().unzip();
-            let Committed {
-                events,
-                appended,
-                ts,
-            } = self.commits.append(events).await.map_err(|e| {
+            let committed = self.commits.append(events).await.map_err(|e| {
                 tracing::warn!(error = %e, "publish not committed");
                 PublishError::Store(e)
             })?;
-            let mut fresh = Vec::new();
-            for ((slot, event), done) in slots.into_iter().zip(events).zip(appended) {
-                offsets[slot] = done.offset;
-                if !done.duplicate {
-                    fresh.push(Arc::new(Event::new(
-                        event.topic,
-                        done.offset,
-                        ts,
-                        event.payload,
-                    )));
-                }
+            let (assigned, fresh) = committed.into_parts();
+            for (slot, offset) in slots.into_iter().zip(assigned) {
+                offsets[slot] = offset;
             }
+            // Committed: relayed even if this publish is dropped meanwhile.
+            let mut unrelayed = Unrelayed {
+                events: fresh.clone(),
+                orphans: &self.orphans,
+            };
             self.relay.publish(fresh).await;
+            unrelayed.events.clear();
         }
         if !live.is_empty() {
             let (slots, events): (Vec<usize>, Vec<(Topic, Payload)>) = live
@@ -227,6 +231,40 @@ impl Broker {
         self.pipeline.stopped().await;
         for task in self.tasks.lock().await.drain(..) {
             let _ = task.await;
+        }
+    }
+}
+
+/// Committed events not relayed yet: handed to the orphan relayer if the
+/// publish is dropped before it relays them (its client went away).
+struct Unrelayed<'a> {
+    events: Vec<Arc<Event>>,
+    orphans: &'a Orphans,
+}
+
+impl Drop for Unrelayed<'_> {
+    fn drop(&mut self) {
+        if !self.events.is_empty() {
+            let _ = self.orphans.send(std::mem::take(&mut self.events));
+        }
+    }
+}
+
+/// Relays committed events whose publisher left before it could (see
+/// [`Orphans`]), until shutdown. A repeat of an event already relayed is
+/// dropped by each node's pipeline.
+async fn relay_orphans(
+    relay: Arc<dyn Relay>,
+    mut orphaned: tokio::sync::mpsc::UnboundedReceiver<Vec<Arc<Event>>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            events = orphaned.recv() => match events {
+                Some(events) => relay.publish(events).await,
+                None => return,
+            },
         }
     }
 }

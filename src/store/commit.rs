@@ -11,6 +11,11 @@
 //! store's, as for any batch: each topic's events get gap-free offsets in
 //! the order they were queued.
 //!
+//! An append whose publisher went away while it waited in the queue is
+//! committed all the same; its events are handed to the `orphans` channel,
+//! for the broker to relay, so that no committed event waits for the
+//! topic's next one to be delivered.
+//!
 //! A group that fails is committed again one append at a time, when its
 //! failure could be one append's own (an error from the database), so
 //! that each append gets the answer it would have had alone; when the
@@ -24,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{Appended, NewEvent, Store, StoreError};
-use crate::event::now_ms;
+use crate::event::{Event, now_ms};
 use crate::telemetry::names;
 
 /// Most events in one group (an append above it commits alone).
@@ -41,6 +46,31 @@ pub struct Committed {
     pub appended: Vec<Appended>,
     pub ts: u64,
 }
+
+impl Committed {
+    /// Each event's offset, in order, and the events that are new (not
+    /// repeats of an idempotency key), ready to relay.
+    pub fn into_parts(self) -> (Vec<u64>, Vec<Arc<Event>>) {
+        let mut offsets = Vec::with_capacity(self.events.len());
+        let mut fresh = Vec::new();
+        for (event, done) in self.events.into_iter().zip(self.appended) {
+            offsets.push(done.offset);
+            if !done.duplicate {
+                fresh.push(Arc::new(Event::new(
+                    event.topic,
+                    done.offset,
+                    self.ts,
+                    event.payload,
+                )));
+            }
+        }
+        (offsets, fresh)
+    }
+}
+
+/// Where the committer hands the new events of appends whose publisher
+/// left before the answer.
+pub type Orphans = mpsc::UnboundedSender<Vec<Arc<Event>>>;
 
 struct Request {
     events: Vec<NewEvent>,
@@ -65,10 +95,19 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     /// Starts the committing task; it ends when `shutdown` is cancelled.
-    pub fn spawn(store: Arc<Store>, shutdown: CancellationToken) -> (GroupCommit, JoinHandle<()>) {
+    pub fn spawn(
+        store: Arc<Store>,
+        orphans: Orphans,
+        shutdown: CancellationToken,
+    ) -> (GroupCommit, JoinHandle<()>) {
         let (requests, rx) = mpsc::channel(QUEUE);
         let slot = Arc::new(Semaphore::new(1));
-        let task = tokio::spawn(run(Arc::clone(&store), Arc::clone(&slot), rx, shutdown));
+        let committer = Committer {
+            store: Arc::clone(&store),
+            slot: Arc::clone(&slot),
+            orphans,
+        };
+        let task = tokio::spawn(committer.run(rx, shutdown));
         let commits = GroupCommit {
             store,
             slot,
@@ -103,95 +142,112 @@ fn stopped() -> StoreError {
     StoreError::Unavailable(sqlx::Error::PoolClosed)
 }
 
-async fn run(
+/// The task that commits what queued.
+struct Committer {
     store: Arc<Store>,
     slot: Arc<Semaphore>,
-    mut rx: mpsc::Receiver<Request>,
-    shutdown: CancellationToken,
-) {
-    // An append that did not fit in the previous group leads the next.
-    let mut next: Option<Request> = None;
-    loop {
-        let first = match next.take() {
-            Some(request) => request,
-            None => tokio::select! {
-                () = shutdown.cancelled() => return,
-                request = rx.recv() => match request {
-                    Some(request) => request,
-                    None => return,
-                },
-            },
-        };
-        // Waits for the commit in flight; what queues meanwhile joins.
-        let Ok(_in_flight) = slot.acquire().await else {
-            return;
-        };
-        let (mut events, mut bytes) = (first.events.len(), first.bytes());
-        let mut group = vec![first];
-        while events < MAX_EVENTS && bytes < MAX_BYTES {
-            let Ok(request) = rx.try_recv() else { break };
-            let (more, size) = (request.events.len(), request.bytes());
-            if events + more > MAX_EVENTS || bytes + size > MAX_BYTES {
-                next = Some(request);
-                break;
-            }
-            events += more;
-            bytes += size;
-            group.push(request);
-        }
-        commit(&store, group).await;
-    }
+    orphans: Orphans,
 }
 
-/// Commits a group in one transaction and answers each of its appends.
-async fn commit(store: &Store, group: Vec<Request>) {
-    let ts = now_ms();
-    let mut sizes = Vec::with_capacity(group.len());
-    let mut replies = Vec::with_capacity(group.len());
-    let mut all = Vec::new();
-    for request in group {
-        sizes.push(request.events.len());
-        replies.push(request.reply);
-        all.extend(request.events);
+impl Committer {
+    async fn run(self, mut rx: mpsc::Receiver<Request>, shutdown: CancellationToken) {
+        let Committer { store, slot, .. } = &self;
+        // An append that did not fit in the previous group leads the next.
+        let mut next: Option<Request> = None;
+        loop {
+            let first = match next.take() {
+                Some(request) => request,
+                None => tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    request = rx.recv() => match request {
+                        Some(request) => request,
+                        None => return,
+                    },
+                },
+            };
+            // Waits for the commit in flight; what queues meanwhile joins.
+            let Ok(_in_flight) = slot.acquire().await else {
+                return;
+            };
+            let (mut events, mut bytes) = (first.events.len(), first.bytes());
+            let mut group = vec![first];
+            while events < MAX_EVENTS && bytes < MAX_BYTES {
+                let Ok(request) = rx.try_recv() else { break };
+                let (more, size) = (request.events.len(), request.bytes());
+                if events + more > MAX_EVENTS || bytes + size > MAX_BYTES {
+                    next = Some(request);
+                    break;
+                }
+                events += more;
+                bytes += size;
+                group.push(request);
+            }
+            self.commit(store, group).await;
+        }
     }
-    let result = timed(store.append(&all, ts)).await;
-    metrics::histogram!(names::COMMIT_GROUP_EVENTS).record(all.len() as f64);
-    match result {
-        Ok(appended) => {
-            let mut events = all.into_iter();
-            let mut appended = appended.into_iter();
-            for (size, reply) in sizes.into_iter().zip(replies) {
-                let committed = Committed {
-                    events: events.by_ref().take(size).collect(),
-                    appended: appended.by_ref().take(size).collect(),
-                    ts,
-                };
-                // The publisher may have gone meanwhile; its events stay
-                // committed, and are relayed by no one: nodes fill the gap
-                // from the store with the topic's next event.
-                let _ = reply.send(Ok(committed));
-            }
+
+    /// Commits a group in one transaction and answers each of its appends.
+    async fn commit(&self, store: &Store, group: Vec<Request>) {
+        let ts = now_ms();
+        let mut sizes = Vec::with_capacity(group.len());
+        let mut replies = Vec::with_capacity(group.len());
+        let mut all = Vec::new();
+        for request in group {
+            sizes.push(request.events.len());
+            replies.push(request.reply);
+            all.extend(request.events);
         }
-        Err(e) if replies.len() > 1 && may_be_one_appends(&e) => {
-            tracing::debug!(error = %e, appends = replies.len(), "group commit failed; committing its appends one by one");
-            let mut events = all.into_iter();
-            for (size, reply) in sizes.into_iter().zip(replies) {
-                let own: Vec<NewEvent> = events.by_ref().take(size).collect();
-                let ts = now_ms();
-                let answer = timed(store.append(&own, ts))
-                    .await
-                    .map(|appended| Committed {
-                        events: own,
-                        appended,
+        let result = timed(store.append(&all, ts)).await;
+        metrics::histogram!(names::COMMIT_GROUP_EVENTS).record(all.len() as f64);
+        match result {
+            Ok(appended) => {
+                let mut events = all.into_iter();
+                let mut appended = appended.into_iter();
+                for (size, reply) in sizes.into_iter().zip(replies) {
+                    let committed = Committed {
+                        events: events.by_ref().take(size).collect(),
+                        appended: appended.by_ref().take(size).collect(),
                         ts,
-                    });
-                let _ = reply.send(answer);
+                    };
+                    self.answer(reply, Ok(committed));
+                }
+            }
+            Err(e) if replies.len() > 1 && may_be_one_appends(&e) => {
+                tracing::debug!(error = %e, appends = replies.len(), "group commit failed; committing its appends one by one");
+                let mut events = all.into_iter();
+                for (size, reply) in sizes.into_iter().zip(replies) {
+                    let own: Vec<NewEvent> = events.by_ref().take(size).collect();
+                    let ts = now_ms();
+                    let answer = timed(store.append(&own, ts))
+                        .await
+                        .map(|appended| Committed {
+                            events: own,
+                            appended,
+                            ts,
+                        });
+                    self.answer(reply, answer);
+                }
+            }
+            Err(e) => {
+                let shared = Arc::new(e);
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Shared(Arc::clone(&shared))));
+                }
             }
         }
-        Err(e) => {
-            let shared = Arc::new(e);
-            for reply in replies {
-                let _ = reply.send(Err(StoreError::Shared(Arc::clone(&shared))));
+    }
+
+    /// Answers an append; the new events of one whose publisher left are
+    /// relayed all the same, through `orphans`.
+    fn answer(
+        &self,
+        reply: oneshot::Sender<Result<Committed, StoreError>>,
+        answer: Result<Committed, StoreError>,
+    ) {
+        if let Err(Ok(committed)) = reply.send(answer) {
+            let (_, fresh) = committed.into_parts();
+            if !fresh.is_empty() {
+                let _ = self.orphans.send(fresh);
             }
         }
     }
