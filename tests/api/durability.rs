@@ -774,3 +774,45 @@ async fn single_publishes_arriving_together_commit_together_with_gap_free_offset
         "{commits} commits for {events} concurrent publishes: none were grouped"
     );
 }
+
+#[tokio::test]
+async fn a_repeated_subscribe_that_fails_keeps_the_subscription_it_had() {
+    use sqlx::Connection as _;
+    let node = spawn_node().await;
+    let mut ws = node.connect(&subscriber()).await;
+    assert_eq!(ws.subscribe("kept").await["offset"], 0);
+    // The next head read fails: the store's topics table is away.
+    let url = format!("sqlite://{}", node.sqlite_path().display());
+    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(rename(
+        "herald_topics",
+        "herald_topics_away",
+    )))
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let reply = ws
+        .request(json!({"op": "subscribe", "id": 2, "topic": "kept"}))
+        .await;
+    assert_eq!(
+        (&reply["op"], &reply["code"]),
+        (&json!("error"), &json!("unavailable")),
+        "{reply}"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(rename(
+        "herald_topics_away",
+        "herald_topics",
+    )))
+    .execute(&mut db)
+    .await
+    .unwrap();
+    // The subscription held before the failed repeat still delivers.
+    node.publish_ok(&publisher(), "kept", &json!("still here"))
+        .await;
+    let event = ws.recv().await;
+    assert_eq!(
+        (&event["offset"], &event["data"]),
+        (&json!(1), &json!("still here"))
+    );
+}
