@@ -147,9 +147,9 @@ impl Pipeline {
             watching,
         };
         if shard.send(join).is_err() {
-            return Err(stopping());
+            return Err(StoreError::stopped());
         }
-        let (joined, watch) = watch.await.map_err(|_| stopping())?;
+        let (joined, watch) = watch.await.map_err(|_| StoreError::stopped())?;
         // From here on the relay receives every event of the topic: a head
         // read now misses nothing.
         watch.await;
@@ -175,9 +175,9 @@ impl Pipeline {
             seam,
         };
         if shard.send(start).is_err() {
-            return Err(stopping());
+            return Err(StoreError::stopped());
         }
-        let last = at.await.map_err(|_| stopping())?;
+        let last = at.await.map_err(|_| StoreError::stopped())?;
         Ok(head.map(|head| Head {
             // Past the head read, the store holds everything up to the
             // seam: a log empty when read is not empty any more.
@@ -230,10 +230,6 @@ impl Pipeline {
             let _ = task.await;
         }
     }
-}
-
-fn stopping() -> StoreError {
-    StoreError::Unavailable(sqlx::Error::PoolClosed)
 }
 
 /// One topic watched on this node.

@@ -43,14 +43,10 @@ impl HeadReader {
             reply,
         };
         if self.requests.send(request).await.is_err() {
-            return Err(shutting_down());
+            return Err(StoreError::stopped());
         }
-        answer.await.unwrap_or_else(|_| Err(shutting_down()))
+        answer.await.unwrap_or_else(|_| Err(StoreError::stopped()))
     }
-}
-
-fn shutting_down() -> StoreError {
-    StoreError::Unavailable(sqlx::Error::PoolClosed)
 }
 
 async fn run(store: Arc<Store>, mut rx: mpsc::Receiver<Request>, shutdown: CancellationToken) {

@@ -64,6 +64,14 @@ pub enum StoreError {
     Shared(std::sync::Arc<StoreError>),
 }
 
+impl StoreError {
+    /// The answer to a request made to one of the node's store tasks (the
+    /// head reader, the committer, the pipeline) after it stopped.
+    pub fn stopped() -> StoreError {
+        StoreError::Unavailable(sqlx::Error::PoolClosed)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
