@@ -7,9 +7,9 @@
 //! for the committer task, which commits next, taking everything queued
 //! meanwhile (up to [`MAX_EVENTS`] events and [`MAX_BYTES`] payload
 //! bytes): publishers under load share one transaction, one row lock per
-//! topic and one `fsync` instead of waiting for each other's. Order, offsets and idempotency are the
-//! store's, as for any batch: each topic's events get gap-free offsets in
-//! the order they were queued.
+//! topic and one `fsync` instead of waiting for each other's. Order,
+//! offsets and idempotency are the store's, as for any batch: each topic's
+//! events get gap-free offsets in the order they were queued.
 //!
 //! An append whose publisher went away while it waited in the queue is
 //! committed all the same; its events are handed to the `orphans` channel,
@@ -121,25 +121,14 @@ impl GroupCommit {
     /// the next one.
     pub async fn append(&self, events: Vec<NewEvent>) -> Result<Committed, StoreError> {
         if let Ok(_in_flight) = self.slot.try_acquire() {
-            let ts = now_ms();
-            metrics::histogram!(names::COMMIT_GROUP_EVENTS).record(events.len() as f64);
-            let appended = timed(self.store.append(&events, ts)).await?;
-            return Ok(Committed {
-                events,
-                appended,
-                ts,
-            });
+            return commit_alone(&self.store, events).await;
         }
         let (reply, answer) = oneshot::channel();
         if self.requests.send(Request { events, reply }).await.is_err() {
-            return Err(stopped());
+            return Err(StoreError::stopped());
         }
-        answer.await.unwrap_or_else(|_| Err(stopped()))
+        answer.await.unwrap_or_else(|_| Err(StoreError::stopped()))
     }
-}
-
-fn stopped() -> StoreError {
-    StoreError::Unavailable(sqlx::Error::PoolClosed)
 }
 
 /// The task that commits what queued.
@@ -151,7 +140,6 @@ struct Committer {
 
 impl Committer {
     async fn run(self, mut rx: mpsc::Receiver<Request>, shutdown: CancellationToken) {
-        let Committer { store, slot, .. } = &self;
         // An append that did not fit in the previous group leads the next.
         let mut next: Option<Request> = None;
         loop {
@@ -166,7 +154,7 @@ impl Committer {
                 },
             };
             // Waits for the commit in flight; what queues meanwhile joins.
-            let Ok(_in_flight) = slot.acquire().await else {
+            let Ok(_in_flight) = self.slot.acquire().await else {
                 return;
             };
             let (mut events, mut bytes) = (first.events.len(), first.bytes());
@@ -182,12 +170,12 @@ impl Committer {
                 bytes += size;
                 group.push(request);
             }
-            self.commit(store, group).await;
+            self.commit(group).await;
         }
     }
 
     /// Commits a group in one transaction and answers each of its appends.
-    async fn commit(&self, store: &Store, group: Vec<Request>) {
+    async fn commit(&self, group: Vec<Request>) {
         let ts = now_ms();
         let mut sizes = Vec::with_capacity(group.len());
         let mut replies = Vec::with_capacity(group.len());
@@ -197,7 +185,7 @@ impl Committer {
             replies.push(request.reply);
             all.extend(request.events);
         }
-        let result = timed(store.append(&all, ts)).await;
+        let result = timed(self.store.append(&all, ts)).await;
         metrics::histogram!(names::COMMIT_GROUP_EVENTS).record(all.len() as f64);
         match result {
             Ok(appended) => {
@@ -216,15 +204,8 @@ impl Committer {
                 tracing::debug!(error = %e, appends = replies.len(), "group commit failed; committing its appends one by one");
                 let mut events = all.into_iter();
                 for (size, reply) in sizes.into_iter().zip(replies) {
-                    let own: Vec<NewEvent> = events.by_ref().take(size).collect();
-                    let ts = now_ms();
-                    let answer = timed(store.append(&own, ts))
-                        .await
-                        .map(|appended| Committed {
-                            events: own,
-                            appended,
-                            ts,
-                        });
+                    let own = events.by_ref().take(size).collect();
+                    let answer = commit_alone(&self.store, own).await;
                     self.answer(reply, answer);
                 }
             }
@@ -251,6 +232,18 @@ impl Committer {
             }
         }
     }
+}
+
+/// Commits one append in its own transaction.
+async fn commit_alone(store: &Store, events: Vec<NewEvent>) -> Result<Committed, StoreError> {
+    let ts = now_ms();
+    metrics::histogram!(names::COMMIT_GROUP_EVENTS).record(events.len() as f64);
+    let appended = timed(store.append(&events, ts)).await?;
+    Ok(Committed {
+        events,
+        appended,
+        ts,
+    })
 }
 
 /// Runs an append and records its commit time.

@@ -784,14 +784,14 @@ async fn a_repeated_subscribe_that_fails_keeps_the_subscription_it_had() {
     // The next head read fails: the store's topics table is away.
     let url = format!("sqlite://{}", node.sqlite_path().display());
     let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
-    let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(rename(
-        "herald_topics",
-        "herald_topics_away",
-    )))
-    .execute(&mut db)
-    .await
-    .unwrap();
+    let mut rename = async |from: &str, to: &str| {
+        let sql = format!("ALTER TABLE {from} RENAME TO {to}");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut db)
+            .await
+            .unwrap();
+    };
+    rename("herald_topics", "herald_topics_away").await;
     let reply = ws
         .request(json!({"op": "subscribe", "id": 2, "topic": "kept"}))
         .await;
@@ -800,13 +800,7 @@ async fn a_repeated_subscribe_that_fails_keeps_the_subscription_it_had() {
         (&json!("error"), &json!("unavailable")),
         "{reply}"
     );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(rename(
-        "herald_topics_away",
-        "herald_topics",
-    )))
-    .execute(&mut db)
-    .await
-    .unwrap();
+    rename("herald_topics_away", "herald_topics").await;
     // The subscription held before the failed repeat still delivers.
     node.publish_ok(&publisher(), "kept", &json!("still here"))
         .await;
