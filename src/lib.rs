@@ -19,7 +19,8 @@
 //! - [`store`] (the durable log: offsets, epochs, ranges, group commit,
 //!   retention),
 //!   [`relay`] (how events move between nodes: loopback or Redis),
-//!   [`mailbox`] (a connection's bounded queue of events).
+//!   [`mailbox`] (a connection's bounded queue of what goes out on its
+//!   socket, written straight to it when nothing waits).
 //! - [`pipeline`] (per topic on this node: who subscribes, the last offset
 //!   delivered, gap-fill, the replay/live seam), [`broker`] (publish and
 //!   subscribe, for the edges), [`state`] (what handlers share).
@@ -44,11 +45,15 @@
 //! 4. The topic's pipeline shard (`pipeline::Shard::arrive`) drops an
 //!    offset already delivered, fills a gap from the store
 //!    ([`store::Store::range`]), and offers the one `Arc<Event>` to each
-//!    subscriber's [`mailbox::Mailbox`] (never waiting: a full mailbox
-//!    evicts its slow consumer).
-//! 5. The connection's task (`ws::session`) takes it from its
-//!    [`mailbox::Inbox`] and writes [`event::Event::ws_frame`]: encoded once
-//!    per encoding, the same bytes for every subscriber.
+//!    subscriber's [`mailbox::Mailbox`], which writes
+//!    [`event::Event::ws_frame`] (encoded once per encoding, the same bytes
+//!    for every subscriber) straight to the socket when nothing waits
+//!    ahead of it, and queues it otherwise. It never waits: a full mailbox
+//!    evicts its slow consumer.
+//! 5. The connection's task (`ws::session`) wakes only when its socket
+//!    pushed back, or when it held the events back while handling a
+//!    client's message; it then writes what waits, through its
+//!    [`mailbox::Outlet`].
 //!
 //! # The life of a subscription
 //! `{"op":"subscribe"}` → [`broker::Broker::subscribe`] →
@@ -63,7 +68,7 @@
 //! socket (`ws::upgrade`) → origin, token and sub-protocol are checked
 //! before the 101 → the connection's one task `select!`s over eviction and
 //! shutdown, expiry, the heartbeat, its mailbox and client frames, writing
-//! frames straight to the socket; a refused op becomes an error frame, and
+//! frames through the same queue as the pipeline's; a refused op becomes an error frame, and
 //! every end is a [`ws::CloseCause`] → on exit it unsubscribes everything
 //! (its drop guard does even after a panic) and sends the cause's close
 //! frame.

@@ -1,141 +1,315 @@
-//! A connection's mailbox: where the delivery pipeline drops the events
-//! the connection subscribed to, and the connection takes them from.
+//! A connection's mailbox: where the delivery pipeline hands over the
+//! events the connection subscribed to, and the one queue of everything
+//! waiting to go out on its socket.
 //!
-//! Offering an event is a few atomic operations and one non-blocking
-//! send of a shared `Arc<Event>`: a subscriber never slows the pipeline.
-//! The bounds are kept in two counters beside an unbounded channel, not by
-//! a bounded channel's semaphore: one counter of events and one of bytes,
-//! checked the same way.
+//! The pipeline writes an event's shared frame (see
+//! [`Event::ws_frame`]) straight to the socket, with one non-blocking
+//! write, whenever nothing waits ahead of it: an idle subscriber costs the
+//! pipeline one write and wakes no task. The connection's task is woken
+//! only when the socket pushes back (it then waits for room and sends
+//! what was left), and it holds the pipeline's events back while it
+//! handles a client's message: a subscribe's reply and replay, or an
+//! unsubscribe's reply, go out before the live events that arrived
+//! meanwhile, which the connection then writes itself.
 //!
-//! Overflow policy: each connection's mailbox is bounded, in events
-//! (`limits.outbound_queue`) and in payload bytes
-//! (`limits.outbound_queue_bytes`). A subscriber whose mailbox is full is
-//! evicted (its connection closes with 1013, "try again later") rather than
-//! slowing the publisher or the other subscribers; it can reconnect and
-//! resume with `since`.
+//! Overflow policy: what waits in a mailbox is bounded, in events
+//! (`limits.outbound_queue`) and in bytes (`limits.outbound_queue_bytes`:
+//! payload bytes of held events, frame bytes of unsent ones). A subscriber
+//! whose mailbox is full is evicted (its connection closes with 1013, "try
+//! again later") rather than slowing the publisher or the other
+//! subscribers; it can reconnect and resume with `since`.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::mpsc;
+use bytes::{Buf, Bytes};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::Event;
+use crate::protocol::Encoding;
 use crate::telemetry::names;
 
 /// Identifies one connection on this node.
 pub type ConnId = u64;
 
+/// Most unsent frames handed to the kernel in one vectored write.
+const MAX_SLICES: usize = 64;
+
 /// Where the pipeline drops events for one connection.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Mailbox {
     pub id: ConnId,
-    tx: mpsc::UnboundedSender<Arc<Event>>,
-    queue: Arc<QueueState>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Mailbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mailbox").field("id", &self.id).finish()
+    }
+}
+
+/// The connection's end of its mailbox: it writes its own frames through
+/// it, in one order with the pipeline's, and takes the events held for it.
+pub struct Outlet {
+    shared: Arc<Shared>,
+}
+
+/// What the pipeline and the connection both hold.
+struct Shared {
+    queue: Mutex<Queue>,
+    /// The connection's socket, written by whichever side finds nothing
+    /// waiting ahead of its frame.
+    wire: Arc<TcpStream>,
+    /// The connection's encoding: which of an event's frames it takes.
+    encoding: Encoding,
+    /// Most events and bytes waiting.
+    capacity: usize,
+    max_bytes: usize,
+    /// Wakes the connection: bytes wait for room in the socket, or events
+    /// wait for it to write them.
+    wake: Notify,
     /// Cancelled when the mailbox overflowed: the connection must close.
     overflowed: CancellationToken,
 }
 
-/// What the pipeline and the connection both know of a mailbox.
-#[derive(Debug)]
-struct QueueState {
-    /// Most events and payload bytes queued.
-    capacity: usize,
-    max_bytes: usize,
-    /// Events queued and not yet taken by the connection.
-    events: AtomicUsize,
-    /// Payload bytes queued and not yet taken by the connection.
-    bytes: AtomicUsize,
-    /// Set once, on overflow or when the connection closes. Read on every
-    /// offer, so an atomic rather than the token (whose state sits behind a
-    /// mutex).
-    closed: AtomicBool,
+/// What waits to go out, in order: `held` events first, then the
+/// `unsent` bytes ahead of anything new.
+#[derive(Default)]
+struct Queue {
+    /// Set once, on overflow or when the connection closes: nothing more
+    /// is taken.
+    closed: bool,
+    /// The connection is handling a client's message: events wait in
+    /// `held` for it.
+    holding: bool,
+    /// Events for the connection to write itself, in order.
+    held: VecDeque<Arc<Event>>,
+    /// Whole frames, or the unwritten tail of one, accepted for the socket
+    /// but not yet taken by the kernel.
+    unsent: VecDeque<Bytes>,
+    /// Payload bytes of `held` plus bytes of `unsent`.
+    bytes: usize,
 }
 
-/// The connection's end of its mailbox.
-pub struct Inbox {
-    rx: mpsc::UnboundedReceiver<Arc<Event>>,
-    queue: Arc<QueueState>,
+impl Queue {
+    /// Whether one more thing of `size` bytes would overflow the bounds.
+    /// One thing larger than the byte bound still goes into an empty queue.
+    fn full(&self, size: usize, capacity: usize, max_bytes: usize) -> bool {
+        let waiting = self.held.len() + self.unsent.len();
+        waiting >= capacity || (waiting > 0 && self.bytes + size > max_bytes)
+    }
+
+    /// Takes `n` written bytes off the front of `unsent`.
+    fn advance(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let front = self
+                .unsent
+                .front_mut()
+                .expect("no more written than queued");
+            if n < front.len() {
+                front.advance(n);
+                return;
+            }
+            n -= front.len();
+            self.unsent.pop_front();
+        }
+    }
 }
 
-impl Inbox {
-    pub async fn recv(&mut self) -> Option<Arc<Event>> {
-        let event = self.rx.recv().await?;
-        self.queue.events.fetch_sub(1, Ordering::Relaxed);
-        self.queue
-            .bytes
-            .fetch_sub(event.payload.len(), Ordering::Relaxed);
-        Some(event)
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // No critical section here can panic half-way.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes what the kernel takes of `frame` now, when nothing waits
+    /// ahead of it, and queues the rest. Returns whether the whole frame
+    /// went out.
+    fn write(&self, queue: &mut Queue, frame: Bytes) -> io::Result<bool> {
+        let written = if queue.unsent.is_empty() {
+            match self.wire.try_write(&frame) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            }
+        } else {
+            0
+        };
+        if written == frame.len() {
+            return Ok(true);
+        }
+        queue.bytes += frame.len() - written;
+        queue.unsent.push_back(frame.slice(written..));
+        Ok(false)
     }
 }
 
 impl Mailbox {
-    /// A mailbox holding at most `capacity` events and `max_bytes` payload
-    /// bytes, its receiving end, and the token cancelled on overflow. That
-    /// token is a child of `parent` (the node's shutdown), so a connection
-    /// waits on one token for both reasons to stop.
+    /// A mailbox for the connection on `wire`, holding at most `capacity`
+    /// events and `max_bytes` bytes; the connection's end of it; and the
+    /// token cancelled on overflow. That token is a child of `parent` (the
+    /// node's shutdown), so a connection waits on one token for both
+    /// reasons to stop.
     pub fn new(
         id: ConnId,
+        wire: Arc<TcpStream>,
+        encoding: Encoding,
         capacity: usize,
         max_bytes: usize,
         parent: &CancellationToken,
-    ) -> (Mailbox, Inbox, CancellationToken) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queue = Arc::new(QueueState {
+    ) -> (Mailbox, Outlet, CancellationToken) {
+        let overflowed = parent.child_token();
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wire,
+            encoding,
             capacity,
             max_bytes,
-            events: AtomicUsize::new(0),
-            bytes: AtomicUsize::new(0),
-            closed: AtomicBool::new(false),
-        });
-        let overflowed = parent.child_token();
-        let mailbox = Mailbox {
-            id,
-            tx,
-            queue: Arc::clone(&queue),
+            wake: Notify::new(),
             overflowed: overflowed.clone(),
+        });
+        let outlet = Outlet {
+            shared: Arc::clone(&shared),
         };
-        (mailbox, Inbox { rx, queue }, overflowed)
-    }
-
-    /// Tells the connection to close as a slow consumer (once).
-    fn evict(&self) {
-        if !self.queue.closed.swap(true, Ordering::AcqRel) {
-            self.overflowed.cancel();
-            metrics::counter!(names::SLOW_CONSUMERS).increment(1);
-        }
+        (Mailbox { id, shared }, outlet, overflowed)
     }
 
     /// The connection is closing: it takes no more events.
     pub fn close(&self) {
-        self.queue.closed.store(true, Ordering::Release);
+        self.shared.lock().closed = true;
     }
 
-    /// Queues `event` unless the mailbox is closed or full (then the
-    /// connection is evicted). Returns whether it was queued.
+    /// Delivers `event`: written to the socket at once when nothing waits
+    /// ahead of it, queued otherwise, unless the mailbox is closed or full
+    /// (then the connection is evicted). Never waits. Returns whether the
+    /// event was taken.
     pub(crate) fn offer(&self, event: &Arc<Event>) -> bool {
+        let shared = &*self.shared;
+        let frame = event.ws_frame(shared.encoding);
+        let mut queue = shared.lock();
         // An evicted connection takes nothing more: it must not be sent an
         // event past the one it lost (it resumes from its last offset).
-        if self.queue.closed.load(Ordering::Acquire) {
+        if queue.closed {
             return false;
         }
-        let size = event.payload.len();
-        let queue = &self.queue;
-        // Counted before sending so the receiver's decrement never comes
-        // first; undone when the event is not queued. One event larger
-        // than the byte limit still goes into an empty mailbox.
-        let events = queue.events.fetch_add(1, Ordering::Relaxed);
-        let bytes = queue.bytes.fetch_add(size, Ordering::Relaxed);
-        let full = events >= queue.capacity || (events > 0 && bytes + size > queue.max_bytes);
-        if full || self.tx.send(Arc::clone(event)).is_err() {
-            queue.events.fetch_sub(1, Ordering::Relaxed);
-            queue.bytes.fetch_sub(size, Ordering::Relaxed);
-            if full {
-                self.evict();
-            }
-            // Not full: the connection is closing and will unsubscribe.
+        let direct = !queue.holding && queue.held.is_empty();
+        let size = match (&frame, direct) {
+            (Some(frame), true) => frame.len(),
+            // Held: for the connection to write once it is done with a
+            // client's message, or (an event without a frame in this
+            // encoding) to answer with an error frame.
+            _ => event.payload.len(),
+        };
+        if queue.full(size, shared.capacity, shared.max_bytes) {
+            queue.closed = true;
+            drop(queue);
+            shared.overflowed.cancel();
+            metrics::counter!(names::SLOW_CONSUMERS).increment(1);
             return false;
+        }
+        match frame {
+            Some(frame) if direct => {
+                // A write that fails is left queued: the connection's own
+                // flush meets the error and ends the connection.
+                let sent = shared.write(&mut queue, frame).unwrap_or(false);
+                drop(queue);
+                if !sent {
+                    shared.wake.notify_one();
+                }
+            }
+            _ => {
+                queue.bytes += size;
+                queue.held.push_back(Arc::clone(event));
+                let holding = queue.holding;
+                drop(queue);
+                if !holding {
+                    shared.wake.notify_one();
+                }
+            }
         }
         true
+    }
+}
+
+impl Outlet {
+    /// Holds the pipeline's events back until [`next_held`](Self::next_held)
+    /// has given them all to the connection.
+    pub fn hold(&self) {
+        self.shared.lock().holding = true;
+    }
+
+    /// The next event held for the connection to write; once none is left,
+    /// the pipeline writes to the socket itself again.
+    pub fn next_held(&self) -> Option<Arc<Event>> {
+        let mut queue = self.shared.lock();
+        match queue.held.pop_front() {
+            Some(event) => {
+                queue.bytes -= event.payload.len();
+                Some(event)
+            }
+            None => {
+                queue.holding = false;
+                // An idle connection keeps no buffer.
+                queue.held = VecDeque::new();
+                None
+            }
+        }
+    }
+
+    /// Writes what the kernel takes of `frame` (one or more whole frames)
+    /// now and queues the rest behind what already waits, without
+    /// waiting; [`flush`](Self::flush) sends it. Returns whether
+    /// everything went out.
+    pub fn write(&self, frame: Bytes) -> io::Result<bool> {
+        let mut queue = self.shared.lock();
+        self.shared.write(&mut queue, frame)
+    }
+
+    /// Whether nothing waits for room in the socket.
+    pub fn is_flushed(&self) -> bool {
+        self.shared.lock().unsent.is_empty()
+    }
+
+    /// Writes everything queued, the pipeline's and the connection's;
+    /// waits only while the kernel's send queue is full. Cancel-safe: what
+    /// is not written yet stays queued.
+    pub async fn flush(&self) -> io::Result<()> {
+        let shared = &*self.shared;
+        loop {
+            {
+                let mut queue = shared.lock();
+                if queue.unsent.is_empty() {
+                    queue.unsent = VecDeque::new();
+                    return Ok(());
+                }
+                let slices: Vec<IoSlice<'_>> = queue
+                    .unsent
+                    .iter()
+                    .take(MAX_SLICES)
+                    .map(|b| IoSlice::new(b))
+                    .collect();
+                match shared.wire.try_write_vectored(&slices) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => {
+                        drop(slices);
+                        queue.advance(n);
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            shared.wire.writable().await?;
+        }
+    }
+
+    /// Waits until the pipeline leaves the connection something to do:
+    /// bytes to flush, or events to write.
+    pub async fn woken(&self) {
+        self.shared.wake.notified().await;
     }
 }

@@ -26,6 +26,7 @@ use actix_http::{ConnectionType, Method, Request, RequestHead, Response};
 use actix_web::http::header::{self, HeaderMap, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::auth::{AuthError, Grants};
@@ -126,7 +127,7 @@ async fn handshake(
     };
     // The socket leaves the HTTP wrapper: the session bounds its own writes.
     let mut parts = framed.into_parts();
-    let io = parts.io.into_inner();
+    let mut io = parts.io.into_inner();
     let admitted = match admitted {
         Ok(admitted) => admitted,
         Err(e) => {
@@ -142,9 +143,7 @@ async fn handshake(
                     parts.write_buf.extend_from_slice(&body);
                 }
             }
-            Socket::new(io, parts.read_buf, parts.write_buf, 0)
-                .end()
-                .await;
+            socket::refuse(io, &parts.write_buf).await;
             return None;
         }
     };
@@ -162,9 +161,9 @@ async fn handshake(
             &mut parts.write_buf,
         )
         .ok()?;
+    io.write_all(&parts.write_buf).await.ok()?;
     let max_message = session::max_message(&state.settings.limits);
-    let mut socket = Socket::new(io, parts.read_buf, parts.write_buf, max_message);
-    socket.flush().await.ok()?;
+    let socket = Socket::new(io, parts.read_buf, max_message);
     Some(Accepted {
         state,
         admitted,

@@ -1,6 +1,7 @@
 //! One WebSocket connection: a single task that owns the connection's state
-//! and `select!`s over incoming frames, its mailbox of events, eviction,
-//! the heartbeat, the token's expiry and node shutdown.
+//! and `select!`s over incoming frames, its mailbox (woken only when the
+//! pipeline could not write an event itself), eviction, the heartbeat, the
+//! token's expiry and node shutdown.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -9,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use actix_http::ws::OpCode;
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::close::CloseCause;
@@ -18,7 +20,7 @@ use crate::auth::{Action, AuthError, Forbidden, Grants, unix_now_secs};
 use crate::broker::{PublishError, Transport};
 use crate::config::LimitSettings;
 use crate::event::Event;
-use crate::mailbox::{ConnId, Inbox, Mailbox};
+use crate::mailbox::{ConnId, Mailbox, Outlet};
 use crate::protocol::{self, ClientOp, DecodeError, ErrorCode, Reply, ws_frame};
 use crate::rate::TokenBucket;
 use crate::state::AppState;
@@ -196,8 +198,10 @@ pub(super) async fn run(accepted: Accepted) {
     } = accepted;
     let limits = &state.settings.limits;
     let id = state.next_conn_id.fetch_add(1, Ordering::Relaxed);
-    let (mailbox, events, overflowed) = Mailbox::new(
+    let (mailbox, outlet, overflowed) = Mailbox::new(
         id,
+        socket.wire(),
+        encoding,
         limits.outbound_queue,
         limits.outbound_queue_bytes,
         &state.shutdown,
@@ -217,10 +221,11 @@ pub(super) async fn run(accepted: Accepted) {
         subscribe_rate,
         encoding,
         socket,
+        outlet,
         overflowed,
         subscriptions,
     };
-    conn.run(events, peer).await;
+    conn.run(peer).await;
 }
 
 struct Connection {
@@ -231,7 +236,10 @@ struct Connection {
     publish_rate: Limited,
     subscribe_rate: Limited,
     encoding: protocol::Encoding,
+    /// Client frames are read from here.
     socket: Socket,
+    /// Frames go out through here, in one order with the pipeline's.
+    outlet: Outlet,
     /// Cancelled by the pipeline when the mailbox overflowed, and (a child
     /// of the shutdown token) when the node shuts down.
     overflowed: CancellationToken,
@@ -246,7 +254,7 @@ impl Connection {
         self.subscriptions.mailbox.id
     }
 
-    async fn run(mut self, mut events: Inbox, peer: Option<SocketAddr>) {
+    async fn run(mut self, peer: Option<SocketAddr>) {
         let opened = Instant::now();
         // Cancelled on overflow and, being its child, on shutdown: one
         // future, registered once, for both.
@@ -264,8 +272,8 @@ impl Connection {
         // The stop token first: once evicted, not one more event may go out
         // (the client resumes after the last one it got), and a mailbox that
         // never empties must not starve shutdown, expiry or the heartbeat.
-        // Events before client frames: an unsubscribe's leftovers are
-        // drained before the next frame is read.
+        // While a client's message is handled, the pipeline's events are
+        // held; they go out after its answer, before the next frame is read.
         let cause: CloseCause = loop {
             let step = tokio::select! {
                 biased;
@@ -275,23 +283,27 @@ impl Connection {
                     if last_seen.elapsed() > heartbeat_timeout {
                         Err(CloseCause::HeartbeatTimeout)
                     } else {
-                        self.send(&ws_frame(OpCode::Ping, b"")).await
+                        self.send(ws_frame(OpCode::Ping, b"").freeze()).await
                     }
                 }
-                Some(event) = events.recv() => self.send_live(&event).await,
+                () = self.outlet.woken() => self.catch_up().await,
                 msg = self.socket.recv() => match msg {
                     Ok(None) => Err(CloseCause::ClientGone),
                     // Boxed: handling a request (subscribe, replay,
                     // publish) needs far more state than waiting does, and
                     // an idle connection should not carry it.
                     Ok(Some(msg)) => {
+                        self.outlet.hold();
                         let handled = Box::pin(self.on_message(msg)).await;
                         if handled.is_ok() {
                             last_seen = Instant::now();
                             // A refresh may have moved the expiry.
                             expiry.as_mut().reset(expiry_instant(self.grants.valid_until));
                         }
-                        handled
+                        match handled {
+                            Ok(()) => self.catch_up().await,
+                            Err(cause) => Err(cause),
+                        }
                     }
                     Err(err) => {
                         tracing::debug!(conn = self.id(), error = %err, "unreadable frame");
@@ -324,7 +336,8 @@ impl Connection {
         if matches!(cause, CloseCause::Stalled) {
             tracing::info!(conn = id, "client stopped reading; cut off");
         } else {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.socket.close(close)).await;
+            let closing = self.socket.close(&self.outlet, close);
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
         }
         tracing::info!(conn = id, sub = %self.grants.sub, ?peer, duration_ms = opened.elapsed().as_millis() as u64, close_code = ?code, "connection closed");
     }
@@ -336,7 +349,7 @@ impl Connection {
                 self.refuse(None, OpError::TextOnMsgPack).await
             }
             Message::Text(bytes) | Message::Binary(bytes) => self.on_frame(&bytes).await,
-            Message::Ping(bytes) => self.send(&ws_frame(OpCode::Pong, &bytes)).await,
+            Message::Ping(bytes) => self.send(ws_frame(OpCode::Pong, &bytes).freeze()).await,
             Message::Pong => Ok(()),
             Message::Close(theirs) => Err(CloseCause::ClientClosed(theirs)),
         }
@@ -517,6 +530,18 @@ impl Connection {
         }
     }
 
+    /// Writes the events the pipeline held for this connection, then what
+    /// it left waiting for room in the socket.
+    async fn catch_up(&mut self) -> Result<(), CloseCause> {
+        while let Some(event) = self.outlet.next_held() {
+            self.send_live(&event).await?;
+        }
+        if self.outlet.is_flushed() {
+            return Ok(());
+        }
+        self.flush().await
+    }
+
     /// Sends a live event, unless its topic was unsubscribed since the
     /// pipeline offered it.
     async fn send_live(&mut self, event: &Event) -> Result<(), CloseCause> {
@@ -569,7 +594,8 @@ impl Connection {
     }
 
     async fn reply(&mut self, reply: &Reply<'_>) -> Result<(), CloseCause> {
-        self.send(&reply.encode(self.encoding).to_ws()).await
+        self.send(reply.encode(self.encoding).to_ws().freeze())
+            .await
     }
 
     /// Writes an event's shared frame. An event without a form in this
@@ -577,7 +603,7 @@ impl Connection {
     /// error frame naming it; the connection lives on.
     async fn send_event(&mut self, event: &Event) -> Result<(), CloseCause> {
         match event.ws_frame(self.encoding) {
-            Some(frame) => self.send(&frame).await,
+            Some(frame) => self.send(frame).await,
             // Boxed: this rare path's state must not grow every idle
             // connection's future, which holds this one's.
             None => {
@@ -594,22 +620,28 @@ impl Connection {
     /// Writes whole frames. A write waiting for a client that does not read
     /// is cut short by eviction or shutdown, so neither waits on that
     /// client; what it had not written yet goes out before the close frame.
-    async fn send(&mut self, frames: &[u8]) -> Result<(), CloseCause> {
-        self.socket
-            .queue(frames)
+    async fn send(&mut self, frames: Bytes) -> Result<(), CloseCause> {
+        let sent = self
+            .outlet
+            .write(frames)
             .map_err(|_| CloseCause::ClientGone)?;
-        if self.socket.is_flushed() {
+        if sent {
             // The usual case: the kernel took the frames at once.
             return Ok(());
         }
-        // Only a write left waiting registers for the stop token (overflow
-        // or, its parent, shutdown), and for a client that reads nothing at
-        // all: one that only sends would otherwise hold its place forever,
-        // the heartbeat being checked by the loop this write holds up.
+        self.flush().await
+    }
+
+    /// Waits until everything queued for the socket went out. Only a write
+    /// left waiting registers for the stop token (overflow or, its parent,
+    /// shutdown), and for a client that reads nothing at all: one that only
+    /// sends would otherwise hold its place forever, the heartbeat being
+    /// checked by the loop this write holds up.
+    async fn flush(&mut self) -> Result<(), CloseCause> {
         let stalled = self.state.settings.server.write_timeout;
         tokio::select! {
             biased;
-            sent = self.socket.flush() => sent.map_err(|_| CloseCause::ClientGone),
+            sent = self.outlet.flush() => sent.map_err(|_| CloseCause::ClientGone),
             () = self.overflowed.cancelled() => Err(self.stop_cause()),
             () = tokio::time::sleep(stalled) => Err(CloseCause::Stalled),
         }
@@ -688,7 +720,20 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("herald-unit-{}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).unwrap();
         let state = node_state(&dir).await;
-        let (mailbox, _inbox, _) = Mailbox::new(7, 8, 1024, &state.shutdown);
+        // A real loopback connection for the mailbox's socket.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (wire, _) = listener.accept().await.unwrap();
+        let (mailbox, _outlet, _) = Mailbox::new(
+            7,
+            Arc::new(wire),
+            protocol::Encoding::Json,
+            8,
+            1024,
+            &state.shutdown,
+        );
         let topic = Topic::parse("t").unwrap();
         state.broker.subscribe(&topic, &mailbox).await.unwrap();
         let mut registrations = Registrations {

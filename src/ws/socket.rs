@@ -1,21 +1,27 @@
 //! The WebSocket transport of an accepted connection (RFC 6455, server
-//! side): frames parsed straight from the TCP socket and written straight
-//! to it, by the connection's own task.
+//! side): frames parsed straight from the TCP socket, and the end of the
+//! connection. Frames go out through the connection's
+//! [`Outlet`](crate::mailbox::Outlet), the one queue the delivery pipeline
+//! writes to as well.
 //!
 //! An idle connection holds no buffer. Bytes read are kept only while a
-//! frame is incomplete; bytes to send are copied only when the kernel's
-//! send queue cannot take them at once. An event's frame is encoded once
-//! per node (see [`Event::ws_frame`](crate::event::Event::ws_frame), and
-//! [`protocol::ws_frame`](crate::protocol::ws_frame) for how a frame is written) and
-//! written from those shared bytes to every subscriber.
+//! frame is incomplete; bytes to send are kept only when the kernel's send
+//! queue cannot take them at once. An event's frame is encoded once per
+//! node (see [`Event::ws_frame`](crate::event::Event::ws_frame), and
+//! [`protocol::ws_frame`](crate::protocol::ws_frame) for how a frame is
+//! written) and written from those shared bytes to every subscriber.
 
 use std::io;
+use std::net::Shutdown;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_http::ws::{CloseReason, OpCode, Parser, ProtocolError};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+
+use crate::mailbox::Outlet;
 
 /// Room reserved for each read from the socket.
 const READ_CHUNK: usize = 4096;
@@ -62,33 +68,35 @@ impl From<ProtocolError> for WsError {
     }
 }
 
-/// One WebSocket connection's socket and the bytes in flight on it.
+/// One WebSocket connection's socket, and the bytes read from it.
 pub struct Socket {
-    io: TcpStream,
+    io: Arc<TcpStream>,
     /// Read but not yet parsed; empty, without allocation, between frames.
     read_buf: BytesMut,
     /// The first fragments of a message whose last has not arrived.
     partial: Option<(OpCode, BytesMut)>,
-    /// Accepted for sending but not yet taken by the kernel.
-    write_buf: BytesMut,
     /// Largest message (and frame) taken from the client.
     max_message: usize,
 }
 
 impl Socket {
-    /// Takes over a connection whose handshake was parsed; `read` holds
-    /// bytes the client sent after it, `write` the response not yet sent.
-    pub fn new(io: TcpStream, read: BytesMut, write: BytesMut, max_message: usize) -> Socket {
+    /// Takes over a connection whose handshake was answered; `read` holds
+    /// bytes the client sent after it.
+    pub fn new(io: TcpStream, read: BytesMut, max_message: usize) -> Socket {
         // Frames are written whole, one write each: do not let Nagle hold
         // one back until the previous is acknowledged.
         let _ = io.set_nodelay(true);
         Socket {
-            io,
+            io: Arc::new(io),
             read_buf: compact(read),
             partial: None,
-            write_buf: write,
             max_message,
         }
+    }
+
+    /// The socket, for the connection's [`Outlet`] to write to.
+    pub fn wire(&self) -> Arc<TcpStream> {
+        Arc::clone(&self.io)
     }
 
     /// The next complete message; `None` once the client closed the TCP
@@ -167,77 +175,50 @@ impl Socket {
         }
     }
 
-    /// Writes what the kernel takes of `frames` (whole frames, one or more)
-    /// now and queues the rest, without waiting; [`flush`](Self::flush)
-    /// sends what was queued, ahead of anything queued later.
-    pub fn queue(&mut self, frames: &[u8]) -> io::Result<()> {
-        if !self.write_buf.is_empty() {
-            self.write_buf.extend_from_slice(frames);
-            return Ok(());
-        }
-        match self.io.try_write(frames) {
-            Ok(n) => self.write_buf.extend_from_slice(&frames[n..]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.write_buf.extend_from_slice(frames)
-            }
-            Err(e) => return Err(e),
-        }
-        Ok(())
-    }
-
-    /// Whether everything queued went out.
-    pub fn is_flushed(&self) -> bool {
-        self.write_buf.is_empty()
-    }
-
-    /// Writes everything queued; waits only while the kernel's send queue is
-    /// full. Cancel-safe: what is not written yet stays queued.
-    pub async fn flush(&mut self) -> io::Result<()> {
-        while !self.write_buf.is_empty() {
-            self.io.writable().await?;
-            match self.io.try_write(&self.write_buf) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.write_buf.advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.write_buf = compact(std::mem::take(&mut self.write_buf));
-        Ok(())
-    }
-
-    /// Sends what is queued, then the close frame, and ends the connection.
-    pub async fn close(mut self, reason: Option<CloseReason>) {
+    /// Sends what `outlet` holds, then the close frame, and ends the
+    /// connection.
+    pub async fn close(self, outlet: &Outlet, reason: Option<CloseReason>) {
         let mut close = BytesMut::new();
         Parser::write_close(&mut close, reason, false);
-        if self.queue(&close).is_ok() {
-            self.end().await;
+        if outlet.write(close.freeze()).is_ok() && outlet.flush().await.is_ok() {
+            linger(&self.io).await;
         }
     }
+}
 
-    /// Sends what is queued and ends the connection: our side first (FIN),
-    /// then, briefly, reading and dropping whatever the client still sends
-    /// until it closes too.
-    pub async fn end(mut self) {
-        if self.flush().await.is_err() || self.io.shutdown().await.is_err() {
-            return;
-        }
-        let mut sink = [0u8; 512];
-        let _ = tokio::time::timeout(LINGER, async {
-            loop {
-                if self.io.readable().await.is_err() {
-                    return;
-                }
-                match self.io.try_read(&mut sink) {
-                    Ok(0) => return,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => return,
-                }
-            }
-        })
-        .await;
+/// Answers a handshake that was refused with `response`, and ends the
+/// connection.
+pub async fn refuse(mut io: TcpStream, response: &[u8]) {
+    if io.write_all(response).await.is_ok() {
+        linger(&io).await;
     }
+}
+
+/// Ends a connection whose last bytes were written: our side first (FIN),
+/// then, briefly, reading and dropping whatever the client still sends
+/// until it closes too.
+async fn linger(io: &TcpStream) {
+    if socket2::SockRef::from(io)
+        .shutdown(Shutdown::Write)
+        .is_err()
+    {
+        return;
+    }
+    let mut sink = [0u8; 512];
+    let _ = tokio::time::timeout(LINGER, async {
+        loop {
+            if io.readable().await.is_err() {
+                return;
+            }
+            match io.try_read(&mut sink) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
 }
 
 /// The payload length a frame's header announces, once its length bytes
