@@ -46,6 +46,10 @@ const POOL_SIZE: u32 = 8;
 /// Rows per `INSERT` of a batch (7 bound parameters each: well under
 /// SQLite's and PostgreSQL's limits).
 const INSERT_CHUNK: usize = 500;
+/// Most events appended by one statement (see `Store::append_postgres`),
+/// well inside PostgreSQL's 65,535 parameters; larger batches take a
+/// transaction of chunked statements.
+const ONE_STATEMENT_EVENTS: usize = 1000;
 /// How many times a batch is retried when a concurrent publish with the same
 /// idempotency key won the race.
 const IDEMPOTENCY_RETRIES: usize = 3;
@@ -301,11 +305,11 @@ impl Store {
     }
 
     async fn try_append(&self, events: &[NewEvent], ts: u64) -> Result<Vec<Appended>, StoreError> {
-        if let [event] = events
-            && event.key.is_none()
-            && self.backend == Backend::Postgres
+        if self.backend == Backend::Postgres
+            && events.len() <= ONE_STATEMENT_EVENTS
+            && events.iter().all(|e| e.key.is_none())
         {
-            return self.append_one_postgres(event, ts).await.map(|a| vec![a]);
+            return self.append_postgres(events, ts).await;
         }
         // The key lookups below read before the writes.
         let mut tx = self.begin_write().await?;
@@ -408,31 +412,76 @@ impl Store {
             .collect())
     }
 
-    /// The common case, one event without a key, on PostgreSQL: one
-    /// statement (atomic on its own) instead of a four-round-trip
-    /// transaction; the offset is reserved and the event inserted together.
-    async fn append_one_postgres(&self, event: &NewEvent, ts: u64) -> Result<Appended, StoreError> {
-        let (is_binary, body) = stored_payload(&event.payload);
-        let row = sqlx::query(
-            "WITH t AS ( \
-                 INSERT INTO herald_topics (topic, epoch, last_seq, created_ms) \
-                 VALUES ($1, (SELECT value FROM herald_meta WHERE name = 'log_epoch'), 1, $2) \
-                 ON CONFLICT (topic) DO UPDATE SET last_seq = herald_topics.last_seq + 1 \
-                 RETURNING last_seq) \
-             INSERT INTO herald_events (topic, seq, ts, is_binary, payload, idem_key) \
-             SELECT $1, t.last_seq, $2, $3, $4, NULL FROM t \
-             RETURNING seq",
-        )
-        .bind(event.topic.as_str())
-        .bind(ts as i64)
-        .bind(is_binary)
-        .bind(body.to_vec())
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(Appended {
-            offset: row.try_get::<i64, _>(0)? as u64,
-            duplicate: false,
-        })
+    /// The common case, events without keys on PostgreSQL (a single
+    /// publish, or a group of them): one statement, atomic on its own,
+    /// instead of a transaction of four round trips. Each topic's offsets
+    /// are reserved, one row lock per topic taken in topic order, and its
+    /// events inserted, together.
+    async fn append_postgres(&self, events: &[NewEvent], ts: u64) -> Result<Vec<Appended>, StoreError> {
+        let mut per_topic: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, event) in events.iter().enumerate() {
+            per_topic.entry(event.topic.as_str()).or_default().push(i);
+        }
+        let shape = AppendShape::fitting(per_topic.len(), events.len());
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(shape.sql())).bind(ts as i64);
+        for (topic, indexes) in &per_topic {
+            query = query.bind(*topic).bind(indexes.len() as i64);
+        }
+        for _ in per_topic.len()..shape.topics {
+            query = query.bind(None::<String>).bind(0_i64);
+        }
+        // Each event as its distance back from its topic's new last offset.
+        for (topic, indexes) in &per_topic {
+            for (k, &i) in indexes.iter().enumerate() {
+                let (is_binary, body) = stored_payload(&events[i].payload);
+                query = query
+                    .bind(*topic)
+                    .bind((indexes.len() - 1 - k) as i64)
+                    .bind(is_binary)
+                    .bind(body.to_vec());
+            }
+        }
+        for _ in events.len()..shape.events {
+            query = query
+                .bind(None::<String>)
+                .bind(0_i64)
+                .bind(0_i64)
+                .bind(Vec::<u8>::new());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        let mut appended = vec![None; events.len()];
+        for row in &rows {
+            let topic: String = row.try_get(0)?;
+            let last: i64 = row.try_get(1)?;
+            let inserted: i64 = row.try_get(2)?;
+            if inserted != events.len() as i64 {
+                return Err(StoreError::Unavailable(sqlx::Error::Protocol(format!(
+                    "appending {} events inserted {inserted}",
+                    events.len()
+                ))));
+            }
+            let indexes = per_topic.get(topic.as_str()).ok_or_else(|| {
+                StoreError::Unavailable(sqlx::Error::Protocol(
+                    "reserving offsets returned a topic not asked for".into(),
+                ))
+            })?;
+            for (k, &i) in indexes.iter().enumerate() {
+                appended[i] = Some(Appended {
+                    offset: (last - (indexes.len() - 1 - k) as i64) as u64,
+                    duplicate: false,
+                });
+            }
+        }
+        // Every topic's row was returned: anything else is a bug, not a
+        // publish to acknowledge.
+        appended
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                StoreError::Unavailable(sqlx::Error::Protocol(
+                    "reserving offsets returned fewer topics than asked".into(),
+                ))
+            })
     }
 
     /// The topic's epoch, last offset and oldest retained offset. A topic
@@ -762,6 +811,59 @@ fn reserve_offsets_sql(rows: usize) -> String {
          RETURNING topic, last_seq",
         values.join(", ")
     )
+}
+
+/// The shape of [`Store::append_postgres`]'s statement: its lists of
+/// topics and of events, each padded to a power of two with rows that
+/// match nothing, so that a few statements stay prepared whatever the
+/// sizes of the groups.
+struct AppendShape {
+    topics: usize,
+    events: usize,
+}
+
+impl AppendShape {
+    fn fitting(topics: usize, events: usize) -> AppendShape {
+        AppendShape {
+            topics: topics.next_power_of_two(),
+            events: events.next_power_of_two(),
+        }
+    }
+
+    /// `$1` is the publish time; then topic and event count per topic;
+    /// then topic, distance back from the topic's last offset, binary flag
+    /// and payload per event. Only numbered placeholders: every value is
+    /// bound.
+    fn sql(&self) -> String {
+        let topics: Vec<String> = (0..self.topics)
+            .map(|r| format!("(${}, ${})", 2 * r + 2, 2 * r + 3))
+            .collect();
+        let first = 2 * self.topics + 2;
+        let events: Vec<String> = (0..self.events)
+            .map(|r| {
+                let p = first + 4 * r;
+                format!("(${}, ${}, ${}, ${})", p, p + 1, p + 2, p + 3)
+            })
+            .collect();
+        format!(
+            "WITH v (topic, n) AS (VALUES {}), \
+             t AS ( \
+                 INSERT INTO herald_topics (topic, epoch, last_seq, created_ms) \
+                 SELECT topic, (SELECT value FROM herald_meta WHERE name = 'log_epoch'), n, $1 \
+                 FROM v WHERE topic IS NOT NULL \
+                 ON CONFLICT (topic) DO UPDATE SET last_seq = herald_topics.last_seq + excluded.last_seq \
+                 RETURNING topic, last_seq), \
+             e (topic, back, is_binary, payload) AS (VALUES {}), \
+             i AS ( \
+                 INSERT INTO herald_events (topic, seq, ts, is_binary, payload) \
+                 SELECT e.topic, t.last_seq - e.back, $1, e.is_binary, e.payload \
+                 FROM e JOIN t ON t.topic = e.topic \
+                 RETURNING 1) \
+             SELECT topic, last_seq, (SELECT count(*) FROM i) FROM t",
+            topics.join(", "),
+            events.join(", ")
+        )
+    }
 }
 
 /// `INSERT INTO herald_events ... VALUES ($1, ..., $7), ...` for `rows`

@@ -575,6 +575,17 @@ async fn concurrent_batches_over_the_same_topics_in_any_order_all_commit_on_both
                 (1..=total).collect::<Vec<_>>(),
                 "{backend} {topic}"
             );
+            // Each batch's two events of a topic got consecutive offsets,
+            // in the batch's order: 1 then 3, or 2 then 4.
+            let data: Vec<u64> = history["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["data"].as_u64().unwrap())
+                .collect();
+            for pair in data.chunks(2) {
+                assert!(pair == [1, 3] || pair == [2, 4], "{backend} {topic}: {data:?}");
+            }
         }
     }
 }

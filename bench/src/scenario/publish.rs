@@ -1,7 +1,9 @@
 //! publish: HTTP publish requests per second one node accepts with its
 //! PostgreSQL event log: one event per request over many topics and over
 //! one, in batches, and a lone publisher at a steady rate beside the
-//! store's own commit time for the same statement.
+//! store's own commit time for the same statement. Beside them, the same
+//! single-event load on topics without history: what one request costs
+//! without the log, the ceiling for single-event publishes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,16 +30,26 @@ pub struct Options {
     pub lone_rate: f64,
 }
 
-/// Runs the single-event variants (over `topics` topics, then over one)
-/// and the batch variant (for `seconds` each; 0 skips them), then the lone
-/// publisher.
+/// Topics of the durable variants, and of the one without history.
+const DURABLE: &str = "bench.pub.";
+const VOLATILE: &str = "bench.volatile.pub.";
+
+/// Runs the single-event variants (over `topics` topics, then over one,
+/// then without history) and the batch variant (for `seconds` each; 0
+/// skips them), then the lone publisher.
 pub async fn run(cluster: &Cluster, options: &Options) -> Result<Vec<Report>> {
     let mut reports = Vec::new();
     if options.seconds > 0.0 {
-        reports.push(load(cluster, options, "publish_single", 1, options.topics).await?);
-        reports.push(load(cluster, options, "publish_single_one_topic", 1, 1).await?);
+        let topics = options.topics;
         let batch = options.batch.max(1);
-        reports.push(load(cluster, options, "publish_batch", batch, options.topics).await?);
+        for (name, batch, topics, prefix) in [
+            ("publish_single", 1, topics, DURABLE),
+            ("publish_single_one_topic", 1, 1, DURABLE),
+            ("publish_single_no_history", 1, topics, VOLATILE),
+            ("publish_batch", batch, topics, DURABLE),
+        ] {
+            reports.push(load(cluster, options, name, (batch, topics), prefix).await?);
+        }
     }
     if options.lone_events > 0 {
         reports.push(lone(cluster, options.lone_events, options.lone_rate).await?);
@@ -49,8 +61,8 @@ async fn load(
     cluster: &Cluster,
     options: &Options,
     name: &str,
-    batch: usize,
-    topics: usize,
+    (batch, topics): (usize, usize),
+    prefix: &'static str,
 ) -> Result<Report> {
     let mut report = Report::new(name, cluster.system);
     report.set("topics", topics as f64);
@@ -80,7 +92,7 @@ async fn load(
             while Instant::now() < deadline {
                 let sent = Instant::now();
                 let res = if batch == 1 {
-                    let topic = format!("bench.pub.{}", (w + seq as usize) % topics);
+                    let topic = format!("{prefix}{}", (w + seq as usize) % topics);
                     seq += 1;
                     http.post_json(
                         &client::publish_path(&topic),
@@ -98,7 +110,7 @@ async fn load(
                         }
                         let topic = (w + i) % topics;
                         body.extend_from_slice(
-                            format!(r#"{{"topic":"bench.pub.{topic}","data":"#).as_bytes(),
+                            format!(r#"{{"topic":"{prefix}{topic}","data":"#).as_bytes(),
                         );
                         body.extend_from_slice(&client::event_body(seq, 0));
                         body.push(b'}');
@@ -160,14 +172,20 @@ async fn load(
 
 /// What Herald runs for one event without a key on PostgreSQL (see
 /// `Store::append`): the store's own commit time is this statement's.
-const APPEND_ONE: &str = "WITH t AS ( \
-     INSERT INTO herald_topics (topic, epoch, last_seq, created_ms) \
-     VALUES ($1, (SELECT value FROM herald_meta WHERE name = 'log_epoch'), 1, $2) \
-     ON CONFLICT (topic) DO UPDATE SET last_seq = herald_topics.last_seq + 1 \
-     RETURNING last_seq) \
- INSERT INTO herald_events (topic, seq, ts, is_binary, payload, idem_key) \
- SELECT $1, t.last_seq, $2, $3, $4, NULL FROM t \
- RETURNING seq";
+const APPEND_ONE: &str = "WITH v (topic, n) AS (VALUES ($2, $3)), \
+     t AS ( \
+         INSERT INTO herald_topics (topic, epoch, last_seq, created_ms) \
+         SELECT topic, (SELECT value FROM herald_meta WHERE name = 'log_epoch'), n, $1 \
+         FROM v WHERE topic IS NOT NULL \
+         ON CONFLICT (topic) DO UPDATE SET last_seq = herald_topics.last_seq + excluded.last_seq \
+         RETURNING topic, last_seq), \
+     e (topic, back, is_binary, payload) AS (VALUES ($4, $5, $6, $7)), \
+     i AS ( \
+         INSERT INTO herald_events (topic, seq, ts, is_binary, payload) \
+         SELECT e.topic, t.last_seq - e.back, $1, e.is_binary, e.payload \
+         FROM e JOIN t ON t.topic = e.topic \
+         RETURNING 1) \
+     SELECT topic, last_seq, (SELECT count(*) FROM i) FROM t";
 
 /// One publisher, one event at a time at `rate` per second: each
 /// request's time to 201. Then the same number of the same statement
@@ -200,11 +218,14 @@ async fn lone(cluster: &Cluster, events: u64, rate: f64) -> Result<Report> {
         next += interval;
         let sent = Instant::now();
         sqlx::query(APPEND_ONE)
-            .bind("bench.lone.floor")
             .bind(unix_ms())
+            .bind("bench.lone.floor")
+            .bind(1_i64) // one event for the topic
+            .bind("bench.lone.floor")
+            .bind(0_i64) // it is the topic's last
             .bind(0_i64) // is_binary: a JSON payload
             .bind(client::event_body(seq, 0))
-            .execute(&mut conn)
+            .fetch_all(&mut conn)
             .await?;
         floor.push(micros(sent));
     }
