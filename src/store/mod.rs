@@ -417,7 +417,11 @@ impl Store {
     /// instead of a transaction of four round trips. Each topic's offsets
     /// are reserved, one row lock per topic taken in topic order, and its
     /// events inserted, together.
-    async fn append_postgres(&self, events: &[NewEvent], ts: u64) -> Result<Vec<Appended>, StoreError> {
+    async fn append_postgres(
+        &self,
+        events: &[NewEvent],
+        ts: u64,
+    ) -> Result<Vec<Appended>, StoreError> {
         let mut per_topic: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, event) in events.iter().enumerate() {
             per_topic.entry(event.topic.as_str()).or_default().push(i);

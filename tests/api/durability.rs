@@ -584,7 +584,10 @@ async fn concurrent_batches_over_the_same_topics_in_any_order_all_commit_on_both
                 .map(|e| e["data"].as_u64().unwrap())
                 .collect();
             for pair in data.chunks(2) {
-                assert!(pair == [1, 3] || pair == [2, 4], "{backend} {topic}: {data:?}");
+                assert!(
+                    pair == [1, 3] || pair == [2, 4],
+                    "{backend} {topic}: {data:?}"
+                );
             }
         }
     }
