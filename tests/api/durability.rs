@@ -563,26 +563,19 @@ async fn concurrent_batches_over_the_same_topics_in_any_order_all_commit_on_both
         for topic in ["ab.a", "ab.b"] {
             let path = format!("/api/v1/topics/{topic}/events?limit=1000");
             let history = node.get_json(&path, &subscriber()).await;
-            let offsets: Vec<u64> = history["events"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|e| e["offset"].as_u64().unwrap())
-                .collect();
+            let column = |field: &str| -> Vec<u64> {
+                let events = history["events"].as_array().unwrap();
+                events.iter().map(|e| e[field].as_u64().unwrap()).collect()
+            };
             let total = (TASKS * BATCHES * 2) as u64;
             assert_eq!(
-                offsets,
+                column("offset"),
                 (1..=total).collect::<Vec<_>>(),
                 "{backend} {topic}"
             );
             // Each batch's two events of a topic got consecutive offsets,
             // in the batch's order: 1 then 3, or 2 then 4.
-            let data: Vec<u64> = history["events"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|e| e["data"].as_u64().unwrap())
-                .collect();
+            let data = column("data");
             for pair in data.chunks(2) {
                 assert!(
                     pair == [1, 3] || pair == [2, 4],
