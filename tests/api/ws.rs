@@ -334,6 +334,41 @@ async fn a_subscriber_that_stops_reading_is_evicted_and_others_get_everything() 
 }
 
 #[tokio::test]
+async fn a_subscriber_whose_socket_pushes_back_gets_every_event_in_order_once_it_reads() {
+    // 192 events of 32 KiB (about 8 MiB as frames): more than a 4 KiB
+    // receive buffer and the kernel's send queue (at most 4 MiB here)
+    // take, inside the mailbox's bounds. The node writes what the socket
+    // takes, queues the rest, and sends it in order as the client reads.
+    const EVENTS: u64 = 192;
+    let node = spawn_node_with(|s| s.limits.outbound_queue_bytes = 32 << 20).await;
+    let mut slow = node
+        .handshake(&format!("?token={}", subscriber()))
+        .open_with_small_receive_buffer()
+        .await;
+    slow.subscribe("backlog").await;
+    let payload = vec![7u8; 32 * 1024];
+    let p = publisher();
+    for _ in 0..EVENTS {
+        let response = node
+            .http
+            .post(node.url("/api/v1/topics/backlog/events"))
+            .bearer_auth(&p)
+            .header("content-type", "application/octet-stream")
+            .body(payload.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+    }
+    // Only now does the client read.
+    let mut offsets = Vec::new();
+    for _ in 0..EVENTS {
+        offsets.push(slow.recv().await["offset"].as_u64().unwrap());
+    }
+    assert_eq!(offsets, (1..=EVENTS).collect::<Vec<_>>());
+}
+
+#[tokio::test]
 async fn subscribing_again_replays_nothing_and_answers_the_current_offset() {
     let node = spawn_node().await;
     for n in 1..=3 {
