@@ -43,6 +43,10 @@ use crate::topic::Topic;
 
 /// Connections in the pool of one node.
 const POOL_SIZE: u32 = 8;
+/// A pooled connection idle for at least this long is checked with a ping
+/// before it is used (a database restarted meanwhile costs no request);
+/// a busier one is used at once, without that extra round trip.
+const PING_IF_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 /// Rows per `INSERT` of a batch (7 bound parameters each: well under
 /// SQLite's and PostgreSQL's limits).
 const INSERT_CHUNK: usize = 500;
@@ -241,6 +245,15 @@ impl Store {
         .map_err(|e| invalid(format!("cannot prepare the database: {e}")))?;
         let pool = AnyPoolOptions::new()
             .max_connections(POOL_SIZE)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect(url)
             .await
             .map_err(|e| invalid(format!("cannot connect: {e}")))?;

@@ -817,3 +817,57 @@ async fn a_repeated_subscribe_that_fails_keeps_the_subscription_it_had() {
         (&json!(1), &json!("still here"))
     );
 }
+
+#[tokio::test]
+async fn publishing_recovers_by_itself_when_the_database_closes_the_node_s_connections() {
+    // As after a PostgreSQL restart or failover: every pooled connection
+    // is closed under the node.
+    let pg = PgDatabase::create().await;
+    let url = pg.url();
+    let node = spawn_node_with(move |s| s.store.url = url.into()).await;
+    let p = publisher();
+    let publish = |n: u64| {
+        node.http
+            .post(node.url("/api/v1/topics/recovering/events"))
+            .bearer_auth(&p)
+            .json(&json!(n))
+            .send()
+    };
+    for n in 1..=3 {
+        assert_eq!(publish(n).await.unwrap().status(), 201);
+    }
+
+    // A connection idle for a second or more is checked before use: after
+    // a quiet second, not one request fails.
+    pg.terminate_connections().await;
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert_eq!(publish(4).await.unwrap().status(), 201);
+
+    // Right away, a request may meet a closed connection (503, retry);
+    // each such connection is replaced, so at most the pool's size fail.
+    pg.terminate_connections().await;
+    let mut published = vec![1, 2, 3, 4];
+    let mut failed = 0;
+    for n in 5..=20 {
+        match publish(n).await.unwrap().status().as_u16() {
+            201 => published.push(n),
+            503 => failed += 1,
+            other => panic!("publish answered {other}"),
+        }
+    }
+    assert!(failed <= 8, "{failed} of 16 requests failed");
+    for n in 21..=25 {
+        assert_eq!(publish(n).await.unwrap().status(), 201);
+        published.push(n);
+    }
+    let history = node
+        .get_json("/api/v1/topics/recovering/events", &subscriber())
+        .await;
+    let data: Vec<u64> = history["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["data"].as_u64().unwrap())
+        .collect();
+    assert_eq!(data, published);
+}

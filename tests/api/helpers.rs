@@ -529,6 +529,25 @@ impl PgDatabase {
     }
 }
 
+impl PgDatabase {
+    /// Closes every connection to the database from the server's side, as
+    /// a PostgreSQL restart or failover does.
+    pub async fn terminate_connections(&self) {
+        use sqlx::Connection as _;
+        let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", self.server))
+            .await
+            .unwrap();
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    }
+}
+
 impl Drop for PgDatabase {
     fn drop(&mut self) {
         let admin = format!("{}/postgres", self.server);
