@@ -92,6 +92,9 @@ struct Queue {
     unsent: VecDeque<Bytes>,
     /// Payload bytes of `held` plus bytes of `unsent`.
     bytes: usize,
+    /// Why a write to the socket failed: nothing more can go out, and the
+    /// connection ends with this error when it next writes or flushes.
+    failed: Option<io::ErrorKind>,
 }
 
 impl Queue {
@@ -130,11 +133,17 @@ impl Shared {
     /// ahead of it, and queues the rest. Returns whether the whole frame
     /// went out.
     fn write(&self, queue: &mut Queue, frame: Bytes) -> io::Result<bool> {
+        if let Some(kind) = queue.failed {
+            return Err(kind.into());
+        }
         let written = if queue.unsent.is_empty() {
             match self.wire.try_write(&frame) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    queue.failed = Some(e.kind());
+                    return Err(e);
+                }
             }
         } else {
             0
@@ -211,25 +220,27 @@ impl Mailbox {
             metrics::counter!(names::SLOW_CONSUMERS).increment(1);
             return false;
         }
-        match frame {
-            Some(frame) if direct => {
-                // A write that fails is left queued: the connection's own
-                // flush meets the error and ends the connection.
-                let sent = shared.write(&mut queue, frame).unwrap_or(false);
-                drop(queue);
-                if !sent {
-                    shared.wake.notify_one();
+        let wake = match frame {
+            Some(frame) if direct => match shared.write(&mut queue, frame) {
+                Ok(sent) => !sent,
+                // The socket failed: nothing more goes out, and the
+                // connection meets the error when it next flushes.
+                Err(_) => {
+                    queue.closed = true;
+                    true
                 }
-            }
+            },
             _ => {
                 queue.bytes += size;
                 queue.held.push_back(Arc::clone(event));
-                let holding = queue.holding;
-                drop(queue);
-                if !holding {
-                    shared.wake.notify_one();
-                }
+                // Held until the connection has written every held event:
+                // nothing offered meanwhile may overtake this one.
+                !std::mem::replace(&mut queue.holding, true)
             }
+        };
+        drop(queue);
+        if wake {
+            shared.wake.notify_one();
         }
         true
     }
@@ -269,22 +280,29 @@ impl Outlet {
         self.shared.write(&mut queue, frame)
     }
 
-    /// Whether nothing waits for room in the socket.
+    /// Whether nothing waits for room in the socket (and it has not
+    /// failed).
     pub fn is_flushed(&self) -> bool {
-        self.shared.lock().unsent.is_empty()
+        let queue = self.shared.lock();
+        queue.unsent.is_empty() && queue.failed.is_none()
     }
 
-    /// Writes everything queued, the pipeline's and the connection's;
-    /// waits only while the kernel's send queue is full. Cancel-safe: what
-    /// is not written yet stays queued.
-    pub async fn flush(&self) -> io::Result<()> {
+    /// Writes what is queued, the pipeline's and the connection's, until
+    /// all of it went out (`true`) or the kernel took part of it and
+    /// pushed back (`false`: progress, and more to send, the pipeline's
+    /// too). Waits only while the kernel's send queue is full. Cancel-safe:
+    /// what is not written yet stays queued.
+    pub async fn flush(&self) -> io::Result<bool> {
         let shared = &*self.shared;
         loop {
             {
                 let mut queue = shared.lock();
+                if let Some(kind) = queue.failed {
+                    return Err(kind.into());
+                }
                 if queue.unsent.is_empty() {
                     queue.unsent = VecDeque::new();
-                    return Ok(());
+                    return Ok(true);
                 }
                 let slices: Vec<IoSlice<'_>> = queue
                     .unsent
@@ -292,19 +310,32 @@ impl Outlet {
                     .take(MAX_SLICES)
                     .map(|b| IoSlice::new(b))
                     .collect();
-                match shared.wire.try_write_vectored(&slices) {
+                let written = shared.wire.try_write_vectored(&slices);
+                drop(slices);
+                match written {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                     Ok(n) => {
-                        drop(slices);
                         queue.advance(n);
+                        if !queue.unsent.is_empty() {
+                            return Ok(false);
+                        }
                         continue;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        queue.failed = Some(e.kind());
+                        return Err(e);
+                    }
                 }
             }
             shared.wire.writable().await?;
         }
+    }
+
+    /// [`flush`](Self::flush) until everything went out.
+    pub async fn flush_all(&self) -> io::Result<()> {
+        while !self.flush().await? {}
+        Ok(())
     }
 
     /// Waits until the pipeline leaves the connection something to do:

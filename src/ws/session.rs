@@ -634,16 +634,23 @@ impl Connection {
 
     /// Waits until everything queued for the socket went out. Only a write
     /// left waiting registers for the stop token (overflow or, its parent,
-    /// shutdown), and for a client that reads nothing at all: one that only
-    /// sends would otherwise hold its place forever, the heartbeat being
-    /// checked by the loop this write holds up.
+    /// shutdown), and for a client that reads nothing at all: one whose
+    /// socket takes nothing for `server.write_timeout` is cut off (one that
+    /// only sends would otherwise hold its place forever, the heartbeat
+    /// being checked by the loop this write holds up). A client that reads,
+    /// however far behind, is bounded by its mailbox instead.
     async fn flush(&mut self) -> Result<(), CloseCause> {
         let stalled = self.state.settings.server.write_timeout;
-        tokio::select! {
-            biased;
-            sent = self.outlet.flush() => sent.map_err(|_| CloseCause::ClientGone),
-            () = self.overflowed.cancelled() => Err(self.stop_cause()),
-            () = tokio::time::sleep(stalled) => Err(CloseCause::Stalled),
+        loop {
+            let all_sent = tokio::select! {
+                biased;
+                sent = self.outlet.flush() => sent.map_err(|_| CloseCause::ClientGone)?,
+                () = self.overflowed.cancelled() => return Err(self.stop_cause()),
+                () = tokio::time::sleep(stalled) => return Err(CloseCause::Stalled),
+            };
+            if all_sent {
+                return Ok(());
+            }
         }
     }
 

@@ -180,7 +180,7 @@ impl Socket {
     pub async fn close(self, outlet: &Outlet, reason: Option<CloseReason>) {
         let mut close = BytesMut::new();
         Parser::write_close(&mut close, reason, false);
-        if outlet.write(close.freeze()).is_ok() && outlet.flush().await.is_ok() {
+        if outlet.write(close.freeze()).is_ok() && outlet.flush_all().await.is_ok() {
             linger(&self.io).await;
         }
     }

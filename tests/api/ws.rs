@@ -369,6 +369,54 @@ async fn a_subscriber_whose_socket_pushes_back_gets_every_event_in_order_once_it
 }
 
 #[tokio::test]
+async fn a_subscriber_that_reads_slower_than_a_topic_publishes_is_not_cut_off_while_it_reads() {
+    // Four publishers send about 17 MB of frames faster than the client
+    // reads them; it reads all the while, at its own pace, for about
+    // twice `server.write_timeout`. Every wait for room in its socket is
+    // short and ends in progress, so it is not a stalled client; its queue
+    // stays inside the bounds, so it is not a slow consumer either.
+    const PUBLISHERS: u64 = 4;
+    const EACH: u64 = 100;
+    let node = spawn_node_with(|s| {
+        s.server.write_timeout = std::time::Duration::from_secs(1);
+        s.limits.outbound_queue_bytes = 64 << 20;
+    })
+    .await;
+    let mut reader = node
+        .handshake(&format!("?token={}", subscriber()))
+        .open_with_small_receive_buffer()
+        .await;
+    reader.subscribe("backlog").await;
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|_| {
+            let (http, url) = (node.http.clone(), node.url("/api/v1/topics/backlog/events"));
+            tokio::spawn(async move {
+                for _ in 0..EACH {
+                    let response = http
+                        .post(&url)
+                        .bearer_auth(publisher())
+                        .header("content-type", "application/octet-stream")
+                        .body(vec![7u8; 32 * 1024])
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 201);
+                }
+            })
+        })
+        .collect();
+    let mut offsets = Vec::new();
+    for _ in 0..PUBLISHERS * EACH {
+        offsets.push(reader.recv().await["offset"].as_u64().unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    for publishing in publishers {
+        publishing.await.unwrap();
+    }
+    assert_eq!(offsets, (1..=PUBLISHERS * EACH).collect::<Vec<_>>());
+}
+
+#[tokio::test]
 async fn subscribing_again_replays_nothing_and_answers_the_current_offset() {
     let node = spawn_node().await;
     for n in 1..=3 {
