@@ -54,9 +54,10 @@ const INSERT_CHUNK: usize = 500;
 /// well inside PostgreSQL's 65,535 parameters; larger batches take a
 /// transaction of chunked statements.
 const ONE_STATEMENT_EVENTS: usize = 1000;
-/// How many times a batch is retried when a concurrent publish with the same
-/// idempotency key won the race.
-const IDEMPOTENCY_RETRIES: usize = 3;
+/// How many times an append is retried when it lost a race it can win on
+/// a second try: a concurrent publish with the same idempotency key
+/// committed first, or PostgreSQL chose it as a deadlock's victim.
+const APPEND_RETRIES: usize = 3;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -306,10 +307,10 @@ impl Store {
         loop {
             match self.try_append(events, ts).await {
                 Err(StoreError::Unavailable(sqlx::Error::Database(e)))
-                    if e.is_unique_violation() && attempt < IDEMPOTENCY_RETRIES =>
+                    if attempt < APPEND_RETRIES && lost_a_race(&*e) =>
                 {
-                    // A concurrent publish with the same key committed first;
-                    // the next attempt finds it.
+                    // Nothing of the attempt was committed; the next one
+                    // finds the key that won, or the locks free.
                     attempt += 1;
                 }
                 result => return result,
@@ -751,6 +752,14 @@ impl Store {
             Backend::Postgres => self.pool.begin().await,
         }
     }
+}
+
+/// Whether an append failed only because a concurrent transaction got in
+/// its way: the same idempotency key committed first (unique violation),
+/// or a deadlock (`40P01`, e.g. with a pruning pass removing topics) or
+/// serialization failure (`40001`) aborted it.
+fn lost_a_race(error: &dyn sqlx::error::DatabaseError) -> bool {
+    error.is_unique_violation() || matches!(error.code().as_deref(), Some("40P01" | "40001"))
 }
 
 /// A value for a BIGINT column (offsets and times fit in 63 bits).

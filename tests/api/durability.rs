@@ -871,3 +871,59 @@ async fn publishing_recovers_by_itself_when_the_database_closes_the_node_s_conne
         .collect();
     assert_eq!(data, published);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_chosen_as_a_deadlock_s_victim_is_retried_and_answers_201() {
+    use sqlx::Connection as _;
+    let pg = PgDatabase::create().await;
+    let url = pg.url();
+    let node = spawn_node_with({
+        let url = url.clone();
+        move |s| s.store.url = url.into()
+    })
+    .await;
+    let p = publisher();
+    node.publish_ok(&p, "dl.a", &json!(0)).await;
+    node.publish_ok(&p, "dl.b", &json!(0)).await;
+
+    // Another writer (as a pruning pass can be) holds dl.b's row...
+    let mut other = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    let lock = "UPDATE herald_topics SET last_seq = last_seq WHERE topic = $1";
+    sqlx::query(lock)
+        .bind("dl.b")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    // ...while a batch takes dl.a's and waits for dl.b's.
+    let batch = {
+        let (http, url) = (node.http.clone(), node.url("/api/v1/events"));
+        tokio::spawn(async move {
+            let events = json!([{"topic": "dl.a", "data": 1}, {"topic": "dl.b", "data": 1}]);
+            let response = http.post(url).bearer_auth(publisher()).json(&events).send();
+            response.await.unwrap().status().as_u16()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Now the other writer wants dl.a: a deadlock. The batch's statement,
+    // waiting longer, finds it first and is aborted (40P01).
+    sqlx::query(lock)
+        .bind("dl.a")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+
+    assert_eq!(batch.await.unwrap(), 201);
+    for topic in ["dl.a", "dl.b"] {
+        let path = format!("/api/v1/topics/{topic}/events");
+        let history = node.get_json(&path, &subscriber()).await;
+        let offsets: Vec<u64> = history["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["offset"].as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets, [1, 2], "{topic}");
+    }
+}
