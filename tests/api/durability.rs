@@ -47,6 +47,12 @@ async fn nothing_more(ws: &mut WsClient) {
     );
 }
 
+/// One field of every event in a history page, as numbers.
+fn column(history: &Value, field: &str) -> Vec<u64> {
+    let events = history["events"].as_array().unwrap();
+    events.iter().map(|e| e[field].as_u64().unwrap()).collect()
+}
+
 #[tokio::test]
 async fn a_client_that_resumes_with_since_gets_exactly_the_missed_events_then_live_ones() {
     let node = spawn_node().await;
@@ -563,19 +569,15 @@ async fn concurrent_batches_over_the_same_topics_in_any_order_all_commit_on_both
         for topic in ["ab.a", "ab.b"] {
             let path = format!("/api/v1/topics/{topic}/events?limit=1000");
             let history = node.get_json(&path, &subscriber()).await;
-            let column = |field: &str| -> Vec<u64> {
-                let events = history["events"].as_array().unwrap();
-                events.iter().map(|e| e[field].as_u64().unwrap()).collect()
-            };
             let total = (TASKS * BATCHES * 2) as u64;
             assert_eq!(
-                column("offset"),
+                column(&history, "offset"),
                 (1..=total).collect::<Vec<_>>(),
                 "{backend} {topic}"
             );
             // Each batch's two events of a topic got consecutive offsets,
             // in the batch's order: 1 then 3, or 2 then 4.
-            let data = column("data");
+            let data = column(&history, "data");
             for pair in data.chunks(2) {
                 assert!(
                     pair == [1, 3] || pair == [2, 4],
@@ -863,13 +865,7 @@ async fn publishing_recovers_by_itself_when_the_database_closes_the_node_s_conne
     let history = node
         .get_json("/api/v1/topics/recovering/events", &subscriber())
         .await;
-    let data: Vec<u64> = history["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["data"].as_u64().unwrap())
-        .collect();
-    assert_eq!(data, published);
+    assert_eq!(column(&history, "data"), published);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -918,12 +914,6 @@ async fn an_append_chosen_as_a_deadlock_s_victim_is_retried_and_answers_201() {
     for topic in ["dl.a", "dl.b"] {
         let path = format!("/api/v1/topics/{topic}/events");
         let history = node.get_json(&path, &subscriber()).await;
-        let offsets: Vec<u64> = history["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["offset"].as_u64().unwrap())
-            .collect();
-        assert_eq!(offsets, [1, 2], "{topic}");
+        assert_eq!(column(&history, "offset"), [1, 2], "{topic}");
     }
 }

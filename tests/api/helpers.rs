@@ -280,6 +280,22 @@ impl TestNode {
         assert_eq!(body["topic"], topic);
         body["offset"].as_u64().unwrap()
     }
+
+    /// Publishes a binary payload and asserts success; returns the offset.
+    pub async fn publish_binary_ok(&self, token: &str, topic: &str, payload: &[u8]) -> u64 {
+        let response = self
+            .http
+            .post(self.url(&format!("/api/v1/topics/{topic}/events")))
+            .bearer_auth(token)
+            .header("content-type", "application/octet-stream")
+            .body(payload.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        let body: Value = response.json().await.unwrap();
+        body["offset"].as_u64().unwrap()
+    }
 }
 
 /// A WebSocket client speaking `herald.json` or `herald.msgpack`; frames are

@@ -294,16 +294,7 @@ async fn a_subscriber_that_stops_reading_is_evicted_and_others_get_everything() 
     let payload = vec![7u8; 32 * 1024];
     let p = publisher();
     for expected in 1..=EVENTS {
-        let response = node
-            .http
-            .post(node.url("/api/v1/topics/firehose/events"))
-            .bearer_auth(&p)
-            .header("content-type", "application/octet-stream")
-            .body(payload.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
+        node.publish_binary_ok(&p, "firehose", &payload).await;
         assert_eq!(fast.recv().await["offset"], expected);
     }
 
@@ -349,16 +340,7 @@ async fn a_subscriber_whose_socket_pushes_back_gets_every_event_in_order_once_it
     let payload = vec![7u8; 32 * 1024];
     let p = publisher();
     for _ in 0..EVENTS {
-        let response = node
-            .http
-            .post(node.url("/api/v1/topics/backlog/events"))
-            .bearer_auth(&p)
-            .header("content-type", "application/octet-stream")
-            .body(payload.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
+        node.publish_binary_ok(&p, "backlog", &payload).await;
     }
     // Only now does the client read.
     let mut offsets = Vec::new();
