@@ -227,6 +227,14 @@ impl Head {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// The connection keyless appends on PostgreSQL run on, kept between
+    /// them: sqlx pings a pooled connection each time it goes back to the
+    /// pool, a round trip per commit. Taken out for each append and put
+    /// back only once it succeeded, so a connection an error or a dropped
+    /// append left mid-statement is closed, not reused. Checked like a
+    /// pooled one after [`PING_IF_IDLE_FOR`] idle; with the time it was
+    /// last used.
+    appender: tokio::sync::Mutex<Option<(sqlx::AnyConnection, std::time::Instant)>>,
 }
 
 impl Store {
@@ -258,7 +266,11 @@ impl Store {
             .connect(url)
             .await
             .map_err(|e| invalid(format!("cannot connect: {e}")))?;
-        let store = Store { pool, backend };
+        let store = Store {
+            pool,
+            backend,
+            appender: tokio::sync::Mutex::new(None),
+        };
         store
             .migrate()
             .await
@@ -466,7 +478,21 @@ impl Store {
                 .bind(0_i64)
                 .bind(Vec::<u8>::new());
         }
-        let rows = query.fetch_all(&self.pool).await?;
+        let mut appender = self.appender.lock().await;
+        let mut conn = match appender.take() {
+            Some((mut conn, used)) if used.elapsed() >= PING_IF_IDLE_FOR => {
+                match sqlx::Connection::ping(&mut conn).await {
+                    Ok(()) => conn,
+                    Err(_) => self.pool.acquire().await?.detach(),
+                }
+            }
+            Some((conn, _)) => conn,
+            // Out of the pool for good: the pool may open another.
+            None => self.pool.acquire().await?.detach(),
+        };
+        let rows = query.fetch_all(&mut conn).await?;
+        *appender = Some((conn, std::time::Instant::now()));
+        drop(appender);
         let mut appended = vec![None; events.len()];
         for row in &rows {
             let topic: String = row.try_get(0)?;
