@@ -386,26 +386,13 @@ impl Store {
                 query = query.bind(*topic).bind(indexes.len() as i64);
             }
             for row in query.fetch_all(&mut *tx).await? {
-                let topic: String = row.try_get(0)?;
-                let last: i64 = row.try_get(1)?;
-                let indexes = &per_topic[topic.as_str()];
-                let n = indexes.len() as i64;
-                for (k, &i) in indexes.iter().enumerate() {
-                    outcome[i] = Some(Appended {
-                        offset: (last - n + 1 + k as i64) as u64,
-                        duplicate: false,
-                    });
-                }
+                assign_reserved(&row, &per_topic, &mut outcome)?;
             }
         }
         // The new events are exactly those given offsets above.
         let new: Vec<usize> = per_topic.into_values().flatten().collect();
         if new.iter().any(|&i| outcome[i].is_none()) {
-            // Every topic's row was returned: anything else is a bug, not
-            // a publish to acknowledge.
-            return Err(StoreError::Unavailable(sqlx::Error::Protocol(
-                "reserving offsets returned fewer topics than asked".into(),
-            )));
+            return Err(fewer_topics_reserved());
         }
         for chunk in new.chunks(INSERT_CHUNK) {
             let mut query = sqlx::query(sqlx::AssertSqlSafe(insert_events_sql(chunk.len())));
@@ -479,53 +466,41 @@ impl Store {
                 .bind(Vec::<u8>::new());
         }
         let mut appender = self.appender.lock().await;
-        let mut conn = match appender.take() {
-            Some((mut conn, used)) if used.elapsed() >= PING_IF_IDLE_FOR => {
-                match sqlx::Connection::ping(&mut conn).await {
-                    Ok(()) => conn,
-                    Err(_) => self.pool.acquire().await?.detach(),
-                }
-            }
-            Some((conn, _)) => conn,
-            // Out of the pool for good: the pool may open another.
-            None => self.pool.acquire().await?.detach(),
-        };
+        let mut conn = self.appender_connection(appender.take()).await?;
         let rows = query.fetch_all(&mut conn).await?;
         *appender = Some((conn, std::time::Instant::now()));
         drop(appender);
         let mut appended = vec![None; events.len()];
         for row in &rows {
-            let topic: String = row.try_get(0)?;
-            let last: i64 = row.try_get(1)?;
             let inserted: i64 = row.try_get(2)?;
             if inserted != events.len() as i64 {
-                return Err(StoreError::Unavailable(sqlx::Error::Protocol(format!(
+                return Err(store_bug(format!(
                     "appending {} events inserted {inserted}",
                     events.len()
-                ))));
+                )));
             }
-            let indexes = per_topic.get(topic.as_str()).ok_or_else(|| {
-                StoreError::Unavailable(sqlx::Error::Protocol(
-                    "reserving offsets returned a topic not asked for".into(),
-                ))
-            })?;
-            for (k, &i) in indexes.iter().enumerate() {
-                appended[i] = Some(Appended {
-                    offset: (last - (indexes.len() - 1 - k) as i64) as u64,
-                    duplicate: false,
-                });
-            }
+            assign_reserved(row, &per_topic, &mut appended)?;
         }
-        // Every topic's row was returned: anything else is a bug, not a
-        // publish to acknowledge.
         appended
             .into_iter()
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| {
-                StoreError::Unavailable(sqlx::Error::Protocol(
-                    "reserving offsets returned fewer topics than asked".into(),
-                ))
-            })
+            .ok_or_else(fewer_topics_reserved)
+    }
+
+    /// The connection for the next keyless append: the one kept from the
+    /// last, pinged first if it sat idle for [`PING_IF_IDLE_FOR`], or else
+    /// one taken out of the pool for good (the pool may open another).
+    async fn appender_connection(
+        &self,
+        kept: Option<(sqlx::AnyConnection, std::time::Instant)>,
+    ) -> Result<sqlx::AnyConnection, sqlx::Error> {
+        if let Some((mut conn, used)) = kept
+            && (used.elapsed() < PING_IF_IDLE_FOR
+                || sqlx::Connection::ping(&mut conn).await.is_ok())
+        {
+            return Ok(conn);
+        }
+        Ok(self.pool.acquire().await?.detach())
     }
 
     /// The topic's epoch, last offset and oldest retained offset. A topic
@@ -778,6 +753,40 @@ impl Store {
             Backend::Postgres => self.pool.begin().await,
         }
     }
+}
+
+/// Gives the new events of the topic in `row` (its name and its new last
+/// offset, as reserving returns them) their offsets: in order, ending at
+/// that last offset.
+fn assign_reserved(
+    row: &AnyRow,
+    per_topic: &BTreeMap<&str, Vec<usize>>,
+    outcome: &mut [Option<Appended>],
+) -> Result<(), StoreError> {
+    let topic: String = row.try_get(0)?;
+    let last: i64 = row.try_get(1)?;
+    let indexes = per_topic
+        .get(topic.as_str())
+        .ok_or_else(|| store_bug("reserving offsets returned a topic not asked for"))?;
+    let n = indexes.len() as i64;
+    for (k, &i) in indexes.iter().enumerate() {
+        outcome[i] = Some(Appended {
+            offset: (last - n + 1 + k as i64) as u64,
+            duplicate: false,
+        });
+    }
+    Ok(())
+}
+
+/// Every topic's row is returned when its offsets are reserved: anything
+/// else is a bug, not a publish to acknowledge.
+fn fewer_topics_reserved() -> StoreError {
+    store_bug("reserving offsets returned fewer topics than asked")
+}
+
+/// An answer from the database that the statement cannot give.
+fn store_bug(message: impl Into<String>) -> StoreError {
+    StoreError::Unavailable(sqlx::Error::Protocol(message.into()))
 }
 
 /// Whether an append failed only because a concurrent transaction got in
