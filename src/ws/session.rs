@@ -536,9 +536,6 @@ impl Connection {
         while let Some(event) = self.outlet.next_held() {
             self.send_live(&event).await?;
         }
-        if self.outlet.is_flushed() {
-            return Ok(());
-        }
         self.flush().await
     }
 
@@ -640,6 +637,9 @@ impl Connection {
     /// being checked by the loop this write holds up). A client that reads,
     /// however far behind, is bounded by its mailbox instead.
     async fn flush(&mut self) -> Result<(), CloseCause> {
+        if self.outlet.is_flushed() {
+            return Ok(());
+        }
         let stalled = self.state.settings.server.write_timeout;
         loop {
             let all_sent = tokio::select! {
