@@ -527,38 +527,35 @@ impl PgDatabase {
     pub fn url(&self) -> String {
         format!("{}/{}", self.server, self.name)
     }
-}
 
-impl PgDatabase {
+    /// A connection to the server's `postgres` database, for statements
+    /// about this one.
+    async fn admin(&self) -> sqlx::PgConnection {
+        use sqlx::Connection as _;
+        sqlx::PgConnection::connect(&format!("{}/postgres", self.server))
+            .await
+            .unwrap()
+    }
+
     /// Drops the database now, under whatever is connected to it (a store
     /// that loses its database, as after an operator's mistake).
     pub async fn drop_now(&self) {
-        use sqlx::Connection as _;
-        let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", self.server))
-            .await
-            .unwrap();
         let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
         sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(&mut admin)
+            .execute(&mut self.admin().await)
             .await
             .unwrap();
     }
-}
 
-impl PgDatabase {
     /// Closes every connection to the database from the server's side, as
     /// a PostgreSQL restart or failover does.
     pub async fn terminate_connections(&self) {
-        use sqlx::Connection as _;
-        let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", self.server))
-            .await
-            .unwrap();
         sqlx::query(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
              WHERE datname = $1 AND pid <> pg_backend_pid()",
         )
         .bind(&self.name)
-        .execute(&mut admin)
+        .execute(&mut self.admin().await)
         .await
         .unwrap();
     }
