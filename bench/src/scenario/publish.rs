@@ -48,7 +48,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Result<Vec<Report>> {
             ("publish_single_no_history", 1, topics, VOLATILE),
             ("publish_batch", batch, topics, DURABLE),
         ] {
-            reports.push(load(cluster, options, name, (batch, topics), prefix).await?);
+            reports.push(load(cluster, options, name, batch, topics, prefix).await?);
         }
     }
     if options.lone_events > 0 {
@@ -61,7 +61,8 @@ async fn load(
     cluster: &Cluster,
     options: &Options,
     name: &str,
-    (batch, topics): (usize, usize),
+    batch: usize,
+    topics: usize,
     prefix: &'static str,
 ) -> Result<Report> {
     let mut report = Report::new(name, cluster.system);
