@@ -19,7 +19,7 @@ import sys
 LAYERS = [
     ("foundation", ["config", "files", "rate", "stall", "telemetry"]),
     ("pure types", ["topic", "payload", "protocol", "auth", "event"]),
-    ("store, relay, mailboxes", ["store", "relay", "mailbox"]),
+    ("store, relay, mailboxes, presence", ["store", "relay", "mailbox", "presence"]),
     ("delivery and the node's core", ["pipeline", "broker", "state"]),
     ("edges", ["http", "ws"]),
     ("entry points", ["startup", "dev", "cli"]),

@@ -8,12 +8,14 @@
 //! and publish to, with `{sub}` already substituted.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::config::{Algorithm, AuthSettings, ConfigError};
 use crate::topic::{Pattern, Topic, is_valid_segment};
@@ -42,6 +44,10 @@ pub enum AuthError {
     MissingClaim(String),
     #[error("malformed token: {0}")]
     Malformed(String),
+    #[error(
+        "token claim `presence_info` must be a JSON object of at most {MAX_PRESENCE_INFO} bytes: {0}"
+    )]
+    BadPresenceInfo(String),
     #[error("token grants an invalid pattern {pattern:?} in `{claim}`: {reason}")]
     BadGrant {
         claim: &'static str,
@@ -99,7 +105,15 @@ pub struct Claims {
     /// Operator access: node and topic introspection for every topic.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub admin: bool,
+    /// What other members see of the holder in a topic's presence (e.g.
+    /// its name and avatar): a JSON object of at most
+    /// [`MAX_PRESENCE_INFO`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_info: Option<Box<RawValue>>,
 }
+
+/// Largest `presence_info` claim, in bytes of JSON text.
+pub const MAX_PRESENCE_INFO: usize = 1024;
 
 /// The `aud` claim: a string or an array of strings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +140,8 @@ pub struct Grants {
     /// Some grant used `{sub}` but `sub` is not a valid topic segment, so
     /// that grant matches nothing. Kept to explain refusals.
     sub_unusable: bool,
+    /// The `presence_info` claim, checked: JSON text of an object.
+    pub presence_info: Option<Arc<str>>,
 }
 
 /// Which right a request needs.
@@ -174,7 +190,12 @@ impl Grants {
         };
         let subscribe = parse("topics", &claims.topics)?;
         let publish = parse("publish", &claims.publish)?;
+        let presence_info = claims
+            .presence_info
+            .map(|info| check_presence_info(&info).map(|()| Arc::from(info.get())))
+            .transpose()?;
         Ok(Grants {
+            presence_info,
             sub: claims.sub,
             exp: claims.exp,
             valid_until: claims.exp,
@@ -203,6 +224,22 @@ impl Grants {
         }
         Err(Forbidden(msg))
     }
+}
+
+/// Checks a `presence_info` claim: a JSON object, small, and one both
+/// encodings can carry.
+pub fn check_presence_info(info: &RawValue) -> Result<(), AuthError> {
+    let text = info.get();
+    if text.len() > MAX_PRESENCE_INFO {
+        return Err(AuthError::BadPresenceInfo(format!(
+            "it is {} bytes",
+            text.len()
+        )));
+    }
+    if !text.starts_with('{') {
+        return Err(AuthError::BadPresenceInfo("it is not an object".into()));
+    }
+    crate::payload::check_json(text).map_err(|e| AuthError::BadPresenceInfo(e.to_string()))
 }
 
 /// Signing secrets that appeared as defaults or examples in Herald's own
@@ -294,6 +331,20 @@ impl Verifier {
     }
 }
 
+/// What a token [`Signer::sign`] makes says.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenSpec<'a> {
+    pub sub: &'a str,
+    /// Patterns it may subscribe to.
+    pub topics: &'a [String],
+    /// Patterns it may publish to.
+    pub publish: &'a [String],
+    pub admin: bool,
+    pub presence_info: Option<&'a RawValue>,
+    /// How long it is valid.
+    pub ttl: Duration,
+}
+
 /// Signs tokens with the node's configured key (`herald token`, dev mode).
 pub struct Signer {
     key: EncodingKey,
@@ -336,25 +387,19 @@ impl Signer {
         })
     }
 
-    /// A token for `sub` valid for `ttl`, granting the given patterns.
-    pub fn sign(
-        &self,
-        sub: &str,
-        topics: &[String],
-        publish: &[String],
-        admin: bool,
-        ttl: Duration,
-    ) -> Result<String, jsonwebtoken::errors::Error> {
+    /// A token as `spec` describes it.
+    pub fn sign(&self, spec: &TokenSpec<'_>) -> Result<String, jsonwebtoken::errors::Error> {
         let now = unix_now_secs();
         let claims = Claims {
-            sub: sub.to_owned(),
-            exp: now + ttl.as_secs(),
+            sub: spec.sub.to_owned(),
+            exp: now + spec.ttl.as_secs(),
             iat: Some(now),
             iss: self.issuer.clone(),
             aud: self.audience.clone().map(Audience::One),
-            topics: topics.to_vec(),
-            publish: publish.to_vec(),
-            admin,
+            topics: spec.topics.to_vec(),
+            publish: spec.publish.to_vec(),
+            admin: spec.admin,
+            presence_info: spec.presence_info.map(ToOwned::to_owned),
         };
         jsonwebtoken::encode(&self.header, &claims, &self.key)
     }
@@ -398,6 +443,7 @@ mod tests {
             topics: topics.iter().map(|s| s.to_string()).collect(),
             publish: publish.iter().map(|s| s.to_string()).collect(),
             admin: false,
+            presence_info: None,
         })
         .unwrap()
     }
@@ -436,6 +482,7 @@ mod tests {
             topics: vec!["a..b".into()],
             publish: vec![],
             admin: false,
+            presence_info: None,
         };
         assert!(matches!(
             Grants::from_claims(claims),

@@ -19,6 +19,7 @@ use crate::event::{Event, now_ms};
 use crate::mailbox::{ConnId, Mailbox};
 use crate::payload::Payload;
 use crate::pipeline::Pipeline;
+use crate::presence::{self, Presence};
 use crate::relay::{self, Inbound, Relay, RelayError, RelayState};
 use crate::store::commit::{GroupCommit, Orphans};
 use crate::store::retention::{Retention, run_pruner};
@@ -59,6 +60,7 @@ pub struct Broker {
     /// Shared with the pruner, which asks it who watches a topic.
     relay: Arc<dyn Relay>,
     pipeline: Pipeline,
+    presence: Presence,
     store: Arc<Store>,
     /// Publishes to topics with history commit through it.
     commits: GroupCommit,
@@ -73,8 +75,11 @@ impl Broker {
     /// Opens the store (applying migrations), starts the relay, the
     /// pipeline and the pruner; every background task stops when
     /// `shutdown` is cancelled.
+    /// `node` names this node among restarts (see
+    /// [`presence::redis::node_name`]).
     pub async fn new(
         settings: &Settings,
+        node: &str,
         shutdown: CancellationToken,
     ) -> Result<Broker, ConfigError> {
         // Checked before the store opens, which would create the file.
@@ -92,6 +97,8 @@ impl Broker {
         let retention = Arc::new(Retention::from_settings(settings)?);
         let shards = std::thread::available_parallelism().map_or(1, usize::from);
         let (inbound, lanes) = Inbound::new(shards);
+        let book = presence::book_from_settings(settings, node, inbound.clone())?;
+        let presence = Presence::start(book, &settings.presence, shutdown.clone());
         let relay = relay::from_settings(settings, inbound, shutdown.clone())?;
         let pipeline = Pipeline::start(
             Arc::clone(&relay),
@@ -116,6 +123,7 @@ impl Broker {
         Ok(Broker {
             relay,
             pipeline,
+            presence,
             store,
             commits,
             orphans,
@@ -203,6 +211,17 @@ impl Broker {
         self.pipeline.release(topic, id);
     }
 
+    /// Starts (`listen`) or stops delivering `topic`'s presence diffs to
+    /// `mailbox`, which subscribes to it.
+    pub async fn listen(&self, topic: &Topic, mailbox: &Mailbox, listen: bool) {
+        self.pipeline.listen(topic, mailbox, listen).await;
+    }
+
+    /// The node's presence: joins, leaves and pages.
+    pub fn presence(&self) -> &Presence {
+        &self.presence
+    }
+
     /// How many connections on this node subscribe to `topic`.
     pub async fn local_subscribers(&self, topic: &Topic) -> usize {
         self.pipeline.local_subscribers(topic).await
@@ -227,6 +246,8 @@ impl Broker {
 
     /// Waits for background work to finish once shutdown was requested.
     pub async fn stopped(&self) {
+        // Before the relay: the node's members leave through Redis.
+        self.presence.stopped().await;
         self.relay.stopped().await;
         self.pipeline.stopped().await;
         for task in self.tasks.lock().await.drain(..) {

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::auth::{Signer, check_patterns};
+use serde_json::value::RawValue;
+
+use crate::auth::{Signer, TokenSpec, check_patterns, check_presence_info};
 use crate::config::{ConfigError, Settings};
 use crate::startup::Application;
 use crate::store::Store;
@@ -61,6 +63,11 @@ enum Command {
         /// introspection).
         #[arg(long)]
         admin: bool,
+        /// What other members see of this user in a topic's presence: a
+        /// JSON object of at most 1 KiB, e.g. '{"name":"Ada"}' (the
+        /// `presence_info` claim).
+        #[arg(long)]
+        presence_info: Option<String>,
         /// Lifetime, e.g. 30m, 1h, 7d.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
@@ -81,9 +88,21 @@ pub fn run() -> ExitCode {
             topics,
             publish,
             admin,
+            presence_info,
             ttl,
             config,
-        } => token(config, &sub, &topics, &publish, admin, ttl),
+        } => token(
+            config,
+            &TokenSpec {
+                sub: &sub,
+                topics: &topics,
+                publish: &publish,
+                admin,
+                presence_info: None,
+                ttl,
+            },
+            presence_info.as_deref(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -154,14 +173,29 @@ fn migrate(config: Option<PathBuf>) -> Result<(), String> {
     })
 }
 
+/// Prints the token `spec` describes, with `presence_info` (JSON text)
+/// once checked.
 fn token(
     config: Option<PathBuf>,
-    sub: &str,
-    topics: &[String],
-    publish: &[String],
-    admin: bool,
-    ttl: Duration,
+    spec: &TokenSpec<'_>,
+    presence_info: Option<&str>,
 ) -> Result<(), String> {
+    let &TokenSpec {
+        sub,
+        topics,
+        publish,
+        admin,
+        ttl,
+        ..
+    } = spec;
+    let info: Option<Box<RawValue>> = presence_info
+        .map(|text| {
+            let raw = serde_json::from_str::<Box<RawValue>>(text)
+                .map_err(|e| format!("--presence-info is not JSON: {e}"))?;
+            check_presence_info(&raw).map_err(|e| format!("--presence-info: {e}"))?;
+            Ok::<_, String>(raw)
+        })
+        .transpose()?;
     let mut settings = Settings::load(config.as_deref()).map_err(|e| e.to_string())?;
     if dev::no_key_configured(&settings) {
         // Reuse the key `serve --dev` created, so its tokens verify.
@@ -191,7 +225,10 @@ fn token(
     }
     let signer = Signer::new(&settings.auth).map_err(|e: ConfigError| e.to_string())?;
     let token = signer
-        .sign(sub, topics, publish, admin, ttl)
+        .sign(&TokenSpec {
+            presence_info: info.as_deref(),
+            ..*spec
+        })
         .map_err(|e| format!("cannot sign: {e}"))?;
     println!("{token}");
     Ok(())

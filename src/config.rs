@@ -59,7 +59,24 @@ pub struct Settings {
     /// Every field is optional, hence a default section.
     #[serde(default)]
     pub metrics: MetricsSettings,
+    pub presence: PresenceSettings,
     pub dev: DevSettings,
+}
+
+/// Presence: who is in a topic (topics opt in with `presence = true` in
+/// their `[[topics]]` rule).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceSettings {
+    /// A topic's joins and leaves are gathered this long and sent as one
+    /// `presence_diff`; a join and a leave of one member within it cancel
+    /// out.
+    #[serde(deserialize_with = "duration")]
+    pub batch_interval: Duration,
+    /// A node that stops without leaving (killed, cut off from Redis) has
+    /// its members leave within this long.
+    #[serde(deserialize_with = "duration")]
+    pub node_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -122,6 +139,8 @@ pub struct TopicRule {
     #[serde(default, deserialize_with = "optional_duration")]
     pub max_age: Option<Duration>,
     pub max_events: Option<u64>,
+    /// Whether the topic keeps presence (who is in it); off by default.
+    pub presence: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -225,6 +244,10 @@ pub struct DevSettings {
     pub secret_file: PathBuf,
 }
 
+/// Shortest `presence.node_ttl`: a node renews its lease six times per
+/// TTL, and each renewal is a Redis round trip.
+const MIN_NODE_TTL: Duration = Duration::from_secs(2);
+
 /// Built-in defaults, the first layer. Every setting has one here, so the
 /// README's settings table and this list can be compared line by line.
 const DEFAULTS: &[(&str, &str)] = &[
@@ -254,6 +277,8 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("retention.max_age", "24h"),
     ("retention.max_events", "10000"),
     ("retention.prune_interval", "1m"),
+    ("presence.batch_interval", "200ms"),
+    ("presence.node_ttl", "15s"),
     ("ui.enabled", "false"),
     ("log.format", "text"),
     ("dev.secret_file", ".herald/dev-secret"),
@@ -400,6 +425,21 @@ impl Settings {
             if value.is_zero() {
                 return Err(ConfigError::invalid(key, env, "must be greater than 0"));
             }
+        }
+        let presence = &self.presence;
+        if presence.batch_interval.is_zero() || presence.batch_interval > Duration::from_secs(10) {
+            return Err(ConfigError::invalid(
+                "presence.batch_interval",
+                "HERALD__PRESENCE__BATCH_INTERVAL",
+                "must be greater than 0 and at most 10s",
+            ));
+        }
+        if presence.node_ttl < MIN_NODE_TTL || presence.node_ttl < 5 * presence.batch_interval {
+            return Err(ConfigError::invalid(
+                "presence.node_ttl",
+                "HERALD__PRESENCE__NODE_TTL",
+                "must be at least 2s and at least 5 times presence.batch_interval",
+            ));
         }
         if server.heartbeat_timeout <= server.heartbeat_interval {
             return Err(ConfigError::invalid(

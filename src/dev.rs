@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-use crate::auth::Signer;
+use crate::auth::{Signer, TokenSpec};
 use crate::config::{Algorithm, Settings};
 use crate::files;
 
@@ -58,13 +58,34 @@ pub fn banner(settings: &Settings, addr: std::net::SocketAddr) -> Result<String,
     let signer = Signer::new(&settings.auth).map_err(|e| e.to_string())?;
     let all = vec![">".to_owned()];
     let subscriber = signer
-        .sign("dev-subscriber", &all, &[], false, DEV_TOKEN_TTL)
+        .sign(&TokenSpec {
+            sub: "dev-subscriber",
+            topics: &all,
+            publish: &[],
+            admin: false,
+            presence_info: None,
+            ttl: DEV_TOKEN_TTL,
+        })
         .map_err(|e| e.to_string())?;
     let publisher = signer
-        .sign("dev-publisher", &[], &all, false, DEV_TOKEN_TTL)
+        .sign(&TokenSpec {
+            sub: "dev-publisher",
+            topics: &[],
+            publish: &all,
+            admin: false,
+            presence_info: None,
+            ttl: DEV_TOKEN_TTL,
+        })
         .map_err(|e| e.to_string())?;
     let console = signer
-        .sign("dev-console", &all, &all, false, DEV_TOKEN_TTL)
+        .sign(&TokenSpec {
+            sub: "dev-console",
+            topics: &all,
+            publish: &all,
+            admin: false,
+            presence_info: None,
+            ttl: DEV_TOKEN_TTL,
+        })
         .map_err(|e| e.to_string())?;
     let secret_file = settings.dev.secret_file.display();
     Ok(format!(

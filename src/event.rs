@@ -1,18 +1,19 @@
-//! Events: what a publish produces and a subscriber receives.
+//! Events: what a publish produces and a subscriber receives; and
+//! presence diffs, the other thing a subscriber receives.
 //!
 //! An [`Event`] is built once per publish and shared (`Arc`) by every
 //! subscriber on the node. Its WebSocket frame is encoded lazily, at most
 //! once per encoding, and the bytes are then written as they are to every
 //! connection that uses that encoding.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use bytestring::ByteString;
 
 use crate::payload::Payload;
-use crate::protocol::{self, EncodeError, Encoding, EventHeader, Frame};
+use crate::protocol::{self, EncodeError, Encoding, EventHeader, Frame, Member};
 use crate::telemetry::names;
 use crate::topic::Topic;
 
@@ -102,4 +103,114 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// A change in a topic's presence: the members who joined and left, as
+/// one `presence_diff` frame. Like an [`Event`], built once per node and
+/// shared by every subscriber that asked for presence; its frame is
+/// encoded at most once per encoding.
+#[derive(Debug)]
+pub struct PresenceDiff {
+    pub topic: Topic,
+    /// The topic's presence epoch: sequence numbers count within it.
+    pub epoch: String,
+    /// The topic's presence sequence number after this change.
+    pub seq: u64,
+    pub joins: Vec<Member>,
+    /// The `sub`s that left.
+    pub leaves: Vec<String>,
+    ws_json: OnceLock<Option<Bytes>>,
+    ws_msgpack: OnceLock<Option<Bytes>>,
+}
+
+/// A diff as Redis carries it between nodes (see `presence`'s scripts).
+#[derive(serde::Deserialize)]
+struct DiffWire {
+    epoch: String,
+    seq: u64,
+    joins: Vec<MemberWire>,
+    leaves: Vec<LeaveWire>,
+}
+
+#[derive(serde::Deserialize)]
+struct MemberWire {
+    sub: String,
+    #[serde(default)]
+    info: Option<Box<serde_json::value::RawValue>>,
+}
+
+#[derive(serde::Deserialize)]
+struct LeaveWire {
+    sub: String,
+}
+
+impl PresenceDiff {
+    pub fn new(
+        topic: Topic,
+        epoch: String,
+        seq: u64,
+        joins: Vec<Member>,
+        leaves: Vec<String>,
+    ) -> PresenceDiff {
+        PresenceDiff {
+            topic,
+            epoch,
+            seq,
+            joins,
+            leaves,
+            ws_json: OnceLock::new(),
+            ws_msgpack: OnceLock::new(),
+        }
+    }
+
+    /// Reads a diff relayed between nodes: the JSON object
+    /// `{"epoch","seq","joins":[{"sub","info"?}],"leaves":[{"sub"}]}`.
+    pub fn from_relayed(topic: Topic, json: &[u8]) -> Option<PresenceDiff> {
+        let wire: DiffWire = serde_json::from_slice(json).ok()?;
+        let joins = wire
+            .joins
+            .into_iter()
+            .map(|m| Member {
+                sub: m.sub,
+                info: m.info.map(|info| Arc::from(info.get())),
+            })
+            .collect();
+        let leaves = wire.leaves.into_iter().map(|l| l.sub).collect();
+        Some(PresenceDiff::new(
+            topic, wire.epoch, wire.seq, joins, leaves,
+        ))
+    }
+
+    /// Bytes a diff holds, for the bounds of a mailbox.
+    pub fn size(&self) -> usize {
+        let member = |m: &Member| m.sub.len() + m.info.as_ref().map_or(0, |i| i.len());
+        self.joins.iter().map(member).sum::<usize>()
+            + self.leaves.iter().map(String::len).sum::<usize>()
+    }
+
+    /// The diff as one WebSocket frame in `encoding`, encoded on first use.
+    pub fn ws_frame(&self, encoding: Encoding) -> Option<Bytes> {
+        let cell = match encoding {
+            Encoding::Json => &self.ws_json,
+            Encoding::MsgPack => &self.ws_msgpack,
+        };
+        cell.get_or_init(|| {
+            let diff = protocol::PresenceDiffFrame::new(
+                &self.topic,
+                &self.epoch,
+                self.seq,
+                &self.joins,
+                &self.leaves,
+            );
+            match diff.encode(encoding) {
+                Ok(frame) => Some(frame.to_ws().freeze()),
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, encoding = encoding.protocol_name(), error = %e, "presence diff cannot be encoded; not sent in this encoding");
+                    metrics::counter!(names::ENCODE_FAILURES, "encoding" => encoding.protocol_name()).increment(1);
+                    None
+                }
+            }
+        })
+        .clone()
+    }
 }

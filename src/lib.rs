@@ -20,7 +20,9 @@
 //!   retention),
 //!   [`relay`] (how events move between nodes: loopback or Redis),
 //!   [`mailbox`] (a connection's bounded queue of what goes out on its
-//!   socket, written straight to it when nothing waits).
+//!   socket, written straight to it when nothing waits), [`presence`] (who
+//!   is in a topic: this node's members, and the book of every node's, in
+//!   memory or in Redis, with per-node leases).
 //! - [`pipeline`] (per topic on this node: who subscribes, the last offset
 //!   delivered, gap-fill, the replay/live seam), [`broker`] (publish and
 //!   subscribe, for the edges), [`state`] (what handlers share).
@@ -84,6 +86,7 @@ pub mod http;
 pub mod mailbox;
 pub mod payload;
 pub mod pipeline;
+pub mod presence;
 pub mod protocol;
 pub mod rate;
 pub mod relay;

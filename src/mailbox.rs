@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::Event;
+use crate::event::{Event, PresenceDiff};
 use crate::protocol::Encoding;
 use crate::telemetry::names;
 
@@ -37,6 +37,13 @@ pub type ConnId = u64;
 
 /// Most unsent frames handed to the kernel in one vectored write.
 const MAX_SLICES: usize = 64;
+
+/// What the pipeline hands a connection.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    Event(Arc<Event>),
+    Presence(Arc<PresenceDiff>),
+}
 
 /// Where the pipeline drops events for one connection.
 #[derive(Clone)]
@@ -85,8 +92,9 @@ struct Queue {
     /// The connection is handling a client's message: events wait in
     /// `held` for it.
     holding: bool,
-    /// Events for the connection to write itself, in order.
-    held: VecDeque<Arc<Event>>,
+    /// Events and diffs for the connection to write itself, in order,
+    /// with the bytes each counts for.
+    held: VecDeque<(Delivery, usize)>,
     /// Whole frames, or the unwritten tail of one, accepted for the socket
     /// but not yet taken by the kernel.
     unsent: VecDeque<Bytes>,
@@ -197,8 +205,22 @@ impl Mailbox {
     /// (then the connection is evicted). Never waits. Returns whether the
     /// event was taken.
     pub(crate) fn offer(&self, event: &Arc<Event>) -> bool {
+        let frame = event.ws_frame(self.shared.encoding);
+        self.take(frame, event.payload.len(), || {
+            Delivery::Event(Arc::clone(event))
+        })
+    }
+
+    /// Delivers a presence diff, as [`offer`](Self::offer) does an event.
+    pub(crate) fn offer_presence(&self, diff: &Arc<PresenceDiff>) -> bool {
+        let frame = diff.ws_frame(self.shared.encoding);
+        self.take(frame, diff.size(), || Delivery::Presence(Arc::clone(diff)))
+    }
+
+    /// Writes `frame`, or holds what `held` makes (`size` bytes) for the
+    /// connection: see [`offer`](Self::offer).
+    fn take(&self, frame: Option<Bytes>, size: usize, held: impl FnOnce() -> Delivery) -> bool {
         let shared = &*self.shared;
-        let frame = event.ws_frame(shared.encoding);
         let mut queue = shared.lock();
         // An evicted connection takes nothing more: it must not be sent an
         // event past the one it lost (it resumes from its last offset).
@@ -211,7 +233,7 @@ impl Mailbox {
             // Held: for the connection to write once it is done with a
             // client's message, or (an event without a frame in this
             // encoding) to answer with an error frame.
-            _ => event.payload.len(),
+            _ => size,
         };
         if queue.full(size, shared.capacity, shared.max_bytes) {
             queue.closed = true;
@@ -232,7 +254,7 @@ impl Mailbox {
             },
             _ => {
                 queue.bytes += size;
-                queue.held.push_back(Arc::clone(event));
+                queue.held.push_back((held(), size));
                 // Held until the connection has written every held event:
                 // nothing offered meanwhile may overtake this one.
                 !std::mem::replace(&mut queue.holding, true)
@@ -253,14 +275,14 @@ impl Outlet {
         self.shared.lock().holding = true;
     }
 
-    /// The next event held for the connection to write; once none is left,
-    /// the pipeline writes to the socket itself again.
-    pub fn next_held(&self) -> Option<Arc<Event>> {
+    /// The next event (or diff) held for the connection to write; once
+    /// none is left, the pipeline writes to the socket itself again.
+    pub fn next_held(&self) -> Option<Delivery> {
         let mut queue = self.shared.lock();
         match queue.held.pop_front() {
-            Some(event) => {
-                queue.bytes -= event.payload.len();
-                Some(event)
+            Some((delivery, size)) => {
+                queue.bytes -= size;
+                Some(delivery)
             }
             None => {
                 queue.holding = false;

@@ -86,6 +86,7 @@ impl Payload {
 /// transcoder both the edge's check and delivery use. Fails, rather than
 /// panics, on JSON deeper than [`MAX_NESTING`] or with a number out of
 /// range.
+#[derive(Debug)]
 pub struct Transcoded<'a>(pub &'a str);
 
 impl Serialize for Transcoded<'_> {

@@ -29,7 +29,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Event, now_ms};
+use crate::event::{Event, PresenceDiff, now_ms};
 use crate::mailbox::{ConnId, Mailbox};
 use crate::relay::{Arrival, Relay};
 use crate::store::heads::HeadReader;
@@ -89,6 +89,13 @@ enum Command {
     Count {
         topic: Topic,
         reply: oneshot::Sender<usize>,
+    },
+    /// A subscriber starts or stops receiving the topic's presence diffs.
+    Listen {
+        topic: Topic,
+        mailbox: Mailbox,
+        listen: bool,
+        done: oneshot::Sender<()>,
     },
 }
 
@@ -211,6 +218,22 @@ impl Pipeline {
         let _ = self.shard(topic).send(leave);
     }
 
+    /// Starts (`listen`) or stops delivering `topic`'s presence diffs to
+    /// `mailbox`, a subscriber of the topic; returns once in force. A
+    /// subscriber that leaves the topic stops receiving them too.
+    pub async fn listen(&self, topic: &Topic, mailbox: &Mailbox, listen: bool) {
+        let (done, in_force) = oneshot::channel();
+        let command = Command::Listen {
+            topic: topic.clone(),
+            mailbox: mailbox.clone(),
+            listen,
+            done,
+        };
+        if self.shard(topic).send(command).is_ok() {
+            let _ = in_force.await;
+        }
+    }
+
     /// How many connections on this node subscribe to `topic`.
     pub async fn local_subscribers(&self, topic: &Topic) -> usize {
         let (reply, count) = oneshot::channel();
@@ -235,6 +258,8 @@ impl Pipeline {
 /// One topic watched on this node.
 struct Watched {
     mailboxes: Vec<Mailbox>,
+    /// The subscribers that receive the topic's presence diffs.
+    listeners: Vec<Mailbox>,
     /// Subscribers between their two steps.
     joining: Vec<ConnId>,
     position: Position,
@@ -274,6 +299,7 @@ impl Shard {
                 () = shutdown.cancelled() => return,
                 Some(arrival) = arrivals.recv() => match arrival {
                     Arrival::Event(event) => self.arrive(event).await,
+                    Arrival::Presence(diff) => self.presence(&diff),
                     Arrival::Resync => self.resync().await,
                 },
                 Some(command) = commands.recv() => self.command(command).await,
@@ -294,6 +320,7 @@ impl Shard {
                     metrics::gauge!(names::TOPICS_ACTIVE).increment(1.0);
                     Watched {
                         mailboxes: Vec::new(),
+                        listeners: Vec::new(),
                         joining: Vec::new(),
                         position: if history {
                             Position::Starting {
@@ -332,6 +359,20 @@ impl Shard {
             Command::Count { topic, reply } => {
                 let count = self.topics.get(&topic).map_or(0, |w| w.mailboxes.len());
                 let _ = reply.send(count);
+            }
+            Command::Listen {
+                topic,
+                mailbox,
+                listen,
+                done,
+            } => {
+                if let Some(watched) = self.topics.get_mut(&topic) {
+                    watched.listeners.retain(|m| m.id != mailbox.id);
+                    if listen && watched.mailboxes.iter().any(|m| m.id == mailbox.id) {
+                        watched.listeners.push(mailbox);
+                    }
+                }
+                let _ = done.send(());
             }
         }
     }
@@ -387,6 +428,7 @@ impl Shard {
         let Some(watched) = self.topics.get_mut(topic) else {
             return;
         };
+        watched.listeners.retain(|m| m.id != id);
         if let Some(pos) = watched.mailboxes.iter().position(|m| m.id == id) {
             watched.mailboxes.swap_remove(pos);
             metrics::gauge!(names::SUBSCRIPTIONS).decrement(1.0);
@@ -397,6 +439,16 @@ impl Shard {
             self.topics.remove(topic);
             metrics::gauge!(names::TOPICS_ACTIVE).decrement(1.0);
             self.relay.unwatch(topic);
+        }
+    }
+
+    /// Hands a presence diff to the topic's listeners on this node.
+    fn presence(&self, diff: &Arc<PresenceDiff>) {
+        metrics::counter!(names::PRESENCE_DIFFS).increment(1);
+        if let Some(watched) = self.topics.get(&diff.topic) {
+            for mailbox in &watched.listeners {
+                mailbox.offer_presence(diff);
+            }
         }
     }
 

@@ -78,6 +78,7 @@ pub enum ErrorCode {
     NotFound,
     MethodNotAllowed,
     Unavailable,
+    PresenceDisabled,
 }
 
 impl ErrorCode {
@@ -94,6 +95,7 @@ impl ErrorCode {
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::Unavailable,
+        ErrorCode::PresenceDisabled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +111,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::PresenceDisabled => "presence_disabled",
         }
     }
 }
@@ -123,6 +126,8 @@ pub enum ClientOp {
         since: Option<u64>,
         /// The epoch `since` belongs to.
         epoch: Option<String>,
+        /// Join the topic's presence and receive its `presence_diff`s.
+        presence: bool,
     },
     Unsubscribe {
         id: Option<u64>,
@@ -143,6 +148,70 @@ pub enum ClientOp {
         id: Option<u64>,
         token: String,
     },
+    /// A page of a topic's presence, or only its member count.
+    Presence {
+        id: Option<u64>,
+        topic: Topic,
+        query: PresenceQuery,
+    },
+}
+
+/// Which page of a topic's presence a client asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PresenceQuery {
+    /// The page after this `sub` (a decoded cursor); from the start when
+    /// `None`.
+    pub after: Option<String>,
+    /// Most members on the page (at most [`MAX_PRESENCE_PAGE`]).
+    pub limit: usize,
+    /// Only the count, no members.
+    pub count_only: bool,
+}
+
+/// Most members on one page of presence.
+pub const MAX_PRESENCE_PAGE: usize = 1000;
+
+/// Longest cursor a client may send back, in bytes.
+pub const MAX_CURSOR_BYTES: usize = 2048;
+
+impl PresenceQuery {
+    /// Checks what a client sent: `cursor` (as Herald returned it),
+    /// `limit` (1 to [`MAX_PRESENCE_PAGE`], that by default) and
+    /// `count_only`.
+    pub fn parse(
+        cursor: Option<&str>,
+        limit: Option<u64>,
+        count_only: bool,
+    ) -> Result<PresenceQuery, String> {
+        let limit = match limit {
+            None => MAX_PRESENCE_PAGE,
+            Some(n) if (1..=MAX_PRESENCE_PAGE as u64).contains(&n) => n as usize,
+            Some(_) => return Err(format!("`limit` must be 1 to {MAX_PRESENCE_PAGE}")),
+        };
+        let after = match cursor {
+            None | Some("") => None,
+            Some(c) if c.len() > MAX_CURSOR_BYTES => return Err("`cursor` is too long".into()),
+            Some(c) => Some(decode_cursor(c).ok_or("`cursor` is not one Herald returned")?),
+        };
+        Ok(PresenceQuery {
+            after,
+            limit,
+            count_only,
+        })
+    }
+}
+
+/// A presence page's `cursor`: the last `sub` on it, opaque to clients
+/// (base64url).
+pub fn encode_cursor(sub: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sub)
+}
+
+fn decode_cursor(cursor: &str) -> Option<String> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()?;
+    String::from_utf8(bytes).ok()
 }
 
 impl ClientOp {
@@ -153,7 +222,8 @@ impl ClientOp {
             | ClientOp::Unsubscribe { id, .. }
             | ClientOp::Publish { id, .. }
             | ClientOp::Ping { id }
-            | ClientOp::Refresh { id, .. } => *id,
+            | ClientOp::Refresh { id, .. }
+            | ClientOp::Presence { id, .. } => *id,
         }
     }
 }
@@ -199,6 +269,14 @@ struct WireOp<D> {
     key: Option<String>,
     #[serde(default)]
     token: Option<String>,
+    #[serde(default)]
+    presence: Option<bool>,
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    limit: Option<u64>,
+    #[serde(default)]
+    count_only: Option<bool>,
 }
 
 /// Largest offset a client may name (`since`): offsets are stored as
@@ -309,6 +387,7 @@ impl<D> WireOp<D> {
                     topic: topic(self.topic)?,
                     since: self.since,
                     epoch: self.epoch,
+                    presence: self.presence.unwrap_or(false),
                 })
             }
             "unsubscribe" => Ok(ClientOp::Unsubscribe {
@@ -355,6 +434,19 @@ impl<D> WireOp<D> {
                 })
             }
             "ping" => Ok(ClientOp::Ping { id }),
+            "presence" => {
+                let query = PresenceQuery::parse(
+                    self.cursor.as_deref(),
+                    self.limit,
+                    self.count_only.unwrap_or(false),
+                )
+                .map_err(|m| DecodeError::bad_request(id, m))?;
+                Ok(ClientOp::Presence {
+                    id,
+                    topic: topic(self.topic)?,
+                    query,
+                })
+            }
             "refresh" => match self.token {
                 Some(token) => Ok(ClientOp::Refresh { id, token }),
                 None => Err(DecodeError::bad_request(id, "missing field `token`")),
@@ -362,7 +454,7 @@ impl<D> WireOp<D> {
             other => Err(DecodeError::bad_request(
                 id,
                 format!(
-                    "unknown op {other:?}; expected subscribe, unsubscribe, publish, ping or refresh"
+                    "unknown op {other:?}; expected subscribe, unsubscribe, publish, ping, refresh or presence"
                 ),
             )),
         }
@@ -406,6 +498,14 @@ pub enum Reply<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
     },
+    /// A page of a topic's presence (see [`PresencePage`]).
+    Presence {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        topic: &'a str,
+        #[serde(flatten)]
+        page: PresencePageOut<'a>,
+    },
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<u64>,
@@ -416,6 +516,136 @@ pub enum Reply<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         topic: Option<&'a str>,
     },
+}
+
+/// A member of a topic's presence: a token's `sub`, and what its
+/// `presence_info` claim says (JSON text of an object).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub sub: String,
+    pub info: Option<std::sync::Arc<str>>,
+}
+
+/// A page of a topic's presence, as the presence book answers it.
+#[derive(Debug, Clone)]
+pub struct PresencePage {
+    /// The epoch `seq` counts in.
+    pub epoch: String,
+    /// The sequence number of the last change this page includes.
+    pub seq: u64,
+    /// Distinct members in the topic.
+    pub count: u64,
+    /// `None` when only the count was asked for.
+    pub members: Option<Vec<Member>>,
+    /// Whether members follow the last one on this page.
+    pub more: bool,
+}
+
+/// How a [`PresencePage`] goes out, in a `presence` reply or an HTTP body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PresencePageOut<'a> {
+    /// The topic's presence epoch; `seq` counts within it.
+    pub epoch: &'a str,
+    /// The last presence change this page includes: apply the
+    /// `presence_diff`s after it.
+    pub seq: u64,
+    /// Distinct members (users) in the topic.
+    pub count: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub members: Option<Vec<MemberOut<'a>>>,
+    /// Pass it back for the next page; `null` on the last page. Absent
+    /// when only the count was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub cursor: Option<Option<String>>,
+}
+
+impl PresencePage {
+    pub fn out(&self) -> PresencePageOut<'_> {
+        let members = self
+            .members
+            .as_ref()
+            .map(|members| members.iter().map(MemberOut::of).collect::<Vec<_>>());
+        let cursor = self.members.as_ref().map(|members| {
+            members
+                .last()
+                .filter(|_| self.more)
+                .map(|last| encode_cursor(&last.sub))
+        });
+        PresencePageOut {
+            epoch: &self.epoch,
+            seq: self.seq,
+            count: self.count,
+            members,
+            cursor,
+        }
+    }
+}
+
+/// A member as frames carry it: `{"sub", "info"?}`.
+#[derive(Debug, Serialize)]
+pub struct MemberOut<'a> {
+    sub: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    info: Option<Transcoded<'a>>,
+}
+
+impl<'a> MemberOut<'a> {
+    fn of(member: &'a Member) -> MemberOut<'a> {
+        MemberOut {
+            sub: &member.sub,
+            info: member.info.as_deref().map(Transcoded),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct LeaveOut<'a> {
+    sub: &'a str,
+}
+
+/// The `presence_diff` frame.
+#[derive(Debug, Serialize)]
+pub struct PresenceDiffFrame<'a> {
+    op: &'static str,
+    topic: &'a str,
+    epoch: &'a str,
+    seq: u64,
+    joins: Vec<MemberOut<'a>>,
+    leaves: Vec<LeaveOut<'a>>,
+}
+
+impl<'a> PresenceDiffFrame<'a> {
+    pub fn new(
+        topic: &'a Topic,
+        epoch: &'a str,
+        seq: u64,
+        joins: &'a [Member],
+        leaves: &'a [String],
+    ) -> PresenceDiffFrame<'a> {
+        PresenceDiffFrame {
+            op: "presence_diff",
+            topic: topic.as_str(),
+            epoch,
+            seq,
+            joins: joins.iter().map(MemberOut::of).collect(),
+            leaves: leaves.iter().map(|sub| LeaveOut { sub }).collect(),
+        }
+    }
+
+    /// The frame in `encoding`; fails only on `info` neither encoding can
+    /// carry (the edge refuses such claims).
+    pub fn encode(&self, encoding: Encoding) -> Result<Frame, EncodeError> {
+        match encoding {
+            Encoding::Json => serde_json::to_string(self)
+                .map(|text| Frame::Text(text.into()))
+                .map_err(|e| EncodeError(e.to_string())),
+            Encoding::MsgPack => rmp_serde::to_vec_named(self)
+                .map(|bytes| Frame::Binary(bytes.into()))
+                .map_err(|e| EncodeError(e.to_string())),
+        }
+    }
 }
 
 /// An encoded server frame, ready for the socket.
@@ -614,10 +844,11 @@ mod tests {
                 | ErrorCode::TooManyConnections
                 | ErrorCode::NotFound
                 | ErrorCode::MethodNotAllowed
-                | ErrorCode::Unavailable => {}
+                | ErrorCode::Unavailable
+                | ErrorCode::PresenceDisabled => {}
             }
         }
-        assert_eq!(ErrorCode::ALL.len(), 11);
+        assert_eq!(ErrorCode::ALL.len(), 12);
     }
 
     #[test]

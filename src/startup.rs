@@ -64,7 +64,8 @@ impl Application {
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
         let shutdown = CancellationToken::new();
-        let state = web::Data::new(AppState::new(settings, verifier, shutdown.clone()).await?);
+        let state =
+            web::Data::new(AppState::new(settings, verifier, addr.port(), shutdown.clone()).await?);
         let state_handle = state.clone();
         let handshake_timeout = state.settings.server.handshake_timeout;
         let write_timeout = state.settings.server.write_timeout;

@@ -38,12 +38,15 @@ pub struct AppState {
 impl AppState {
     /// A node's shared state: its broker (store, relay and background
     /// tasks, stopped by `shutdown`) and its empty counters.
+    /// `port`: where the node listens, which names it among restarts.
     pub async fn new(
         settings: Settings,
         verifier: Verifier,
+        port: u16,
         shutdown: CancellationToken,
     ) -> Result<AppState, ConfigError> {
-        let broker = Broker::new(&settings, shutdown.clone()).await?;
+        let node = crate::presence::redis::node_name(port);
+        let broker = Broker::new(&settings, &node, shutdown.clone()).await?;
         Ok(AppState {
             http_publish_rate: PerUser::new(settings.limits.http_publish_rate),
             settings,

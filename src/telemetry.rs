@@ -86,6 +86,8 @@ pub mod names {
     pub const PRUNED_EVENTS: &str = "herald_pruned_events_total";
     pub const TOPICS_REMOVED: &str = "herald_topics_removed_total";
     pub const PRUNE_FAILURES: &str = "herald_prune_failures_total";
+    pub const PRESENCE_MEMBERS: &str = "herald_presence_members";
+    pub const PRESENCE_DIFFS: &str = "herald_presence_diffs_total";
 
     /// Every metric Herald documents (README, Operations).
     pub const ALL: &[&str] = &[
@@ -108,6 +110,8 @@ pub mod names {
         PRUNED_EVENTS,
         TOPICS_REMOVED,
         PRUNE_FAILURES,
+        PRESENCE_MEMBERS,
+        PRESENCE_DIFFS,
     ];
 }
 
@@ -116,7 +120,13 @@ pub mod names {
 /// moved by 0, not set: several nodes may share one process (tests).
 fn register_at_zero() {
     use names::*;
-    for gauge in [CONNECTIONS, SUBSCRIPTIONS, TOPICS_ACTIVE, RELAY_CONNECTED] {
+    for gauge in [
+        CONNECTIONS,
+        SUBSCRIPTIONS,
+        TOPICS_ACTIVE,
+        RELAY_CONNECTED,
+        PRESENCE_MEMBERS,
+    ] {
         metrics::gauge!(gauge).increment(0.0);
     }
     for counter in [
@@ -128,6 +138,7 @@ fn register_at_zero() {
         PRUNED_EVENTS,
         TOPICS_REMOVED,
         PRUNE_FAILURES,
+        PRESENCE_DIFFS,
     ] {
         metrics::counter!(counter).increment(0);
     }
@@ -212,6 +223,14 @@ fn describe() {
     describe_counter!(
         TOPICS_REMOVED,
         "Topic logs removed entirely: no event left and nobody watching."
+    );
+    describe_gauge!(
+        PRESENCE_MEMBERS,
+        "Presence members held by this node's connections, summed over topics (a user in two topics counts twice)."
+    );
+    describe_counter!(
+        PRESENCE_DIFFS,
+        "Presence diffs this node received for the topics its connections watch."
     );
     describe_counter!(
         ENCODE_FAILURES,

@@ -4,6 +4,7 @@
 mod history;
 mod introspect;
 mod openapi;
+mod presence;
 mod publish;
 pub mod ui;
 
@@ -15,6 +16,7 @@ use serde::Serialize;
 use crate::auth::Grants;
 use crate::auth::{AuthError, Forbidden};
 use crate::broker::PublishError;
+use crate::presence::PresenceError;
 use crate::protocol::ErrorCode;
 use crate::state::AppState;
 use crate::store::StoreError;
@@ -29,6 +31,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             resource("/api/v1/topics/{topic}/events", "GET, POST")
                 .route(web::post().to(publish::publish_one))
                 .route(web::get().to(history::history)),
+        )
+        .service(
+            resource("/api/v1/topics/{topic}/presence", "GET")
+                .route(web::get().to(presence::presence)),
         )
         .service(resource("/api/v1/events", "POST").route(web::post().to(publish::publish_batch)))
         .service(resource("/api/v1/node", "GET").route(web::get().to(introspect::node)))
@@ -108,6 +114,10 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error("topic \"{0}\" keeps no history (history = false in its retention rule)")]
     NoHistory(Topic),
+    #[error("topic \"{0}\" keeps no presence (set presence = true in its [[topics]] rule)")]
+    PresenceDisabled(Topic),
+    #[error(transparent)]
+    Presence(#[from] PresenceError),
     #[error("this node is at its connection limit ({0}, limits.max_connections); try another node")]
     TooManyConnections(usize),
     #[error(
@@ -139,9 +149,11 @@ impl ApiError {
                 ErrorCode::BadRequest
             }
             ApiError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
-            ApiError::Unavailable(_) | ApiError::Store(_) | ApiError::TooManyConnections(_) => {
-                ErrorCode::Unavailable
-            }
+            ApiError::Unavailable(_)
+            | ApiError::Store(_)
+            | ApiError::Presence(_)
+            | ApiError::TooManyConnections(_) => ErrorCode::Unavailable,
+            ApiError::PresenceDisabled(_) => ErrorCode::PresenceDisabled,
             ApiError::TooManyUserConnections(_) => ErrorCode::TooManyConnections,
             ApiError::RateLimited { .. } => ErrorCode::RateLimited,
             ApiError::NotFound | ApiError::NoHistory(_) => ErrorCode::NotFound,
@@ -188,6 +200,7 @@ impl ResponseError for ApiError {
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::RateLimited | ErrorCode::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::TooManySubscriptions => StatusCode::BAD_REQUEST,
+            ErrorCode::PresenceDisabled => StatusCode::NOT_FOUND,
         }
     }
 

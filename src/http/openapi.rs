@@ -17,6 +17,7 @@ use utoipa::{Modify, OpenApi};
         super::publish::publish_one,
         super::publish::publish_batch,
         super::history::history,
+        super::presence::presence,
         super::introspect::node,
         super::introspect::topic,
         super::healthz,

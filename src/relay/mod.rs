@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, Settings};
-use crate::event::Event;
+use crate::event::{Event, PresenceDiff};
 use crate::payload::Payload;
 use crate::store::retention::Watchers;
 use crate::topic::Topic;
@@ -121,6 +121,8 @@ pub fn from_settings(
 #[derive(Debug)]
 pub enum Arrival {
     Event(Arc<Event>),
+    /// A change in a topic's presence.
+    Presence(Arc<PresenceDiff>),
     /// The relay was away: events of watched topics may have been missed
     /// with no later event to reveal it.
     Resync,
@@ -161,6 +163,13 @@ impl Inbound {
         let lane = &self.lanes[self.lane_of(&event.topic)];
         // Closed only when the node is stopping.
         let _ = lane.send(Arrival::Event(event)).await;
+    }
+
+    /// Hands over a presence diff, in its topic's lane; waits while the
+    /// lane is full.
+    pub async fn presence(&self, diff: Arc<PresenceDiff>) {
+        let lane = &self.lanes[self.lane_of(&diff.topic)];
+        let _ = lane.send(Arrival::Presence(diff)).await;
     }
 
     /// Room for one event of `topic`, taken now and filled later without

@@ -21,7 +21,10 @@
 //!
 //! Relay message, on channel `{prefix}topic:{topic}`:
 //! `{offset} {ts} {kind} {payload}`, where `kind` is `j` (JSON text) or `b`
-//! (raw bytes).
+//! (raw bytes); or `p {json}`, a presence diff (see
+//! [`crate::event::PresenceDiff::from_relayed`]), published by the
+//! presence book's scripts on the same channel so that it reaches exactly
+//! the nodes that watch the topic.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -38,9 +41,9 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Inbound, Relay, RelayError, RelayState};
+use super::{Arrival, Inbound, Relay, RelayError, RelayState};
 use crate::config::ConfigError;
-use crate::event::Event;
+use crate::event::{Event, PresenceDiff};
 use crate::payload::Payload;
 use crate::store::retention::Watchers;
 use crate::telemetry::names;
@@ -101,9 +104,14 @@ struct Names {
     prefix: String,
 }
 
+/// The channel `topic`'s events and presence diffs travel on.
+pub fn channel(prefix: &str, topic: &Topic) -> String {
+    format!("{prefix}topic:{topic}")
+}
+
 impl Names {
     fn channel(&self, topic: &Topic) -> String {
-        format!("{}topic:{}", self.prefix, topic)
+        channel(&self.prefix, topic)
     }
 
     fn offset_key(&self, topic: &Topic) -> String {
@@ -330,6 +338,16 @@ fn encode_tail(ts: u64, payload: &Payload) -> Vec<u8> {
     tail
 }
 
+/// An event or a presence diff (`p {json}`); `None` for anything else.
+fn decode(topic: Topic, message: &[u8]) -> Option<Arrival> {
+    match message.strip_prefix(b"p ") {
+        Some(diff) => {
+            PresenceDiff::from_relayed(topic, diff).map(|d| Arrival::Presence(Arc::new(d)))
+        }
+        None => decode_message(topic, message).map(|e| Arrival::Event(Arc::new(e))),
+    }
+}
+
 /// Parses `{offset} {ts} {kind} {payload}`; `None` for anything else.
 fn decode_message(topic: Topic, message: &[u8]) -> Option<Event> {
     let mut parts = message.splitn(4, |b| *b == b' ');
@@ -484,13 +502,14 @@ impl Subscriber {
     }
 
     async fn hand_over(&mut self, message: &redis::Msg) {
-        let event = self
+        let arrival = self
             .names
             .topic_of(message.get_channel_name())
-            .and_then(|topic| decode_message(topic, message.get_payload_bytes()));
-        match event {
-            Some(event) => self.inbound.event(Arc::new(event)).await,
-            None => tracing::warn!(
+            .and_then(|topic| decode(topic, message.get_payload_bytes()));
+        match arrival {
+            Some(Arrival::Event(event)) => self.inbound.event(event).await,
+            Some(Arrival::Presence(diff)) => self.inbound.presence(diff).await,
+            Some(Arrival::Resync) | None => tracing::warn!(
                 channel = message.get_channel_name(),
                 "dropped a relay message that is not Herald's format"
             ),

@@ -25,6 +25,8 @@ pub struct Policy {
     pub history: bool,
     pub max_age: Duration,
     pub max_events: u64,
+    /// Whether the topic keeps presence (`presence = true`).
+    pub presence: bool,
 }
 
 pub struct Retention {
@@ -40,6 +42,7 @@ impl Retention {
             history: r.history,
             max_age: r.max_age,
             max_events: r.max_events,
+            presence: false,
         };
         let mut rules = Vec::with_capacity(settings.topics.len());
         for rule in &settings.topics {
@@ -56,6 +59,7 @@ impl Retention {
                     history: rule.history.unwrap_or(default.history),
                     max_age: rule.max_age.unwrap_or(default.max_age),
                     max_events: rule.max_events.unwrap_or(default.max_events),
+                    presence: rule.presence.unwrap_or(false),
                 },
             ));
         }
@@ -75,6 +79,11 @@ impl Retention {
 
     pub fn history(&self, topic: &Topic) -> bool {
         self.policy(topic).history
+    }
+
+    /// Whether `topic` keeps presence.
+    pub fn presence(&self, topic: &Topic) -> bool {
+        self.policy(topic).presence
     }
 
     /// Every policy, the default's included.

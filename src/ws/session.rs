@@ -19,8 +19,9 @@ use super::{Accepted, Admitted, ConnectionSlot};
 use crate::auth::{Action, AuthError, Forbidden, Grants, unix_now_secs};
 use crate::broker::{PublishError, Transport};
 use crate::config::LimitSettings;
-use crate::event::Event;
-use crate::mailbox::{ConnId, Mailbox, Outlet};
+use crate::event::{Event, PresenceDiff};
+use crate::mailbox::{ConnId, Delivery, Mailbox, Outlet};
+use crate::presence::PresenceError;
 use crate::protocol::{self, ClientOp, DecodeError, ErrorCode, Reply, ws_frame};
 use crate::rate::TokenBucket;
 use crate::state::AppState;
@@ -129,6 +130,10 @@ enum OpError {
         offset: u64,
         encoding: &'static str,
     },
+    #[error("topic \"{0}\" keeps no presence (set presence = true in its [[topics]] rule)")]
+    PresenceDisabled(Topic),
+    #[error(transparent)]
+    Presence(#[from] PresenceError),
     #[error("the connection ends")]
     Stop(CloseCause),
 }
@@ -149,8 +154,10 @@ impl OpError {
             OpError::Forbidden(_) | OpError::OtherSub | OpError::Revoked(_) => ErrorCode::Forbidden,
             OpError::TooManySubscriptions(_) => ErrorCode::TooManySubscriptions,
             OpError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            OpError::PresenceDisabled(_) => ErrorCode::PresenceDisabled,
             OpError::Publish(_)
             | OpError::Store
+            | OpError::Presence(_)
             | OpError::Unencodable { .. }
             | OpError::Stop(_) => ErrorCode::Unavailable,
         }
@@ -211,7 +218,9 @@ pub(super) async fn run(accepted: Accepted) {
     let subscriptions = Registrations {
         state: Arc::clone(&state),
         mailbox,
+        sub: grants.sub.clone(),
         topics: HashSet::new(),
+        presence: HashSet::new(),
     };
     let conn = Connection {
         state,
@@ -365,7 +374,8 @@ impl Connection {
             ClientOp::Publish { .. } => self.publish_rate.admit(),
             ClientOp::Subscribe { .. }
             | ClientOp::Unsubscribe { .. }
-            | ClientOp::Refresh { .. } => self.subscribe_rate.admit(),
+            | ClientOp::Refresh { .. }
+            | ClientOp::Presence { .. } => self.subscribe_rate.admit(),
             ClientOp::Ping { .. } => Ok(()),
         };
         let done = match admitted {
@@ -387,7 +397,19 @@ impl Connection {
                 topic,
                 since,
                 epoch,
-            } => self.subscribe(id, topic, since, epoch).await,
+                presence,
+            } => self.subscribe(id, topic, since, epoch, presence).await,
+            ClientOp::Presence { id, topic, query } => {
+                self.grants.check(Action::Subscribe, &topic)?;
+                self.presence_enabled(&topic)?;
+                let page = self.state.broker.presence().page(&topic, &query).await?;
+                let reply = Reply::Presence {
+                    id,
+                    topic: topic.as_str(),
+                    page: page.out(),
+                };
+                Ok(self.reply(&reply).await?)
+            }
             ClientOp::Unsubscribe { id, topic } => {
                 if self.subscriptions.remove(&topic) {
                     self.state.broker.unsubscribe(&topic, self.id()).await;
@@ -432,19 +454,35 @@ impl Connection {
         }
     }
 
+    /// Refuses presence on a topic that keeps none.
+    fn presence_enabled(&self, topic: &Topic) -> Result<(), OpError> {
+        if self.state.broker.retention().presence(topic) {
+            Ok(())
+        } else {
+            Err(OpError::PresenceDisabled(topic.clone()))
+        }
+    }
+
     /// Subscribes, answers with the topic's head, replays what the client
     /// missed since `since`, and from then on its mailbox brings the live
     /// events: the pipeline added it at the head it answered, the seam, so
-    /// there is no gap and no duplicate between the two. Subscribing to a
-    /// topic already subscribed answers the same way and changes nothing.
+    /// there is no gap and no duplicate between the two. With `presence`,
+    /// the user also joins the topic's presence, and its diffs come
+    /// through the mailbox from before the answer on. Subscribing to a
+    /// topic already subscribed answers the same way and changes nothing,
+    /// except that `presence` joins.
     async fn subscribe(
         &mut self,
         id: Option<u64>,
         topic: Topic,
         since: Option<u64>,
         epoch: Option<String>,
+        presence: bool,
     ) -> Result<(), OpError> {
         self.grants.check(Action::Subscribe, &topic)?;
+        if presence {
+            self.presence_enabled(&topic)?;
+        }
         let max = self.state.settings.limits.max_subscriptions;
         if !self.subscriptions.contains(&topic) && self.subscriptions.len() >= max {
             return Err(OpError::TooManySubscriptions(max));
@@ -467,6 +505,19 @@ impl Connection {
                 return Err(OpError::Store);
             }
         };
+        if presence && !self.subscriptions.presence.contains(&topic) {
+            let state = Arc::clone(&self.state);
+            state
+                .broker
+                .listen(&topic, &self.subscriptions.mailbox, true)
+                .await;
+            self.subscriptions.presence.insert(topic.clone());
+            state.broker.presence().join(
+                &topic,
+                &self.grants.sub,
+                self.grants.presence_info.clone(),
+            );
+        }
         let Some(head) = head else {
             // No history: live events only, so a resume cannot be complete.
             let reply = Reply::Subscribed {
@@ -533,10 +584,26 @@ impl Connection {
     /// Writes the events the pipeline held for this connection, then what
     /// it left waiting for room in the socket.
     async fn catch_up(&mut self) -> Result<(), CloseCause> {
-        while let Some(event) = self.outlet.next_held() {
-            self.send_live(&event).await?;
+        while let Some(delivery) = self.outlet.next_held() {
+            match delivery {
+                Delivery::Event(event) => self.send_live(&event).await?,
+                Delivery::Presence(diff) => self.send_diff(&diff).await?,
+            }
         }
         self.flush().await
+    }
+
+    /// Sends a presence diff, unless the connection left the topic's
+    /// presence since the pipeline offered it.
+    async fn send_diff(&mut self, diff: &PresenceDiff) -> Result<(), CloseCause> {
+        if !self.subscriptions.presence.contains(&diff.topic) {
+            return Ok(());
+        }
+        match diff.ws_frame(self.encoding) {
+            Some(frame) => self.send(frame).await,
+            // Logged and counted where it was encoded.
+            None => Ok(()),
+        }
     }
 
     /// Sends a live event, unless its topic was unsubscribed since the
@@ -672,7 +739,22 @@ impl Connection {
 struct Registrations {
     state: Arc<AppState>,
     mailbox: Mailbox,
+    /// The connection's user: the member it makes in a topic's presence.
+    sub: String,
     topics: HashSet<Topic>,
+    /// The topics (of `topics`) whose presence the connection joined.
+    presence: HashSet<Topic>,
+}
+
+impl Registrations {
+    /// Forgets a topic, leaving its presence if joined; whether it was
+    /// subscribed. The caller unsubscribes it from the broker.
+    fn remove(&mut self, topic: &Topic) -> bool {
+        if self.presence.remove(topic) {
+            self.state.broker.presence().leave(topic, &self.sub);
+        }
+        self.topics.remove(topic)
+    }
 }
 
 impl std::ops::Deref for Registrations {
@@ -691,6 +773,9 @@ impl std::ops::DerefMut for Registrations {
 impl Drop for Registrations {
     fn drop(&mut self) {
         self.mailbox.close();
+        for topic in self.presence.drain() {
+            self.state.broker.presence().leave(&topic, &self.sub);
+        }
         for topic in self.topics.drain() {
             self.state.broker.release(&topic, self.mailbox.id);
         }
@@ -718,7 +803,7 @@ mod tests {
         settings.auth.jwt_secret = Some("unit-test-secret-0123456789abcdef".into());
         settings.store.url = format!("sqlite://{}", dir.join("herald.db").display()).into();
         let verifier = Verifier::new(&settings.auth).unwrap();
-        let state = AppState::new(settings, verifier, CancellationToken::new());
+        let state = AppState::new(settings, verifier, 0, CancellationToken::new());
         Arc::new(state.await.unwrap())
     }
 
@@ -746,7 +831,9 @@ mod tests {
         let mut registrations = Registrations {
             state: Arc::clone(&state),
             mailbox,
+            sub: "unit".into(),
             topics: HashSet::new(),
+            presence: HashSet::new(),
         };
         registrations.insert(topic.clone());
         assert_eq!(state.broker.local_subscribers(&topic).await, 1);

@@ -288,6 +288,7 @@ async fn node_with_tickers_without_history() -> TestNode {
             history: Some(false),
             max_age: None,
             max_events: None,
+            presence: None,
         }];
         // One publisher sends thousands of events at once below.
         s.limits.http_publish_rate = 1_000_000;

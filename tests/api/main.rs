@@ -13,6 +13,7 @@ mod hostile;
 mod http;
 mod js_client;
 mod operations;
+mod presence;
 mod regressions;
 mod transport;
 mod trust;

@@ -761,6 +761,7 @@ async fn counters_of_topics_without_history_expire() {
             history: Some(false),
             max_age: None,
             max_events: None,
+            presence: None,
         }];
     })
     .await;

@@ -1,0 +1,433 @@
+//! Presence: who is in a topic, on one node and across a cluster, through
+//! crashes, restarts and Redis going away.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use herald::config::{Settings, TopicRule};
+use serde_json::{Value, json};
+
+use crate::helpers::{TestNode, WsClient, claims_token, now, spawn_node_with, token};
+
+/// `room.>` topics keep presence; changes are sent every 100 ms.
+fn with_presence(s: &mut Settings) {
+    s.topics = vec![TopicRule {
+        pattern: "room.>".into(),
+        history: None,
+        max_age: None,
+        max_events: None,
+        presence: Some(true),
+    }];
+    s.presence.batch_interval = Duration::from_millis(100);
+    s.limits.subscribe_rate = 10_000;
+}
+
+/// A token for `sub` on `room.>`, with `presence_info` when given.
+fn member_token(sub: &str, info: Option<Value>) -> String {
+    let mut claims = json!({"sub": sub, "exp": now() + 3600, "topics": ["room.>"]});
+    if let Some(info) = info {
+        claims["presence_info"] = info;
+    }
+    claims_token(claims)
+}
+
+/// Joins `topic`'s presence on `node` as `sub`.
+async fn join(node: &TestNode, sub: &str, topic: &str) -> WsClient {
+    let mut client = node.connect(&member_token(sub, None)).await;
+    client
+        .subscribe_with(json!({"op": "subscribe", "id": 1, "topic": topic, "presence": true}))
+        .await;
+    client
+}
+
+/// Sends `request` and returns its reply, keeping the `presence_diff`s
+/// that came before it in `diffs`.
+async fn ask(client: &mut WsClient, request: Value, diffs: &mut Vec<Value>) -> Value {
+    client.send(request).await;
+    loop {
+        let frame = client.recv().await;
+        if frame["op"] == "presence_diff" {
+            diffs.push(frame);
+        } else {
+            return frame;
+        }
+    }
+}
+
+/// The next `presence_diff`.
+async fn next_diff(client: &mut WsClient) -> Value {
+    let frame = client.recv().await;
+    assert_eq!(frame["op"], "presence_diff", "{frame}");
+    frame
+}
+
+fn subs(list: &Value) -> Vec<&str> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["sub"].as_str().unwrap())
+        .collect()
+}
+
+/// What a client knows of a topic's presence, built as docs/protocol.md
+/// says: a `sub`'s state is that of the latest (by `seq`) of the page that
+/// covers it and the diffs that name it.
+#[derive(Default)]
+struct View {
+    epoch: Option<String>,
+    /// Per `sub`: present or not, and the `seq` that said so.
+    known: BTreeMap<String, (bool, u64)>,
+}
+
+impl View {
+    fn see(&mut self, sub: &str, present: bool, seq: u64) {
+        let entry = self.known.entry(sub.to_owned()).or_insert((false, 0));
+        if seq > entry.1 {
+            *entry = (present, seq);
+        }
+    }
+
+    fn diff(&mut self, diff: &Value) {
+        assert_eq!(diff["epoch"].as_str(), self.epoch.as_deref(), "{diff}");
+        let seq = diff["seq"].as_u64().unwrap();
+        for sub in subs(&diff["joins"]) {
+            self.see(sub, true, seq);
+        }
+        for sub in subs(&diff["leaves"]) {
+            self.see(sub, false, seq);
+        }
+    }
+
+    /// A page that started after `after`.
+    fn page(&mut self, page: &Value, after: Option<&str>) {
+        let epoch = page["epoch"].as_str().unwrap();
+        assert_eq!(*self.epoch.get_or_insert(epoch.to_owned()), epoch);
+        let seq = page["seq"].as_u64().unwrap();
+        let members = subs(&page["members"]);
+        // The page covers the subs after `after`, up to its last one (or
+        // to the end, on the last page).
+        let last = page["cursor"].is_string().then(|| *members.last().unwrap());
+        let covered = |sub: &str| after.is_none_or(|a| sub > a) && last.is_none_or(|l| sub <= l);
+        let absent: Vec<String> = self
+            .known
+            .keys()
+            .filter(|sub| covered(sub) && !members.contains(&sub.as_str()))
+            .cloned()
+            .collect();
+        for sub in absent {
+            self.see(&sub, false, seq);
+        }
+        for sub in members {
+            self.see(sub, true, seq);
+        }
+    }
+
+    fn members(&self) -> BTreeSet<String> {
+        self.known
+            .iter()
+            .filter(|(_, (present, _))| *present)
+            .map(|(sub, _)| sub.clone())
+            .collect()
+    }
+}
+
+/// Takes every page of `topic`'s presence through `client`, `limit` at a
+/// time, into `view`, applying the diffs that arrive meanwhile.
+async fn snapshot(client: &mut WsClient, topic: &str, limit: u64, view: &mut View) {
+    // The cursor, and the last member before it: a page covers the subs
+    // after that one (cursors are opaque; the client remembers).
+    let mut cursor: Option<(String, String)> = None;
+    loop {
+        let mut diffs = Vec::new();
+        let mut request = json!({"op": "presence", "id": 9, "topic": topic, "limit": limit});
+        if let Some((c, _)) = &cursor {
+            request["cursor"] = json!(c);
+        }
+        let page = ask(client, request, &mut diffs).await;
+        assert_eq!(page["op"], "presence", "{page}");
+        if view.epoch.is_none() {
+            view.epoch = page["epoch"].as_str().map(str::to_owned);
+        }
+        for diff in &diffs {
+            view.diff(diff);
+        }
+        view.page(&page, cursor.as_ref().map(|(_, after)| after.as_str()));
+        match page["cursor"].as_str() {
+            Some(next) => {
+                let last = subs(&page["members"]).last().unwrap().to_string();
+                cursor = Some((next.to_owned(), last));
+            }
+            None => return,
+        }
+    }
+}
+
+#[tokio::test]
+async fn members_join_and_leave_once_per_user_and_pages_list_them_on_one_node() {
+    let node = spawn_node_with(with_presence).await;
+    let mut watcher = join(&node, "watcher", "room.a").await;
+    let first = next_diff(&mut watcher).await;
+    assert_eq!(subs(&first["joins"]), ["watcher"]);
+    assert_eq!(first["topic"], "room.a");
+
+    let ada_info = json!({"name": "Ada", "avatar": "https://example.com/ada.png"});
+    let mut ada = node
+        .connect(&member_token("ada", Some(ada_info.clone())))
+        .await;
+    ada.subscribe_with(json!({"op": "subscribe", "id": 1, "topic": "room.a", "presence": true}))
+        .await;
+    let joined = next_diff(&mut watcher).await;
+    assert_eq!(joined["joins"], json!([{"sub": "ada", "info": ada_info}]));
+    assert_eq!(joined["leaves"], json!([]));
+    assert_eq!(
+        joined["seq"].as_u64().unwrap(),
+        first["seq"].as_u64().unwrap() + 1
+    );
+
+    // Ada's second connection: still one member, nothing to tell.
+    let mut ada_again = join(&node, "ada", "room.a").await;
+    let mut diffs = Vec::new();
+    let page = ask(
+        &mut watcher,
+        json!({"op": "presence", "id": 2, "topic": "room.a"}),
+        &mut diffs,
+    )
+    .await;
+    assert_eq!(page["count"], 2, "{page}");
+    assert_eq!(
+        page["members"],
+        json!([{"sub": "ada", "info": ada_info}, {"sub": "watcher"}])
+    );
+    assert_eq!(page["cursor"], Value::Null);
+    assert_eq!(page["id"], 2);
+    assert_eq!(page["seq"], joined["seq"]);
+
+    // Her first connection goes: she is still in.
+    drop(ada);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let count = ask(
+        &mut watcher,
+        json!({"op": "presence", "topic": "room.a", "count_only": true}),
+        &mut diffs,
+    )
+    .await;
+    assert_eq!(count["count"], 2, "{count}");
+    assert!(count.get("members").is_none(), "{count}");
+    assert!(diffs.is_empty(), "{diffs:?}");
+
+    // Her last one unsubscribes: she leaves, once.
+    let reply = ada_again
+        .request(json!({"op": "unsubscribe", "topic": "room.a"}))
+        .await;
+    assert_eq!(reply["op"], "unsubscribed");
+    let left = next_diff(&mut watcher).await;
+    assert_eq!(left["joins"], json!([]));
+    assert_eq!(left["leaves"], json!([{"sub": "ada"}]));
+
+    // HTTP gives the same pages, a member at a time here.
+    let auth = format!("Bearer {}", member_token("reader", None));
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page: Value = node
+            .http
+            .get(node.url(&format!(
+                "/api/v1/topics/room.a/presence?limit=1&cursor={cursor}"
+            )))
+            .header("Authorization", &auth)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(page["topic"], "room.a");
+        assert_eq!(page["count"], 1);
+        seen.extend(subs(&page["members"]).into_iter().map(str::to_owned));
+        match page["cursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["watcher"]);
+}
+
+#[tokio::test]
+async fn a_join_and_a_leave_within_one_interval_cancel_out() {
+    let node = spawn_node_with(|s| {
+        with_presence(s);
+        s.presence.batch_interval = Duration::from_secs(1);
+    })
+    .await;
+    let mut watcher = join(&node, "watcher", "room.b").await;
+    assert_eq!(subs(&next_diff(&mut watcher).await["joins"]), ["watcher"]);
+    // In and out well within the second: nobody is told.
+    let brief = join(&node, "brief", "room.b").await;
+    drop(brief);
+    let stays = join(&node, "stays", "room.b").await;
+    let diff = next_diff(&mut watcher).await;
+    assert_eq!(diff["joins"], json!([{"sub": "stays"}]), "{diff}");
+    assert_eq!(diff["leaves"], json!([]), "{diff}");
+    drop(stays);
+}
+
+#[tokio::test]
+async fn presence_is_refused_without_the_rule_or_the_grant() {
+    let node = spawn_node_with(with_presence).await;
+    // A topic without `presence = true`.
+    let mut client = node.connect(&token("u", &["room.>", "plain"], &[])).await;
+    let refused = client
+        .request(json!({"op": "subscribe", "id": 3, "topic": "plain", "presence": true}))
+        .await;
+    assert_eq!(refused["op"], "error");
+    assert_eq!(refused["code"], "presence_disabled", "{refused}");
+    assert_eq!(refused["id"], 3);
+    let refused = client
+        .request(json!({"op": "presence", "id": 4, "topic": "plain"}))
+        .await;
+    assert_eq!(refused["code"], "presence_disabled", "{refused}");
+    // Not subscribed by the refused request.
+    let reply = client
+        .request(json!({"op": "unsubscribe", "topic": "plain"}))
+        .await;
+    assert_eq!(reply["op"], "unsubscribed");
+
+    // A topic the token does not grant.
+    let refused = client
+        .request(json!({"op": "presence", "id": 5, "topic": "room2.x"}))
+        .await;
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+    let mut other = node.connect(&token("v", &["other.>"], &[])).await;
+    let refused = other
+        .request(json!({"op": "presence", "id": 6, "topic": "room.a"}))
+        .await;
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+    let refused = other
+        .request(json!({"op": "subscribe", "id": 7, "topic": "room.a", "presence": true}))
+        .await;
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+
+    // The same over HTTP.
+    let get = |path: &str, token: Option<String>| {
+        let mut request = node.http.get(node.url(path));
+        if let Some(token) = token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        request.send()
+    };
+    let response = get("/api/v1/topics/room.a/presence", None).await.unwrap();
+    assert_eq!(response.status(), 401);
+    let response = get(
+        "/api/v1/topics/room.a/presence",
+        Some(token("v", &["other.>"], &[])),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 403);
+    let response = get(
+        "/api/v1/topics/plain/presence",
+        Some(token("u", &["plain"], &[])),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "presence_disabled", "{body}");
+    let response = get(
+        "/api/v1/topics/room.a/presence?cursor=%%%",
+        Some(token("u", &["room.>"], &[])),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 400);
+
+    // A `presence_info` claim that is not a small object refuses the token.
+    let big = json!({"name": "x".repeat(2000)});
+    let refused = node
+        .handshake(&format!("?token={}", member_token("w", Some(big))))
+        .try_open()
+        .await
+        .err()
+        .expect("the handshake is refused");
+    assert_eq!(refused.0, 401);
+    assert!(
+        refused.1["message"]
+            .as_str()
+            .unwrap()
+            .contains("presence_info"),
+        "{}",
+        refused.1
+    );
+}
+
+#[tokio::test]
+async fn a_snapshot_taken_in_pages_plus_the_diffs_after_it_is_the_truth_under_concurrent_churn() {
+    let node = spawn_node_with(|s| {
+        with_presence(s);
+        s.presence.batch_interval = Duration::from_millis(20);
+    })
+    .await;
+    let topic = "room.churn";
+    // Members that stay, and members that come and go while the watcher
+    // takes its pages.
+    let mut stayers = Vec::new();
+    for i in 0..30 {
+        stayers.push(join(&node, &format!("stay-{i:02}"), topic).await);
+    }
+    let addr = node.addr;
+    let churn = tokio::spawn(async move {
+        let node_url = format!("ws://{addr}/ws");
+        let mut kept = Vec::new();
+        for round in 0..6 {
+            let mut clients = Vec::new();
+            for i in 0..15 {
+                let sub = format!("churn-{:02}", (round * 7 + i) % 40);
+                let mut client = crate::helpers::Handshake::to(&format!(
+                    "{node_url}?token={}",
+                    member_token(&sub, None)
+                ))
+                .open()
+                .await;
+                client
+                    .subscribe_with(
+                        json!({"op": "subscribe", "id": 1, "topic": topic, "presence": true}),
+                    )
+                    .await;
+                clients.push(client);
+            }
+            tokio::time::sleep(Duration::from_millis(15)).await;
+            // Some leave, some stay until the end.
+            clients.truncate(5 + round);
+            tokio::time::sleep(Duration::from_millis(15)).await;
+            kept.append(&mut clients);
+        }
+        kept
+    });
+
+    let mut watcher = join(&node, "watcher", topic).await;
+    let mut view = View::default();
+    // Pages of 4 while the churn goes on: each at its own seq.
+    for _ in 0..3 {
+        snapshot(&mut watcher, topic, 4, &mut view).await;
+    }
+    let kept = churn.await.unwrap();
+    // Quiet: the last diffs come in, then the view must be the truth.
+    let mut diffs = Vec::new();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let truth = ask(
+        &mut watcher,
+        json!({"op": "presence", "id": 10, "topic": topic}),
+        &mut diffs,
+    )
+    .await;
+    for diff in &diffs {
+        view.diff(diff);
+    }
+    let truth: BTreeSet<String> = subs(&truth["members"])
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    assert!(truth.contains("watcher") && truth.contains("stay-00"));
+    assert_eq!(view.members(), truth);
+    drop((stayers, kept));
+}
