@@ -670,6 +670,12 @@ impl Drop for KillOnDrop {
     }
 }
 
+fn owned(env: &[(&str, String)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
+}
+
 /// The `herald` binary, run in `dir`, without the test's own `HERALD__*`
 /// environment.
 pub fn herald_command(dir: &std::path::Path) -> std::process::Command {
@@ -688,6 +694,10 @@ pub fn herald_command(dir: &std::path::Path) -> std::process::Command {
 pub struct ServeProcess {
     pub child: KillOnDrop,
     pub port: u16,
+    /// What it was started with, to start it again.
+    dir: std::path::PathBuf,
+    env: Vec<(String, String)>,
+    config: bool,
 }
 
 impl ServeProcess {
@@ -698,19 +708,61 @@ impl ServeProcess {
         env: &[(&str, String)],
         stderr: std::process::Stdio,
     ) -> ServeProcess {
-        let port = free_port();
-        let mut cmd = herald_command(&temp_dir(name));
+        Self::launch(temp_dir(name), free_port(), false, owned(env), stderr).await
+    }
+
+    /// [`start`](Self::start) with `--config` naming a file holding
+    /// `config` (TOML).
+    pub async fn start_with_config(
+        name: &str,
+        config: &str,
+        env: &[(&str, String)],
+        stderr: std::process::Stdio,
+    ) -> ServeProcess {
+        let dir = temp_dir(name);
+        std::fs::write(dir.join("herald.toml"), config).unwrap();
+        Self::launch(dir, free_port(), true, owned(env), stderr).await
+    }
+
+    /// Starts the process again, as before and on the same port, once it
+    /// has stopped.
+    pub async fn restart(&mut self) {
+        let again = Self::launch(
+            self.dir.clone(),
+            self.port,
+            self.config,
+            std::mem::take(&mut self.env),
+            std::process::Stdio::null(),
+        )
+        .await;
+        *self = again;
+    }
+
+    async fn launch(
+        dir: std::path::PathBuf,
+        port: u16,
+        config: bool,
+        env: Vec<(String, String)>,
+        stderr: std::process::Stdio,
+    ) -> ServeProcess {
+        let mut cmd = herald_command(&dir);
         cmd.arg("serve")
             .env("HERALD__AUTH__JWT_SECRET", SECRET)
             .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
             .stdout(std::process::Stdio::null())
             .stderr(stderr);
-        for (key, value) in env {
+        if config {
+            cmd.args(["--config", "herald.toml"]);
+        }
+        for (key, value) in &env {
             cmd.env(key, value);
         }
         let process = ServeProcess {
             child: KillOnDrop(cmd.spawn().unwrap()),
             port,
+            dir,
+            env,
+            config,
         };
         let http = reqwest::Client::new();
         eventually("the node answers", || async {

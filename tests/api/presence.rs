@@ -7,7 +7,10 @@ use std::time::Duration;
 use herald::config::{Settings, TopicRule};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestNode, WsClient, claims_token, now, spawn_node_with, token};
+use crate::helpers::{
+    PgDatabase, RedisServer, TestNode, WsClient, claims_token, eventually, now, spawn_node_with,
+    token,
+};
 
 /// `room.>` topics keep presence; changes are sent every 100 ms.
 fn with_presence(s: &mut Settings) {
@@ -216,9 +219,12 @@ async fn members_join_and_leave_once_per_user_and_pages_list_them_on_one_node() 
     assert!(diffs.is_empty(), "{diffs:?}");
 
     // Her last one unsubscribes: she leaves, once.
-    let reply = ada_again
-        .request(json!({"op": "unsubscribe", "topic": "room.a"}))
-        .await;
+    let reply = ask(
+        &mut ada_again,
+        json!({"op": "unsubscribe", "topic": "room.a"}),
+        &mut Vec::new(),
+    )
+    .await;
     assert_eq!(reply["op"], "unsubscribed");
     let left = next_diff(&mut watcher).await;
     assert_eq!(left["joins"], json!([]));
@@ -430,4 +436,253 @@ async fn a_snapshot_taken_in_pages_plus_the_diffs_after_it_is_the_truth_under_co
     assert!(truth.contains("watcher") && truth.contains("stay-00"));
     assert_eq!(view.members(), truth);
     drop((stayers, kept));
+}
+
+/// Cluster settings: presence on `room.>`, and a node's members leave
+/// within `ttl` of its death.
+fn clustered_presence(ttl: Duration) -> impl FnOnce(&mut Settings) {
+    move |s| {
+        with_presence(s);
+        s.presence.node_ttl = ttl;
+    }
+}
+
+/// The `sub`s on a page of `topic`'s presence, asked of `node`.
+async fn members_on(node: &TestNode, topic: &str) -> Vec<String> {
+    let page: Value = node
+        .http
+        .get(node.url(&format!("/api/v1/topics/{topic}/presence")))
+        .header(
+            "Authorization",
+            format!("Bearer {}", member_token("reader", None)),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    subs(&page["members"])
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn three_nodes_share_one_membership_and_a_user_on_two_nodes_is_one_member() {
+    let redis = RedisServer::start().await;
+    let pg = PgDatabase::create().await;
+    let ttl = Duration::from_secs(15);
+    let a = TestNode::clustered_with(&redis, &pg, clustered_presence(ttl)).await;
+    let b = TestNode::clustered_with(&redis, &pg, clustered_presence(ttl)).await;
+    let c = TestNode::clustered_with(&redis, &pg, clustered_presence(ttl)).await;
+    let topic = "room.cluster";
+    let mut watcher = join(&a, "watcher", topic).await;
+    assert_eq!(subs(&next_diff(&mut watcher).await["joins"]), ["watcher"]);
+
+    let ada_on_b = join(&b, "ada", topic).await;
+    let diff = next_diff(&mut watcher).await;
+    assert_eq!(diff["joins"], json!([{"sub": "ada"}]), "{diff}");
+    // Ada on a second node: the same member, nobody is told.
+    let mut ada_on_c = join(&c, "ada", topic).await;
+    let bob = join(&c, "bob", topic).await;
+    let diff = next_diff(&mut watcher).await;
+    assert_eq!(diff["joins"], json!([{"sub": "bob"}]), "{diff}");
+    for node in [&a, &b, &c] {
+        assert_eq!(members_on(node, topic).await, ["ada", "bob", "watcher"]);
+    }
+
+    // Ada leaves one node: still in. Then the other: out, once.
+    drop(ada_on_b);
+    drop(bob);
+    let diff = next_diff(&mut watcher).await;
+    assert_eq!(diff["leaves"], json!([{"sub": "bob"}]), "{diff}");
+    assert_eq!(diff["joins"], json!([]), "{diff}");
+    let reply = ask(
+        &mut ada_on_c,
+        json!({"op": "unsubscribe", "topic": topic}),
+        &mut Vec::new(),
+    )
+    .await;
+    assert_eq!(reply["op"], "unsubscribed");
+    let diff = next_diff(&mut watcher).await;
+    assert_eq!(diff["leaves"], json!([{"sub": "ada"}]), "{diff}");
+    assert_eq!(members_on(&b, topic).await, ["watcher"]);
+}
+
+/// The TOML a node process starts with: cluster mode on `redis` and `pg`,
+/// presence on `room.>` with `ttl`.
+fn process_config(redis: &RedisServer, pg: &PgDatabase, ttl: Duration) -> String {
+    format!(
+        r#"
+[redis]
+url = "{}"
+[store]
+url = "{}"
+[presence]
+batch_interval = "100ms"
+node_ttl = "{}ms"
+[[topics]]
+pattern = "room.>"
+presence = true
+"#,
+        redis.url(),
+        pg.url(),
+        ttl.as_millis()
+    )
+}
+
+#[tokio::test]
+async fn a_killed_node_s_members_leave_once_within_the_ttl_and_users_still_elsewhere_stay() {
+    let redis = RedisServer::start().await;
+    let pg = PgDatabase::create().await;
+    let ttl = Duration::from_secs(3);
+    let a = TestNode::clustered_with(&redis, &pg, clustered_presence(ttl)).await;
+    let b = TestNode::clustered_with(&redis, &pg, clustered_presence(ttl)).await;
+    let mut doomed = crate::helpers::ServeProcess::start_with_config(
+        "presence-doomed",
+        &process_config(&redis, &pg, ttl),
+        &[],
+        std::process::Stdio::null(),
+    )
+    .await;
+    let topic = "room.crash";
+    // A watcher on each surviving node: both reap, each must hear one leave.
+    let mut watchers = vec![
+        join(&a, "watcher-a", topic).await,
+        join(&b, "watcher-b", topic).await,
+    ];
+    let mut zed = doomed.connect(&member_token("zed", None)).await;
+    zed.subscribe_with(json!({"op": "subscribe", "id": 1, "topic": topic, "presence": true}))
+        .await;
+    let mut ada = doomed.connect(&member_token("ada", None)).await;
+    ada.subscribe_with(json!({"op": "subscribe", "id": 1, "topic": topic, "presence": true}))
+        .await;
+    let _ada_on_a = join(&a, "ada", topic).await;
+    eventually("everyone is in", || async {
+        members_on(&b, topic).await == ["ada", "watcher-a", "watcher-b", "zed"]
+    })
+    .await;
+    // Drain the joins each watcher was told.
+    let mut diffs = Vec::new();
+    for watcher in &mut watchers {
+        ask(watcher, json!({"op": "ping", "id": 1}), &mut diffs).await;
+    }
+
+    doomed.stop_with("KILL").await;
+    let killed = std::time::Instant::now();
+    for watcher in &mut watchers {
+        let diff = tokio::time::timeout(ttl + Duration::from_secs(5), watcher.recv())
+            .await
+            .expect("the dead node's members leave");
+        assert_eq!(diff["op"], "presence_diff", "{diff}");
+        assert_eq!(diff["leaves"], json!([{"sub": "zed"}]), "{diff}");
+        assert_eq!(diff["joins"], json!([]), "{diff}");
+    }
+    println!(
+        "the dead node's member left {:?} after the kill",
+        killed.elapsed()
+    );
+    // Once: nothing more comes for a while (every node reaps).
+    tokio::time::sleep(ttl).await;
+    for watcher in &mut watchers {
+        let mut diffs = Vec::new();
+        let pong = ask(watcher, json!({"op": "ping", "id": 2}), &mut diffs).await;
+        assert_eq!(pong["op"], "pong");
+        assert!(diffs.is_empty(), "a second diff: {diffs:?}");
+    }
+    assert_eq!(
+        members_on(&a, topic).await,
+        ["ada", "watcher-a", "watcher-b"]
+    );
+}
+
+#[tokio::test]
+async fn a_node_restarted_after_a_crash_removes_what_its_earlier_run_left_at_start_up() {
+    let redis = RedisServer::start().await;
+    let pg = PgDatabase::create().await;
+    // Far longer than the test: only the restart can remove Zed in time.
+    let ttl = Duration::from_secs(120);
+    let a = TestNode::clustered_with(&redis, &pg, clustered_presence(ttl)).await;
+    let mut crashing = crate::helpers::ServeProcess::start_with_config(
+        "presence-restart",
+        &process_config(&redis, &pg, ttl),
+        &[],
+        std::process::Stdio::null(),
+    )
+    .await;
+    let topic = "room.restart";
+    let mut watcher = join(&a, "watcher", topic).await;
+    let mut zed = crashing.connect(&member_token("zed", None)).await;
+    zed.subscribe_with(json!({"op": "subscribe", "id": 1, "topic": topic, "presence": true}))
+        .await;
+    eventually("zed is in", || async {
+        members_on(&a, topic).await == ["watcher", "zed"]
+    })
+    .await;
+    crashing.stop_with("KILL").await;
+    crashing.restart().await;
+    eventually("zed left", || async {
+        members_on(&a, topic).await == ["watcher"]
+    })
+    .await;
+    let mut diffs = Vec::new();
+    ask(&mut watcher, json!({"op": "ping"}), &mut diffs).await;
+    let leaves: Vec<&Value> = diffs.iter().filter(|d| d["leaves"] != json!([])).collect();
+    assert_eq!(leaves.len(), 1, "{diffs:?}");
+    assert_eq!(leaves[0]["leaves"], json!([{"sub": "zed"}]));
+}
+
+#[tokio::test]
+async fn a_redis_restart_loses_nobody_who_is_still_connected() {
+    let mut redis = RedisServer::start().await;
+    let pg = PgDatabase::create().await;
+    let ttl = Duration::from_secs(3);
+    let a = TestNode::clustered_with(&redis, &pg, clustered_presence(ttl)).await;
+    let b = TestNode::clustered_with(&redis, &pg, clustered_presence(ttl)).await;
+    let topic = "room.redis";
+    let mut clients = Vec::new();
+    for (node, sub) in [(&a, "ada"), (&b, "bob"), (&b, "cy"), (&a, "cy")] {
+        clients.push(join(node, sub, topic).await);
+    }
+    eventually("everyone is in", || async {
+        members_on(&a, topic).await == ["ada", "bob", "cy"]
+    })
+    .await;
+    let epoch = |page: &Value| page["epoch"].as_str().unwrap().to_owned();
+    let mut diffs = Vec::new();
+    let before = ask(
+        &mut clients[0],
+        json!({"op": "presence", "id": 1, "topic": topic}),
+        &mut diffs,
+    )
+    .await;
+
+    // Redis comes back empty: the nodes rebuild what it held.
+    redis.restart().await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    for node in [&a, &b] {
+        eventually("the membership is rebuilt", || async {
+            node.readyz().await == 200 && members_on(node, topic).await == ["ada", "bob", "cy"]
+        })
+        .await;
+    }
+    let after = ask(
+        &mut clients[0],
+        json!({"op": "presence", "id": 2, "topic": topic}),
+        &mut diffs,
+    )
+    .await;
+    // A client holding the old epoch knows to take a new page.
+    assert_ne!(epoch(&after), epoch(&before));
+    // And Cy, on both nodes, leaves only when her last connection does.
+    clients.truncate(3);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(members_on(&a, topic).await, ["ada", "bob", "cy"]);
+    clients.truncate(2);
+    eventually("cy left", || async {
+        members_on(&a, topic).await == ["ada", "bob"]
+    })
+    .await;
 }
