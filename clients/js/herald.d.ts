@@ -49,6 +49,25 @@ export interface Truncated {
   epoch?: string;
 }
 
+/** A member of a topic's presence: a user (token `sub`) and its `presence_info`. */
+export interface Member {
+  sub: string;
+  info?: unknown;
+}
+
+export interface PresenceChange {
+  joins: Member[];
+  leaves: Member[];
+}
+
+export interface PresenceView {
+  /** The topic's members: `sub` → `info`, exact (see docs/protocol.md). */
+  readonly members: Map<string, unknown>;
+  readonly count: number;
+  /** Leaves the topic's presence (its events stay subscribed if `subscribe` asked for them). */
+  close(): void;
+}
+
 export declare class HeraldError extends Error {
   /** Herald's error code, e.g. "forbidden", "invalid_topic", "rate_limited". */
   code: string;
@@ -69,6 +88,11 @@ export declare class Herald {
     onEvent: (data: EventData, meta: EventMeta) => void,
     options?: SubscribeOptions,
   ): () => void;
+  /** Joins the topic's presence and keeps its members; `onChange` is called once they are known, then on every change. */
+  presence(
+    topic: string,
+    onChange?: (members: Map<string, unknown>, change: PresenceChange) => void,
+  ): PresenceView;
   /** Resolves with the event's offset. */
   publish(topic: string, data: unknown | Uint8Array, options?: PublishOptions): Promise<number>;
   close(): void;

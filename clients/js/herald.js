@@ -35,8 +35,52 @@ function randomKey() {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+/** Compares two `sub`s in the order presence pages list them: by code
+ * point (which is UTF-8 byte order), not by UTF-16 unit as `<` does. */
+function compareSubs(a, b) {
+  const x = a[Symbol.iterator]();
+  const y = b[Symbol.iterator]();
+  for (;;) {
+    const i = x.next();
+    const j = y.next();
+    if (i.done || j.done) return i.done && j.done ? 0 : i.done ? -1 : 1;
+    const d = i.value.codePointAt(0) - j.value.codePointAt(0);
+    if (d !== 0) return d;
+  }
+}
+
 /** Error codes that refuse a subscription for good. */
 const REFUSALS = ["forbidden", "invalid_topic", "too_many_subscriptions", "unauthorized"];
+
+function* memberList(members) {
+  for (const [sub, info] of members) yield { sub, info };
+}
+
+/** Records what a presence `seq` says of `sub`, unless something later was
+ * said already. */
+function see(p, sub, present, seq, info) {
+  const known = p.known.get(sub);
+  if (!known || seq > known.seq) p.known.set(sub, { present, seq, info });
+}
+
+function applyDiff(p, diff) {
+  for (const m of diff.joins) see(p, m.sub, true, diff.seq, m.info);
+  for (const m of diff.leaves) see(p, m.sub, false, diff.seq);
+}
+
+/** A page covers the subs after `after` up to its last member (to the end
+ * on the last page): listed ones are present, the others absent, as of its
+ * `seq`. */
+function applyPage(p, page, after) {
+  const last = page.cursor ? page.members[page.members.length - 1].sub : undefined;
+  const listed = new Set(page.members.map((m) => m.sub));
+  for (const sub of p.known.keys()) {
+    const covered =
+      (after === undefined || compareSubs(sub, after) > 0) && (last === undefined || compareSubs(sub, last) <= 0);
+    if (covered && !listed.has(sub)) see(p, sub, false, page.seq);
+  }
+  for (const m of page.members) see(p, m.sub, true, page.seq, m.info);
+}
 
 export class HeraldError extends Error {
   constructor(code, message) {
@@ -114,10 +158,52 @@ export class Herald {
     entry.handlers.add(onEvent);
     return () => {
       entry.handlers.delete(onEvent);
-      if (entry.handlers.size === 0 && this._topics.get(topic) === entry) {
-        this._topics.delete(topic);
-        if (this._state === "open") this._request({ op: "unsubscribe", topic }).catch(() => {});
-      }
+      this._release(topic, entry);
+    };
+  }
+
+  /**
+   * Joins `topic`'s presence as this token's user and keeps its members:
+   * `view.members` is a Map of `sub` to `info` (the `presence_info` claim),
+   * kept exact across reconnects (a page of members, then the diffs after
+   * it, ordered by `seq`; see docs/protocol.md). `onChange(members,
+   * { joins, leaves })` is called once the members are known and on every
+   * change after; a reconnect calls it only for what really changed
+   * meanwhile. `view.close()` leaves.
+   */
+  presence(topic, onChange = () => {}) {
+    let entry = this._topics.get(topic);
+    if (!entry) {
+      entry = { handlers: new Set(), last: undefined, epoch: undefined };
+      this._topics.set(topic, entry);
+    }
+    if (!entry.presence) {
+      entry.presence = { watchers: new Set(), members: new Map(), known: new Map(), ready: false, generation: 0 };
+      // Joins (again, if subscribed already: a repeated subscribe replays nothing).
+      if (this._state === "open") this._sendSubscribe(topic, entry);
+    }
+    const p = entry.presence;
+    p.watchers.add(onChange);
+    if (p.ready) queueMicrotask(() => p.watchers.has(onChange) && onChange(p.members, { joins: [...memberList(p.members)], leaves: [] }));
+    return {
+      get members() {
+        return p.members;
+      },
+      get count() {
+        return p.members.size;
+      },
+      close: () => {
+        p.watchers.delete(onChange);
+        if (p.watchers.size > 0 || entry.presence !== p) return;
+        entry.presence = undefined;
+        if (entry.handlers.size > 0 && this._topics.get(topic) === entry && this._state === "open") {
+          // Leave the presence but keep the events: subscribe again from
+          // the last one delivered.
+          this._request({ op: "unsubscribe", topic }).catch(() => {});
+          this._sendSubscribe(topic, entry);
+        }
+        this._release(topic, entry);
+      },
     };
   }
 
@@ -145,6 +231,99 @@ export class Herald {
   }
 
   // ---- internals ----
+
+  /** Unsubscribes `topic` once nothing (events or presence) needs it. */
+  _release(topic, entry) {
+    if (entry.handlers.size > 0 || entry.presence || this._topics.get(topic) !== entry) return;
+    this._topics.delete(topic);
+    if (this._state === "open") this._request({ op: "unsubscribe", topic }).catch(() => {});
+  }
+
+  /** Takes every page of `topic`'s presence into its view (diffs keep
+   * arriving meanwhile), then tells the watchers what changed. */
+  async _syncPresence(topic, entry) {
+    const p = entry.presence;
+    if (!p) return;
+    const generation = ++p.generation;
+    p.syncing = true;
+    p.known = new Map();
+    p.epoch = undefined;
+    p.buffered = [];
+    let cursor;
+    let after;
+    try {
+      for (;;) {
+        const frame = { op: "presence", topic };
+        if (cursor !== undefined) frame.cursor = cursor;
+        const page = await this._request(frame);
+        if (entry.presence !== p || generation !== p.generation) return;
+        if (p.epoch === undefined) {
+          p.epoch = page.epoch;
+          const buffered = p.buffered;
+          p.buffered = undefined;
+          for (const diff of buffered) {
+            if (diff.epoch !== p.epoch) return this._syncPresence(topic, entry);
+            applyDiff(p, diff);
+          }
+        } else if (page.epoch !== p.epoch) {
+          return this._syncPresence(topic, entry);
+        }
+        applyPage(p, page, after);
+        if (page.cursor === null || page.cursor === undefined) break;
+        after = page.members[page.members.length - 1].sub;
+        cursor = page.cursor;
+      }
+    } catch (e) {
+      // Disconnected: the reconnect syncs again.
+      if (e.code !== "disconnected" && entry.presence === p) this._emit("error", Object.assign(e, { topic }));
+      return;
+    }
+    p.syncing = false;
+    const next = new Map();
+    for (const [sub, k] of p.known) if (k.present) next.set(sub, k.info);
+    p.known = new Map([...p.known].filter(([, k]) => k.present));
+    const joins = [];
+    const leaves = [];
+    for (const [sub, info] of next) if (!p.members.has(sub)) joins.push({ sub, info });
+    for (const [sub, info] of p.members) if (!next.has(sub)) leaves.push({ sub, info });
+    p.members = next;
+    const first = !p.ready;
+    p.ready = true;
+    if (first || joins.length > 0 || leaves.length > 0) this._tellPresence(p, { joins, leaves });
+  }
+
+  _onPresenceDiff(frame) {
+    const p = this._topics.get(frame.topic)?.presence;
+    if (!p) return;
+    if (p.buffered) return void p.buffered.push(frame);
+    if (frame.epoch !== p.epoch) return void this._syncPresence(frame.topic, this._topics.get(frame.topic));
+    applyDiff(p, frame);
+    if (p.syncing) return;
+    const joins = [];
+    const leaves = [];
+    for (const m of frame.joins) {
+      if (!p.members.has(m.sub)) joins.push({ sub: m.sub, info: m.info });
+      p.members.set(m.sub, m.info);
+    }
+    for (const m of frame.leaves) {
+      if (p.members.has(m.sub)) leaves.push({ sub: m.sub, info: p.members.get(m.sub) });
+      p.members.delete(m.sub);
+      p.known.delete(m.sub);
+    }
+    if (joins.length > 0 || leaves.length > 0) this._tellPresence(p, { joins, leaves });
+  }
+
+  _tellPresence(p, change) {
+    for (const watcher of p.watchers) {
+      try {
+        watcher(p.members, change);
+      } catch (e) {
+        queueMicrotask(() => {
+          throw e;
+        });
+      }
+    }
+  }
 
   _emit(event, value) {
     for (const listener of this._listeners.get(event) ?? []) {
@@ -267,6 +446,7 @@ export class Herald {
 
   _sendSubscribe(topic, entry) {
     const frame = { op: "subscribe", topic };
+    if (entry.presence) frame.presence = true;
     const resuming = entry.last !== undefined;
     if (resuming) {
       frame.since = entry.last;
@@ -277,6 +457,8 @@ export class Herald {
     // after them).
     const onReply = (reply) => {
       if (this._topics.get(topic) !== entry || reply.op !== "subscribed") return;
+      // Diffs come from here on: take the pages now.
+      if (frame.presence && entry.presence) this._syncPresence(topic, entry);
       if (reply.truncated) this._emit("truncated", { topic, epoch: reply.epoch });
       if (reply.epoch === undefined) {
         // No history: offsets are not comparable across reconnects.
@@ -291,6 +473,14 @@ export class Herald {
     this._request(frame, { onReply }).catch((e) => {
       if (e.code === "disconnected") return;
       e.topic = topic;
+      if (e.code === "presence_disabled" && entry.presence) {
+        // The events may still be wanted: subscribe without presence.
+        entry.presence = undefined;
+        this._emit("error", e);
+        if (entry.handlers.size > 0) this._sendSubscribe(topic, entry);
+        else this._release(topic, entry);
+        return;
+      }
       // Refused for good (not a passing outage): forget it, so reconnects
       // do not ask again.
       if (REFUSALS.includes(e.code) && this._topics.get(topic) === entry) this._topics.delete(topic);
@@ -314,6 +504,7 @@ export class Herald {
       return;
     }
     if (frame.op === "event") return this._onEvent(frame);
+    if (frame.op === "presence_diff") return this._onPresenceDiff(frame);
     if (frame.id !== undefined && this._pending.has(frame.id)) {
       const pending = this._pending.get(frame.id);
       this._pending.delete(frame.id);

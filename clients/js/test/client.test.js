@@ -181,3 +181,63 @@ test("events of a topic without history keep arriving after the cluster's Redis 
     await redis.kill();
   }
 });
+
+test("presence keeps the members exact, counts a user once, and a quick reconnect changes nothing", async () => {
+  const config = `
+[presence]
+batch_interval = "1s"
+[[topics]]
+pattern = "js.room.>"
+presence = true
+`;
+  const room = await Node.start({}, config);
+  const as = (sub, info) => {
+    const claims = { sub, topics: ["js.room.>"] };
+    if (info) claims.presence_info = info;
+    return new Herald({ url: room.url, token: token(claims), minDelay: 20, maxDelay: 50 });
+  };
+  const ada = as("ada", { name: "Ada" });
+  const bo = as("bo");
+  const boAgain = as("bo");
+  try {
+    const changes = [];
+    const view = ada.presence("js.room.1", (members, change) => changes.push(change));
+    const boView = bo.presence("js.room.1");
+    await eventually("both are in", () => view.count === 2, 5000);
+    assert.deepEqual(view.members.get("ada"), { name: "Ada" });
+    assert.equal(view.members.get("bo"), undefined);
+    assert.ok(view.members.has("bo"));
+    const boAgainView = boAgain.presence("js.room.1");
+    await eventually("bo's second client sees both", () => boAgainView.count === 2, 5000);
+
+    // Ada's connection drops and comes back within the batch interval:
+    // nobody (Ada included) is told anything.
+    const before = changes.length;
+    const boChanges = [];
+    const boWatch = bo.presence("js.room.1", (members, change) => boChanges.push(change));
+    await eventually("bo's second watcher is told the members", () => boChanges.length === 1);
+    const states = [];
+    ada.on("state", (state) => states.push(state));
+    ada._socket.close();
+    await eventually("ada reconnects", () => states.join() === "reconnecting,open", 5000);
+    await sleep(1500);
+    assert.equal(changes.length, before, JSON.stringify(changes.slice(before)));
+    assert.equal(boChanges.length, 1, JSON.stringify(boChanges));
+    assert.equal(view.count, 2);
+
+    // Bo leaves from one client (both its views): still in. From the
+    // other: out.
+    boView.close();
+    boWatch.close();
+    await sleep(1500);
+    assert.ok(view.members.has("bo"));
+    boAgainView.close();
+    await eventually("bo left", () => !view.members.has("bo"), 5000);
+    assert.deepEqual(changes.at(-1), { joins: [], leaves: [{ sub: "bo", info: undefined }] });
+  } finally {
+    ada.close();
+    bo.close();
+    boAgain.close();
+    await room.stop();
+  }
+});

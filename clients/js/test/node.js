@@ -2,7 +2,7 @@
 // tests, a private redis-server, for the client tests; signs their tokens.
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, writeFileSync } from "node:fs";
 import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -46,27 +46,31 @@ export async function eventually(what, check, ms = 10000) {
 }
 
 /** One node with its own SQLite store, unless `env` names others (e.g.
- * HERALD__STORE__URL); `restart()` keeps port and store. */
+ * HERALD__STORE__URL), with `config` (TOML) as its settings file when
+ * given; `restart()` keeps port and store. */
 export class Node {
-  static async start(env = {}) {
+  static async start(env = {}, config = undefined) {
     const bin = process.env.HERALD_BIN;
     if (!bin) throw new Error("set HERALD_BIN to the herald binary (cargo test does)");
-    const node = new Node(bin, await freePort(), mkdtempSync(join(tmpdir(), "herald-js-")), env);
+    const dir = mkdtempSync(join(tmpdir(), "herald-js-"));
+    if (config !== undefined) writeFileSync(join(dir, "herald.toml"), config);
+    const node = new Node(bin, await freePort(), dir, env, config !== undefined);
     await node.restart();
     return node;
   }
 
-  constructor(bin, port, dir, env) {
+  constructor(bin, port, dir, env, config) {
     this.bin = bin;
     this.port = port;
     this.dir = dir;
     this.env = env;
+    this.config = config;
     this.url = `ws://127.0.0.1:${port}/ws`;
     this.http = `http://127.0.0.1:${port}`;
   }
 
   async restart() {
-    this.child = spawn(this.bin, ["serve"], {
+    this.child = spawn(this.bin, this.config ? ["serve", "--config", "herald.toml"] : ["serve"], {
       cwd: this.dir,
       env: {
         ...process.env,
