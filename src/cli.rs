@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use serde_json::value::RawValue;
 
 use crate::auth::{Signer, TokenSpec, check_patterns, check_presence_info};
-use crate::config::{ConfigError, Settings};
+use crate::config::{ConfigError, Settings, TopicRule};
 use crate::startup::Application;
 use crate::store::Store;
 use crate::{dev, telemetry};
@@ -122,6 +122,15 @@ fn serve(config: Option<PathBuf>, dev_mode: bool, bind: Option<String>) -> Resul
     telemetry::init(settings.log.format);
     if dev_mode {
         settings.ui.enabled = true;
+        // Presence everywhere, to try it: after the file's rules, which
+        // still win for the topics they match.
+        settings.topics.push(TopicRule {
+            pattern: ">".into(),
+            history: None,
+            max_age: None,
+            max_events: None,
+            presence: Some(true),
+        });
     }
     if dev_mode && dev::no_key_configured(&settings) {
         let path = &settings.dev.secret_file;

@@ -135,3 +135,41 @@ test("the console shows live events and every event missed across a node restart
   mkdirSync(ARTIFACTS, { recursive: true });
   await page.screenshot({ path: join(ARTIFACTS, "console.png"), fullPage: true });
 });
+
+test("two tabs see who is in a topic live, one user in two tabs counts once", async () => {
+  const consoleUrl = after_(node.banner, "Console");
+  const subscriber = after_(node.banner, "Subscriber token");
+  const enter = async (url) => {
+    const page = await browser.newPage();
+    await page.goto(url);
+    await page.waitForSelector('#state[data-state="open"]');
+    await page.fill("#topic", "room.lobby");
+    await page.check("#presence");
+    await page.click("#subscribe-form button");
+    return page;
+  };
+  const members = (page) => page.$$eval('.room[data-topic="room.lobby"] li', (items) => items.map((i) => i.dataset.sub));
+  // Two tabs of the console's user: one member.
+  const first = await enter(consoleUrl);
+  const second = await enter(consoleUrl);
+  for (const page of [first, second]) {
+    await page.waitForSelector("text=Who is in room.lobby: 1 member");
+    assert.deepEqual(await members(page), ["dev-console"]);
+  }
+  // Another user (the subscriber token) in a third tab: both tabs see it.
+  const other = await enter(consoleUrl.replace(/#token=.*/, `#token=${subscriber}`));
+  for (const page of [first, second, other]) {
+    await page.waitForSelector("text=Who is in room.lobby: 2 members");
+    assert.deepEqual((await members(page)).sort(), ["dev-console", "dev-subscriber"]);
+  }
+  mkdirSync(ARTIFACTS, { recursive: true });
+  await first.screenshot({ path: join(ARTIFACTS, "console-presence.png"), fullPage: true });
+  // It leaves: the others see it go. One of the two console tabs closes:
+  // the user is still there.
+  await other.close();
+  await second.close();
+  await first.waitForSelector("text=Who is in room.lobby: 1 member");
+  await new Promise((resolve) => setTimeout(resolve, 600));
+  assert.deepEqual(await members(first), ["dev-console"]);
+  await first.close();
+});
