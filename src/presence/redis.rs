@@ -26,14 +26,14 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use secrecy::{ExposeSecret, SecretString};
+use redis::aio::ConnectionManager;
+use secrecy::SecretString;
 
 use super::local::new_epoch;
 use super::{Book, PresenceError};
 use crate::config::{ConfigError, PresenceSettings};
 use crate::protocol::{Member, PresencePage, PresenceQuery};
-use crate::relay::redis::{CONNECT_TIMEOUT, MAX_BACKOFF, RESPONSE_TIMEOUT, channel};
+use crate::relay::redis::{channel, connect_lazily};
 use crate::topic::Topic;
 
 /// How long a topic's `epoch` and `seq` outlive its last member.
@@ -191,15 +191,7 @@ impl RedisBook {
         node: &str,
         settings: &PresenceSettings,
     ) -> Result<RedisBook, ConfigError> {
-        let client = redis::Client::open(url.expose_secret())
-            .map_err(|e| ConfigError::invalid("redis.url", "HERALD__REDIS__URL", e))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(MAX_BACKOFF);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| ConfigError::invalid("redis.url", "HERALD__REDIS__URL", e))?;
+        let (_, conn) = connect_lazily(url)?;
         Ok(RedisBook {
             conn,
             prefix: prefix.to_owned(),

@@ -98,6 +98,24 @@ end
 return offsets
 ";
 
+/// A client for `redis.url`, and a connection to it for commands that is
+/// opened on first use and again after it fails: each command waits at
+/// most [`RESPONSE_TIMEOUT`], so a caller answers 503 rather than hang
+/// while Redis is away.
+pub fn connect_lazily(
+    url: &SecretString,
+) -> Result<(redis::Client, ConnectionManager), ConfigError> {
+    let invalid = |e| ConfigError::invalid("redis.url", "HERALD__REDIS__URL", e);
+    let client = redis::Client::open(url.expose_secret()).map_err(invalid)?;
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_number_of_retries(1)
+        .set_max_delay(MAX_BACKOFF);
+    let conn = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(invalid)?;
+    Ok((client, conn))
+}
+
 /// Builds the namespaced Redis names.
 #[derive(Clone)]
 struct Names {
@@ -154,15 +172,7 @@ impl RedisRelay {
         inbound: Inbound,
         shutdown: CancellationToken,
     ) -> Result<RedisRelay, ConfigError> {
-        let client = redis::Client::open(url.expose_secret())
-            .map_err(|e| ConfigError::invalid("redis.url", "HERALD__REDIS__URL", e))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(MAX_BACKOFF);
-        let publisher = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| ConfigError::invalid("redis.url", "HERALD__REDIS__URL", e))?;
+        let (client, publisher) = connect_lazily(url)?;
         let names = Names {
             prefix: prefix.to_owned(),
         };

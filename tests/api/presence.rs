@@ -8,8 +8,8 @@ use herald::config::{Settings, TopicRule};
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    PgDatabase, RedisServer, TestNode, WsClient, claims_token, eventually, now, spawn_node_with,
-    token,
+    PgDatabase, RedisServer, ServeProcess, TestNode, WsClient, claims_token, eventually, now,
+    spawn_node_with, token,
 };
 
 /// `room.>` topics keep presence; changes are sent every 100 ms.
@@ -36,6 +36,15 @@ fn member_token(sub: &str, info: Option<Value>) -> String {
 
 /// Joins `topic`'s presence on `node` as `sub`.
 async fn join(node: &TestNode, sub: &str, topic: &str) -> WsClient {
+    let mut client = node.connect(&member_token(sub, None)).await;
+    client
+        .subscribe_with(json!({"op": "subscribe", "id": 1, "topic": topic, "presence": true}))
+        .await;
+    client
+}
+
+/// Joins `topic`'s presence on a node process as `sub`.
+async fn join_process(node: &ServeProcess, sub: &str, topic: &str) -> WsClient {
     let mut client = node.connect(&member_token(sub, None)).await;
     client
         .subscribe_with(json!({"op": "subscribe", "id": 1, "topic": topic, "presence": true}))
@@ -447,25 +456,22 @@ fn clustered_presence(ttl: Duration) -> impl FnOnce(&mut Settings) {
     }
 }
 
-/// The `sub`s on a page of `topic`'s presence, asked of `node`.
+/// The `sub`s on a page of `topic`'s presence, asked of `node`; a refusal
+/// (e.g. 503 while Redis is away) is one entry naming its status.
 async fn members_on(node: &TestNode, topic: &str) -> Vec<String> {
-    let page: Value = node
+    let response = node
         .http
         .get(node.url(&format!("/api/v1/topics/{topic}/presence")))
-        .header(
-            "Authorization",
-            format!("Bearer {}", member_token("reader", None)),
-        )
+        .header("Authorization", format!("Bearer {}", member_token("reader", None)))
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
-    subs(&page["members"])
-        .into_iter()
-        .map(str::to_owned)
-        .collect()
+    let status = response.status();
+    if !status.is_success() {
+        return vec![format!("(answered {status})")];
+    }
+    let page: Value = response.json().await.unwrap();
+    subs(&page["members"]).into_iter().map(str::to_owned).collect()
 }
 
 #[tokio::test]
@@ -539,7 +545,7 @@ async fn a_killed_node_s_members_leave_once_within_the_ttl_and_users_still_elsew
     let ttl = Duration::from_secs(3);
     let a = TestNode::clustered_with(&redis, &pg, clustered_presence(ttl)).await;
     let b = TestNode::clustered_with(&redis, &pg, clustered_presence(ttl)).await;
-    let mut doomed = crate::helpers::ServeProcess::start_with_config(
+    let mut doomed = ServeProcess::start_with_config(
         "presence-doomed",
         &process_config(&redis, &pg, ttl),
         &[],
@@ -552,12 +558,8 @@ async fn a_killed_node_s_members_leave_once_within_the_ttl_and_users_still_elsew
         join(&a, "watcher-a", topic).await,
         join(&b, "watcher-b", topic).await,
     ];
-    let mut zed = doomed.connect(&member_token("zed", None)).await;
-    zed.subscribe_with(json!({"op": "subscribe", "id": 1, "topic": topic, "presence": true}))
-        .await;
-    let mut ada = doomed.connect(&member_token("ada", None)).await;
-    ada.subscribe_with(json!({"op": "subscribe", "id": 1, "topic": topic, "presence": true}))
-        .await;
+    let _zed = join_process(&doomed, "zed", topic).await;
+    let _ada = join_process(&doomed, "ada", topic).await;
     let _ada_on_a = join(&a, "ada", topic).await;
     eventually("everyone is in", || async {
         members_on(&b, topic).await == ["ada", "watcher-a", "watcher-b", "zed"]
@@ -604,7 +606,7 @@ async fn a_node_restarted_after_a_crash_removes_what_its_earlier_run_left_at_sta
     // Far longer than the test: only the restart can remove Zed in time.
     let ttl = Duration::from_secs(120);
     let a = TestNode::clustered_with(&redis, &pg, clustered_presence(ttl)).await;
-    let mut crashing = crate::helpers::ServeProcess::start_with_config(
+    let mut crashing = ServeProcess::start_with_config(
         "presence-restart",
         &process_config(&redis, &pg, ttl),
         &[],
@@ -613,9 +615,7 @@ async fn a_node_restarted_after_a_crash_removes_what_its_earlier_run_left_at_sta
     .await;
     let topic = "room.restart";
     let mut watcher = join(&a, "watcher", topic).await;
-    let mut zed = crashing.connect(&member_token("zed", None)).await;
-    zed.subscribe_with(json!({"op": "subscribe", "id": 1, "topic": topic, "presence": true}))
-        .await;
+    let _zed = join_process(&crashing, "zed", topic).await;
     eventually("zed is in", || async {
         members_on(&a, topic).await == ["watcher", "zed"]
     })
