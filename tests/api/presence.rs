@@ -265,6 +265,15 @@ async fn members_join_and_leave_once_per_user_and_pages_list_them_on_one_node() 
         }
     }
     assert_eq!(seen, ["watcher"]);
+
+    // MessagePack connections get the same page.
+    let mut packed = node.connect_msgpack(&member_token("packed", None)).await;
+    let page = packed
+        .request(json!({"op": "presence", "id": 3, "topic": "room.a"}))
+        .await;
+    assert_eq!(page["op"], "presence", "{page}");
+    assert_eq!(page["members"], json!([{"sub": "watcher"}]));
+    assert_eq!(page["cursor"], Value::Null);
 }
 
 #[tokio::test]
@@ -462,7 +471,10 @@ async fn members_on(node: &TestNode, topic: &str) -> Vec<String> {
     let response = node
         .http
         .get(node.url(&format!("/api/v1/topics/{topic}/presence")))
-        .header("Authorization", format!("Bearer {}", member_token("reader", None)))
+        .header(
+            "Authorization",
+            format!("Bearer {}", member_token("reader", None)),
+        )
         .send()
         .await
         .unwrap();
@@ -471,7 +483,10 @@ async fn members_on(node: &TestNode, topic: &str) -> Vec<String> {
         return vec![format!("(answered {status})")];
     }
     let page: Value = response.json().await.unwrap();
-    subs(&page["members"]).into_iter().map(str::to_owned).collect()
+    subs(&page["members"])
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
 }
 
 #[tokio::test]
