@@ -2,8 +2,9 @@
 """Checks docker-compose.yml for the rules the local cluster relies on:
 its topology (Redis, PostgreSQL, three Herald nodes, HAProxy), a signing
 secret that must be given (no default), a load balancer published on
-loopback unless told otherwise, /metrics off the balanced port, and the
-balancer's configuration routing to exactly the nodes defined.
+loopback unless told otherwise, /metrics off the balanced port, the
+nodes' shared settings file (deploy/herald.toml) mounted where they read
+it, and the balancer's configuration routing to exactly the nodes defined.
 
     scripts/check_compose.py docker-compose.yml deploy/haproxy.cfg
 """
@@ -39,6 +40,11 @@ def main(compose_path, haproxy_path):
             fail(f"{name}: nodes relay through the compose Redis")
         if not str(env.get("HERALD__STORE__URL", "")).startswith("postgres://"):
             fail(f"{name}: a cluster needs the shared PostgreSQL store")
+        # The settings scripts/cluster.sh passes with --config: read as the
+        # image's config/default.toml (its WORKDIR is /var/lib/herald).
+        mount = "./deploy/herald.toml:/var/lib/herald/config/default.toml:ro"
+        if mount not in node.get("volumes", []):
+            fail(f"{name}: must mount {mount}")
     for name in ("redis", "postgres"):
         if services[name].get("ports"):
             fail(f"{name}: must not be published")

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The docker-compose topology as local processes, for machines without
 # Docker: a private redis-server on a spare port and three Herald nodes on
-# loopback ports, all in cluster mode. Ctrl-C (or SIGTERM) stops every
+# loopback ports, all in cluster mode, with deploy/herald.toml (the console
+# on every node, presence on `room.>`). A node that dies (kill -9 its pid,
+# printed below) leaves the others running; Ctrl-C (or SIGTERM) stops every
 # process this script started.
 #
 #   scripts/cluster.sh
@@ -78,7 +80,7 @@ for port in "${ports[@]}"; do
     HERALD__REDIS__URL="redis://127.0.0.1:$redis_port" \
     HERALD__STORE__URL="$store_url" \
     HERALD__AUTH__JWT_SECRET="$secret" \
-        "$HERALD_BIN" serve >"$logs/node$i.log" 2>&1 &
+        "$HERALD_BIN" serve --config deploy/herald.toml >"$logs/node$i.log" 2>&1 &
     node_pids+=($!)
 done
 
@@ -98,9 +100,28 @@ for port in "${ports[@]}"; do
 done
 
 echo "Herald cluster ready: redis 127.0.0.1:$redis_port, logs in $logs/"
-for port in "${ports[@]}"; do echo "  node http://127.0.0.1:$port  ws://127.0.0.1:$port/ws"; done
+i=0
+for port in "${ports[@]}"; do
+    echo "  node http://127.0.0.1:$port  ws://127.0.0.1:$port/ws  (console at /, pid ${node_pids[$i]})"
+    i=$((i + 1))
+done
 echo "Tokens: HERALD__AUTH__JWT_SECRET='$secret' $HERALD_BIN token --sub alice --topics alerts --publish alerts"
 echo "Press Ctrl-C to stop."
-wait -n "${node_pids[@]}" "$redis_pid" || true
-echo "a cluster process exited; see $logs/" >&2
-exit 1
+# A node that dies leaves the others serving (its users leave within
+# presence.node_ttl); the cluster stops when Redis or every node is gone.
+while true; do
+    alive=()
+    for pid in "${node_pids[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then alive+=("$pid"); fi
+    done
+    if ! kill -0 "$redis_pid" 2>/dev/null; then
+        echo "redis exited; see $logs/redis.log" >&2
+        exit 1
+    fi
+    if [[ ${#alive[@]} -eq 0 ]]; then
+        echo "every node exited; see $logs/" >&2
+        exit 1
+    fi
+    wait -n "${alive[@]}" "$redis_pid" || true
+    echo "a cluster process exited; see $logs/ (the others go on)" >&2
+done

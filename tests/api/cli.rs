@@ -318,29 +318,49 @@ async fn cluster_script_runs_three_relaying_nodes_and_stops_everything_it_starte
             .env("HERALD_CLUSTER_REDIS_PORT", redis_port.to_string())
             .env("HERALD_JWT_SECRET", SECRET)
             .env("HERALD_CLUSTER_STORE_URL", pg.url())
+            // The nodes inherit it: a killed node's users leave sooner.
+            .env("HERALD__PRESENCE__NODE_TTL", "3s")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
     // Read stdout to its end (so the script never writes to a closed pipe)
-    // and report the ready line as soon as it comes.
+    // and report what it printed once it is ready.
     let stdout = child.0.stdout.take().unwrap();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let mut ready_tx = Some(ready_tx);
+        let mut printed = Vec::new();
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.starts_with("Herald cluster ready")
+            printed.push(line.clone());
+            if line.starts_with("Press Ctrl-C")
                 && let Some(tx) = ready_tx.take()
             {
-                let _ = tx.send(());
+                let _ = tx.send(std::mem::take(&mut printed));
             }
         }
     });
-    tokio::time::timeout(std::time::Duration::from_secs(60), ready_rx)
+    let printed = tokio::time::timeout(std::time::Duration::from_secs(60), ready_rx)
         .await
         .expect("the cluster is ready within a minute")
-        .expect("the script printed its ready line");
+        .expect("the script printed its ready lines");
+    assert!(
+        printed[0].starts_with("Herald cluster ready"),
+        "{printed:?}"
+    );
+    // Each node's line names its pid, to kill it with.
+    let pid_of = |port: u16| -> String {
+        let line = printed
+            .iter()
+            .find(|l| l.contains(&format!("http://127.0.0.1:{port} ")))
+            .unwrap_or_else(|| panic!("no line for port {port}: {printed:?}"));
+        line.rsplit_once("pid ")
+            .unwrap()
+            .1
+            .trim_end_matches(')')
+            .to_owned()
+    };
 
     let sub = crate::helpers::token("s", &["alerts"], &[]);
     let mut ws = Handshake::to(&format!("ws://127.0.0.1:{}/ws?token={sub}", ports[2]))
@@ -359,6 +379,45 @@ async fn cluster_script_runs_three_relaying_nodes_and_stops_everything_it_starte
         .unwrap();
     assert_eq!(response.status(), 201);
     assert_eq!(ws.recv().await["data"], "across nodes");
+
+    // Presence on `room.>` (deploy/herald.toml): a user on the second node
+    // leaves, once, when that node is killed; the others go on.
+    let join = |port: u16, sub: &str| {
+        let token = crate::helpers::token(sub, &["room.>"], &[]);
+        async move {
+            let mut client = Handshake::to(&format!("ws://127.0.0.1:{port}/ws?token={token}"))
+                .open()
+                .await;
+            client
+                .subscribe_with(
+                    json!({"op": "subscribe", "id": 1, "topic": "room.lobby", "presence": true}),
+                )
+                .await;
+            client
+        }
+    };
+    let mut watcher = join(ports[0], "watcher").await;
+    let _ada = join(ports[1], "ada").await;
+    let mut joined = Vec::new();
+    while !joined.contains(&json!({"sub": "ada"})) {
+        let diff = watcher.recv().await;
+        assert_eq!(diff["op"], "presence_diff", "{diff}");
+        joined.extend(diff["joins"].as_array().unwrap().iter().cloned());
+    }
+    let killed = Command::new("kill")
+        .args(["-KILL", &pid_of(ports[1])])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let left = tokio::time::timeout(std::time::Duration::from_secs(15), watcher.recv())
+        .await
+        .expect("the killed node's user leaves within its TTL");
+    assert_eq!(left["leaves"], json!([{"sub": "ada"}]), "{left}");
+    let ready = reqwest::get(format!("http://127.0.0.1:{}/readyz", ports[0]))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "the other nodes go on");
+    assert!(child.0.try_wait().unwrap().is_none(), "the script goes on");
 
     let stopped = Command::new("kill")
         .args(["-TERM", &child.0.id().to_string()])
