@@ -27,20 +27,36 @@ pub fn now_nanos() -> u64 {
 
 /// A token granting subscribe and publish on `bench.>`, valid for a day.
 pub fn token() -> String {
-    let exp = std::time::SystemTime::now()
+    sign(&serde_json::json!({
+        "sub": "bench",
+        "exp": in_a_day(),
+        "topics": ["bench.>"],
+        "publish": ["bench.>"],
+    }))
+}
+
+/// A token for `sub`, a distinct user, on `bench.>` (presence counts
+/// users, not connections).
+pub fn member_token(sub: &str) -> String {
+    sign(&serde_json::json!({
+        "sub": sub,
+        "exp": in_a_day(),
+        "topics": ["bench.>"],
+    }))
+}
+
+fn in_a_day() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")
         .as_secs()
-        + 86_400;
-    let claims = serde_json::json!({
-        "sub": "bench",
-        "exp": exp,
-        "topics": ["bench.>"],
-        "publish": ["bench.>"],
-    });
+        + 86_400
+}
+
+fn sign(claims: &serde_json::Value) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
+        claims,
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("HS256 signing cannot fail")

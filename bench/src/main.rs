@@ -21,7 +21,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::nodes::{Cluster, Paths, System};
 use crate::report::Report;
-use crate::scenario::{connections, fanout, latency, prune, publish};
+use crate::scenario::{connections, fanout, latency, presence, prune, publish};
 
 #[derive(Parser)]
 #[command(
@@ -86,6 +86,9 @@ enum Command {
     /// Time the pruning passes that remove one-shot topics, and the idle
     /// passes after them (Herald only).
     Prune(PruneArgs),
+    /// M members join one topic's presence over 2 nodes; then the cost of
+    /// counting and paging them (Herald only).
+    Presence(PresenceArgs),
     /// Internal: the do-nothing echo server the latency floor is measured on.
     #[command(hide = true)]
     Echo {
@@ -183,6 +186,19 @@ struct PruneArgs {
     vacuum_after_small: bool,
 }
 
+#[derive(Args, Clone)]
+struct PresenceArgs {
+    /// Members (distinct users) joining, spread over the 2 nodes.
+    #[arg(long, default_value_t = 10_000)]
+    members: usize,
+    /// Over how long they join, evenly spaced.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Queries timed per kind (count, page) and room.
+    #[arg(long, default_value_t = 50)]
+    queries: usize,
+}
+
 /// `--small` and `--large`: at least one topic, at most
 /// [`prune::MAX_TOPICS`].
 fn topic_count() -> clap::builder::RangedU64ValueParser<u64> {
@@ -252,6 +268,11 @@ async fn run(cli: Cli) -> Result<()> {
                 passes: 10,
                 vacuum_after_small: false,
             }),
+            presence: Some(PresenceArgs {
+                members: 10_000,
+                seconds: 10.0,
+                queries: 50,
+            }),
         },
         Command::Smoke => Plan {
             fanout: Some(FanoutArgs {
@@ -287,6 +308,11 @@ async fn run(cli: Cli) -> Result<()> {
                 passes: 3,
                 vacuum_after_small: false,
             }),
+            presence: Some(PresenceArgs {
+                members: 200,
+                seconds: 1.0,
+                queries: 5,
+            }),
         },
         Command::Fanout(args) => Plan::only_fanout(args),
         Command::Latency(args) => Plan {
@@ -303,6 +329,10 @@ async fn run(cli: Cli) -> Result<()> {
         },
         Command::Prune(args) => Plan {
             prune: Some(args),
+            ..Plan::default()
+        },
+        Command::Presence(args) => Plan {
+            presence: Some(args),
             ..Plan::default()
         },
         Command::Echo { .. } => unreachable!("handled in main"),
@@ -455,6 +485,23 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("herald-bench: prune measures Herald's pruner only; skipped (--systems)");
         }
     }
+    if let Some(args) = &plan.presence {
+        if systems.contains(&System::Herald) {
+            let options = presence::Options {
+                members: args.members,
+                seconds: args.seconds,
+                queries: args.queries,
+            };
+            let cluster =
+                Cluster::start_with_env(System::Herald, 2, true, &paths, presence::NODE_ENV)
+                    .await?;
+            let result = presence::run(&cluster, &options).await;
+            cluster.stop().await;
+            add(or_error("presence", System::Herald, result));
+        } else {
+            eprintln!("herald-bench: presence measures Herald only; skipped (--systems)");
+        }
+    }
     print!("{}", report::table(&reports));
     if reports.iter().any(|r| r.error.is_some()) {
         bail!("some runs did not complete; see the errors above");
@@ -484,6 +531,7 @@ struct Plan {
     connections: Option<ConnectionsArgs>,
     publish: Option<PublishArgs>,
     prune: Option<PruneArgs>,
+    presence: Option<PresenceArgs>,
 }
 
 impl Plan {

@@ -14,7 +14,8 @@ use crate::http::Http;
 
 /// Herald's config file for a run: topics under `bench.volatile.` keep no
 /// history, to tell the relay's latency from the event log's.
-const HERALD_CONFIG: &str = "[[topics]]\npattern = \"bench.volatile.>\"\nhistory = false\n";
+const HERALD_CONFIG: &str = "[[topics]]\npattern = \"bench.volatile.>\"\nhistory = false\n\
+    [[topics]]\npattern = \"bench.presence.>\"\nhistory = false\npresence = true\n";
 
 /// The HS256 secret every node of a run verifies tokens with.
 pub const SECRET: &str = "herald-bench-secret-0123456789abcdef";
@@ -152,6 +153,8 @@ pub struct Cluster {
     pub system: System,
     pub nodes: Vec<Node>,
     redis: Option<Proc>,
+    /// Where the private Redis listens.
+    redis_addr: Option<SocketAddr>,
     database: Option<(String, String)>,
 }
 
@@ -181,6 +184,7 @@ impl Cluster {
             system,
             nodes: Vec::new(),
             redis: None,
+            redis_addr: None,
             database: None,
         };
         match cluster.launch(count, relay, paths, env).await {
@@ -219,7 +223,9 @@ impl Cluster {
                 &paths.work_dir,
             )?;
             self.redis = Some(redis);
-            wait_for_port(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            self.redis_addr = Some(addr);
+            wait_for_port(addr).await?;
             Some(format!("redis://127.0.0.1:{port}"))
         } else {
             None
@@ -298,6 +304,41 @@ impl Cluster {
             wait_ready(node, ready).await?;
         }
         Ok(())
+    }
+
+    /// Microseconds the private Redis spent executing commands since the
+    /// last call (its `INFO commandstats`, reset at each call): Redis's
+    /// own account, finer than `/proc`'s 10 ms ticks.
+    pub async fn redis_command_micros(&self) -> Result<u64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.redis_addr.context("this run has no Redis")?;
+        let mut conn = tokio::net::TcpStream::connect(addr).await?;
+        conn.write_all(b"INFO commandstats\r\nCONFIG RESETSTAT\r\n")
+            .await?;
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 8192];
+        // The bulk INFO reply, then +OK.
+        while !reply.ends_with(b"+OK\r\n") {
+            let n = conn.read(&mut buf).await?;
+            if n == 0 {
+                bail!("Redis closed the connection");
+            }
+            reply.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&reply);
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_"))
+            .filter_map(|l| {
+                let usec = l.split(',').find_map(|f| f.strip_prefix("usec="))?;
+                usec.parse::<u64>().ok()
+            })
+            .sum())
+    }
+
+    /// Resident memory of the run's Redis, when it has one.
+    pub fn redis_rss(&self) -> Option<u64> {
+        self.redis.as_ref().map(Proc::rss)
     }
 
     /// CPU time of all nodes together.

@@ -4,6 +4,7 @@
 pub mod connections;
 pub mod fanout;
 pub mod latency;
+pub mod presence;
 pub mod prune;
 pub mod publish;
 
