@@ -195,7 +195,7 @@ struct PresenceArgs {
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
     /// Queries timed per kind (count, page) and room.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 200)]
     queries: usize,
 }
 
@@ -271,7 +271,7 @@ async fn run(cli: Cli) -> Result<()> {
             presence: Some(PresenceArgs {
                 members: 10_000,
                 seconds: 10.0,
-                queries: 50,
+                queries: 200,
             }),
         },
         Command::Smoke => Plan {

@@ -38,6 +38,16 @@ const TENTH: &str = "bench.presence.tenth";
 /// joined.
 const COMPLETE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What the nodes send Redis for presence: scripts, and the `SADD` before
+/// a join (the commands the scripts call are inside their time).
+const STORM_COMMANDS: &[&str] = &["evalsha", "eval", "sadd"];
+/// A page or a count is one script.
+const QUERY_COMMANDS: &[&str] = &["evalsha", "eval"];
+
+/// Quiet time between the storm and the queries: every member has taken
+/// the last diffs.
+const SETTLE: Duration = Duration::from_secs(2);
+
 /// Frames a connection counted: presence diffs, and the joins in them.
 #[derive(Default)]
 struct Counts {
@@ -88,7 +98,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Result<Report> {
     let member_counts = Arc::new(Counts::default());
     let cpu_before = cluster.cpu();
     let redis_before = cluster.redis_cpu();
-    cluster.redis_command_micros().await?;
+    cluster.redis_command_micros(STORM_COMMANDS).await?;
     let redis_rss_before = cluster.redis_rss();
     let started = Instant::now();
     let mut storm = JoinSet::new();
@@ -138,7 +148,7 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Result<Report> {
     };
     let cpu = cluster.cpu() - cpu_before;
     let redis_cpu = cluster.redis_cpu() - redis_before;
-    let redis_commands = cluster.redis_command_micros().await?;
+    let redis_commands = cluster.redis_command_micros(STORM_COMMANDS).await?;
     report.set("members", all as f64);
     report.set("join_seconds", options.seconds);
     report.set(
@@ -159,8 +169,17 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Result<Report> {
         "diff_frames_per_member",
         member_counts.diffs.load(Ordering::Relaxed) as f64 / all as f64,
     );
+    // Every member is told of every later join: about M²/2 in all.
+    let delivered = member_counts.joins.load(Ordering::Relaxed);
+    report.set("joins_delivered_to_members", delivered as f64);
     report.set("node_cpu_s", cpu.as_secs_f64());
     report.set("node_cpu_us_per_join", cpu.as_secs_f64() * 1e6 / all as f64);
+    if delivered > 0 {
+        report.set(
+            "node_cpu_ns_per_join_delivered",
+            cpu.as_secs_f64() * 1e9 / delivered as f64,
+        );
+    }
     // Redis's process CPU (relaying included) and its own account of
     // command time (the scripts), per member joined.
     report.set(
@@ -178,7 +197,9 @@ pub async fn run(cluster: &Cluster, options: &Options) -> Result<Report> {
         );
     }
 
-    // The queries, on a connection of their own (no diffs to read past).
+    // The queries, once the storm's last diffs are out, on a connection of
+    // their own (no diffs to read past).
+    tokio::time::sleep(SETTLE).await;
     let mut asker = connect(nodes[0], 0, "asker").await?;
     // The room holds the observers too.
     let in_room = all + nodes.len() as u64;
@@ -264,7 +285,7 @@ async fn time_queries(
         format!(r#"{{"op":"presence","id":1,"topic":"{room}","limit":1000}}"#)
     };
     // Resets Redis's own count of the time its commands take.
-    cluster.redis_command_micros().await?;
+    cluster.redis_command_micros(QUERY_COMMANDS).await?;
     let started = Instant::now();
     let mut members = 0;
     for _ in 0..queries.max(1) {
@@ -277,7 +298,7 @@ async fn time_queries(
     let micros = started.elapsed().as_secs_f64() * 1e6 / n;
     // Every command in the window, the nodes' lease renewals included (a
     // few per second): a slight overestimate.
-    let redis_micros = cluster.redis_command_micros().await? as f64 / n;
+    let redis_micros = cluster.redis_command_micros(QUERY_COMMANDS).await? as f64 / n;
     Ok(Timed {
         micros,
         redis_micros,
