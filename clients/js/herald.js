@@ -73,13 +73,27 @@ function applyDiff(p, diff) {
  * `seq`. */
 function applyPage(p, page, after) {
   const last = page.cursor ? page.members[page.members.length - 1].sub : undefined;
+  const range = { after, last, seq: page.seq };
+  p.pages.push(range);
   const listed = new Set(page.members.map((m) => m.sub));
   for (const sub of p.known.keys()) {
-    const covered =
-      (after === undefined || compareSubs(sub, after) > 0) && (last === undefined || compareSubs(sub, last) <= 0);
-    if (covered && !listed.has(sub)) see(p, sub, false, page.seq);
+    if (covers(range, sub) && !listed.has(sub)) see(p, sub, false, page.seq);
   }
   for (const m of page.members) see(p, m.sub, true, page.seq, m.info);
+}
+
+/** Whether a page's range holds `sub`. */
+function covers({ after, last }, sub) {
+  return (after === undefined || compareSubs(sub, after) > 0) && (last === undefined || compareSubs(sub, last) <= 0);
+}
+
+/** Whether what `seq` says of `sub` was said already, by a diff or by
+ * the page that covers it. */
+function stale(p, sub, seq) {
+  const known = p.known.get(sub);
+  if (known) return seq <= known.seq;
+  const page = p.pages.find((r) => covers(r, sub));
+  return page !== undefined && seq <= page.seq;
 }
 
 export class HeraldError extends Error {
@@ -247,6 +261,7 @@ export class Herald {
     const generation = ++p.generation;
     p.syncing = true;
     p.known = new Map();
+    p.pages = [];
     p.epoch = undefined;
     p.buffered = [];
     let cursor;
@@ -281,7 +296,6 @@ export class Herald {
     p.syncing = false;
     const next = new Map();
     for (const [sub, k] of p.known) if (k.present) next.set(sub, k.info);
-    p.known = new Map([...p.known].filter(([, k]) => k.present));
     const joins = [];
     const leaves = [];
     for (const [sub, info] of next) if (!p.members.has(sub)) joins.push({ sub, info });
@@ -297,18 +311,28 @@ export class Herald {
     if (!p) return;
     if (p.buffered) return void p.buffered.push(frame);
     if (frame.epoch !== p.epoch) return void this._syncPresence(frame.topic, this._topics.get(frame.topic));
-    applyDiff(p, frame);
-    if (p.syncing) return;
+    if (p.syncing) return void applyDiff(p, frame);
+    // A diff the pages already include (it travelled another way than
+    // their replies and came later) changes nothing. Once one comes that
+    // is newer than every page, so are all after it.
+    const checked = p.pages !== undefined && frame.seq <= Math.max(0, ...p.pages.map((r) => r.seq));
+    if (!checked) {
+      p.pages = undefined;
+      p.known = new Map();
+    }
     const joins = [];
     const leaves = [];
     for (const m of frame.joins) {
+      if (checked && stale(p, m.sub, frame.seq)) continue;
+      if (checked) see(p, m.sub, true, frame.seq, m.info);
       if (!p.members.has(m.sub)) joins.push({ sub: m.sub, info: m.info });
       p.members.set(m.sub, m.info);
     }
     for (const m of frame.leaves) {
+      if (checked && stale(p, m.sub, frame.seq)) continue;
+      if (checked) see(p, m.sub, false, frame.seq);
       if (p.members.has(m.sub)) leaves.push({ sub: m.sub, info: p.members.get(m.sub) });
       p.members.delete(m.sub);
-      p.known.delete(m.sub);
     }
     if (joins.length > 0 || leaves.length > 0) this._tellPresence(p, { joins, leaves });
   }

@@ -343,20 +343,30 @@ async fn keep(
     for timer in [&mut flush, &mut renew, &mut reap] {
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
+    // Logged when telling the book starts failing and when it recovers,
+    // not at every attempt while Redis is away.
+    let mut failing = false;
     loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            _ = flush.tick() => {
-                if let Err(e) = tell(&tracker, book.as_ref()).await {
-                    tracing::warn!(error = %e, "presence changes not recorded; rejoining once Redis answers");
+            _ = flush.tick() => match tell(&tracker, book.as_ref()).await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("presence changes recorded again");
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!(error = %e, "presence changes not recorded; rejoining once Redis answers");
+                    }
                     tracker.rejoin();
                 }
-            }
+            },
             _ = renew.tick() => match book.renew().await {
                 Ok(true) => {}
                 Ok(false) => {
-                    tracing::warn!("this node's presence lease was lost (reaped as dead); rejoining its members");
+                    tracing::warn!("this node's presence lease is gone (reaped as dead, or Redis lost its data); rejoining its members");
                     tracker.rejoin();
                 }
                 Err(e) => tracing::debug!(error = %e, "presence lease not renewed"),

@@ -398,8 +398,10 @@ async fn cluster_script_runs_three_relaying_nodes_and_stops_everything_it_starte
     };
     let mut watcher = join(ports[0], "watcher").await;
     let _ada = join(ports[1], "ada").await;
+    // Both joins, each in its own node's diff, in either order.
     let mut joined = Vec::new();
-    while !joined.contains(&json!({"sub": "ada"})) {
+    while !(joined.contains(&json!({"sub": "ada"})) && joined.contains(&json!({"sub": "watcher"})))
+    {
         let diff = watcher.recv().await;
         assert_eq!(diff["op"], "presence_diff", "{diff}");
         joined.extend(diff["joins"].as_array().unwrap().iter().cloned());
