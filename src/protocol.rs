@@ -191,7 +191,9 @@ impl PresenceQuery {
         let after = match cursor {
             None | Some("") => None,
             Some(c) if c.len() > MAX_CURSOR_BYTES => return Err("`cursor` is too long".into()),
-            Some(c) => Some(decode_cursor(c).ok_or("`cursor` is not one Herald returned")?),
+            Some(c) => {
+                Some(decode_cursor(c).ok_or("`cursor` is not one Herald returned (base64url)")?)
+            }
         };
         Ok(PresenceQuery {
             after,
@@ -202,17 +204,27 @@ impl PresenceQuery {
 }
 
 /// A presence page's `cursor`: the last `sub` on it, opaque to clients
-/// (base64url).
+/// (base64url, unpadded: safe in a URL as it is).
 pub fn encode_cursor(sub: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sub)
 }
 
+/// What [`CURSOR_PATTERN`] admits is a cursor: a page starting after the
+/// text it decodes to (any bytes that are not UTF-8 replaced), a place
+/// among the `sub`s even if it is not one of them.
 fn decode_cursor(cursor: &str) -> Option<String> {
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(cursor)
-        .ok()?;
-    String::from_utf8(bytes).ok()
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::URL_SAFE,
+        GeneralPurposeConfig::new()
+            .with_decode_allow_trailing_bits(true)
+            .with_decode_padding_mode(DecodePaddingMode::RequireNone),
+    );
+    let bytes = LENIENT.decode(cursor).ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
 }
+
+/// The cursors [`PresenceQuery::parse`] takes: unpadded base64url.
+pub const CURSOR_PATTERN: &str = "^([A-Za-z0-9_-]{4})*([A-Za-z0-9_-]{2,3})?$";
 
 impl ClientOp {
     /// The request's `id`, which its reply or error frame carries.
@@ -827,6 +839,27 @@ mod tests {
         assert_eq!((err.id, err.code), (Some(8), ErrorCode::BadRequest));
         let err = json(r#"{"op":"subscribe","id":2,"topic":"a.*"}"#).unwrap_err();
         assert_eq!((err.id, err.code), (Some(2), ErrorCode::InvalidTopic));
+    }
+
+    #[test]
+    fn every_cursor_of_the_documented_shape_is_taken_and_herald_s_own_roundtrip() {
+        let alphabet = b"AZaz09_-";
+        for len in 0..=9usize {
+            let cursor: String = (0..len)
+                .map(|i| alphabet[i % alphabet.len()] as char)
+                .collect();
+            // The shape CURSOR_PATTERN says: groups of 4, then 2 or 3 more.
+            let documented = len % 4 != 1;
+            let parsed = PresenceQuery::parse(Some(&cursor), None, false);
+            assert_eq!(parsed.is_ok(), documented, "{cursor:?}");
+        }
+        for sub in ["ada", "Zoë 🦀", "a/b?c=d&e"] {
+            let query = PresenceQuery::parse(Some(&encode_cursor(sub)), Some(5), false).unwrap();
+            assert_eq!(query.after.as_deref(), Some(sub));
+            assert_eq!(query.limit, 5);
+        }
+        assert!(PresenceQuery::parse(Some("not*base64"), None, false).is_err());
+        assert!(PresenceQuery::parse(None, Some(1001), false).is_err());
     }
 
     #[test]

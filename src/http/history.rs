@@ -5,12 +5,10 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{ApiError, ErrorBody, authenticate};
-use crate::auth::Action;
+use super::{ApiError, ErrorBody, subscriber_read};
 use crate::protocol::{MAX_EPOCH_BYTES, MAX_OFFSET};
 use crate::state::AppState;
 use crate::store::Page;
-use crate::topic::Topic;
 
 /// Events returned when `limit` is not given.
 pub const DEFAULT_LIMIT: u64 = 100;
@@ -68,12 +66,7 @@ pub(super) async fn history(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let grants = authenticate(&req, &state)?;
-    let topic = Topic::parse(&path)?;
-    grants.check(Action::Subscribe, &topic)?;
-    let query = web::Query::<HistoryQuery>::from_query(req.query_string())
-        .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?
-        .into_inner();
+    let (topic, query) = subscriber_read::<HistoryQuery>(&req, &path, &state)?;
     if query
         .epoch
         .as_ref()

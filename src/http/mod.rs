@@ -253,6 +253,23 @@ pub(crate) fn authenticate(req: &HttpRequest, state: &AppState) -> Result<Grants
     Ok(state.verifier.verify(token)?)
 }
 
+/// What a request that reads a topic as a subscriber would (history,
+/// presence) carries: a token granting to subscribe to the path's topic,
+/// and a query string of the fields `Q` names.
+pub(crate) fn subscriber_read<Q: serde::de::DeserializeOwned>(
+    req: &HttpRequest,
+    path: &str,
+    state: &AppState,
+) -> Result<(Topic, Q), ApiError> {
+    let grants = authenticate(req, state)?;
+    let topic = Topic::parse(path)?;
+    grants.check(crate::auth::Action::Subscribe, &topic)?;
+    let query = web::Query::<Q>::from_query(req.query_string())
+        .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?
+        .into_inner();
+    Ok((topic, query))
+}
+
 /// The token from `Authorization: Bearer <jwt>`, if that header is present.
 pub(crate) fn bearer_token(headers: &header::HeaderMap) -> Result<Option<&str>, AuthError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {

@@ -5,11 +5,9 @@
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, ErrorBody, authenticate};
-use crate::auth::Action;
+use super::{ApiError, ErrorBody, subscriber_read};
 use crate::protocol::{PresencePageOut, PresenceQuery};
 use crate::state::AppState;
-use crate::topic::Topic;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,7 +35,7 @@ pub(super) struct Presence<'a> {
     tag = "presence",
     params(
         super::TopicPath,
-        ("cursor" = Option<String>, Query, description = "The `cursor` of the previous page (opaque); from the first member when absent", max_length = 2048),
+        ("cursor" = Option<String>, Query, description = "The `cursor` of the previous page (opaque); from the first member when absent", max_length = 2048, pattern = "^([A-Za-z0-9_-]{4})*([A-Za-z0-9_-]{2,3})?$"),
         ("limit" = Option<u64>, Query, description = "At most this many members (1-1000, default 1000)", minimum = 1, maximum = 1000),
         ("count_only" = Option<bool>, Query, description = "Only the count (O(1)), no members"),
     ),
@@ -56,12 +54,7 @@ pub(super) async fn presence(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let grants = authenticate(&req, &state)?;
-    let topic = Topic::parse(&path)?;
-    grants.check(Action::Subscribe, &topic)?;
-    let params = web::Query::<PresenceParams>::from_query(req.query_string())
-        .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?
-        .into_inner();
+    let (topic, params) = subscriber_read::<PresenceParams>(&req, &path, &state)?;
     let query = PresenceQuery::parse(
         params.cursor.as_deref(),
         params.limit,

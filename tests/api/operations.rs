@@ -160,6 +160,7 @@ async fn the_openapi_document_describes_every_http_endpoint() {
         ("/api/v1/topics/{topic}/events", "get"),
         ("/api/v1/events", "post"),
         ("/api/v1/topics/{topic}", "get"),
+        ("/api/v1/topics/{topic}/presence", "get"),
         ("/api/v1/node", "get"),
         ("/healthz", "get"),
         ("/readyz", "get"),
@@ -172,6 +173,17 @@ async fn the_openapi_document_describes_every_http_endpoint() {
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"]["scheme"],
         "bearer"
+    );
+    // The cursors the document admits are exactly those the node takes.
+    let cursor = doc["paths"]["/api/v1/topics/{topic}/presence"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "cursor")
+        .unwrap();
+    assert_eq!(
+        cursor["schema"]["pattern"],
+        herald::protocol::CURSOR_PATTERN
     );
 }
 
