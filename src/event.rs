@@ -181,11 +181,17 @@ impl PresenceDiff {
         ))
     }
 
-    /// Bytes a diff holds, for the bounds of a mailbox.
+    /// Bytes a diff takes as a frame, about, for the bounds of a mailbox:
+    /// its members and the JSON around each.
     pub fn size(&self) -> usize {
-        let member = |m: &Member| m.sub.len() + m.info.as_ref().map_or(0, |i| i.len());
-        self.joins.iter().map(member).sum::<usize>()
-            + self.leaves.iter().map(String::len).sum::<usize>()
+        const AROUND: usize = 20;
+        let member = |m: &Member| AROUND + m.sub.len() + m.info.as_ref().map_or(0, |i| i.len());
+        64 + self.joins.iter().map(member).sum::<usize>()
+            + self
+                .leaves
+                .iter()
+                .map(|sub| AROUND + sub.len())
+                .sum::<usize>()
     }
 
     /// The diff as one WebSocket frame in `encoding`, encoded on first use.

@@ -19,18 +19,21 @@
 //! - [`redis::RedisBook`] (cluster mode): in Redis. A node holds a lease
 //!   on its *incarnation* (its name and a random id) and renews it; a node
 //!   that stops renewing (killed, cut off) is reaped by any other node,
-//!   which removes the members only it held, each leave sent once. A node
-//!   that lost its lease, or could not tell the book of a change (Redis
-//!   away), takes a new incarnation, joins everything it holds under it,
-//!   and only then retires the old one: nothing is lost, nobody leaves and
-//!   joins again for it.
+//!   which removes the members only it held, each leave sent once. A
+//!   change under an incarnation without a lease is refused (fenced), so
+//!   nothing lands under one being reaped. A node that could not tell the
+//!   book of a change (Redis away) takes a new incarnation, joins
+//!   everything it holds under it, and only then retires the old one:
+//!   nothing is lost, and nobody still held leaves. A node whose lease was
+//!   reaped does the same; its members were reported leaving meanwhile,
+//!   and join again.
 
 mod local;
 pub mod redis;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use tokio::task::JoinHandle;
@@ -58,6 +61,10 @@ pub enum PresenceError {
     Unreachable(#[from] ::redis::RedisError),
     #[error("presence is unavailable: Redis answered something unexpected")]
     UnexpectedReply,
+    /// This node's incarnation has no lease any more (reaped as dead):
+    /// nothing was changed under it.
+    #[error("this node's presence lease is gone")]
+    Fenced,
 }
 
 /// Where a topic's membership is kept: the union over every node.
@@ -121,13 +128,14 @@ pub fn book_from_settings(
 pub struct Presence {
     tracker: Arc<Tracker>,
     book: Arc<dyn Book>,
-    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Presence {
-    /// Starts the task that tells `book` of this node's changes, renews
-    /// the node's lease and reaps dead nodes; it stops on `shutdown`,
-    /// taking this node's members out of the book.
+    /// Starts the tasks that tell `book` of this node's changes, renew the
+    /// node's lease and reap dead nodes (each on its own, so that a long
+    /// rejoin or reaping pass never delays a renewal); they stop on
+    /// `shutdown`, taking this node's members out of the book.
     pub fn start(
         book: Arc<dyn Book>,
         settings: &PresenceSettings,
@@ -139,17 +147,34 @@ impl Presence {
                 dirty: HashSet::new(),
                 rejoin: true,
             }),
+            grace: settings.batch_interval,
         });
-        let task = tokio::spawn(keep(
-            Arc::clone(&tracker),
-            Arc::clone(&book),
-            settings.clone(),
-            shutdown,
-        ));
+        let reaping = Arc::new(Mutex::new(Instant::now()));
+        let tasks = vec![
+            tokio::spawn(keep(
+                Arc::clone(&tracker),
+                Arc::clone(&book),
+                settings.batch_interval,
+                shutdown.clone(),
+            )),
+            tokio::spawn(renew(
+                Arc::clone(&tracker),
+                Arc::clone(&book),
+                settings.node_ttl,
+                Arc::clone(&reaping),
+                shutdown.clone(),
+            )),
+            tokio::spawn(reap(
+                Arc::clone(&book),
+                settings.node_ttl,
+                reaping,
+                shutdown,
+            )),
+        ];
         Presence {
             tracker,
             book,
-            task: tokio::sync::Mutex::new(Some(task)),
+            tasks: tokio::sync::Mutex::new(tasks),
         }
     }
 
@@ -174,9 +199,9 @@ impl Presence {
         self.book.page(topic, query).await
     }
 
-    /// Waits for the task to end after shutdown.
+    /// Waits for the tasks to end after shutdown.
     pub async fn stopped(&self) {
-        if let Some(task) = self.task.lock().await.take() {
+        for task in self.tasks.lock().await.drain(..) {
             let _ = task.await;
         }
     }
@@ -185,6 +210,9 @@ impl Presence {
 /// This node's members, and what the book does not know yet.
 struct Tracker {
     state: Mutex<State>,
+    /// How long a leave waits before the book is told (`batch_interval`):
+    /// a user back within it, on any node, is not reported as leaving.
+    grace: Duration,
 }
 
 struct State {
@@ -211,7 +239,8 @@ struct Holding {
 
 enum Change {
     Join(Option<Arc<str>>),
-    Leave,
+    /// Since when.
+    Leave(Instant),
 }
 
 /// What the book must be told next.
@@ -263,7 +292,9 @@ impl Tracker {
         }
         local.members.remove(sub);
         if local.pending.remove(sub).is_none() {
-            local.pending.insert(sub.to_owned(), Change::Leave);
+            local
+                .pending
+                .insert(sub.to_owned(), Change::Leave(Instant::now()));
         }
         state.dirty.insert(topic.clone());
         metrics::gauge!(names::PRESENCE_MEMBERS).decrement(1.0);
@@ -300,24 +331,37 @@ impl Tracker {
             return Work::Rejoin(all);
         }
         let mut changes = Vec::with_capacity(dirty.len());
+        let mut later = Vec::new();
         for topic in dirty.drain() {
             let Some(local) = topics.get_mut(&topic) else {
                 continue;
             };
             let (mut joins, mut leaves) = (Vec::new(), Vec::new());
-            for (sub, change) in local.pending.drain() {
-                match change {
-                    Change::Join(info) => joins.push(Member { sub, info }),
-                    Change::Leave => leaves.push(sub),
+            local.pending.retain(|sub, change| match change {
+                Change::Join(info) => {
+                    joins.push(Member {
+                        sub: sub.clone(),
+                        info: info.take(),
+                    });
+                    false
                 }
-            }
-            if local.members.is_empty() {
+                // Held for the grace: a join elsewhere comes first.
+                Change::Leave(since) if since.elapsed() < self.grace => true,
+                Change::Leave(_) => {
+                    leaves.push(sub.clone());
+                    false
+                }
+            });
+            if !local.pending.is_empty() {
+                later.push(topic.clone());
+            } else if local.members.is_empty() {
                 topics.remove(&topic);
             }
             if !joins.is_empty() || !leaves.is_empty() {
                 changes.push((topic, joins, leaves));
             }
         }
+        dirty.extend(later);
         Work::Changes(changes)
     }
 
@@ -327,22 +371,16 @@ impl Tracker {
     }
 }
 
-/// The presence task: tells the book of this node's changes every
-/// `batch_interval`, renews the lease, reaps dead nodes; on shutdown takes
-/// this node's members out.
+/// Tells the book of this node's changes every `interval`; on shutdown
+/// takes this node's members out.
 async fn keep(
     tracker: Arc<Tracker>,
     book: Arc<dyn Book>,
-    settings: PresenceSettings,
+    interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let ttl = settings.node_ttl;
-    let mut flush = tokio::time::interval(settings.batch_interval);
-    let mut renew = tokio::time::interval(ttl / 6);
-    let mut reap = tokio::time::interval((ttl / 10).min(Duration::from_secs(1)));
-    for timer in [&mut flush, &mut renew, &mut reap] {
-        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    }
+    let mut flush = tokio::time::interval(interval);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Logged when telling the book starts failing and when it recovers,
     // not at every attempt while Redis is away.
     let mut failing = false;
@@ -356,6 +394,10 @@ async fn keep(
                     tracing::info!("presence changes recorded again");
                 }
                 Ok(()) => {}
+                Err(PresenceError::Fenced) => {
+                    tracing::warn!("this node's presence lease is gone (reaped as dead); rejoining its members");
+                    tracker.rejoin();
+                }
                 Err(e) => {
                     if !std::mem::replace(&mut failing, true) {
                         tracing::warn!(error = %e, "presence changes not recorded; rejoining once Redis answers");
@@ -363,19 +405,6 @@ async fn keep(
                     tracker.rejoin();
                 }
             },
-            _ = renew.tick() => match book.renew().await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::warn!("this node's presence lease is gone (reaped as dead, or Redis lost its data); rejoining its members");
-                    tracker.rejoin();
-                }
-                Err(e) => tracing::debug!(error = %e, "presence lease not renewed"),
-            },
-            _ = reap.tick() => {
-                if let Err(e) = book.reap().await {
-                    tracing::debug!(error = %e, "could not reap dead nodes' presence");
-                }
-            }
         }
     }
     match tokio::time::timeout(LEAVE_TIMEOUT, book.leave_all()).await {
@@ -386,6 +415,67 @@ async fn keep(
         Err(_) => tracing::warn!(
             "this node's members did not leave in time; they leave when its lease runs out"
         ),
+    }
+}
+
+/// Renews this node's lease every sixth of `ttl`. A renewal that fails
+/// (Redis away) holds reaping back for `ttl` (see [`reap`]); a lease found
+/// gone makes the node rejoin under a new incarnation.
+async fn renew(
+    tracker: Arc<Tracker>,
+    book: Arc<dyn Book>,
+    ttl: Duration,
+    reaping: Arc<Mutex<Instant>>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(ttl / 6);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => match book.renew().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("this node's presence lease is gone (reaped as dead, or Redis lost its data); rejoining its members");
+                    tracker.rejoin();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "presence lease not renewed");
+                    *reaping.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now() + ttl;
+                }
+            },
+        }
+    }
+}
+
+/// Reaps dead nodes' members every tenth of `ttl` (at most a second),
+/// but not before the time in `reaping`: after Redis was away, every
+/// lease may have run out, and the other nodes get a `ttl` to renew
+/// theirs before any is taken for dead.
+async fn reap(
+    book: Arc<dyn Book>,
+    ttl: Duration,
+    reaping: Arc<Mutex<Instant>>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval((ttl / 10).min(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let not_before = *reaping.lock().unwrap_or_else(|e| e.into_inner());
+                if Instant::now() < not_before {
+                    continue;
+                }
+                if let Err(e) = book.reap().await {
+                    tracing::debug!(error = %e, "could not reap dead nodes' presence");
+                    *reaping.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now() + ttl;
+                }
+            }
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! Cluster mode: the presence book in Redis.
 //!
-//! Per topic `T`, under `{prefix}presence:{T}:` (one hash slot per topic):
+//! Per topic `T`, under `{prefix}presence:{T}:` (hash-tagged by topic; the
+//! relay channel and the per-node sets are not, so this book needs a
+//! standalone Redis):
 //! - `node:{incarnation}`: hash, the `sub`s one incarnation of a node
 //!   holds;
 //! - `holders`: hash, per `sub`, how many incarnations hold it (a member
@@ -38,15 +40,21 @@ use crate::topic::Topic;
 
 /// How long a topic's `epoch` and `seq` outlive its last member.
 const IDLE_META_MS: u64 = 24 * 3600 * 1000;
+/// How long an `epoch` made by reading a topic nobody joined lives: a
+/// read must not make lasting keys.
+const READ_META_MS: u64 = 60 * 1000;
 /// Incarnations claimed per reaping pass, from each of the two sets.
 const REAP_BATCH: usize = 10;
 
 /// Applies one incarnation's changes to a topic, and publishes the diff of
-/// the union, numbered. KEYS: node, holders, members, info, meta, channel.
-/// ARGV: epoch if new, meta TTL once empty (ms), mode (`c`: the changes
-/// that follow; `a`: everything this incarnation holds leaves), number of
-/// joins n, n pairs of `sub` and info (JSON text or empty), then the
-/// `sub`s leaving. Returns the new `seq`, or 0 when the union is the same.
+/// the union, numbered. KEYS: node, holders, members, info, meta, channel,
+/// leases, the incarnation's topics. ARGV: epoch if new, meta TTL once
+/// empty (ms), mode (`c`: the changes that follow, refused with -1 unless
+/// the incarnation holds a lease, so that nothing lands under one being
+/// reaped; `a`: everything the incarnation holds leaves), the incarnation,
+/// the topic, number of joins n, n pairs of `sub` and info (JSON text or
+/// empty), then the `sub`s leaving. Returns the new `seq`, or 0 when the
+/// union is the same.
 const APPLY: &str = r#"
 local joins, leaves = {}, {}
 local function leave(sub)
@@ -63,8 +71,9 @@ if ARGV[3] == 'a' then
   for _, sub in ipairs(redis.call('HKEYS', KEYS[1])) do leave(sub) end
   redis.call('DEL', KEYS[1])
 else
-  local n = tonumber(ARGV[4])
-  for i = 5, 3 + 2 * n, 2 do
+  if not redis.call('ZSCORE', KEYS[7], ARGV[4]) then return -1 end
+  local n = tonumber(ARGV[6])
+  for i = 7, 5 + 2 * n, 2 do
     local sub, info = ARGV[i], ARGV[i + 1]
     if redis.call('HSETNX', KEYS[1], sub, 1) == 1 then
       if redis.call('HINCRBY', KEYS[2], sub, 1) == 1 then
@@ -74,7 +83,13 @@ else
       end
     end
   end
-  for i = 5 + 2 * n, #ARGV do leave(ARGV[i]) end
+  for i = 7 + 2 * n, #ARGV do leave(ARGV[i]) end
+end
+-- The incarnation's topics: those where it holds someone, for its reaper.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('SADD', KEYS[8], ARGV[5])
+else
+  redis.call('SREM', KEYS[8], ARGV[5])
 end
 if #joins + #leaves == 0 then return 0 end
 redis.call('HSETNX', KEYS[5], 'epoch', ARGV[1])
@@ -99,13 +114,13 @@ return seq
 "#;
 
 /// A page of a topic's members with the `seq` it includes, or only the
-/// count. KEYS: members, info, meta. ARGV: epoch if new, meta TTL when
-/// empty (ms), the `sub` to start after (empty: from the first), most
+/// count. KEYS: members, info, meta. ARGV: epoch if new, how long a meta
+/// made by this read lives (ms; the first change keeps it), the `sub` to start after (empty: from the first), most
 /// members, `1` for the count only.
 const PAGE: &str = r#"
 if redis.call('HSETNX', KEYS[3], 'epoch', ARGV[1]) == 1 then
   redis.call('HSET', KEYS[3], 'seq', 0)
-  if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
 end
 local epoch = redis.call('HGET', KEYS[3], 'epoch')
 local seq = tonumber(redis.call('HGET', KEYS[3], 'seq') or '0')
@@ -257,9 +272,13 @@ impl RedisBook {
             .key(self.key(t, "info"))
             .key(self.key(t, "meta"))
             .key(channel(&self.prefix, topic))
+            .key(self.leases())
+            .key(self.topics_of(incarnation))
             .arg(new_epoch())
             .arg(IDLE_META_MS)
             .arg(mode)
+            .arg(incarnation)
+            .arg(t)
             .arg(joins.len());
         for member in joins {
             invocation
@@ -270,7 +289,10 @@ impl RedisBook {
             invocation.arg(sub);
         }
         let mut conn = self.conn.clone();
-        let _seq: u64 = invocation.invoke_async(&mut conn).await?;
+        let seq: i64 = invocation.invoke_async(&mut conn).await?;
+        if seq < 0 {
+            return Err(PresenceError::Fenced);
+        }
         Ok(())
     }
 
@@ -326,15 +348,6 @@ impl Book for RedisBook {
     ) -> BoxFuture<'a, Result<(), PresenceError>> {
         Box::pin(async move {
             let incarnation = self.current()?;
-            if !joins.is_empty() {
-                // First, so that a reaper finds the topic.
-                let mut conn = self.conn.clone();
-                redis::cmd("SADD")
-                    .arg(self.topics_of(&incarnation))
-                    .arg(topic.as_str())
-                    .query_async::<()>(&mut conn)
-                    .await?;
-            }
             self.run_apply(topic, &incarnation, "c", joins, leaves)
                 .await
         })
@@ -353,7 +366,7 @@ impl Book for RedisBook {
                 .key(self.key(t, "info"))
                 .key(self.key(t, "meta"))
                 .arg(new_epoch())
-                .arg(IDLE_META_MS)
+                .arg(READ_META_MS)
                 .arg(query.after.as_deref().unwrap_or(""))
                 .arg(query.limit)
                 .arg(if query.count_only { "1" } else { "0" });
@@ -492,7 +505,11 @@ impl Book for RedisBook {
 /// node restarted on the same host and port finds what its earlier run
 /// left.
 pub fn node_name(port: u16) -> String {
-    let host = whoami::hostname().unwrap_or_else(|_| "localhost".into());
+    // Without a host name, a name of its own: a restart then leaves the
+    // earlier run's members to its lease, rather than risk retiring
+    // another node's that fell back to the same name.
+    let host =
+        whoami::hostname().unwrap_or_else(|_| format!("unnamed-{:08x}", rand::random::<u32>()));
     let host: String = host
         .chars()
         .map(|c| {

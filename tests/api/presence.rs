@@ -711,3 +711,84 @@ async fn a_redis_restart_loses_nobody_who_is_still_connected() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_change_under_an_incarnation_whose_lease_is_gone_is_refused() {
+    use herald::config::PresenceSettings;
+    use herald::presence::{Book, PresenceError, RedisBook};
+    use herald::protocol::{Member, PresenceQuery};
+
+    let redis = RedisServer::start().await;
+    let settings = PresenceSettings {
+        batch_interval: Duration::from_millis(100),
+        node_ttl: Duration::from_secs(3),
+    };
+    let book = RedisBook::new(&redis.url().into(), "herald:", "fence-test:1", &settings).unwrap();
+    book.rotate().await.unwrap();
+    let topic = herald::topic::Topic::parse("room.fence").unwrap();
+    let member = |sub: &str| Member {
+        sub: sub.into(),
+        info: None,
+    };
+    book.apply(&topic, &[member("ada")], &[]).await.unwrap();
+    // A reaper claims the incarnation (it leaves the leases) and has not
+    // reaped it yet: nothing may land under it meanwhile, or it would
+    // outlive the reaping.
+    let incarnations: Vec<String> = redis
+        .query(
+            redis::cmd("ZRANGE")
+                .arg("herald:presence:leases")
+                .arg(0)
+                .arg(-1),
+        )
+        .await;
+    assert_eq!(incarnations.len(), 1, "{incarnations:?}");
+    let _: () = redis
+        .query(
+            redis::cmd("ZREM")
+                .arg("herald:presence:leases")
+                .arg(&incarnations[0]),
+        )
+        .await;
+    let refused = book.apply(&topic, &[member("bo")], &[]).await;
+    assert!(matches!(refused, Err(PresenceError::Fenced)), "{refused:?}");
+    let query = PresenceQuery {
+        after: None,
+        limit: 10,
+        count_only: false,
+    };
+    let page = book.page(&topic, &query).await.unwrap();
+    let subs: Vec<String> = page.members.unwrap().into_iter().map(|m| m.sub).collect();
+    assert_eq!(subs, ["ada"]);
+}
+
+#[tokio::test]
+async fn a_user_who_moves_to_another_node_within_the_interval_is_not_reported_leaving() {
+    let redis = RedisServer::start().await;
+    let pg = PgDatabase::create().await;
+    let settings = |s: &mut Settings| {
+        clustered_presence(Duration::from_secs(15))(s);
+        s.presence.batch_interval = Duration::from_millis(500);
+    };
+    let a = TestNode::clustered_with(&redis, &pg, settings).await;
+    let b = TestNode::clustered_with(&redis, &pg, settings).await;
+    let topic = "room.move";
+    let mut watcher = join(&b, "watcher", topic).await;
+    let on_a = join(&a, "ada", topic).await;
+    // Both joins, each in its own node's diff, in either order.
+    let mut joined = Vec::new();
+    while !(joined.contains(&json!({"sub": "ada"})) && joined.contains(&json!({"sub": "watcher"})))
+    {
+        let diff = next_diff(&mut watcher).await;
+        joined.extend(diff["joins"].as_array().unwrap().iter().cloned());
+    }
+    // Ada's connection to one node drops; she is back on the other at once.
+    drop(on_a);
+    let _on_b = join(&b, "ada", topic).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut diffs = Vec::new();
+    let pong = ask(&mut watcher, json!({"op": "ping", "id": 1}), &mut diffs).await;
+    assert_eq!(pong["op"], "pong");
+    assert!(diffs.is_empty(), "a reconnect was reported: {diffs:?}");
+    assert_eq!(members_on(&a, topic).await, ["ada", "watcher"]);
+}
