@@ -64,8 +64,8 @@ function see(p, sub, present, seq, info) {
 }
 
 function applyDiff(p, diff) {
-  for (const m of diff.joins) see(p, m.sub, true, diff.seq, m.info);
-  for (const m of diff.leaves) see(p, m.sub, false, diff.seq);
+  for (const m of diff.joins) if (!stale(p, m.sub, diff.seq)) see(p, m.sub, true, diff.seq, m.info);
+  for (const m of diff.leaves) if (!stale(p, m.sub, diff.seq)) see(p, m.sub, false, diff.seq);
 }
 
 /** A page covers the subs after `after` up to its last member (to the end
@@ -92,7 +92,7 @@ function covers({ after, last }, sub) {
 function stale(p, sub, seq) {
   const known = p.known.get(sub);
   if (known) return seq <= known.seq;
-  const page = p.pages.find((r) => covers(r, sub));
+  const page = (p.pages ?? []).find((r) => covers(r, sub));
   return page !== undefined && seq <= page.seq;
 }
 
@@ -209,6 +209,7 @@ export class Herald {
       close: () => {
         p.watchers.delete(onChange);
         if (p.watchers.size > 0 || entry.presence !== p) return;
+        clearTimeout(p.retry);
         entry.presence = undefined;
         if (entry.handlers.size > 0 && this._topics.get(topic) === entry && this._state === "open") {
           // Leave the presence but keep the events: subscribe again from
@@ -264,6 +265,8 @@ export class Herald {
     p.pages = [];
     p.epoch = undefined;
     p.buffered = [];
+    p.lastSeq = undefined;
+    clearTimeout(p.retry);
     let cursor;
     let after;
     try {
@@ -278,19 +281,28 @@ export class Herald {
           p.buffered = undefined;
           for (const diff of buffered) {
             if (diff.epoch !== p.epoch) return this._syncPresence(topic, entry);
+            p.lastSeq = Math.max(p.lastSeq ?? 0, diff.seq);
             applyDiff(p, diff);
           }
         } else if (page.epoch !== p.epoch) {
           return this._syncPresence(topic, entry);
         }
         applyPage(p, page, after);
+        p.lastSeq = Math.max(p.lastSeq ?? 0, page.seq);
         if (page.cursor === null || page.cursor === undefined) break;
         after = page.members[page.members.length - 1].sub;
         cursor = page.cursor;
       }
     } catch (e) {
-      // Disconnected: the reconnect syncs again.
-      if (e.code !== "disconnected" && entry.presence === p) this._emit("error", Object.assign(e, { topic }));
+      // Disconnected: the reconnect syncs again. A passing refusal
+      // (rate limit, Redis away): again in a moment. Diffs wait meanwhile.
+      if (e.code === "disconnected" || entry.presence !== p || generation !== p.generation) return;
+      p.buffered = [];
+      if (e.code === "rate_limited" || e.code === "unavailable") {
+        p.retry = setTimeout(() => this._syncPresence(topic, entry), 1000 + Math.random() * 1000);
+      } else {
+        this._emit("error", Object.assign(e, { topic }));
+      }
       return;
     }
     p.syncing = false;
@@ -311,7 +323,18 @@ export class Herald {
     if (!p) return;
     if (p.buffered) return void p.buffered.push(frame);
     if (frame.epoch !== p.epoch) return void this._syncPresence(frame.topic, this._topics.get(frame.topic));
-    if (p.syncing) return void applyDiff(p, frame);
+    if (p.syncing) {
+      p.lastSeq = Math.max(p.lastSeq ?? 0, frame.seq);
+      return void applyDiff(p, frame);
+    }
+    // `seq` grows by one per change: a gap means diffs were missed (the
+    // node lost its link to Redis meanwhile): take the pages again.
+    if (p.lastSeq !== undefined && frame.seq > p.lastSeq + 1) {
+      return void this._syncPresence(frame.topic, this._topics.get(frame.topic));
+    }
+    // One the pages already include may still come late (below): it is
+    // checked, not counted.
+    p.lastSeq = Math.max(p.lastSeq ?? 0, frame.seq);
     // A diff the pages already include (it travelled another way than
     // their replies and came later) changes nothing. Once one comes that
     // is newer than every page, so are all after it.
@@ -541,7 +564,18 @@ export class Herald {
       return;
     }
     if (frame.op === "error") {
-      if (frame.topic) this._topics.delete(frame.topic);
+      if (frame.topic) {
+        // The subscription was dropped (a refresh revoked it): its
+        // members are unknown from now on, so they leave the view.
+        const p = this._topics.get(frame.topic)?.presence;
+        if (p) {
+          clearTimeout(p.retry);
+          const leaves = [...memberList(p.members)];
+          p.members = new Map();
+          if (leaves.length > 0) this._tellPresence(p, { joins: [], leaves });
+        }
+        this._topics.delete(frame.topic);
+      }
       this._emit("error", new HeraldError(frame.code, frame.message));
     }
   }
