@@ -126,8 +126,10 @@ pub enum ClientOp {
         since: Option<u64>,
         /// The epoch `since` belongs to.
         epoch: Option<String>,
-        /// Join the topic's presence and receive its `presence_diff`s.
-        presence: bool,
+        /// `true`: join the topic's presence and receive its
+        /// `presence_diff`s; `false`: leave them, staying subscribed;
+        /// absent: as it was.
+        presence: Option<bool>,
     },
     Unsubscribe {
         id: Option<u64>,
@@ -399,7 +401,7 @@ impl<D> WireOp<D> {
                     topic: topic(self.topic)?,
                     since: self.since,
                     epoch: self.epoch,
-                    presence: self.presence.unwrap_or(false),
+                    presence: self.presence,
                 })
             }
             "unsubscribe" => Ok(ClientOp::Unsubscribe {

@@ -212,10 +212,8 @@ export class Herald {
         clearTimeout(p.retry);
         entry.presence = undefined;
         if (entry.handlers.size > 0 && this._topics.get(topic) === entry && this._state === "open") {
-          // Leave the presence but keep the events: subscribe again from
-          // the last one delivered.
-          this._request({ op: "unsubscribe", topic }).catch(() => {});
-          this._sendSubscribe(topic, entry);
+          // Leave the presence, keep the events.
+          this._request({ op: "subscribe", topic, presence: false }).catch(() => {});
         }
         this._release(topic, entry);
       },

@@ -466,21 +466,21 @@ impl Connection {
     /// Subscribes, answers with the topic's head, replays what the client
     /// missed since `since`, and from then on its mailbox brings the live
     /// events: the pipeline added it at the head it answered, the seam, so
-    /// there is no gap and no duplicate between the two. With `presence`,
-    /// the user also joins the topic's presence, and its diffs come
-    /// through the mailbox from before the answer on. Subscribing to a
-    /// topic already subscribed answers the same way and changes nothing,
-    /// except that `presence` joins.
+    /// there is no gap and no duplicate between the two. With `presence:
+    /// true`, the user also joins the topic's presence, and its diffs come
+    /// through the mailbox from before the answer on; with `false`, it
+    /// leaves them. Subscribing to a topic already subscribed answers the
+    /// same way and changes nothing but that.
     async fn subscribe(
         &mut self,
         id: Option<u64>,
         topic: Topic,
         since: Option<u64>,
         epoch: Option<String>,
-        presence: bool,
+        presence: Option<bool>,
     ) -> Result<(), OpError> {
         self.grants.check(Action::Subscribe, &topic)?;
-        if presence {
+        if presence == Some(true) {
             self.presence_enabled(&topic)?;
         }
         let max = self.state.settings.limits.max_subscriptions;
@@ -505,18 +505,24 @@ impl Connection {
                 return Err(OpError::Store);
             }
         };
-        if presence && !self.subscriptions.presence.contains(&topic) {
+        let joined = self.subscriptions.presence.contains(&topic);
+        if presence.is_some_and(|join| join != joined) {
             let state = Arc::clone(&self.state);
+            let join = !joined;
             state
                 .broker
-                .listen(&topic, &self.subscriptions.mailbox, true)
+                .listen(&topic, &self.subscriptions.mailbox, join)
                 .await;
-            self.subscriptions.presence.insert(topic.clone());
-            state.broker.presence().join(
-                &topic,
-                &self.grants.sub,
-                self.grants.presence_info.clone(),
-            );
+            if join {
+                self.subscriptions.presence.insert(topic.clone());
+                state.broker.presence().join(
+                    &topic,
+                    &self.grants.sub,
+                    self.grants.presence_info.clone(),
+                );
+            } else {
+                self.subscriptions.leave_presence(&topic);
+            }
         }
         let Some(head) = head else {
             // No history: live events only, so a resume cannot be complete.
@@ -750,10 +756,15 @@ impl Registrations {
     /// Forgets a topic, leaving its presence if joined; whether it was
     /// subscribed. The caller unsubscribes it from the broker.
     fn remove(&mut self, topic: &Topic) -> bool {
+        self.leave_presence(topic);
+        self.topics.remove(topic)
+    }
+
+    /// Leaves a topic's presence, if joined.
+    fn leave_presence(&mut self, topic: &Topic) {
         if self.presence.remove(topic) {
             self.state.broker.presence().leave(topic, &self.sub);
         }
-        self.topics.remove(topic)
     }
 }
 

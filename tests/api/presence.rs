@@ -288,6 +288,36 @@ async fn members_join_and_leave_once_per_user_and_pages_list_them_on_one_node() 
 }
 
 #[tokio::test]
+async fn presence_false_leaves_the_presence_and_keeps_the_events() {
+    let node = spawn_node_with(with_presence).await;
+    let mut watcher = join(&node, "watcher", "room.c").await;
+    assert_eq!(subs(&next_diff(&mut watcher).await["joins"]), ["watcher"]);
+    let mut ada = node.connect(&token("ada", &["room.>"], &["room.>"])).await;
+    ada.subscribe_with(json!({"op": "subscribe", "id": 1, "topic": "room.c", "presence": true}))
+        .await;
+    assert_eq!(subs(&next_diff(&mut watcher).await["joins"]), ["ada"]);
+    let reply = ask(
+        &mut ada,
+        json!({"op": "subscribe", "id": 2, "topic": "room.c", "presence": false}),
+        &mut Vec::new(),
+    )
+    .await;
+    assert_eq!(reply["op"], "subscribed", "{reply}");
+    assert_eq!(
+        next_diff(&mut watcher).await["leaves"],
+        json!([{"sub": "ada"}])
+    );
+    // Still subscribed: the events come, and no more diffs.
+    node.publish_ok(&token("p", &[], &["room.>"]), "room.c", &json!("hi"))
+        .await;
+    let event = ada.recv().await;
+    assert_eq!(
+        (&event["op"], &event["data"]),
+        (&json!("event"), &json!("hi"))
+    );
+}
+
+#[tokio::test]
 async fn a_join_and_a_leave_within_one_interval_cancel_out() {
     let node = spawn_node_with(|s| {
         with_presence(s);
