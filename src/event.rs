@@ -119,6 +119,9 @@ pub struct PresenceDiff {
     pub joins: Vec<Member>,
     /// The `sub`s that left.
     pub leaves: Vec<String>,
+    /// Not a change but word that changes may have been missed (the
+    /// node's link to Redis dropped): a `presence_resync` frame.
+    pub resync: bool,
     ws_json: OnceLock<Option<Bytes>>,
     ws_msgpack: OnceLock<Option<Bytes>>,
 }
@@ -158,8 +161,17 @@ impl PresenceDiff {
             seq,
             joins,
             leaves,
+            resync: false,
             ws_json: OnceLock::new(),
             ws_msgpack: OnceLock::new(),
+        }
+    }
+
+    /// Word to `topic`'s listeners that they may have missed changes.
+    pub fn resync(topic: Topic) -> PresenceDiff {
+        PresenceDiff {
+            resync: true,
+            ..PresenceDiff::new(topic, String::new(), 0, Vec::new(), Vec::new())
         }
     }
 
@@ -201,14 +213,19 @@ impl PresenceDiff {
             Encoding::MsgPack => &self.ws_msgpack,
         };
         cell.get_or_init(|| {
-            let diff = protocol::PresenceDiffFrame::new(
-                &self.topic,
-                &self.epoch,
-                self.seq,
-                &self.joins,
-                &self.leaves,
-            );
-            match diff.encode(encoding) {
+            let encoded = if self.resync {
+                protocol::presence_resync_frame(&self.topic, encoding)
+            } else {
+                protocol::PresenceDiffFrame::new(
+                    &self.topic,
+                    &self.epoch,
+                    self.seq,
+                    &self.joins,
+                    &self.leaves,
+                )
+                .encode(encoding)
+            };
+            match encoded {
                 Ok(frame) => Some(frame.to_ws().freeze()),
                 Err(e) => {
                     tracing::warn!(topic = %self.topic, encoding = encoding.protocol_name(), error = %e, "presence diff cannot be encoded; not sent in this encoding");

@@ -486,9 +486,17 @@ impl Shard {
     /// later event to reveal the gap). Heads are read in one query; topics
     /// still starting catch up when they start.
     async fn resync(&mut self) {
-        for watched in self.topics.values_mut() {
+        for (topic, watched) in &mut self.topics {
             if let Position::Starting { resync, .. } = &mut watched.position {
                 *resync = true;
+            }
+            // Presence diffs missed meanwhile cannot be filled from the
+            // store: the listeners are told to read the pages again.
+            if !watched.listeners.is_empty() {
+                let reread = Arc::new(PresenceDiff::resync(topic.clone()));
+                for mailbox in &watched.listeners {
+                    mailbox.offer_presence(&reread);
+                }
             }
         }
         let topics: Vec<Topic> = self

@@ -662,6 +662,28 @@ impl<'a> PresenceDiffFrame<'a> {
     }
 }
 
+/// The `presence_resync` frame: `topic`'s presence changes may have been
+/// missed; take the pages again.
+pub fn presence_resync_frame(topic: &Topic, encoding: Encoding) -> Result<Frame, EncodeError> {
+    #[derive(Serialize)]
+    struct Resync<'a> {
+        op: &'static str,
+        topic: &'a str,
+    }
+    let frame = Resync {
+        op: "presence_resync",
+        topic: topic.as_str(),
+    };
+    match encoding {
+        Encoding::Json => serde_json::to_string(&frame)
+            .map(|text| Frame::Text(text.into()))
+            .map_err(|e| EncodeError(e.to_string())),
+        Encoding::MsgPack => rmp_serde::to_vec_named(&frame)
+            .map(|bytes| Frame::Binary(bytes.into()))
+            .map_err(|e| EncodeError(e.to_string())),
+    }
+}
+
 /// An encoded server frame, ready for the socket.
 #[derive(Debug, Clone)]
 pub enum Frame {

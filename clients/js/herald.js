@@ -550,6 +550,11 @@ export class Herald {
     }
     if (frame.op === "event") return this._onEvent(frame);
     if (frame.op === "presence_diff") return this._onPresenceDiff(frame);
+    if (frame.op === "presence_resync") {
+      const entry = this._topics.get(frame.topic);
+      if (entry?.presence) this._syncPresence(frame.topic, entry);
+      return;
+    }
     if (frame.id !== undefined && this._pending.has(frame.id)) {
       const pending = this._pending.get(frame.id);
       this._pending.delete(frame.id);

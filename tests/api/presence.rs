@@ -53,12 +53,12 @@ async fn join_process(node: &ServeProcess, sub: &str, topic: &str) -> WsClient {
 }
 
 /// Sends `request` and returns its reply, keeping the `presence_diff`s
-/// that came before it in `diffs`.
+/// (and `presence_resync`s) that came before it in `diffs`.
 async fn ask(client: &mut WsClient, request: Value, diffs: &mut Vec<Value>) -> Value {
     client.send(request).await;
     loop {
         let frame = client.recv().await;
-        if frame["op"] == "presence_diff" {
+        if frame["op"] == "presence_diff" || frame["op"] == "presence_resync" {
             diffs.push(frame);
         } else {
             return frame;
@@ -729,8 +729,15 @@ async fn a_redis_restart_loses_nobody_who_is_still_connected() {
         &mut diffs,
     )
     .await;
-    // A client holding the old epoch knows to take a new page.
+    // A client holding the old epoch knows to take a new page; and every
+    // listener was told that it may have missed changes.
     assert_ne!(epoch(&after), epoch(&before));
+    assert!(
+        diffs
+            .iter()
+            .any(|d| d["op"] == "presence_resync" && d["topic"] == topic),
+        "{diffs:?}"
+    );
     // And Cy, on both nodes, leaves only when her last connection does.
     clients.truncate(3);
     tokio::time::sleep(Duration::from_millis(500)).await;
