@@ -149,7 +149,7 @@ impl Presence {
             }),
             grace: settings.batch_interval,
         });
-        let reaping = Arc::new(Mutex::new(Instant::now()));
+        let reaping = Arc::new(ReapGate::default());
         let tasks = vec![
             tokio::spawn(keep(
                 Arc::clone(&tracker),
@@ -371,6 +371,28 @@ impl Tracker {
     }
 }
 
+/// When reaping may run: held back after Redis was away (see [`reap`]).
+#[derive(Default)]
+struct ReapGate {
+    /// Not before this; none: from the start.
+    not_before: Mutex<Option<Instant>>,
+}
+
+impl ReapGate {
+    fn lock(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.not_before.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// No reaping for `wait` from now.
+    fn hold(&self, wait: Duration) {
+        *self.lock() = Some(Instant::now() + wait);
+    }
+
+    fn is_open(&self) -> bool {
+        self.lock().is_none_or(|at| Instant::now() >= at)
+    }
+}
+
 /// Tells the book of this node's changes every `interval`; on shutdown
 /// takes this node's members out.
 async fn keep(
@@ -425,7 +447,7 @@ async fn renew(
     tracker: Arc<Tracker>,
     book: Arc<dyn Book>,
     ttl: Duration,
-    reaping: Arc<Mutex<Instant>>,
+    reaping: Arc<ReapGate>,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(ttl / 6);
@@ -442,7 +464,7 @@ async fn renew(
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "presence lease not renewed");
-                    *reaping.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now() + ttl;
+                    reaping.hold(ttl);
                 }
             },
         }
@@ -450,13 +472,13 @@ async fn renew(
 }
 
 /// Reaps dead nodes' members every tenth of `ttl` (at most a second),
-/// but not before the time in `reaping`: after Redis was away, every
+/// but not while `reaping` is held: after Redis was away, every
 /// lease may have run out, and the other nodes get a `ttl` to renew
 /// theirs before any is taken for dead.
 async fn reap(
     book: Arc<dyn Book>,
     ttl: Duration,
-    reaping: Arc<Mutex<Instant>>,
+    reaping: Arc<ReapGate>,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval((ttl / 10).min(Duration::from_secs(1)));
@@ -466,13 +488,12 @@ async fn reap(
             biased;
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {
-                let not_before = *reaping.lock().unwrap_or_else(|e| e.into_inner());
-                if Instant::now() < not_before {
+                if !reaping.is_open() {
                     continue;
                 }
                 if let Err(e) = book.reap().await {
                     tracing::debug!(error = %e, "could not reap dead nodes' presence");
-                    *reaping.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now() + ttl;
+                    reaping.hold(ttl);
                 }
             }
         }

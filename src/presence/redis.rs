@@ -325,6 +325,18 @@ impl RedisBook {
         Ok(())
     }
 
+    /// Gives `incarnation` up for reaping at once.
+    async fn retire_one(&self, incarnation: &str) -> Result<(), PresenceError> {
+        let mut conn = self.conn.clone();
+        self.retire
+            .key(self.leases())
+            .key(self.reaping())
+            .arg(incarnation)
+            .invoke_async::<u8>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
     /// This node's incarnations from an earlier run (same name).
     async fn earlier_runs(&self) -> Result<Vec<String>, PresenceError> {
         let mut conn = self.conn.clone();
@@ -425,20 +437,12 @@ impl Book for RedisBook {
     fn retire(&self) -> BoxFuture<'_, Result<(), PresenceError>> {
         Box::pin(async move {
             let replaced = std::mem::take(&mut self.incarnations().replaced);
-            let mut conn = self.conn.clone();
             for (i, old) in replaced.iter().enumerate() {
-                let retired = self
-                    .retire
-                    .key(self.leases())
-                    .key(self.reaping())
-                    .arg(old)
-                    .invoke_async::<u8>(&mut conn)
-                    .await;
-                if let Err(e) = retired {
+                if let Err(e) = self.retire_one(old).await {
                     self.incarnations()
                         .replaced
                         .extend(replaced[i..].iter().cloned());
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
             Ok(())
@@ -489,13 +493,7 @@ impl Book for RedisBook {
             let Some(incarnation) = self.incarnations().current.take() else {
                 return Ok(());
             };
-            let mut conn = self.conn.clone();
-            self.retire
-                .key(self.leases())
-                .key(self.reaping())
-                .arg(&incarnation)
-                .invoke_async::<u8>(&mut conn)
-                .await?;
+            self.retire_one(&incarnation).await?;
             self.reap_one(&incarnation).await
         })
     }

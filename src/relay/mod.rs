@@ -160,16 +160,21 @@ impl Inbound {
 
     /// Hands over an event; waits while its lane is full.
     pub async fn event(&self, event: Arc<Event>) {
-        let lane = &self.lanes[self.lane_of(&event.topic)];
-        // Closed only when the node is stopping.
-        let _ = lane.send(Arrival::Event(event)).await;
+        let lane = self.lane_of(&event.topic);
+        self.hand(lane, Arrival::Event(event)).await;
     }
 
     /// Hands over a presence diff, in its topic's lane; waits while the
     /// lane is full.
     pub async fn presence(&self, diff: Arc<PresenceDiff>) {
-        let lane = &self.lanes[self.lane_of(&diff.topic)];
-        let _ = lane.send(Arrival::Presence(diff)).await;
+        let lane = self.lane_of(&diff.topic);
+        self.hand(lane, Arrival::Presence(diff)).await;
+    }
+
+    /// Puts `arrival` in lane `lane`, waiting while it is full.
+    async fn hand(&self, lane: usize, arrival: Arrival) {
+        // Closed only when the node is stopping.
+        let _ = self.lanes[lane].send(arrival).await;
     }
 
     /// Room for one event of `topic`, taken now and filled later without
