@@ -36,16 +36,16 @@ fn member_token(sub: &str, info: Option<Value>) -> String {
 
 /// Joins `topic`'s presence on `node` as `sub`.
 async fn join(node: &TestNode, sub: &str, topic: &str) -> WsClient {
-    let mut client = node.connect(&member_token(sub, None)).await;
-    client
-        .subscribe_with(json!({"op": "subscribe", "id": 1, "topic": topic, "presence": true}))
-        .await;
-    client
+    enter(node.connect(&member_token(sub, None)).await, topic).await
 }
 
 /// Joins `topic`'s presence on a node process as `sub`.
 async fn join_process(node: &ServeProcess, sub: &str, topic: &str) -> WsClient {
-    let mut client = node.connect(&member_token(sub, None)).await;
+    enter(node.connect(&member_token(sub, None)).await, topic).await
+}
+
+/// Subscribes `client` to `topic` with `"presence": true`.
+async fn enter(mut client: WsClient, topic: &str) -> WsClient {
     client
         .subscribe_with(json!({"op": "subscribe", "id": 1, "topic": topic, "presence": true}))
         .await;
@@ -194,11 +194,12 @@ async fn members_join_and_leave_once_per_user_and_pages_list_them_on_one_node() 
     assert_eq!(first["topic"], "room.a");
 
     let ada_info = json!({"name": "Ada", "avatar": "https://example.com/ada.png"});
-    let mut ada = node
-        .connect(&member_token("ada", Some(ada_info.clone())))
-        .await;
-    ada.subscribe_with(json!({"op": "subscribe", "id": 1, "topic": "room.a", "presence": true}))
-        .await;
+    let ada = enter(
+        node.connect(&member_token("ada", Some(ada_info.clone())))
+            .await,
+        "room.a",
+    )
+    .await;
     let joined = next_diff(&mut watcher).await;
     assert_eq!(joined["joins"], json!([{"sub": "ada", "info": ada_info}]));
     assert_eq!(joined["leaves"], json!([]));
@@ -292,9 +293,11 @@ async fn presence_false_leaves_the_presence_and_keeps_the_events() {
     let node = spawn_node_with(with_presence).await;
     let mut watcher = join(&node, "watcher", "room.c").await;
     assert_eq!(subs(&next_diff(&mut watcher).await["joins"]), ["watcher"]);
-    let mut ada = node.connect(&token("ada", &["room.>"], &["room.>"])).await;
-    ada.subscribe_with(json!({"op": "subscribe", "id": 1, "topic": "room.c", "presence": true}))
-        .await;
+    let mut ada = enter(
+        node.connect(&token("ada", &["room.>"], &["room.>"])).await,
+        "room.c",
+    )
+    .await;
     assert_eq!(subs(&next_diff(&mut watcher).await["joins"]), ["ada"]);
     let reply = ask(
         &mut ada,
