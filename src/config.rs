@@ -147,11 +147,28 @@ pub struct TopicRule {
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
     /// Setting it turns cluster mode on: events are relayed between nodes
-    /// through this Redis. May hold a password, hence secret.
+    /// through this Redis. May hold a password, hence secret. With
+    /// `mode = "cluster"`: one or more comma-separated seed nodes of a
+    /// Redis Cluster.
     pub url: Option<SecretString>,
+    /// What `url` points at: one Redis, or a Redis Cluster whose sharded
+    /// pub/sub spreads topics over its masters.
+    pub mode: RedisMode,
     /// Prefix of every Redis key and channel Herald uses, so deployments can
     /// share one Redis.
     pub prefix: String,
+}
+
+/// How Herald talks to Redis (`redis.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One Redis (or a primary behind Sentinel's address): `PUBLISH` /
+    /// `SUBSCRIBE`.
+    Standalone,
+    /// A Redis Cluster (Redis 7+): `SPUBLISH` / `SSUBSCRIBE` on a shard
+    /// channel per topic, held on the master that owns its slot.
+    Cluster,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -272,6 +289,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("limits.http_publish_rate", "1000"),
     ("limits.subscribe_rate", "100"),
     ("redis.prefix", "herald:"),
+    ("redis.mode", "standalone"),
     ("store.url", "sqlite://.herald/herald.db"),
     ("retention.history", "true"),
     ("retention.max_age", "24h"),
@@ -467,6 +485,27 @@ impl Settings {
                 "HERALD__REDIS__PREFIX",
                 "must be 1-64 characters of [A-Za-z0-9_-:.]",
             ));
+        }
+        if self.redis.mode == RedisMode::Cluster {
+            if self.redis.url.is_none() {
+                return Err(ConfigError::invalid(
+                    "redis.url",
+                    "HERALD__REDIS__URL",
+                    "redis.mode = \"cluster\" needs the cluster's seed nodes in redis.url \
+                     (e.g. redis://10.0.0.1:6379,redis://10.0.0.2:6379)",
+                ));
+            }
+            if let Some(rule) = self.topics.iter().find(|r| r.presence == Some(true)) {
+                return Err(ConfigError::invalid(
+                    "topics.presence",
+                    "HERALD__TOPICS",
+                    format!(
+                        "presence (on the rule for {:?}) is not available with \
+                         redis.mode = \"cluster\" yet; remove `presence = true` or use one Redis",
+                        rule.pattern
+                    ),
+                ));
+            }
         }
         for (value, key, env) in positive {
             if value == 0 {

@@ -39,7 +39,7 @@ use futures_util::future::BoxFuture;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ConfigError, PresenceSettings, Settings};
+use crate::config::{ConfigError, PresenceSettings, RedisMode, Settings};
 use crate::protocol::{Member, PresencePage, PresenceQuery};
 use crate::relay::Inbound;
 use crate::telemetry::names;
@@ -106,7 +106,9 @@ pub trait Book: Send + Sync {
 
 /// The book the settings ask for: in Redis when `redis.url` is set, in
 /// memory otherwise (then diffs go straight to `inbound`). `node` names
-/// this node among restarts (its host and port).
+/// this node among restarts (its host and port). With a Redis Cluster no
+/// topic keeps presence yet (the settings refuse it), so the book is the
+/// in-memory one and stays empty.
 pub fn book_from_settings(
     settings: &Settings,
     node: &str,
@@ -114,6 +116,7 @@ pub fn book_from_settings(
 ) -> Result<Arc<dyn Book>, ConfigError> {
     Ok(match &settings.redis.url {
         None => Arc::new(LocalBook::new(inbound)),
+        Some(_) if settings.redis.mode == RedisMode::Cluster => Arc::new(LocalBook::new(inbound)),
         Some(url) => Arc::new(RedisBook::new(
             url,
             &settings.redis.prefix,

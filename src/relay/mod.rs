@@ -14,8 +14,8 @@
 //! pipeline's (see [`crate::pipeline`]); a relay knows nothing of them.
 //!
 //! - [`LocalRelay`] (no `redis.url`): one node; a loopback.
-//! - [`RedisRelay`] (cluster mode): events travel on namespaced Redis
-//!   channels.
+//! - [`RedisRelay`] (`redis.url` set): events travel on namespaced Redis
+//!   channels, of one Redis or sharded over a Redis Cluster's masters.
 //!
 //! Adding a relay means implementing [`Relay`] and naming it in
 //! [`from_settings`].
@@ -95,6 +95,13 @@ pub trait Relay: Watchers + Send + Sync {
 
     fn state(&self) -> RelayState;
 
+    /// Whether a publish to `topic` can reach its subscribers now: with
+    /// one Redis, whether it is connected; in a Redis Cluster, whether the
+    /// master of the topic's slot is (as far as this node knows).
+    fn reachable(&self, _topic: &Topic) -> bool {
+        self.state() != RelayState::Disconnected
+    }
+
     /// Waits for the relay's background work to end after shutdown.
     fn stopped(&self) -> BoxFuture<'_, ()>;
 }
@@ -110,6 +117,7 @@ pub fn from_settings(
         None => Arc::new(LocalRelay::new(inbound)),
         Some(url) => Arc::new(RedisRelay::start(
             url,
+            settings.redis.mode,
             &settings.redis.prefix,
             inbound,
             shutdown,

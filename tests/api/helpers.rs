@@ -800,3 +800,238 @@ impl ServeProcess {
         status.unwrap()
     }
 }
+
+/// A loopback port free a moment ago whose cluster bus port (10000 above)
+/// is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A private Redis Cluster: six `redis-server` processes with
+/// `cluster-enabled yes` on free ports (three masters, three replicas),
+/// made one cluster by `redis-cli --cluster create`; killed when dropped.
+/// A master is declared failed after 2 s (`cluster-node-timeout`).
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    dir: std::path::PathBuf,
+    children: Vec<Option<std::process::Child>>,
+}
+
+impl RedisCluster {
+    pub async fn start() -> RedisCluster {
+        let ports: Vec<u16> = (0..6).map(|_| free_cluster_port()).collect();
+        let mut cluster = RedisCluster {
+            dir: temp_dir("redis-cluster"),
+            children: ports.iter().map(|_| None).collect(),
+            ports,
+        };
+        for i in 0..cluster.ports.len() {
+            cluster.start_node(i).await;
+        }
+        let addresses: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("redis-cli is installed (see README: Tests)");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        cluster.wait_healthy().await;
+        cluster
+    }
+
+    /// Starts node `i` (again, with its cluster state file, so a restarted
+    /// node rejoins) and waits until it answers.
+    pub async fn start_node(&mut self, i: usize) {
+        let port = self.ports[i].to_string();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+            // A replica may take over however long ago it heard from its
+            // master (a test kills masters soon after start).
+            .args(["--cluster-replica-validity-factor", "0"])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (see README: Tests)");
+        self.children[i] = Some(child);
+        eventually("a cluster node answers", || async {
+            self.try_query::<String>(self.ports[i], &redis::cmd("PING"))
+                .await
+                .is_some()
+        })
+        .await;
+    }
+
+    /// The seed list for `redis.url`.
+    pub fn url(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Kills node `port` at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self, port: u16) {
+        let i = self.ports.iter().position(|p| *p == port).unwrap();
+        if let Some(mut child) = self.children[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn restart(&mut self, port: u16) {
+        let i = self.ports.iter().position(|p| *p == port).unwrap();
+        self.start_node(i).await;
+    }
+
+    async fn try_query<T: redis::FromRedisValue>(&self, port: u16, cmd: &redis::Cmd) -> Option<T> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        cmd.query_async(&mut conn).await.ok()
+    }
+
+    /// Runs one command on node `port`.
+    pub async fn query<T: redis::FromRedisValue>(&self, port: u16, cmd: &redis::Cmd) -> T {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        cmd.query_async(&mut conn).await.unwrap()
+    }
+
+    /// The live nodes' view: `(port, id, is_master)` of each node that is
+    /// up and not failed, as a live node tells it.
+    pub async fn nodes(&self) -> Vec<(u16, String, bool)> {
+        for (i, port) in self.ports.iter().enumerate() {
+            if self.children[i].is_none() {
+                continue;
+            }
+            if let Some(text) = self
+                .try_query::<String>(*port, redis::cmd("CLUSTER").arg("NODES"))
+                .await
+            {
+                return text
+                    .lines()
+                    .filter_map(|line| {
+                        let fields: Vec<&str> = line.split(' ').collect();
+                        let port = fields.get(1)?.split(['@', ':']).nth(1)?.parse().ok()?;
+                        let flags = fields.get(2)?;
+                        (!flags.contains("fail"))
+                            .then(|| (port, fields[0].to_owned(), flags.contains("master")))
+                    })
+                    .collect();
+            }
+        }
+        Vec::new()
+    }
+
+    /// The ports of the masters.
+    pub async fn masters(&self) -> Vec<u16> {
+        let mut masters: Vec<u16> = self
+            .nodes()
+            .await
+            .into_iter()
+            .filter(|(_, _, master)| *master)
+            .map(|(p, _, _)| p)
+            .collect();
+        masters.sort();
+        masters
+    }
+
+    /// The hash slot of `key`.
+    pub async fn slot_of(&self, key: &str) -> u16 {
+        self.query(self.ports[0], redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
+            .await
+    }
+
+    /// The port of the master that owns `key`'s slot.
+    pub async fn master_of(&self, key: &str) -> u16 {
+        let slot = self.slot_of(key).await;
+        for port in self.masters().await {
+            let owns: Vec<redis::Value> =
+                self.query(port, redis::cmd("CLUSTER").arg("SLOTS")).await;
+            for range in owns {
+                let range: Vec<redis::Value> = redis::from_redis_value(range).unwrap();
+                let (start, end): (u16, u16) = (
+                    redis::from_redis_value(range[0].clone()).unwrap(),
+                    redis::from_redis_value(range[1].clone()).unwrap(),
+                );
+                let master: Vec<redis::Value> = redis::from_redis_value(range[2].clone()).unwrap();
+                let master_port: u16 = redis::from_redis_value(master[1].clone()).unwrap();
+                if (start..=end).contains(&slot) {
+                    return master_port;
+                }
+            }
+        }
+        panic!("no master owns slot {slot}");
+    }
+
+    /// Waits until a replica took over from master `victim` (killed): 2 s
+    /// to declare it failed, then an election. Panics after 30 s.
+    pub async fn wait_failover(&self, victim: u16) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let masters = self.masters().await;
+            if masters.len() == 3 && !masters.contains(&victim) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no replica took over from {victim} within 30 s: masters {masters:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every live node says the cluster is ok, every replica
+    /// is in sync with its master, and three masters serve it.
+    pub async fn wait_healthy(&self) {
+        eventually("the redis cluster is ok with three masters", || async {
+            for (i, port) in self.ports.iter().enumerate() {
+                if self.children[i].is_none() {
+                    continue;
+                }
+                let info = self
+                    .try_query::<String>(*port, redis::cmd("CLUSTER").arg("INFO"))
+                    .await
+                    .unwrap_or_default();
+                let replication = self
+                    .try_query::<String>(*port, redis::cmd("INFO").arg("replication"))
+                    .await
+                    .unwrap_or_default();
+                if !info.contains("cluster_state:ok")
+                    || (replication.contains("role:slave")
+                        && !replication.contains("master_link_status:up"))
+                {
+                    return false;
+                }
+            }
+            self.masters().await.len() == 3
+        })
+        .await;
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().filter_map(Option::take) {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -15,6 +15,7 @@ mod js_client;
 mod operations;
 mod presence;
 mod regressions;
+mod sharded;
 mod transport;
 mod trust;
 mod ws;
