@@ -21,7 +21,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::nodes::{Cluster, Paths, System};
 use crate::report::Report;
-use crate::scenario::{connections, fanout, latency, presence, prune, publish};
+use crate::scenario::{connections, fanout, latency, presence, prune, publish, shards};
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +89,10 @@ enum Command {
     /// M members join one topic's presence over 2 nodes; then the cost of
     /// counting and paging them (Herald only).
     Presence(PresenceArgs),
+    /// T topics over 2 nodes on one Redis and on a Redis Cluster: Redis
+    /// time per publish and the spread over masters; then a master killed
+    /// under load (Herald only).
+    Shards(ShardsArgs),
     /// Internal: the do-nothing echo server the latency floor is measured on.
     #[command(hide = true)]
     Echo {
@@ -199,6 +203,19 @@ struct PresenceArgs {
     queries: usize,
 }
 
+#[derive(Args, Clone)]
+struct ShardsArgs {
+    /// Topics, each watched and published to (with history and without).
+    #[arg(long, default_value_t = 10_000)]
+    topics: usize,
+    /// Events per topic and kind.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Skip killing a master.
+    #[arg(long)]
+    no_failover: bool,
+}
+
 /// `--small` and `--large`: at least one topic, at most
 /// [`prune::MAX_TOPICS`].
 fn topic_count() -> clap::builder::RangedU64ValueParser<u64> {
@@ -273,6 +290,11 @@ async fn run(cli: Cli) -> Result<()> {
                 seconds: 10.0,
                 queries: 200,
             }),
+            shards: Some(ShardsArgs {
+                topics: 10_000,
+                rounds: 2,
+                no_failover: false,
+            }),
         },
         Command::Smoke => Plan {
             fanout: Some(FanoutArgs {
@@ -313,6 +335,11 @@ async fn run(cli: Cli) -> Result<()> {
                 seconds: 1.0,
                 queries: 5,
             }),
+            shards: Some(ShardsArgs {
+                topics: 200,
+                rounds: 1,
+                no_failover: false,
+            }),
         },
         Command::Fanout(args) => Plan::only_fanout(args),
         Command::Latency(args) => Plan {
@@ -333,6 +360,10 @@ async fn run(cli: Cli) -> Result<()> {
         },
         Command::Presence(args) => Plan {
             presence: Some(args),
+            ..Plan::default()
+        },
+        Command::Shards(args) => Plan {
+            shards: Some(args),
             ..Plan::default()
         },
         Command::Echo { .. } => unreachable!("handled in main"),
@@ -502,6 +533,30 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("herald-bench: presence measures Herald only; skipped (--systems)");
         }
     }
+    if let Some(args) = &plan.shards {
+        if systems.contains(&System::Herald) {
+            let options = shards::Options {
+                topics: args.topics,
+                rounds: args.rounds,
+            };
+            // The same load on one Redis, then on a Redis Cluster.
+            let one =
+                Cluster::start_with_env(System::Herald, 2, true, &paths, shards::NODE_ENV).await?;
+            let result = shards::spread("shards_one_redis", &one, false, &options).await;
+            one.stop().await;
+            add(or_error("shards_one_redis", System::Herald, result));
+            let mut sharded = Cluster::start_sharded(2, &paths, shards::NODE_ENV).await?;
+            let result = shards::spread("shards", &sharded, true, &options).await;
+            add(or_error("shards", System::Herald, result));
+            if !args.no_failover {
+                let result = shards::failover(&mut sharded, &paths).await;
+                add(or_error("shards_failover", System::Herald, result));
+            }
+            sharded.stop().await;
+        } else {
+            eprintln!("herald-bench: shards measures Herald only; skipped (--systems)");
+        }
+    }
     print!("{}", report::table(&reports));
     if reports.iter().any(|r| r.error.is_some()) {
         bail!("some runs did not complete; see the errors above");
@@ -532,6 +587,7 @@ struct Plan {
     publish: Option<PublishArgs>,
     prune: Option<PruneArgs>,
     presence: Option<PresenceArgs>,
+    shards: Option<ShardsArgs>,
 }
 
 impl Plan {

@@ -17,6 +17,15 @@ use crate::http::Http;
 const HERALD_CONFIG: &str = "[[topics]]\npattern = \"bench.volatile.>\"\nhistory = false\n\
     [[topics]]\npattern = \"bench.presence.>\"\nhistory = false\npresence = true\n";
 
+/// The same without presence, which a Redis Cluster does not offer yet.
+const HERALD_SHARDED_CONFIG: &str = "[[topics]]\npattern = \"bench.volatile.>\"\nhistory = false\n";
+
+/// A Redis Cluster's nodes: three masters, each with a replica.
+const REDIS_CLUSTER_NODES: usize = 6;
+/// How long a master may be silent before its replica takes over: short,
+/// so that a failover fits in a run (Redis's default is 15 s).
+pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 2000;
+
 /// The HS256 secret every node of a run verifies tokens with.
 pub const SECRET: &str = "herald-bench-secret-0123456789abcdef";
 
@@ -55,6 +64,8 @@ pub struct Proc {
     name: String,
     child: Child,
     pid: u32,
+    /// Killed on purpose by the scenario (a crash it measures).
+    killed: bool,
 }
 
 impl Proc {
@@ -73,7 +84,15 @@ impl Proc {
             name: name.to_owned(),
             child,
             pid,
+            killed: false,
         })
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    fn kill_now(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+        self.killed = true;
     }
 
     /// User + system CPU time so far.
@@ -101,6 +120,10 @@ impl Proc {
 
     /// SIGTERM, then SIGKILL after 5 s.
     async fn stop(mut self) {
+        if self.killed {
+            let _ = self.child.wait().await;
+            return;
+        }
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
         if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
@@ -142,6 +165,17 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A free port whose Redis Cluster bus port (10000 above) is free too.
+fn free_cluster_port() -> Result<u16> {
+    for _ in 0..1000 {
+        let port = free_port()?;
+        if port <= 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port pair for a Redis Cluster node")
+}
+
 /// A node of the system under test.
 pub struct Node {
     pub addr: SocketAddr,
@@ -152,9 +186,10 @@ pub struct Node {
 pub struct Cluster {
     pub system: System,
     pub nodes: Vec<Node>,
-    redis: Option<Proc>,
-    /// Where the private Redis listens.
-    redis_addr: Option<SocketAddr>,
+    /// The private Redis: one process, or a Redis Cluster's six.
+    redis: Vec<(SocketAddr, Proc)>,
+    /// Whether the Redis is a Redis Cluster (`redis.mode = "cluster"`).
+    sharded: bool,
     database: Option<(String, String)>,
 }
 
@@ -170,6 +205,19 @@ impl Cluster {
         Cluster::start_with_env(system, count, relay, paths, &[]).await
     }
 
+    /// `count` Herald nodes on a private Redis Cluster (three masters
+    /// with a replica each, `--cluster-node-timeout`
+    /// [`CLUSTER_NODE_TIMEOUT_MS`]) in `redis.mode = "cluster"`.
+    pub async fn start_sharded(
+        count: usize,
+        paths: &Paths,
+        env: &[(&str, &str)],
+    ) -> Result<Cluster> {
+        Cluster::begin(System::Herald, true, paths)?
+            .launched(count, true, paths, env)
+            .await
+    }
+
     /// [`start`](Self::start), with extra environment variables for every
     /// node (a scenario's own settings, e.g. `HERALD__RETENTION__…`).
     pub async fn start_with_env(
@@ -179,33 +227,48 @@ impl Cluster {
         paths: &Paths,
         env: &[(&str, &str)],
     ) -> Result<Cluster> {
+        Cluster::begin(system, false, paths)?
+            .launched(count, relay, paths, env)
+            .await
+    }
+
+    fn begin(system: System, sharded: bool, paths: &Paths) -> Result<Cluster> {
         std::fs::create_dir_all(&paths.work_dir)?;
-        let mut cluster = Cluster {
+        Ok(Cluster {
             system,
             nodes: Vec::new(),
-            redis: None,
-            redis_addr: None,
+            redis: Vec::new(),
+            sharded,
             database: None,
-        };
-        match cluster.launch(count, relay, paths, env).await {
-            Ok(()) => Ok(cluster),
+        })
+    }
+
+    async fn launched(
+        mut self,
+        count: usize,
+        relay: bool,
+        paths: &Paths,
+        env: &[(&str, &str)],
+    ) -> Result<Cluster> {
+        match self.launch(count, relay, paths, env).await {
+            Ok(()) => Ok(self),
             Err(e) => {
                 // Whatever did start (and the database) goes away.
-                cluster.stop().await;
+                self.stop().await;
                 Err(e)
             }
         }
     }
 
-    async fn launch(
-        &mut self,
-        count: usize,
-        relay: bool,
-        paths: &Paths,
-        env: &[(&str, &str)],
-    ) -> Result<()> {
-        let redis_url = if relay {
-            let port = free_port()?;
+    /// Starts the private Redis; its URL for the nodes.
+    async fn start_redis(&mut self, paths: &Paths) -> Result<String> {
+        let count = if self.sharded { REDIS_CLUSTER_NODES } else { 1 };
+        for i in 0..count {
+            let port = if self.sharded {
+                free_cluster_port()?
+            } else {
+                free_port()?
+            };
             let mut command = Command::new(&paths.redis_server);
             command.args([
                 "--port",
@@ -217,16 +280,143 @@ impl Cluster {
                 "--appendonly",
                 "no",
             ]);
-            let redis = Proc::spawn(
-                &format!("{}-redis", self.system.name()),
-                command,
-                &paths.work_dir,
-            )?;
-            self.redis = Some(redis);
+            let mut name = format!("{}-redis", self.system.name());
+            if self.sharded {
+                let node_timeout = CLUSTER_NODE_TIMEOUT_MS.to_string();
+                command
+                    .args(["--cluster-enabled", "yes", "--cluster-node-timeout"])
+                    .arg(&node_timeout)
+                    .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                    .arg("--dir")
+                    .arg(&paths.work_dir);
+                name = format!("{name}-{i}");
+            }
+            let redis = Proc::spawn(&name, command, &paths.work_dir)?;
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            self.redis_addr = Some(addr);
+            self.redis.push((addr, redis));
             wait_for_port(addr).await?;
-            Some(format!("redis://127.0.0.1:{port}"))
+        }
+        let urls: Vec<String> = self
+            .redis
+            .iter()
+            .map(|(addr, _)| format!("redis://{addr}"))
+            .collect();
+        if self.sharded {
+            let created = Command::new(redis_cli(paths))
+                .args(["--cluster", "create"])
+                .args(self.redis.iter().map(|(addr, _)| addr.to_string()))
+                .args(["--cluster-replicas", "1", "--cluster-yes"])
+                .stdout(Stdio::null())
+                .status()
+                .await
+                .context("cannot run redis-cli --cluster create")?;
+            if !created.success() {
+                bail!("redis-cli --cluster create failed");
+            }
+            self.wait_cluster_healthy(paths).await?;
+        }
+        Ok(urls.join(","))
+    }
+
+    /// Waits (at most 30 s) until the Redis Cluster is ok, with three
+    /// masters and every replica in sync.
+    pub async fn wait_cluster_healthy(&self, paths: &Paths) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut healthy = self.redis_masters(paths).await?.len() == 3;
+            for (addr, proc) in &self.redis {
+                if !healthy || proc.killed {
+                    break;
+                }
+                let info = redis_cli_query(paths, *addr, &["cluster", "info"]).await;
+                let replication = redis_cli_query(paths, *addr, &["info", "replication"]).await;
+                let in_sync = !replication.contains("role:slave")
+                    || replication.contains("master_link_status:up");
+                healthy = info.contains("cluster_state:ok") && in_sync;
+            }
+            if healthy {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the Redis Cluster is not healthy after 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The Redis Cluster's masters that are up, as a live node sees them.
+    pub async fn redis_masters(&self, paths: &Paths) -> Result<Vec<SocketAddr>> {
+        for (addr, proc) in &self.redis {
+            if proc.killed {
+                continue;
+            }
+            let nodes = redis_cli_query(paths, *addr, &["cluster", "nodes"]).await;
+            if nodes.is_empty() {
+                continue;
+            }
+            let mut masters: Vec<SocketAddr> = nodes
+                .lines()
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split(' ').collect();
+                    let flags = fields.get(2)?;
+                    if !flags.contains("master") || flags.contains("fail") {
+                        return None;
+                    }
+                    fields.get(1)?.split('@').next()?.parse().ok()
+                })
+                .collect();
+            masters.sort();
+            return Ok(masters);
+        }
+        bail!("no Redis Cluster node answers")
+    }
+
+    /// The master that owns `key`'s slot.
+    pub async fn redis_master_of(&self, paths: &Paths, key: &str) -> Result<SocketAddr> {
+        let (first, _) = self.redis.first().context("this run has no Redis")?;
+        let slot: u16 = redis_cli_query(paths, *first, &["cluster", "keyslot", key])
+            .await
+            .trim()
+            .parse()
+            .context("CLUSTER KEYSLOT answered no number")?;
+        let shards = redis_cli_query(paths, *first, &["cluster", "nodes"]).await;
+        for line in shards.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            for range in &fields[8..] {
+                let (start, end) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(start), Ok(end)) = (start.parse::<u16>(), end.parse::<u16>())
+                    && (start..=end).contains(&slot)
+                {
+                    return fields[1]
+                        .split('@')
+                        .next()
+                        .and_then(|a| a.parse().ok())
+                        .context("a node address CLUSTER NODES cannot give");
+                }
+            }
+        }
+        bail!("no master owns slot {slot}")
+    }
+
+    /// Kills the Redis process at `addr` at once (SIGKILL).
+    pub fn kill_redis(&mut self, addr: SocketAddr) {
+        if let Some((_, proc)) = self.redis.iter_mut().find(|(a, _)| *a == addr) {
+            proc.kill_now();
+        }
+    }
+
+    async fn launch(
+        &mut self,
+        count: usize,
+        relay: bool,
+        paths: &Paths,
+        env: &[(&str, &str)],
+    ) -> Result<()> {
+        let redis_url = if relay {
+            Some(self.start_redis(paths).await?)
         } else {
             None
         };
@@ -248,7 +438,12 @@ impl Cluster {
                 System::Herald => {
                     let (server, db) = self.database.as_ref().expect("set above");
                     let config = paths.work_dir.join("herald-bench.toml");
-                    std::fs::write(&config, HERALD_CONFIG)?;
+                    let settings = if self.sharded {
+                        HERALD_SHARDED_CONFIG
+                    } else {
+                        HERALD_CONFIG
+                    };
+                    std::fs::write(&config, settings)?;
                     let mut command = Command::new(&paths.herald_bin);
                     command
                         .arg("serve")
@@ -269,6 +464,9 @@ impl Cluster {
                         .env("HERALD__LIMITS__HTTP_PUBLISH_RATE", "100000000");
                     if let Some(url) = &redis_url {
                         command.env("HERALD__REDIS__URL", url);
+                    }
+                    if self.sharded {
+                        command.env("HERALD__REDIS__MODE", "cluster");
                     }
                     command
                 }
@@ -313,38 +511,77 @@ impl Cluster {
     /// calls, which Redis also counts under their own names: name only
     /// the commands clients send.
     pub async fn redis_command_micros(&self, commands: &[&str]) -> Result<u64> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = self.redis_addr.context("this run has no Redis")?;
-        let mut conn = tokio::net::TcpStream::connect(addr).await?;
-        conn.write_all(b"INFO commandstats\r\nCONFIG RESETSTAT\r\n")
-            .await?;
-        let mut reply = Vec::new();
-        let mut buf = [0u8; 8192];
-        // The bulk INFO reply, then +OK.
-        while !reply.ends_with(b"+OK\r\n") {
-            let n = conn.read(&mut buf).await?;
-            if n == 0 {
-                bail!("Redis closed the connection");
-            }
-            reply.extend_from_slice(&buf[..n]);
-        }
-        let text = String::from_utf8_lossy(&reply);
-        Ok(text
-            .lines()
-            .filter_map(|l| {
-                let (name, stats) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-                if !commands.contains(&name) {
-                    return None;
-                }
-                let usec = stats.split(',').find_map(|f| f.strip_prefix("usec="))?;
-                usec.parse::<u64>().ok()
-            })
-            .sum())
+        let stats = self.redis_command_stats(commands).await?;
+        Ok(stats.iter().map(|(_, _, usec)| usec).sum())
     }
 
+    /// Per Redis process that is up: its address, and the calls of
+    /// `commands` and the microseconds spent on them since the last call
+    /// (as [`redis_command_micros`](Self::redis_command_micros)).
+    pub async fn redis_command_stats(
+        &self,
+        commands: &[&str],
+    ) -> Result<Vec<(SocketAddr, u64, u64)>> {
+        if self.redis.is_empty() {
+            bail!("this run has no Redis");
+        }
+        let mut stats = Vec::new();
+        for (addr, proc) in &self.redis {
+            if !proc.killed {
+                let (calls, usec) = command_stats(*addr, commands).await?;
+                stats.push((*addr, calls, usec));
+            }
+        }
+        Ok(stats)
+    }
+}
+
+/// Calls and microseconds of `commands` on the Redis at `addr` since its
+/// stats were last reset; resets them.
+async fn command_stats(addr: SocketAddr, commands: &[&str]) -> Result<(u64, u64)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    conn.write_all(b"INFO commandstats\r\nCONFIG RESETSTAT\r\n")
+        .await?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 8192];
+    // The bulk INFO reply, then +OK.
+    while !reply.ends_with(b"+OK\r\n") {
+        let n = conn.read(&mut buf).await?;
+        if n == 0 {
+            bail!("Redis closed the connection");
+        }
+        reply.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&reply);
+    let (mut calls, mut usec) = (0, 0);
+    for line in text.lines() {
+        let Some((name, stats)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        if !commands.contains(&name) {
+            continue;
+        }
+        let number = |key: &str| {
+            stats
+                .split(',')
+                .find_map(|f| f.strip_prefix(key))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        calls += number("calls=");
+        usec += number("usec=");
+    }
+    Ok((calls, usec))
+}
+
+impl Cluster {
     /// Resident memory of the run's Redis, when it has one.
     pub fn redis_rss(&self) -> Option<u64> {
-        self.redis.as_ref().map(Proc::rss)
+        (!self.redis.is_empty()).then(|| self.redis.iter().map(|(_, p)| p.rss()).sum())
     }
 
     /// CPU time of all nodes together.
@@ -406,7 +643,11 @@ impl Cluster {
 
     /// CPU time of the private Redis.
     pub fn redis_cpu(&self) -> Duration {
-        self.redis.as_ref().map_or(Duration::ZERO, Proc::cpu)
+        self.redis
+            .iter()
+            .filter(|(_, p)| !p.killed)
+            .map(|(_, p)| p.cpu())
+            .sum()
     }
 
     /// Stops every process and drops the run's database. Problems are
@@ -415,7 +656,7 @@ impl Cluster {
         for node in self.nodes {
             node.proc.stop().await;
         }
-        if let Some(redis) = self.redis {
+        for (_, redis) in self.redis {
             redis.stop().await;
         }
         if let Some((server, db)) = self.database
@@ -473,5 +714,24 @@ async fn wait_ready(node: &mut Node, path: Option<&str>) -> Result<()> {
             bail!("{} at {} not ready after 60 s", node.proc.name, node.addr);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `redis-cli`, beside `redis-server`.
+fn redis_cli(paths: &Paths) -> PathBuf {
+    paths.redis_server.with_file_name("redis-cli")
+}
+
+/// What `redis-cli` prints for `args` against the Redis at `addr`; empty
+/// when it cannot say.
+async fn redis_cli_query(paths: &Paths, addr: SocketAddr, args: &[&str]) -> String {
+    let output = Command::new(redis_cli(paths))
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(args)
+        .output()
+        .await;
+    match output {
+        Ok(output) if output.status.success() => String::from_utf8_lossy(&output.stdout).into(),
+        _ => String::new(),
     }
 }

@@ -7,6 +7,7 @@ pub mod latency;
 pub mod presence;
 pub mod prune;
 pub mod publish;
+pub mod shards;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
