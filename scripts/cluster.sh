@@ -124,8 +124,20 @@ if $redis_cluster; then
     redis-cli --cluster create "${seeds[@]}" --cluster-replicas 1 --cluster-yes \
         >"$logs/redis-cluster-create.log" 2>&1 ||
         { echo "redis-cli --cluster create failed; see $logs/redis-cluster-create.log" >&2; exit 1; }
-    for _ in $(seq 100); do
-        if redis-cli -p "${redis_ports[0]}" cluster info | grep -q cluster_state:ok; then break; fi
+    # Ready once the cluster is ok and every replica has its master's
+    # data: a replica that never synced cannot take over.
+    in_sync() {
+        redis-cli -p "${redis_ports[0]}" cluster info | grep -q cluster_state:ok || return 1
+        for port in "${redis_ports[@]}"; do
+            local info
+            info=$(redis-cli -p "$port" info replication)
+            if grep -q role:slave <<<"$info" && ! grep -q master_link_status:up <<<"$info"; then
+                return 1
+            fi
+        done
+    }
+    for _ in $(seq 300); do
+        if in_sync; then break; fi
         sleep 0.1
     done
     redis_url=$(printf 'redis://%s,' "${seeds[@]}")

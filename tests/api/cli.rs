@@ -440,6 +440,168 @@ async fn cluster_script_runs_three_relaying_nodes_and_stops_everything_it_starte
     }
 }
 
+/// Six ports in a row that are free, with their cluster bus ports (10000
+/// above): for `HERALD_CLUSTER_REDIS_PORT` with `--redis-cluster`.
+fn six_free_cluster_ports() -> u16 {
+    loop {
+        let base = crate::helpers::free_port();
+        if base > 50_000 {
+            continue;
+        }
+        let free = (0..6).all(|k| {
+            std::net::TcpListener::bind(("127.0.0.1", base + k)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", base + k + 10_000)).is_ok()
+        });
+        if free {
+            return base;
+        }
+    }
+}
+
+#[tokio::test]
+async fn cluster_script_on_a_redis_cluster_relays_through_a_master_s_death() {
+    use crate::helpers::free_port;
+    let ports = [free_port(), free_port(), free_port()];
+    let redis_base = six_free_cluster_ports();
+    let pg = crate::helpers::PgDatabase::create().await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh");
+    let mut child = crate::helpers::KillOnDrop(
+        Command::new("bash")
+            .arg(script)
+            .arg("--redis-cluster")
+            .env("HERALD_BIN", HERALD)
+            .env(
+                "HERALD_CLUSTER_PORTS",
+                format!("{} {} {}", ports[0], ports[1], ports[2]),
+            )
+            .env("HERALD_CLUSTER_REDIS_PORT", redis_base.to_string())
+            .env("HERALD_JWT_SECRET", SECRET)
+            .env("HERALD_CLUSTER_STORE_URL", pg.url())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut ready_tx = Some(ready_tx);
+        let mut printed = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            printed.push(line.clone());
+            if line.starts_with("Press Ctrl-C")
+                && let Some(tx) = ready_tx.take()
+            {
+                let _ = tx.send(std::mem::take(&mut printed));
+            }
+        }
+    });
+    let printed = tokio::time::timeout(std::time::Duration::from_secs(60), ready_rx)
+        .await
+        .expect("the cluster is ready within a minute")
+        .expect("the script printed its ready lines");
+    assert!(
+        printed[0].starts_with("Herald cluster ready on a Redis Cluster"),
+        "{printed:?}"
+    );
+    let redis_ports: Vec<u16> = (redis_base..redis_base + 6).collect();
+    let roles: Vec<&String> = printed.iter().filter(|l| l.contains("  redis ")).collect();
+    assert_eq!(
+        roles.iter().filter(|l| l.contains(" master ")).count(),
+        3,
+        "{printed:?}"
+    );
+    assert_eq!(roles.iter().filter(|l| l.contains(" slave ")).count(), 3);
+
+    let sub = crate::helpers::token("s", &["alerts"], &[]);
+    let mut ws = Handshake::to(&format!("ws://127.0.0.1:{}/ws?token={sub}", ports[2]))
+        .open()
+        .await;
+    ws.subscribe("alerts").await;
+    let http = reqwest::Client::new();
+    let publish = |n: u64| {
+        let http = http.clone();
+        async move {
+            http.post(format!(
+                "http://127.0.0.1:{}/api/v1/topics/alerts/events",
+                ports[0]
+            ))
+            .bearer_auth(crate::helpers::token("p", &[], &["alerts"]))
+            .json(&json!(n))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+        }
+    };
+    assert_eq!(publish(0).await, 201);
+    assert_eq!(ws.recv().await["data"], 0);
+
+    // Kill the master of the topic's slot with the pid the script printed:
+    // its replica takes over and the topic's events flow again, with no
+    // client action.
+    let master = crate::helpers::cluster_master_of(&redis_ports, "herald:topic:{alerts}").await;
+    let line = roles
+        .iter()
+        .find(|l| l.contains(&format!("127.0.0.1:{master} ")))
+        .unwrap();
+    let pid = line.rsplit_once("pid ").unwrap().1.trim_end_matches(')');
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut acknowledged = vec![0];
+    for n in 1..=300 {
+        match publish(n).await {
+            201 => acknowledged.push(n),
+            503 => {}
+            other => panic!("publish answered {other}"),
+        }
+        if acknowledged.len() >= 3 && n > 20 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The failover takes cluster-node-timeout (5 s) and an election;
+    // what was acknowledged meanwhile comes from the store after it.
+    for n in &acknowledged[1..] {
+        let mut event = None;
+        for _ in 0..8 {
+            // Shorter than `recv`'s own timeout, which would fail the test.
+            if let Ok(frame) =
+                tokio::time::timeout(std::time::Duration::from_secs(4), ws.recv()).await
+            {
+                event = Some(frame);
+                break;
+            }
+        }
+        let event = event.expect("events flow again after the failover");
+        assert_eq!(event["data"], *n, "{event}");
+    }
+    assert!(child.0.try_wait().unwrap().is_none(), "the script goes on");
+
+    let stopped = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    crate::helpers::eventually("the script exits", || {
+        let exited = child.0.try_wait().unwrap().is_some();
+        async move { exited }
+    })
+    .await;
+    for port in ports.into_iter().chain(redis_ports) {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "port {port} is still served after the script stopped"
+        );
+    }
+}
+
 #[tokio::test]
 async fn tokens_and_secrets_never_reach_the_logs_even_at_trace_level() {
     let log = temp_dir("logs").join("stderr.log");

@@ -801,6 +801,52 @@ impl ServeProcess {
     }
 }
 
+/// The port of the master that owns `key`'s slot, as the first of the
+/// Redis Cluster nodes `ports` that answers says (`CLUSTER SLOTS`).
+pub async fn cluster_master_of(ports: &[u16], key: &str) -> u16 {
+    for port in ports {
+        let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
+            continue;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            continue;
+        };
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let ranges: Vec<(u16, u16, (String, u16))> = match redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async::<Vec<redis::Value>>(&mut conn)
+            .await
+        {
+            Ok(ranges) => ranges
+                .into_iter()
+                .filter_map(|range| {
+                    let range: Vec<redis::Value> = redis::from_redis_value(range).ok()?;
+                    let start = redis::from_redis_value(range.first()?.clone()).ok()?;
+                    let end = redis::from_redis_value(range.get(1)?.clone()).ok()?;
+                    let master: Vec<redis::Value> =
+                        redis::from_redis_value(range.get(2)?.clone()).ok()?;
+                    let host = redis::from_redis_value(master.first()?.clone()).ok()?;
+                    let master_port = redis::from_redis_value(master.get(1)?.clone()).ok()?;
+                    Some((start, end, (host, master_port)))
+                })
+                .collect(),
+            Err(_) => continue,
+        };
+        if let Some((_, _, (_, master))) = ranges
+            .iter()
+            .find(|(start, end, _)| (*start..=*end).contains(&slot))
+        {
+            return *master;
+        }
+    }
+    panic!("no Redis Cluster node of {ports:?} names the master of {key}");
+}
+
 /// A loopback port free a moment ago whose cluster bus port (10000 above)
 /// is free too.
 fn free_cluster_port() -> u16 {
@@ -959,24 +1005,14 @@ impl RedisCluster {
 
     /// The port of the master that owns `key`'s slot.
     pub async fn master_of(&self, key: &str) -> u16 {
-        let slot = self.slot_of(key).await;
-        for port in self.masters().await {
-            let owns: Vec<redis::Value> =
-                self.query(port, redis::cmd("CLUSTER").arg("SLOTS")).await;
-            for range in owns {
-                let range: Vec<redis::Value> = redis::from_redis_value(range).unwrap();
-                let (start, end): (u16, u16) = (
-                    redis::from_redis_value(range[0].clone()).unwrap(),
-                    redis::from_redis_value(range[1].clone()).unwrap(),
-                );
-                let master: Vec<redis::Value> = redis::from_redis_value(range[2].clone()).unwrap();
-                let master_port: u16 = redis::from_redis_value(master[1].clone()).unwrap();
-                if (start..=end).contains(&slot) {
-                    return master_port;
-                }
-            }
-        }
-        panic!("no master owns slot {slot}");
+        let live: Vec<u16> = self
+            .ports
+            .iter()
+            .zip(&self.children)
+            .filter(|(_, child)| child.is_some())
+            .map(|(port, _)| *port)
+            .collect();
+        cluster_master_of(&live, key).await
     }
 
     /// Waits until a replica took over from master `victim` (killed): 2 s
