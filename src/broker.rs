@@ -148,7 +148,12 @@ impl Broker {
 
     async fn publish_events(&self, events: Vec<NewEvent>) -> Result<Vec<u64>, PublishError> {
         // In a Redis Cluster, only the topics whose master is away refuse.
-        if !events.iter().all(|e| self.relay.reachable(&e.topic)) {
+        let reachable = if events.is_empty() {
+            self.is_ready()
+        } else {
+            events.iter().all(|e| self.relay.reachable(&e.topic))
+        };
+        if !reachable {
             return Err(PublishError::NotReady);
         }
         let (durable, live): (Vec<_>, Vec<_>) = events

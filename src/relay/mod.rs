@@ -39,7 +39,9 @@ pub use self::local::LocalRelay;
 pub use self::redis::RedisRelay;
 
 /// Why a relay could not publish. Nothing was published when this is
-/// returned.
+/// returned, except in a Redis Cluster for a batch over topics on several
+/// masters: each topic's events are published (or not) together on its
+/// own master, so those of topics whose master answered may have been.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error("the relay (Redis) cannot be reached")]

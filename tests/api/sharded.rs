@@ -470,3 +470,63 @@ async fn a_node_restarted_during_a_failover_serves_every_acknowledged_event() {
     let got = received(&mut on_b, &load.acked).await;
     assert_exact("b", &got, &load.acked);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_churn_on_a_healthy_cluster_is_not_taken_for_a_failure() {
+    let cluster = RedisCluster::start().await;
+    let pg = PgDatabase::create().await;
+    let env = [
+        ("HERALD__REDIS__MODE", "cluster".to_owned()),
+        ("HERALD__REDIS__URL", cluster.url()),
+        ("HERALD__STORE__URL", pg.url()),
+        ("HERALD__LIMITS__SUBSCRIBE_RATE", "100000".to_owned()),
+    ];
+    let node = ServeProcess::start("sharded-churn", &env, std::process::Stdio::null()).await;
+    let http = reqwest::Client::new();
+    eventually("the node is ready", || async {
+        http.get(node.url("/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let mut ws = node.connect(&subscriber()).await;
+    for round in 0..3 {
+        for k in 0..20 {
+            ws.subscribe(&format!("churn.t{k}")).await;
+        }
+        for k in 0..20 {
+            let reply = ws
+                .request(json!({"op": "unsubscribe", "id": round, "topic": format!("churn.t{k}")}))
+                .await;
+            assert_eq!(reply["op"], "unsubscribed", "{reply}");
+        }
+    }
+    // Events still flow, and the relay never thought it had lost Redis.
+    ws.subscribe("churn.t0").await;
+    let published = http
+        .post(node.url("/api/v1/topics/churn.t0/events"))
+        .bearer_auth(publisher())
+        .json(&json!("after churn"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(published.status(), 201);
+    assert_eq!(ws.recv().await["data"], "after churn");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let metrics = http
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let reconnects = metrics
+        .lines()
+        .find(|l| l.starts_with("herald_relay_reconnects_total"))
+        .unwrap_or_else(|| panic!("no reconnect counter in {metrics}"));
+    assert!(reconnects.ends_with(" 0"), "{reconnects}");
+    let ready = http.get(node.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+}

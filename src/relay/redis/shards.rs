@@ -21,11 +21,12 @@
 //! relay is disconnected (`/readyz` answers 503), and a publish to a
 //! missing topic answers 503.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, stream};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
@@ -85,6 +86,11 @@ struct Watch {
     /// Subscriptions that may have been lost: they stay reachable until
     /// subscribing them again fails on the next pass.
     suspect: HashSet<Topic>,
+    /// Confirmations still to come of this task's own `SUNSUBSCRIBE`s.
+    unsubscribing: HashMap<Topic, u32>,
+    /// Topics not watched whose messages still arrive: unsubscribed on
+    /// the next pass.
+    strays: HashSet<Topic>,
 }
 
 /// Subscriptions a push says were lost.
@@ -118,12 +124,18 @@ impl Watch {
     }
 }
 
+/// A pass over topics being subscribed again: the topics it checks, and
+/// those that failed.
+type Pass = BoxFuture<'static, (HashSet<Topic>, HashSet<Topic>)>;
+
 impl Subscriber {
     pub(super) async fn run(mut self) {
         let mut watch = Watch {
             wanted: HashSet::new(),
             unreached: Arc::clone(&self.unreached),
             suspect: HashSet::new(),
+            unsubscribing: HashMap::new(),
+            strays: HashSet::new(),
         };
         let Some(conn) = self.connect(&mut watch).await else {
             return;
@@ -133,22 +145,31 @@ impl Subscriber {
         watch.mark(watch.wanted.clone(), false);
         let mut backoff = Duration::ZERO;
         let mut retry_at = Some(Instant::now());
+        // A pass runs beside the loop, so that messages keep flowing while
+        // it waits on a master that is away.
+        let mut pass: Option<Pass> = None;
         // Something went wrong since everything was last in force.
         let mut disturbed = false;
         // Passes over every watched topic still to run after a recovery.
         let mut settle = 0;
         loop {
-            let deadline = retry_at;
+            let deadline = if pass.is_some() { None } else { retry_at };
             let retry = async move {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
+            let passing = async {
+                match pass.as_mut() {
+                    Some(pass) => pass.await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 Some(push) = self.pushes.recv() => {
-                    if let Some(lost) = self.lost_by(push, &watch).await {
+                    if let Some(lost) = self.lost_by(push, &mut watch).await {
                         if !disturbed {
                             tracing::warn!("redis cluster relay may have lost subscriptions; subscribing again");
                         }
@@ -161,28 +182,28 @@ impl Subscriber {
                         }
                         disturbed = true;
                         retry_at.get_or_insert_with(Instant::now);
-                    }
-                }
-                Some(change) = self.interest.recv() => {
-                    let changes = more_changes(change, &mut self.interest);
-                    if !self.apply(&conn, &mut watch, changes).await {
-                        disturbed = true;
+                    } else if !watch.strays.is_empty() {
                         retry_at.get_or_insert_with(|| Instant::now() + MIN_BACKOFF);
                     }
                 }
-                () = retry => {
-                    let mut check = if settle > 0 { watch.wanted.clone() } else { watch.missing() };
-                    check.extend(std::mem::take(&mut watch.suspect));
-                    check.retain(|t| watch.wanted.contains(t));
-                    // Each topic is reachable again as soon as its own
-                    // subscription is.
-                    let failed = subscribe(&conn, &self.names, check.iter(), true, Some(&watch.unreached)).await;
+                (checked, failed) = passing => {
+                    pass = None;
+                    // Topics unwatched meanwhile are not kept subscribed.
+                    watch.strays.extend(
+                        checked.iter().filter(|t| !watch.wanted.contains(*t) && !failed.contains(*t)).cloned(),
+                    );
+                    let recovered = checked.len() > failed.len();
                     watch.mark(failed, false);
                     if !watch.missing().is_empty() {
                         self.down();
                         disturbed = true;
                         backoff = (backoff * 2).clamp(MIN_BACKOFF, MAX_RETRY);
                         retry_at = Some(Instant::now() + backoff);
+                        // What came back fills its gaps now, not when every
+                        // master is back.
+                        if recovered {
+                            self.inbound.resync().await;
+                        }
                         continue;
                     }
                     backoff = Duration::ZERO;
@@ -196,8 +217,38 @@ impl Subscriber {
                     } else {
                         tracing::info!(topics = watch.wanted.len(), "redis cluster relay connected");
                     }
-                    retry_at = (settle > 0).then(|| Instant::now() + SETTLE_INTERVAL);
+                    retry_at = (settle > 0 || !watch.strays.is_empty())
+                        .then(|| Instant::now() + SETTLE_INTERVAL);
                     self.up().await;
+                }
+                Some(change) = self.interest.recv() => {
+                    let changes = more_changes(change, &mut self.interest);
+                    if self.apply(&conn, &mut watch, changes).await {
+                        self.down();
+                        disturbed = true;
+                        retry_at.get_or_insert_with(|| Instant::now() + MIN_BACKOFF);
+                    }
+                }
+                () = retry => {
+                    retry_at = None;
+                    let strays: Vec<Topic> = watch.strays.drain().filter(|t| !watch.wanted.contains(t)).collect();
+                    self.unsubscribe(&conn, &mut watch, strays).await;
+                    let mut check = if settle > 0 { watch.wanted.clone() } else { watch.missing() };
+                    check.extend(std::mem::take(&mut watch.suspect));
+                    check.retain(|t| watch.wanted.contains(t));
+                    // Nothing to check (only strays to drop): no pass, unless
+                    // the relay is still to be declared up.
+                    if check.is_empty() && !disturbed && settle == 0 && self.connected.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    let (conn, names) = (conn.clone(), self.names.clone());
+                    let unreached = Arc::clone(&watch.unreached);
+                    // Each topic is reachable again as soon as its own
+                    // subscription is.
+                    pass = Some(Box::pin(async move {
+                        let failed = subscribe(&conn, &names, check.iter(), true, Some(&unreached)).await;
+                        (check, failed)
+                    }));
                 }
             }
         }
@@ -241,8 +292,8 @@ impl Subscriber {
 
     /// Applies watch and unwatch changes; a watch is acknowledged once its
     /// subscription is confirmed, or once it failed (it is retried, and
-    /// the pipeline resynchronises when it succeeds). Whether every
-    /// subscription succeeded.
+    /// the pipeline resynchronises when it succeeds). Whether any
+    /// subscription failed.
     async fn apply(
         &self,
         conn: &ClusterConnection,
@@ -257,34 +308,66 @@ impl Subscriber {
         let failed_any = !failed.is_empty();
         watch.mark(added.iter().filter(|t| !failed.contains(t)).cloned(), true);
         watch.mark(failed, false);
-        // A failed unsubscribe leaves a subscription nobody reads: its
-        // events are dropped by the pipeline (no subscriber).
-        subscribe(conn, &self.names, removed.iter(), false, None).await;
-        watch.mark(removed, true);
+        watch.mark(removed.iter().cloned(), true);
+        self.unsubscribe(conn, watch, removed).await;
         changes.into_iter().for_each(acknowledge);
         failed_any
     }
 
+    /// `SUNSUBSCRIBE`s topics not watched, counting the confirmations to
+    /// come (so that they are not taken for the server's). One that fails
+    /// is tried again when a message shows it still subscribed.
+    async fn unsubscribe(&self, conn: &ClusterConnection, watch: &mut Watch, topics: Vec<Topic>) {
+        if topics.is_empty() {
+            return;
+        }
+        for topic in &topics {
+            *watch.unsubscribing.entry(topic.clone()).or_default() += 1;
+        }
+        for topic in subscribe(conn, &self.names, topics.iter(), false, None).await {
+            if let Some(count) = watch.unsubscribing.get_mut(&topic) {
+                *count -= 1;
+                if *count == 0 {
+                    watch.unsubscribing.remove(&topic);
+                }
+            }
+        }
+    }
+
     /// What a push says: hands messages over; the topics whose
     /// subscription it ended, if any.
-    async fn lost_by(&self, push: PushInfo, watch: &Watch) -> Option<Lost> {
+    async fn lost_by(&self, push: PushInfo, watch: &mut Watch) -> Option<Lost> {
         match push.kind {
             PushKind::SMessage => {
-                if let Some(message) = redis::Msg::from_push_info(push) {
-                    hand_over(&self.names, &self.inbound, &message).await;
+                let message = redis::Msg::from_push_info(push)?;
+                // A subscription left behind (an unsubscribe that failed,
+                // or redis-rs restoring one it had before): dropped soon.
+                if let Some(topic) = self.names.topic_of(message.get_channel_name())
+                    && !watch.wanted.contains(&topic)
+                    && !watch.unsubscribing.contains_key(&topic)
+                {
+                    watch.strays.insert(topic);
                 }
+                hand_over(&self.names, &self.inbound, &message).await;
                 None
             }
             // Which node went away the push does not say: any of them may
             // be lost (a second `SSUBSCRIBE` on a node that kept it is
             // harmless).
             PushKind::Disconnection => Some(Lost::Maybe(watch.wanted.iter().cloned().collect())),
-            // The server's, when the slot moved, or the confirmation of an
-            // unwatch (then the topic is not wanted and nothing happens).
+            // The confirmation of an unwatch, or the server's own when the
+            // slot moved.
             PushKind::SUnsubscribe => {
                 let channel: String =
                     redis::from_redis_value(push.data.into_iter().next()?).ok()?;
                 let topic = self.names.topic_of(&channel)?;
+                if let Some(count) = watch.unsubscribing.get_mut(&topic) {
+                    *count -= 1;
+                    if *count == 0 {
+                        watch.unsubscribing.remove(&topic);
+                    }
+                    return None;
+                }
                 watch.wanted.contains(&topic).then_some(Lost::Surely(topic))
             }
             _ => None,
