@@ -530,3 +530,40 @@ async fn subscription_churn_on_a_healthy_cluster_is_not_taken_for_a_failure() {
     let ready = http.get(node.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_committed_while_their_master_is_away_arrive_with_no_later_event() {
+    let mut cluster = RedisCluster::start().await;
+    let pg = PgDatabase::create().await;
+    let (a, b) = (node_on(&cluster, &pg).await, node_on(&cluster, &pg).await);
+    let topic = "quiet.t0";
+    let mut on_b = watching(b.connect(&subscriber()).await, &[topic.to_owned()]).await;
+    let mut acked = vec![a.publish_ok(&publisher(), topic, &json!(0)).await];
+    assert_eq!(on_b.recv().await["offset"], acked[0]);
+
+    // Publish through the failover, then stop as soon as the replica took
+    // over: the last events were committed while their master was away,
+    // and no event follows them.
+    let victim = cluster.master_of(&channel(topic)).await;
+    cluster.kill(victim);
+    loop {
+        let response = a.publish(&publisher(), topic, &json!(acked.len())).await;
+        match response.status().as_u16() {
+            201 => {
+                let body: Value = response.json().await.unwrap();
+                acked.push(body["offset"].as_u64().unwrap());
+            }
+            503 => {}
+            other => panic!("unexpected status {other}"),
+        }
+        let masters = cluster.masters().await;
+        if masters.len() == 3 && !masters.contains(&victim) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(acked.len() < 600, "no failover");
+    }
+    let expected: BTreeMap<String, Vec<u64>> = [(topic.to_owned(), acked[1..].to_vec())].into();
+    let got = received(&mut on_b, &expected).await;
+    assert_exact("b", &got, &expected);
+}

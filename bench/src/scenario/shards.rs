@@ -2,10 +2,11 @@
 //! "cluster"`), beside one Redis.
 //!
 //! - [`spread`]: T topics, each watched by a subscriber on node B; one
-//!   event per topic published through node A in batches, with history
-//!   and without. Reports the Redis command time per published event
+//!   event per topic and round published through node A, one per request,
+//!   with history and without. Reports the Redis command time per published event
 //!   (one Redis: `PUBLISH` and the numbering script; a Redis Cluster:
-//!   `SPUBLISH` and the script, summed over the masters) and, in a
+//!   `SPUBLISH` and the script, summed over the masters), the Redis
+//!   processes' CPU per event (from `/proc`, replicas included) and, in a
 //!   cluster, how evenly the masters share the channels and the commands
 //!   (busiest over quietest).
 //! - [`failover`]: a steady publisher over topics on every master; the
@@ -45,8 +46,8 @@ pub struct Options {
 
 /// Topics watched by one subscriber connection.
 const TOPICS_PER_CONNECTION: usize = 1000;
-/// Events per batch request.
-const BATCH: usize = 1000;
+/// Concurrent publishing connections.
+const PUBLISHERS: usize = 16;
 /// How long the subscribers may take to receive everything published.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -107,35 +108,49 @@ pub async fn spread(
         report.set("channels_busiest_to_quietest", spread_ratio(&masters));
     }
 
-    let mut http = Http::connect(a).await?;
-    let token = client::token();
     let mut published = 0u64;
     let mut per_master_publish: BTreeMap<SocketAddr, u64> = BTreeMap::new();
     for (stem, kind) in kinds {
         cluster.redis_command_stats(publish_cmds).await?;
-        let mut events = 0u64;
-        for round in 0..options.rounds {
-            for chunk in (0..options.topics).collect::<Vec<_>>().chunks(BATCH) {
-                let body: Vec<String> = chunk
-                    .iter()
-                    .map(|k| format!(r#"{{"topic":"{stem}{k}","data":{{"i":{round},"t":0}}}}"#))
-                    .collect();
-                let body = format!("[{}]", body.join(","));
-                let response = http
-                    .post_json("/api/v1/events", &token, body.as_bytes())
-                    .await?;
-                if response.status != 201 {
-                    bail!(
-                        "batch publish answered {}: {}",
-                        response.status,
-                        String::from_utf8_lossy(&response.body)
-                    );
+        let redis_cpu = cluster.redis_cpu();
+        // One event per request (what one publish costs), over
+        // PUBLISHERS keep-alive connections, each its share of the topics.
+        let mut publishers = JoinSet::new();
+        for p in 0..PUBLISHERS {
+            let (stem, topics, rounds) = (stem.to_owned(), options.topics, options.rounds);
+            publishers.spawn(async move {
+                let token = client::token();
+                let mut http = Http::connect(a).await?;
+                let mut events = 0u64;
+                for round in 0..rounds {
+                    for k in (p..topics).step_by(PUBLISHERS) {
+                        let body = format!(r#"{{"i":{round},"t":0}}"#);
+                        let path = client::publish_path(&format!("{stem}{k}"));
+                        let response = http.post_json(&path, &token, body.as_bytes()).await?;
+                        if response.status != 201 {
+                            bail!("publish answered {}", response.status);
+                        }
+                        events += 1;
+                    }
                 }
-                events += chunk.len() as u64;
-            }
+                anyhow::Ok(events)
+            });
         }
+        let mut events = 0u64;
+        while let Some(done) = publishers.join_next().await {
+            events += done??;
+        }
+        let redis_cpu = cluster.redis_cpu() - redis_cpu;
         let stats = cluster.redis_command_stats(publish_cmds).await?;
         let usec: u64 = stats.iter().map(|(_, _, usec)| usec).sum();
+        report.set(
+            if kind == "history" {
+                "redis_cpu_us_per_event_history"
+            } else {
+                "redis_cpu_us_per_event_no_history"
+            },
+            redis_cpu.as_secs_f64() * 1e6 / events as f64,
+        );
         for (addr, calls, _) in &stats {
             *per_master_publish.entry(*addr).or_default() += calls;
         }

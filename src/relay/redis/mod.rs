@@ -81,6 +81,10 @@ const BROADCAST_RETRY_DELAYS: [Duration; 3] = [
     Duration::from_millis(250),
     Duration::ZERO,
 ];
+/// Batches of committed events waiting to be sent again to a Redis
+/// Cluster (see [`relay_late`]), and for how long each is tried.
+const LATE_QUEUE: usize = 1024;
+const LATE_RETRY_FOR: Duration = Duration::from_secs(60);
 /// Channels counted by one `PUBSUB NUMSUB`.
 const NUMSUB_CHUNK: usize = 500;
 /// Commands a cluster relay has in flight at once when one call covers
@@ -267,7 +271,10 @@ pub struct RedisRelay {
     unreached: Arc<SyncMutex<HashSet<Topic>>>,
     /// Whether the cluster connection opened (always true with one Redis).
     opened: Arc<AtomicBool>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    /// Committed events to send again (a Redis Cluster only).
+    late: Option<mpsc::Sender<Vec<Arc<Event>>>>,
+    /// The subscriber, and in a Redis Cluster the late relayer.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl RedisRelay {
@@ -286,7 +293,7 @@ impl RedisRelay {
         let connected = Arc::new(AtomicBool::new(false));
         let unreached = Arc::new(SyncMutex::new(HashSet::new()));
         let opened = Arc::new(AtomicBool::new(mode == RedisMode::Standalone));
-        let (link, task, command) = match mode {
+        let (link, tasks, late, command) = match mode {
             RedisMode::Standalone => {
                 let (client, publisher) = connect_lazily(url)?;
                 let subscriber = pubsub::Subscriber::new(
@@ -298,7 +305,7 @@ impl RedisRelay {
                     shutdown,
                 );
                 let task = tokio::spawn(subscriber.run());
-                (Link::Standalone(publisher), task, "PUBLISH")
+                (Link::Standalone(publisher), vec![task], None, "PUBLISH")
             }
             RedisMode::Cluster => {
                 let client = cluster_client(url, None)?;
@@ -312,14 +319,17 @@ impl RedisRelay {
                     connected: Arc::clone(&connected),
                     unreached: Arc::clone(&unreached),
                     opened: Arc::clone(&opened),
-                    shutdown,
+                    shutdown: shutdown.clone(),
                 };
                 let task = tokio::spawn(subscriber.run());
-                let link = ClusterLink {
+                let link = Link::Cluster(Arc::new(ClusterLink {
                     client,
                     conn: OnceCell::new(),
-                };
-                (Link::Cluster(Arc::new(link)), task, "SPUBLISH")
+                }));
+                let (late, late_rx) = mpsc::channel(LATE_QUEUE);
+                let relayer =
+                    tokio::spawn(relay_late(link.clone(), names.clone(), late_rx, shutdown));
+                (link, vec![task, relayer], Some(late), "SPUBLISH")
             }
         };
         Ok(RedisRelay {
@@ -332,7 +342,8 @@ impl RedisRelay {
             connected,
             unreached,
             opened,
-            task: Mutex::new(Some(task)),
+            late,
+            tasks: Mutex::new(tasks),
         })
     }
 
@@ -355,55 +366,22 @@ impl RedisRelay {
             Link::Cluster(_) => 1,
         };
         for (attempt, delay) in BROADCAST_RETRY_DELAYS[..attempts].iter().enumerate() {
-            match self.broadcast(events).await {
+            match broadcast(&self.link, &self.names, events).await {
                 Ok(()) => return,
-                Err(e) if attempt + 1 == attempts => {
-                    tracing::warn!(error = %e, "committed events not relayed; nodes fill the gap from the store with the next event");
-                }
+                Err(e) if attempt + 1 == attempts => match &self.late {
+                    Some(late) => {
+                        if late.try_send(events.to_vec()).is_err() {
+                            tracing::warn!(error = %e, "committed events not relayed (too many waiting); nodes fill the gap from the store with the next event");
+                        }
+                    }
+                    None => {
+                        tracing::warn!(error = %e, "committed events not relayed; nodes fill the gap from the store with the next event");
+                    }
+                },
                 // The standalone connection reconnects after a failed
                 // command (e.g. the first one after Redis came back), and a
                 // cluster's learns where a slot moved: a retry is worth it.
                 Err(_) => tokio::time::sleep(*delay).await,
-            }
-        }
-    }
-
-    /// Sends committed events, each on its topic's channel, in order per
-    /// topic.
-    async fn broadcast(&self, events: &[Arc<Event>]) -> redis::RedisResult<()> {
-        let message = |event: &Event| {
-            let mut message = format!("{} ", event.offset).into_bytes();
-            message.extend(encode_tail(event.ts, &event.payload));
-            message
-        };
-        match &self.link {
-            Link::Standalone(conn) => {
-                let mut pipe = redis::pipe();
-                for event in events {
-                    pipe.publish(self.names.channel(&event.topic), message(event))
-                        .ignore();
-                }
-                pipe.query_async::<()>(&mut conn.clone()).await
-            }
-            Link::Cluster(link) => {
-                let conn = link.connection().await?;
-                // One pipeline per topic (one slot each), sent concurrently.
-                let sends: Vec<_> = by_topic(events.iter(), |e| &e.topic)
-                    .into_iter()
-                    .map(|(_, events)| {
-                        let mut pipe = redis::pipe();
-                        for event in events {
-                            pipe.spublish(self.names.channel(&event.topic), message(event))
-                                .ignore();
-                        }
-                        let mut conn = conn.clone();
-                        async move { pipe.query_async::<()>(&mut conn).await }
-                    })
-                    .collect();
-                stream::iter(sends)
-                    .buffer_unordered(CLUSTER_CONCURRENCY)
-                    .try_collect()
-                    .await
             }
         }
     }
@@ -564,6 +542,80 @@ impl RedisRelay {
     }
 }
 
+/// Sends committed events, each on its topic's channel, in order per topic.
+async fn broadcast(link: &Link, names: &Names, events: &[Arc<Event>]) -> redis::RedisResult<()> {
+    let message = |event: &Event| {
+        let mut message = format!("{} ", event.offset).into_bytes();
+        message.extend(encode_tail(event.ts, &event.payload));
+        message
+    };
+    match link {
+        Link::Standalone(conn) => {
+            let mut pipe = redis::pipe();
+            for event in events {
+                pipe.publish(names.channel(&event.topic), message(event))
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn.clone()).await
+        }
+        Link::Cluster(link) => {
+            let conn = link.connection().await?;
+            // One pipeline per topic (one slot each), sent concurrently.
+            let sends: Vec<_> = by_topic(events.iter(), |e| &e.topic)
+                .into_iter()
+                .map(|(_, events)| {
+                    let mut pipe = redis::pipe();
+                    for event in events {
+                        pipe.spublish(names.channel(&event.topic), message(event))
+                            .ignore();
+                    }
+                    let mut conn = conn.clone();
+                    async move { pipe.query_async::<()>(&mut conn).await }
+                })
+                .collect();
+            stream::iter(sends)
+                .buffer_unordered(CLUSTER_CONCURRENCY)
+                .try_collect()
+                .await
+        }
+    }
+}
+
+/// Committed events a Redis Cluster did not take (their master away):
+/// sent again in the background, every second at most, for up to
+/// [`LATE_RETRY_FOR`]. A node that subscribes through the master's
+/// replica, or again after a failover, may otherwise miss them: nothing
+/// else tells it to look in the store until the topic's next event.
+/// Offsets make a late copy harmless to a node that has the event.
+async fn relay_late(
+    link: Link,
+    names: Names,
+    mut late: mpsc::Receiver<Vec<Arc<Event>>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let events = tokio::select! {
+            () = shutdown.cancelled() => return,
+            events = late.recv() => match events {
+                Some(events) => events,
+                None => return,
+            },
+        };
+        let (started, mut delay) = (tokio::time::Instant::now(), MIN_BACKOFF);
+        while let Err(e) = broadcast(&link, &names, &events).await {
+            if started.elapsed() > LATE_RETRY_FOR {
+                tracing::warn!(error = %e, "committed events not relayed; nodes fill the gap from the store with the next event");
+                break;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
 /// Groups `items` by topic, keeping their order within each topic.
 fn by_topic<'a, T>(
     items: impl Iterator<Item = T>,
@@ -632,7 +684,8 @@ impl Relay for RedisRelay {
 
     fn stopped(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            if let Some(task) = self.task.lock().await.take() {
+            let tasks = std::mem::take(&mut *self.tasks.lock().await);
+            for task in tasks {
                 let _ = task.await;
             }
         })

@@ -300,10 +300,23 @@ impl Subscriber {
         watch: &mut Watch,
         changes: Vec<Interest>,
     ) -> bool {
-        let before = watch.wanted.clone();
-        changes.iter().for_each(|c| record(&mut watch.wanted, c));
-        let added: Vec<Topic> = watch.wanted.difference(&before).cloned().collect();
-        let removed: Vec<Topic> = before.difference(&watch.wanted).cloned().collect();
+        // Whether each topic the changes touch was watched before them: the
+        // work is the batch's size, not the watched set's.
+        let mut before: HashMap<Topic, bool> = HashMap::new();
+        for change in &changes {
+            before
+                .entry(change.topic.clone())
+                .or_insert_with(|| watch.wanted.contains(&change.topic));
+            record(&mut watch.wanted, change);
+        }
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        for (topic, was) in before {
+            match (was, watch.wanted.contains(&topic)) {
+                (false, true) => added.push(topic),
+                (true, false) => removed.push(topic),
+                _ => {}
+            }
+        }
         let failed = subscribe(conn, &self.names, added.iter(), true, None).await;
         let failed_any = !failed.is_empty();
         watch.mark(added.iter().filter(|t| !failed.contains(t)).cloned(), true);
