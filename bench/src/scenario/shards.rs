@@ -11,9 +11,10 @@
 //!   (busiest over quietest).
 //! - [`failover`]: a steady publisher over topics on every master; the
 //!   master of some of them is SIGKILLed. Reports the time from its death
-//!   until its topics' events arrive again (beside the time the cluster
-//!   took to promote its replica), and whether every acknowledged event
-//!   arrived once.
+//!   until its topics' events arrive again (the first may come from the
+//!   store), until they arrive live again (within 100 ms of their
+//!   publish), beside the time the cluster took to promote its replica;
+//!   and whether every acknowledged event arrived once.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -36,6 +37,10 @@ use crate::wire::{Ws, field};
 pub const NODE_ENV: &[(&str, &str)] = &[
     ("HERALD__LIMITS__MAX_SUBSCRIPTIONS", "10000"),
     ("HERALD__LIMITS__SUBSCRIBE_RATE", "1000000"),
+    (
+        "RUST_LOG",
+        "warn,herald::relay=debug,herald::pipeline=debug",
+    ),
 ];
 
 pub struct Options {
@@ -232,6 +237,9 @@ async fn read_count(mut ws: Ws, expected: usize) -> Result<u64> {
 const FAILOVER_TOPICS: usize = 30;
 /// The steady publisher's pause between publishes.
 const PUBLISH_PAUSE: Duration = Duration::from_millis(5);
+/// An event that arrives this soon after its publish came live, not from
+/// the store.
+const LIVE: Duration = Duration::from_millis(100);
 /// The run's bound: the publisher stops by then whatever happens.
 const FAILOVER_BOUND: Duration = Duration::from_secs(60);
 
@@ -239,6 +247,8 @@ const FAILOVER_BOUND: Duration = Duration::from_secs(60);
 /// published (the publisher's clock, in the body).
 struct Arrival {
     at: Instant,
+    /// The publisher's clock at arrival.
+    at_nanos: u64,
     topic: String,
     offset: u64,
     sent_nanos: u64,
@@ -276,6 +286,7 @@ pub async fn failover(cluster: &mut Cluster, paths: &Paths) -> Result<Report> {
                 let topic = topic_of(frame).unwrap_or_default();
                 arrivals.lock().await.push(Arrival {
                     at: Instant::now(),
+                    at_nanos: now_nanos(),
                     topic,
                     offset,
                     sent_nanos,
@@ -351,6 +362,28 @@ pub async fn failover(cluster: &mut Cluster, paths: &Paths) -> Result<Report> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    // The first of them that arrived live (within LIVE of its publish),
+    // not filled in from the store.
+    let live = loop {
+        let first = arrivals
+            .lock()
+            .await
+            .iter()
+            .filter(|e| {
+                on_victim.contains(&e.topic)
+                    && e.sent_nanos > killed_nanos
+                    && e.at_nanos.saturating_sub(e.sent_nanos) < LIVE.as_nanos() as u64
+            })
+            .map(|e| e.at)
+            .min();
+        if let Some(at) = first {
+            break at.duration_since(killed_at);
+        }
+        if killed_at.elapsed() > Duration::from_secs(45) {
+            bail!("no live event of the dead master's topics within 45 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     let (acked, refused) = publishing.await??;
@@ -387,12 +420,36 @@ pub async fn failover(cluster: &mut Cluster, paths: &Paths) -> Result<Report> {
     report.set("topics_on_dead_master", on_victim.len() as f64);
     report.set("replica_promoted_ms", promoted.as_secs_f64() * 1e3);
     report.set("delivery_resumed_ms", recovered.as_secs_f64() * 1e3);
+    report.set("live_delivery_resumed_ms", live.as_secs_f64() * 1e3);
     report.set("acknowledged", expected as f64);
     report.set("refused_503", refused as f64);
     report.set("lost", lost as f64);
     report.set("topics_out_of_order_or_duplicated", out_of_order as f64);
     if lost > 0 || out_of_order > 0 {
-        bail!("{lost} acknowledged events lost, {out_of_order} topics out of order or duplicated");
+        let detail: Vec<String> = acked
+            .iter()
+            .filter_map(|(t, offsets)| {
+                let got = received.get(t).map(Vec::as_slice).unwrap_or(&[]);
+                let missing: Vec<&u64> = offsets.iter().filter(|o| !got.contains(o)).collect();
+                (!missing.is_empty()).then(|| {
+                    format!(
+                        "{t}{}: {} missing from {:?}, received up to {:?}",
+                        if on_victim.contains(t) {
+                            " (dead master)"
+                        } else {
+                            ""
+                        },
+                        missing.len(),
+                        missing.first(),
+                        got.last()
+                    )
+                })
+            })
+            .collect();
+        bail!(
+            "{lost} acknowledged events lost, {out_of_order} topics out of order or duplicated: {}",
+            detail.join("; ")
+        );
     }
     Ok(report)
 }

@@ -53,7 +53,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::value::RawValue;
-use tokio::sync::{Mutex, OnceCell, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -233,23 +233,73 @@ enum Link {
     Cluster(Arc<ClusterLink>),
 }
 
-/// A Redis Cluster client and its connection, opened on first use.
-struct ClusterLink {
+/// A Redis Cluster client and its connection, opened on first use and
+/// replaced when it keeps failing: redis-rs 1.8.1's connection can stay
+/// wedged after a failover (every command to the promoted master's slots
+/// timing out, 40 s and more, in `herald-bench shards`), while a new one
+/// reads the topology afresh.
+pub(super) struct ClusterLink {
     client: ClusterClient,
-    conn: OnceCell<ClusterConnection>,
+    state: SyncMutex<LinkState>,
 }
 
+#[derive(Default)]
+struct LinkState {
+    conn: Option<ClusterConnection>,
+    /// Counts replacements, so that a user can tell its subscriptions
+    /// went with the old connection.
+    generation: u64,
+    failing_since: Option<tokio::time::Instant>,
+}
+
+/// How long commands may keep failing before the connection is replaced.
+const RENEW_AFTER: Duration = Duration::from_secs(5);
+
 impl ClusterLink {
-    /// The connection, opened now if it is not yet.
-    async fn connection(&self) -> redis::RedisResult<ClusterConnection> {
-        self.conn
-            .get_or_try_init(|| async {
-                tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_connection())
-                    .await
-                    .map_err(|_| timed_out("no Redis Cluster node answered"))?
-            })
+    pub(super) fn new(client: ClusterClient) -> ClusterLink {
+        ClusterLink {
+            client,
+            state: SyncMutex::new(LinkState::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connection and its generation, opened now if there is none.
+    pub(super) async fn connection(&self) -> redis::RedisResult<(ClusterConnection, u64)> {
+        let open = {
+            let state = self.state();
+            state.conn.clone().map(|conn| (conn, state.generation))
+        };
+        if let Some(open) = open {
+            return Ok(open);
+        }
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_connection())
             .await
-            .cloned()
+            .map_err(|_| timed_out("no Redis Cluster node answered"))??;
+        let mut state = self.state();
+        let conn = state.conn.get_or_insert(conn).clone();
+        Ok((conn, state.generation))
+    }
+
+    /// Records whether commands on the connection succeeded; replaces it
+    /// after [`RENEW_AFTER`] of failures.
+    pub(super) fn outcome(&self, ok: bool) {
+        let mut state = self.state();
+        let now = tokio::time::Instant::now();
+        match (ok, state.failing_since) {
+            (true, _) => state.failing_since = None,
+            (false, None) => state.failing_since = Some(now),
+            (false, Some(since)) if now - since >= RENEW_AFTER => {
+                tracing::warn!("redis cluster connection keeps failing; opening a new one");
+                state.conn = None;
+                state.generation += 1;
+                state.failing_since = None;
+            }
+            (false, Some(_)) => {}
+        }
     }
 }
 
@@ -311,7 +361,7 @@ impl RedisRelay {
                 let client = cluster_client(url, None)?;
                 let (pushes, pushes_rx) = mpsc::unbounded_channel();
                 let subscriber = shards::Subscriber {
-                    client: cluster_client(url, Some(pushes))?,
+                    link: ClusterLink::new(cluster_client(url, Some(pushes))?),
                     pushes: pushes_rx,
                     inbound,
                     names: names.clone(),
@@ -322,10 +372,7 @@ impl RedisRelay {
                     shutdown: shutdown.clone(),
                 };
                 let task = tokio::spawn(subscriber.run());
-                let link = Link::Cluster(Arc::new(ClusterLink {
-                    client,
-                    conn: OnceCell::new(),
-                }));
+                let link = Link::Cluster(Arc::new(ClusterLink::new(client)));
                 let (late, late_rx) = mpsc::channel(LATE_QUEUE);
                 let relayer =
                     tokio::spawn(relay_late(link.clone(), names.clone(), late_rx, shutdown));
@@ -398,7 +445,7 @@ impl RedisRelay {
                     .await
             }
             Link::Cluster(link) => {
-                let conn = link.connection().await.map_err(RelayError::Unreachable)?;
+                let (conn, _) = link.connection().await.map_err(RelayError::Unreachable)?;
                 // One script per topic, on the topic's master; the offsets
                 // are put back in the order of `events`.
                 let groups = by_topic(events.iter().enumerate(), |(_, (t, _))| t);
@@ -411,14 +458,16 @@ impl RedisRelay {
                             let offsets = self
                                 .number(group.iter().map(|(_, (t, p))| (t, p)), ts, &mut conn)
                                 .await?;
-                            Ok::<(Vec<usize>, Vec<u64>), RelayError>((slots, offsets))
+                            Ok::<Numbered, RelayError>((slots, offsets))
                         }
                     })
                     .collect();
-                let numbered: Vec<(Vec<usize>, Vec<u64>)> = stream::iter(scripts)
+                let numbered: Result<Vec<Numbered>, RelayError> = stream::iter(scripts)
                     .buffer_unordered(CLUSTER_CONCURRENCY)
                     .try_collect()
-                    .await?;
+                    .await;
+                link.outcome(numbered.is_ok());
+                let numbered = numbered?;
                 let mut offsets = vec![0; sent];
                 for (slots, numbers) in numbered {
                     for (slot, offset) in slots.into_iter().zip(numbers) {
@@ -474,7 +523,7 @@ impl RedisRelay {
         let counted = match &self.link {
             Link::Standalone(conn) => self.count_standalone(&topics, conn.clone()).await,
             Link::Cluster(link) => match link.connection().await {
-                Ok(conn) => self.count_sharded(&topics, conn).await,
+                Ok((conn, _)) => self.count_sharded(&topics, conn).await,
                 Err(e) => Err(e),
             },
         };
@@ -559,7 +608,7 @@ async fn broadcast(link: &Link, names: &Names, events: &[Arc<Event>]) -> redis::
             pipe.query_async::<()>(&mut conn.clone()).await
         }
         Link::Cluster(link) => {
-            let conn = link.connection().await?;
+            let (conn, _) = link.connection().await?;
             // One pipeline per topic (one slot each), sent concurrently.
             let sends: Vec<_> = by_topic(events.iter(), |e| &e.topic)
                 .into_iter()
@@ -573,10 +622,12 @@ async fn broadcast(link: &Link, names: &Names, events: &[Arc<Event>]) -> redis::
                     async move { pipe.query_async::<()>(&mut conn).await }
                 })
                 .collect();
-            stream::iter(sends)
+            let sent = stream::iter(sends)
                 .buffer_unordered(CLUSTER_CONCURRENCY)
                 .try_collect()
-                .await
+                .await;
+            link.outcome(sent.is_ok());
+            sent
         }
     }
 }
@@ -615,6 +666,9 @@ async fn relay_late(
         }
     }
 }
+
+/// Where a topic's events sit in a batch, and the offsets they got.
+type Numbered = (Vec<usize>, Vec<u64>);
 
 /// Groups `items` by topic, keeping their order within each topic.
 fn by_topic<'a, T>(

@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, stream};
-use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{PushInfo, PushKind};
 use tokio::sync::mpsc;
@@ -36,7 +35,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    CONNECT_TIMEOUT, Interest, MIN_BACKOFF, Names, acknowledge, confirmed, hand_over, more_changes,
+    ClusterLink, Interest, MIN_BACKOFF, Names, RESPONSE_TIMEOUT, acknowledge, confirmed, hand_over,
+    more_changes,
 };
 use crate::relay::Inbound;
 use crate::telemetry::names;
@@ -52,18 +52,20 @@ const MAX_RETRY: Duration = Duration::from_secs(1);
 /// many topics must not queue them a few at a time.
 const SUBSCRIBE_CONCURRENCY: usize = 512;
 
-/// After a recovery, every watched topic is subscribed again this many
-/// times, [`SETTLE_INTERVAL`] apart, each followed by a resynchronisation.
-/// While the cluster settles, redis-rs may move a connection to a node and
-/// lose subscriptions it had confirmed, with no push to say so (seen in
-/// the restart-during-failover test); a second `SSUBSCRIBE` of a channel
-/// already subscribed changes nothing.
-const SETTLE_PASSES: u8 = 2;
-const SETTLE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a probe may take to come back. After a recovery the relay
+/// does not take redis-rs's word that a subscription is in force: while a
+/// master is away, redis-rs can confirm an `SSUBSCRIBE` that no node
+/// holds (seen in `herald-bench shards`: every topic of the dead master
+/// went silent after its replica took over). So it publishes a probe
+/// (`h {nonce}`) on each watched channel and waits for its own copy;
+/// a topic whose probe does not come back is subscribed again, and
+/// probed again, until all come back.
+const PROBE_WAIT: Duration = Duration::from_secs(1);
 
 /// The background task that owns the cluster pub/sub connection.
 pub(super) struct Subscriber {
-    pub(super) client: ClusterClient,
+    /// Its connection, replaced when it keeps failing.
+    pub(super) link: ClusterLink,
     pub(super) pushes: mpsc::UnboundedReceiver<PushInfo>,
     pub(super) inbound: Inbound,
     pub(super) names: Names,
@@ -91,6 +93,28 @@ struct Watch {
     /// Topics not watched whose messages still arrive: unsubscribed on
     /// the next pass.
     strays: HashSet<Topic>,
+    /// The probe round under way, if any.
+    probe: Option<Probe>,
+}
+
+/// Subscriptions being checked end to end.
+struct Probe {
+    nonce: u64,
+    /// Topics whose probe has not come back.
+    awaiting: HashSet<Topic>,
+    /// Set once every probe was sent.
+    deadline: Option<Instant>,
+}
+
+/// What a background pass did.
+enum Done {
+    /// Subscribed `checked`; `failed` did not subscribe.
+    Subscribed {
+        checked: HashSet<Topic>,
+        failed: HashSet<Topic>,
+    },
+    /// Sent the probes.
+    Probed,
 }
 
 /// Subscriptions a push says were lost.
@@ -124,9 +148,8 @@ impl Watch {
     }
 }
 
-/// A pass over topics being subscribed again: the topics it checks, and
-/// those that failed.
-type Pass = BoxFuture<'static, (HashSet<Topic>, HashSet<Topic>)>;
+/// Work beside the loop: subscribing topics again, or sending probes.
+type Pass = BoxFuture<'static, Done>;
 
 impl Subscriber {
     pub(super) async fn run(mut self) {
@@ -136,8 +159,9 @@ impl Subscriber {
             suspect: HashSet::new(),
             unsubscribing: HashMap::new(),
             strays: HashSet::new(),
+            probe: None,
         };
-        let Some(conn) = self.connect(&mut watch).await else {
+        let Some((mut conn, mut generation)) = self.connect(&mut watch).await else {
             return;
         };
         self.opened.store(true, Ordering::Relaxed);
@@ -150,8 +174,6 @@ impl Subscriber {
         let mut pass: Option<Pass> = None;
         // Something went wrong since everything was last in force.
         let mut disturbed = false;
-        // Passes over every watched topic still to run after a recovery.
-        let mut settle = 0;
         loop {
             let deadline = if pass.is_some() { None } else { retry_at };
             let retry = async move {
@@ -163,6 +185,13 @@ impl Subscriber {
             let passing = async {
                 match pass.as_mut() {
                     Some(pass) => pass.await,
+                    None => std::future::pending().await,
+                }
+            };
+            let probed_by = watch.probe.as_ref().and_then(|p| p.deadline);
+            let probed = async move {
+                match probed_by {
+                    Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
@@ -186,13 +215,20 @@ impl Subscriber {
                         retry_at.get_or_insert_with(|| Instant::now() + MIN_BACKOFF);
                     }
                 }
-                (checked, failed) = passing => {
+                done = passing => {
                     pass = None;
+                    let Done::Subscribed { checked, failed } = done else {
+                        if let Some(probe) = watch.probe.as_mut() {
+                            probe.deadline = Some(Instant::now() + PROBE_WAIT);
+                        }
+                        continue;
+                    };
                     // Topics unwatched meanwhile are not kept subscribed.
                     watch.strays.extend(
                         checked.iter().filter(|t| !watch.wanted.contains(*t) && !failed.contains(*t)).cloned(),
                     );
                     let recovered = checked.len() > failed.len();
+                    self.link.outcome(failed.is_empty());
                     watch.mark(failed, false);
                     if !watch.missing().is_empty() {
                         self.down();
@@ -207,22 +243,50 @@ impl Subscriber {
                         continue;
                     }
                     backoff = Duration::ZERO;
+                    if !watch.strays.is_empty() {
+                        retry_at = Some(Instant::now() + MIN_BACKOFF);
+                    }
                     if disturbed {
                         metrics::counter!(names::RELAY_RECONNECTS).increment(1);
-                        tracing::info!(topics = watch.wanted.len(), "redis cluster relay subscribed again");
+                        tracing::info!(topics = watch.wanted.len(), "redis cluster relay subscribed again; checking each subscription");
                         disturbed = false;
-                        settle = SETTLE_PASSES;
-                    } else if settle > 0 {
-                        settle -= 1;
+                        // Checked end to end before it is believed.
+                        let nonce = rand::random::<u64>();
+                        let topics: Vec<Topic> = watch.wanted.iter().cloned().collect();
+                        watch.probe = Some(Probe {
+                            nonce,
+                            awaiting: topics.iter().cloned().collect(),
+                            deadline: None,
+                        });
+                        let (conn, names) = (conn.clone(), self.names.clone());
+                        pass = Some(Box::pin(async move {
+                            send_probes(&conn, &names, &topics, nonce).await;
+                            Done::Probed
+                        }));
                     } else {
                         tracing::info!(topics = watch.wanted.len(), "redis cluster relay connected");
                     }
-                    retry_at = (settle > 0 || !watch.strays.is_empty())
-                        .then(|| Instant::now() + SETTLE_INTERVAL);
                     self.up().await;
+                }
+                () = probed => {
+                    let probe = watch.probe.take().expect("a deadline means a probe");
+                    let silent: Vec<Topic> = probe
+                        .awaiting
+                        .into_iter()
+                        .filter(|t| watch.wanted.contains(t))
+                        .collect();
+                    self.link.outcome(silent.is_empty());
+                    if !silent.is_empty() {
+                        tracing::warn!(topics = silent.len(), "redis cluster subscriptions confirmed but not in force; subscribing again");
+                        watch.mark(silent, false);
+                        self.down();
+                        disturbed = true;
+                        retry_at.get_or_insert_with(|| Instant::now() + MIN_BACKOFF);
+                    }
                 }
                 Some(change) = self.interest.recv() => {
                     let changes = more_changes(change, &mut self.interest);
+                    self.current(&mut conn, &mut generation, &mut watch).await;
                     if self.apply(&conn, &mut watch, changes).await {
                         self.down();
                         disturbed = true;
@@ -231,14 +295,15 @@ impl Subscriber {
                 }
                 () = retry => {
                     retry_at = None;
+                    self.current(&mut conn, &mut generation, &mut watch).await;
                     let strays: Vec<Topic> = watch.strays.drain().filter(|t| !watch.wanted.contains(t)).collect();
                     self.unsubscribe(&conn, &mut watch, strays).await;
-                    let mut check = if settle > 0 { watch.wanted.clone() } else { watch.missing() };
+                    let mut check = watch.missing();
                     check.extend(std::mem::take(&mut watch.suspect));
                     check.retain(|t| watch.wanted.contains(t));
                     // Nothing to check (only strays to drop): no pass, unless
                     // the relay is still to be declared up.
-                    if check.is_empty() && !disturbed && settle == 0 && self.connected.load(Ordering::Relaxed) {
+                    if check.is_empty() && !disturbed && self.connected.load(Ordering::Relaxed) {
                         continue;
                     }
                     let (conn, names) = (conn.clone(), self.names.clone());
@@ -247,7 +312,7 @@ impl Subscriber {
                     // subscription is.
                     pass = Some(Box::pin(async move {
                         let failed = subscribe(&conn, &names, check.iter(), true, Some(&unreached)).await;
-                        (check, failed)
+                        Done::Subscribed { checked: check, failed }
                     }));
                 }
             }
@@ -259,15 +324,14 @@ impl Subscriber {
     /// Opens the cluster connection, retrying with backoff; subscription
     /// changes meanwhile are recorded and acknowledged at once (they are
     /// subscribed once connected). `None` on shutdown.
-    async fn connect(&mut self, watch: &mut Watch) -> Option<ClusterConnection> {
+    async fn connect(&mut self, watch: &mut Watch) -> Option<(ClusterConnection, u64)> {
         let mut backoff = MIN_BACKOFF;
         let mut logged = false;
         loop {
-            let attempt = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_connection());
             tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
-                attempt = attempt => if let Ok(Ok(conn)) = attempt {
-                    return Some(conn);
+                attempt = self.link.connection() => if let Ok(opened) = attempt {
+                    return Some(opened);
                 },
             }
             if !logged {
@@ -287,6 +351,20 @@ impl Subscriber {
                 }
             }
             backoff = (backoff * 2).min(MAX_RETRY);
+        }
+    }
+
+    /// The link's connection now. One that replaced the connection this
+    /// task used holds none of its subscriptions: every watched topic is
+    /// then subscribed again.
+    async fn current(&self, conn: &mut ClusterConnection, generation: &mut u64, watch: &mut Watch) {
+        if let Ok((now, current)) = self.link.connection().await
+            && current != *generation
+        {
+            *conn = now;
+            *generation = current;
+            watch.mark(watch.wanted.clone(), false);
+            self.down();
         }
     }
 
@@ -353,6 +431,16 @@ impl Subscriber {
         match push.kind {
             PushKind::SMessage => {
                 let message = redis::Msg::from_push_info(push)?;
+                // A probe: this node's comes back; others' are not events.
+                if let Some(nonce) = message.get_payload_bytes().strip_prefix(b"h ") {
+                    if let Some(probe) = watch.probe.as_mut()
+                        && nonce == probe.nonce.to_string().as_bytes()
+                        && let Some(topic) = self.names.topic_of(message.get_channel_name())
+                    {
+                        probe.awaiting.remove(&topic);
+                    }
+                    return None;
+                }
                 // A subscription left behind (an unsubscribe that failed,
                 // or redis-rs restoring one it had before): dropped soon.
                 if let Some(topic) = self.names.topic_of(message.get_channel_name())
@@ -452,4 +540,26 @@ async fn subscribe<'a>(
         .filter_map(std::future::ready)
         .collect()
         .await
+}
+
+/// Publishes this node's probe on each topic's shard channel (failures
+/// leave the topic awaiting: it is subscribed again).
+async fn send_probes(conn: &ClusterConnection, names: &Names, topics: &[Topic], nonce: u64) {
+    let payload = format!("h {nonce}");
+    let sends: Vec<_> = topics
+        .iter()
+        .map(|topic| {
+            let mut conn = conn.clone();
+            let mut cmd = redis::cmd("SPUBLISH");
+            cmd.arg(names.channel(topic)).arg(&payload);
+            async move {
+                let _ =
+                    tokio::time::timeout(RESPONSE_TIMEOUT, cmd.query_async::<i64>(&mut conn)).await;
+            }
+        })
+        .collect();
+    stream::iter(sends)
+        .buffer_unordered(SUBSCRIBE_CONCURRENCY)
+        .collect::<Vec<()>>()
+        .await;
 }
