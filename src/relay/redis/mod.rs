@@ -34,7 +34,9 @@
 //! (raw bytes); or `p {json}`, a presence diff (see
 //! [`crate::event::PresenceDiff::from_relayed`]), published by the
 //! presence book's scripts on the same channel so that it reaches exactly
-//! the nodes that watch the topic.
+//! the nodes that watch the topic; or, in a Redis Cluster, `h {nonce}`, a
+//! node's probe of its own subscription (see [`shards`]), which every
+//! other node ignores.
 
 mod pubsub;
 mod shards;
