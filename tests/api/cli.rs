@@ -300,16 +300,22 @@ async fn sigterm_closes_every_websocket_with_1001_and_exits() {
     stopping.await.expect("the process exits successfully");
 }
 
-#[tokio::test]
-async fn cluster_script_runs_three_relaying_nodes_and_stops_everything_it_started() {
-    use crate::helpers::free_port;
-    let ports = [free_port(), free_port(), free_port()];
-    let redis_port = free_port();
-    let pg = crate::helpers::PgDatabase::create().await;
+/// Runs `scripts/cluster.sh` with `args` on these ports and store, the
+/// test secret and `env`; returns it once ready, with the lines it
+/// printed up to "Press Ctrl-C". Its stdout is read to its end, so the
+/// script never writes to a closed pipe.
+async fn start_cluster_script(
+    args: &[&str],
+    ports: &[u16; 3],
+    redis_port: u16,
+    pg: &crate::helpers::PgDatabase,
+    env: &[(&str, &str)],
+) -> (crate::helpers::KillOnDrop, Vec<String>) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh");
     let mut child = crate::helpers::KillOnDrop(
         Command::new("bash")
             .arg(script)
+            .args(args)
             .env("HERALD_BIN", HERALD)
             .env(
                 "HERALD_CLUSTER_PORTS",
@@ -318,15 +324,12 @@ async fn cluster_script_runs_three_relaying_nodes_and_stops_everything_it_starte
             .env("HERALD_CLUSTER_REDIS_PORT", redis_port.to_string())
             .env("HERALD_JWT_SECRET", SECRET)
             .env("HERALD_CLUSTER_STORE_URL", pg.url())
-            // The nodes inherit it: a killed node's users leave sooner.
-            .env("HERALD__PRESENCE__NODE_TTL", "3s")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
-    // Read stdout to its end (so the script never writes to a closed pipe)
-    // and report what it printed once it is ready.
     let stdout = child.0.stdout.take().unwrap();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
@@ -345,6 +348,24 @@ async fn cluster_script_runs_three_relaying_nodes_and_stops_everything_it_starte
         .await
         .expect("the cluster is ready within a minute")
         .expect("the script printed its ready lines");
+    (child, printed)
+}
+
+#[tokio::test]
+async fn cluster_script_runs_three_relaying_nodes_and_stops_everything_it_started() {
+    use crate::helpers::free_port;
+    let ports = [free_port(), free_port(), free_port()];
+    let redis_port = free_port();
+    let pg = crate::helpers::PgDatabase::create().await;
+    let (mut child, printed) = start_cluster_script(
+        &[],
+        &ports,
+        redis_port,
+        &pg,
+        // The nodes inherit it: a killed node's users leave sooner.
+        &[("HERALD__PRESENCE__NODE_TTL", "3s")],
+    )
+    .await;
     assert!(
         printed[0].starts_with("Herald cluster ready"),
         "{printed:?}"
@@ -464,42 +485,8 @@ async fn cluster_script_on_a_redis_cluster_relays_through_a_master_s_death() {
     let ports = [free_port(), free_port(), free_port()];
     let redis_base = six_free_cluster_ports();
     let pg = crate::helpers::PgDatabase::create().await;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh");
-    let mut child = crate::helpers::KillOnDrop(
-        Command::new("bash")
-            .arg(script)
-            .arg("--redis-cluster")
-            .env("HERALD_BIN", HERALD)
-            .env(
-                "HERALD_CLUSTER_PORTS",
-                format!("{} {} {}", ports[0], ports[1], ports[2]),
-            )
-            .env("HERALD_CLUSTER_REDIS_PORT", redis_base.to_string())
-            .env("HERALD_JWT_SECRET", SECRET)
-            .env("HERALD_CLUSTER_STORE_URL", pg.url())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let stdout = child.0.stdout.take().unwrap();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let mut ready_tx = Some(ready_tx);
-        let mut printed = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            printed.push(line.clone());
-            if line.starts_with("Press Ctrl-C")
-                && let Some(tx) = ready_tx.take()
-            {
-                let _ = tx.send(std::mem::take(&mut printed));
-            }
-        }
-    });
-    let printed = tokio::time::timeout(std::time::Duration::from_secs(60), ready_rx)
-        .await
-        .expect("the cluster is ready within a minute")
-        .expect("the script printed its ready lines");
+    let (mut child, printed) =
+        start_cluster_script(&["--redis-cluster"], &ports, redis_base, &pg, &[]).await;
     assert!(
         printed[0].starts_with("Herald cluster ready on a Redis Cluster"),
         "{printed:?}"

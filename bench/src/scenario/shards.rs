@@ -241,9 +241,8 @@ const PUBLISH_PAUSE: Duration = Duration::from_millis(5);
 const FAILOVER_BOUND: Duration = Duration::from_secs(60);
 
 /// One event received: when, on which topic, its offset, and when it was
-/// published (the publisher's clock, in the body).
+/// published (both on the publisher's clock).
 struct Arrival {
-    at: Instant,
     /// The publisher's clock at arrival.
     at_nanos: u64,
     topic: String,
@@ -282,7 +281,6 @@ pub async fn failover(cluster: &mut Cluster, paths: &Paths) -> Result<Report> {
                 };
                 let topic = topic_of(frame).unwrap_or_default();
                 arrivals.lock().await.push(Arrival {
-                    at: Instant::now(),
                     at_nanos: now_nanos(),
                     topic,
                     offset,
@@ -342,43 +340,12 @@ pub async fn failover(cluster: &mut Cluster, paths: &Paths) -> Result<Report> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     // The first event of a dead master's topic published after its death
-    // that reached the subscriber.
-    let recovered = loop {
-        let first = arrivals
-            .lock()
-            .await
-            .iter()
-            .filter(|e| on_victim.contains(&e.topic) && e.sent_nanos > killed_nanos)
-            .map(|e| e.at)
-            .min();
-        if let Some(at) = first {
-            break at.duration_since(killed_at);
-        }
-        if killed_at.elapsed() > Duration::from_secs(45) {
-            bail!("no event of the dead master's topics arrived within 45 s");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    // The first of them published after the replica took over: how long
-    // Herald took to follow the cluster, beyond the failover itself.
-    let followed = loop {
-        let first = arrivals
-            .lock()
-            .await
-            .iter()
-            .filter(|e| on_victim.contains(&e.topic) && e.sent_nanos > promoted_nanos)
-            .map(|e| e.at_nanos)
-            .min();
-        if let Some(at_nanos) = first {
-            break Duration::from_nanos(at_nanos - promoted_nanos);
-        }
-        if killed_at.elapsed() > Duration::from_secs(45) {
-            bail!(
-                "no event of the dead master's topics published after the failover arrived within 45 s"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    // that reached the subscriber; then the first published after the
+    // replica took over: how long Herald took to follow the cluster,
+    // beyond the failover itself.
+    let first_after = |nanos: u64| first_arrival(&arrivals, &on_victim, nanos, killed_at);
+    let recovered = Duration::from_nanos(first_after(killed_nanos).await? - killed_nanos);
+    let followed = Duration::from_nanos(first_after(promoted_nanos).await? - promoted_nanos);
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     let (acked, refused) = publishing.await??;
@@ -450,6 +417,32 @@ pub async fn failover(cluster: &mut Cluster, paths: &Paths) -> Result<Report> {
         );
     }
     Ok(report)
+}
+
+/// When (the publisher's clock) the first event of `topics` published
+/// after `nanos` arrived; waits for it until 45 s after `killed_at`.
+async fn first_arrival(
+    arrivals: &Mutex<Vec<Arrival>>,
+    topics: &HashSet<String>,
+    nanos: u64,
+    killed_at: Instant,
+) -> Result<u64> {
+    loop {
+        let first = arrivals
+            .lock()
+            .await
+            .iter()
+            .filter(|e| topics.contains(&e.topic) && e.sent_nanos > nanos)
+            .map(|e| e.at_nanos)
+            .min();
+        if let Some(at_nanos) = first {
+            return Ok(at_nanos);
+        }
+        if killed_at.elapsed() > Duration::from_secs(45) {
+            bail!("no event of the dead master's topics arrived within 45 s of its death");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// The `"topic"` of an event frame.
