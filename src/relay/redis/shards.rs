@@ -202,12 +202,11 @@ impl Subscriber {
                         if !disturbed {
                             tracing::warn!("redis cluster relay may have lost subscriptions; subscribing again");
                         }
+                        // Not ready until every subscription is checked.
+                        self.down();
                         match lost {
                             Lost::Maybe(topics) => watch.suspect.extend(topics),
-                            Lost::Surely(topic) => {
-                                watch.mark([topic], false);
-                                self.down();
-                            }
+                            Lost::Surely(topic) => watch.mark([topic], false),
                         }
                         disturbed = true;
                         retry_at.get_or_insert_with(Instant::now);
@@ -263,10 +262,13 @@ impl Subscriber {
                             send_probes(&conn, &names, &topics, nonce).await;
                             Done::Probed
                         }));
-                    } else {
+                        // Gaps fill now; the node is ready once the probes
+                        // are back.
+                        self.inbound.resync().await;
+                    } else if watch.probe.is_none() {
                         tracing::info!(topics = watch.wanted.len(), "redis cluster relay connected");
+                        self.up().await;
                     }
-                    self.up().await;
                 }
                 () = probed => {
                     let probe = watch.probe.take().expect("a deadline means a probe");
@@ -276,7 +278,10 @@ impl Subscriber {
                         .filter(|t| watch.wanted.contains(t))
                         .collect();
                     self.link.outcome(silent.is_empty());
-                    if !silent.is_empty() {
+                    if silent.is_empty() {
+                        tracing::info!(topics = watch.wanted.len(), "redis cluster relay: every subscription checked");
+                        self.up().await;
+                    } else {
                         tracing::warn!(topics = silent.len(), "redis cluster subscriptions confirmed but not in force; subscribing again");
                         watch.mark(silent, false);
                         self.down();
