@@ -461,29 +461,12 @@ async fn cluster_script_runs_three_relaying_nodes_and_stops_everything_it_starte
     }
 }
 
-/// Six ports in a row that are free, with their cluster bus ports (10000
-/// above): for `HERALD_CLUSTER_REDIS_PORT` with `--redis-cluster`.
-fn six_free_cluster_ports() -> u16 {
-    loop {
-        let base = crate::helpers::free_port();
-        if base > 50_000 {
-            continue;
-        }
-        let free = (0..6).all(|k| {
-            std::net::TcpListener::bind(("127.0.0.1", base + k)).is_ok()
-                && std::net::TcpListener::bind(("127.0.0.1", base + k + 10_000)).is_ok()
-        });
-        if free {
-            return base;
-        }
-    }
-}
-
 #[tokio::test]
 async fn cluster_script_on_a_redis_cluster_relays_through_a_master_s_death() {
     use crate::helpers::free_port;
     let ports = [free_port(), free_port(), free_port()];
-    let redis_base = six_free_cluster_ports();
+    // Six ports in a row: `HERALD_CLUSTER_REDIS_PORT` with `--redis-cluster`.
+    let redis_base = crate::helpers::cluster_ports_in_a_row(6);
     let pg = crate::helpers::PgDatabase::create().await;
     let (mut child, printed) =
         start_cluster_script(&["--redis-cluster"], &ports, redis_base, &pg, &[]).await;

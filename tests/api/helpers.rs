@@ -847,15 +847,39 @@ pub async fn cluster_master_of(ports: &[u16], key: &str) -> u16 {
     panic!("no Redis Cluster node of {ports:?} names the master of {key}");
 }
 
-/// A loopback port free a moment ago whose cluster bus port (10000 above)
-/// is free too.
-fn free_cluster_port() -> u16 {
+/// Redis Cluster ports handed out by this process: clusters of tests
+/// running side by side must not take each other's ports or bus ports
+/// (10000 above).
+static CLUSTER_PORTS: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// `count` loopback ports in a row, free a moment ago with their cluster
+/// bus ports, none handed out before by this process; returns the first.
+pub fn cluster_ports_in_a_row(count: u16) -> u16 {
     loop {
-        let port = free_port();
-        if port <= 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
-            return port;
+        let base = free_port();
+        if base > 50_000 {
+            continue;
+        }
+        let mut taken = CLUSTER_PORTS.lock().unwrap();
+        let ports: Vec<u16> = (base..base + count).collect();
+        let clash = ports.iter().any(|p| {
+            taken.contains(p)
+                || taken.contains(&(p + 10_000))
+                || taken.contains(&p.wrapping_sub(10_000))
+        });
+        let free = ports.iter().all(|p| {
+            std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok()
+        });
+        if !clash && free {
+            taken.extend(&ports);
+            return base;
         }
     }
+}
+
+fn free_cluster_port() -> u16 {
+    cluster_ports_in_a_row(1)
 }
 
 /// A private Redis Cluster: six `redis-server` processes with
@@ -866,6 +890,8 @@ pub struct RedisCluster {
     pub ports: Vec<u16>,
     dir: std::path::PathBuf,
     children: Vec<Option<std::process::Child>>,
+    /// Whether `redis-cli --cluster create` made them one cluster.
+    formed: bool,
 }
 
 impl RedisCluster {
@@ -875,6 +901,7 @@ impl RedisCluster {
             dir: temp_dir("redis-cluster"),
             children: ports.iter().map(|_| None).collect(),
             ports,
+            formed: false,
         };
         for i in 0..cluster.ports.len() {
             cluster.start_node(i).await;
@@ -892,6 +919,7 @@ impl RedisCluster {
             .status()
             .expect("redis-cli is installed (see README: Tests)");
         assert!(created.success(), "redis-cli --cluster create failed");
+        cluster.formed = true;
         cluster.wait_healthy().await;
         cluster
     }
@@ -899,27 +927,48 @@ impl RedisCluster {
     /// Starts node `i` (again, with its cluster state file, so a restarted
     /// node rejoins) and waits until it answers.
     pub async fn start_node(&mut self, i: usize) {
-        let port = self.ports[i].to_string();
-        let child = std::process::Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port])
-            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
-            // A replica may take over however long ago it heard from its
-            // master (a test kills masters soon after start).
-            .args(["--cluster-replica-validity-factor", "0"])
-            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (see README: Tests)");
-        self.children[i] = Some(child);
-        eventually("a cluster node answers", || async {
-            self.try_query::<String>(self.ports[i], &redis::cmd("PING"))
-                .await
-                .is_some()
-        })
-        .await;
+        // Before the cluster is made, a node whose port was taken meanwhile
+        // moves to another; after, it must come back on its own.
+        let may_move = !self.formed;
+        for _ in 0..5 {
+            let port = self.ports[i].to_string();
+            let child = std::process::Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                // A replica may take over however long ago it heard from
+                // its master (a test kills masters soon after start).
+                .args(["--cluster-replica-validity-factor", "0"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&self.dir)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server is installed (see README: Tests)");
+            self.children[i] = Some(child);
+            let deadline = tokio::time::Instant::now() + RECV_TIMEOUT * 2;
+            while tokio::time::Instant::now() < deadline {
+                let exited = self.children[i]
+                    .as_mut()
+                    .is_some_and(|c| c.try_wait().unwrap().is_some());
+                if exited {
+                    break;
+                }
+                // Our own process answers: it is alive and holds the port.
+                if self
+                    .try_query::<String>(self.ports[i], &redis::cmd("PING"))
+                    .await
+                    .is_some()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            self.children[i] = None;
+            assert!(may_move, "redis-server on port {port} did not start again");
+            self.ports[i] = free_cluster_port();
+        }
+        panic!("no cluster node could start on a free port");
     }
 
     /// The seed list for `redis.url`.
