@@ -202,8 +202,10 @@ impl Subscriber {
                         if !disturbed {
                             tracing::warn!("redis cluster relay may have lost subscriptions; subscribing again");
                         }
-                        // Not ready until every subscription is checked.
+                        // Not ready until every subscription is checked
+                        // again: a probe under way no longer speaks for them.
                         self.down();
+                        watch.probe = None;
                         match lost {
                             Lost::Maybe(topics) => watch.suspect.extend(topics),
                             Lost::Surely(topic) => watch.mark([topic], false),
@@ -291,16 +293,20 @@ impl Subscriber {
                 }
                 Some(change) = self.interest.recv() => {
                     let changes = more_changes(change, &mut self.interest);
-                    self.current(&mut conn, &mut generation, &mut watch).await;
-                    if self.apply(&conn, &mut watch, changes).await {
+                    let renewed = self.current(&mut conn, &mut generation, &mut watch).await;
+                    if self.apply(&conn, &mut watch, changes).await || renewed {
                         self.down();
+                        // A probe under way no longer speaks for them.
+                        watch.probe = None;
                         disturbed = true;
                         retry_at.get_or_insert_with(|| Instant::now() + MIN_BACKOFF);
                     }
                 }
                 () = retry => {
                     retry_at = None;
-                    self.current(&mut conn, &mut generation, &mut watch).await;
+                    if self.current(&mut conn, &mut generation, &mut watch).await {
+                        disturbed = true;
+                    }
                     let strays: Vec<Topic> = watch.strays.drain().filter(|t| !watch.wanted.contains(t)).collect();
                     self.unsubscribe(&conn, &mut watch, strays).await;
                     let mut check = watch.missing();
@@ -361,16 +367,24 @@ impl Subscriber {
 
     /// The link's connection now. One that replaced the connection this
     /// task used holds none of its subscriptions: every watched topic is
-    /// then subscribed again.
-    async fn current(&self, conn: &mut ClusterConnection, generation: &mut u64, watch: &mut Watch) {
+    /// then subscribed again. Whether it replaced the one in use.
+    async fn current(
+        &self,
+        conn: &mut ClusterConnection,
+        generation: &mut u64,
+        watch: &mut Watch,
+    ) -> bool {
         if let Ok((now, current)) = self.link.connection().await
             && current != *generation
         {
             *conn = now;
             *generation = current;
             watch.mark(watch.wanted.clone(), false);
+            watch.probe = None;
             self.down();
+            return true;
         }
+        false
     }
 
     /// Applies watch and unwatch changes; a watch is acknowledged once its
