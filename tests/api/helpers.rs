@@ -776,6 +776,18 @@ impl ServeProcess {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        let http = reqwest::Client::new();
+        eventually("the node is ready", || async {
+            http.get(self.url("/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    }
+
     /// A JSON WebSocket to this process, authenticated with `token`.
     pub async fn connect(&self, token: &str) -> WsClient {
         Handshake::to(&format!("ws://127.0.0.1:{}/ws?token={token}", self.port))
@@ -1005,6 +1017,14 @@ impl RedisCluster {
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         cmd.query_async(&mut conn).await.unwrap()
+    }
+
+    /// How many clients of node `port` subscribe to shard channel `name`.
+    pub async fn shard_subscribers(&self, port: u16, name: &str) -> u64 {
+        let counts: Vec<(String, u64)> = self
+            .query(port, redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(name))
+            .await;
+        counts.first().map_or(0, |(_, n)| *n)
     }
 
     /// The live nodes' view: `(port, id, is_master)` of each node that is

@@ -404,12 +404,7 @@ async fn a_slot_moved_to_another_master_under_load_loses_duplicates_and_reorders
         // Both nodes' subscriptions follow the slot to its new master.
         eventually(
             "the moved topic's channel is subscribed on its new master",
-            || async {
-                let counts: Vec<(String, u64)> = cluster
-                    .query(to, redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&name))
-                    .await;
-                counts.first().is_some_and(|(_, n)| *n == 2)
-            },
+            || async { cluster.shard_subscribers(to, &name).await == 2 },
         )
         .await;
     }
@@ -444,14 +439,7 @@ async fn a_node_restarted_during_a_failover_serves_every_acknowledged_event() {
     // The Herald node dies and comes back while the cluster fails over.
     b.stop_with("KILL").await;
     b.restart().await;
-    let http = reqwest::Client::new();
-    eventually("the restarted node is ready", || async {
-        http.get(b.url("/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    b.wait_ready().await;
     assert!(
         cluster.masters().await.len() < 3 || killed_at.elapsed() < Duration::from_secs(2),
         "the node came back before the failover ended"
@@ -474,10 +462,7 @@ async fn a_node_restarted_during_a_failover_serves_every_acknowledged_event() {
         let name = channel(topic);
         let master = cluster.master_of(&name).await;
         eventually("the channel is subscribed on its master", || async {
-            let counts: Vec<(String, u64)> = cluster
-                .query(master, redis::cmd("PUBSUB").arg("SHARDNUMSUB").arg(&name))
-                .await;
-            counts.first().is_some_and(|(_, n)| *n == 1)
+            cluster.shard_subscribers(master, &name).await == 1
         })
         .await;
     }
@@ -496,14 +481,8 @@ async fn subscription_churn_on_a_healthy_cluster_is_not_taken_for_a_failure() {
         ("HERALD__LIMITS__SUBSCRIBE_RATE", "100000".to_owned()),
     ];
     let node = ServeProcess::start("sharded-churn", &env, std::process::Stdio::null()).await;
+    node.wait_ready().await;
     let http = reqwest::Client::new();
-    eventually("the node is ready", || async {
-        http.get(node.url("/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
     let mut ws = node.connect(&subscriber()).await;
     for round in 0..3 {
         for k in 0..20 {

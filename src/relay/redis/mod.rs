@@ -280,7 +280,7 @@ impl ClusterLink {
         }
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_connection())
             .await
-            .map_err(|_| timed_out("no Redis Cluster node answered"))??;
+            .map_err(|_| io_error("no Redis Cluster node answered"))??;
         let mut state = self.state();
         let conn = state.conn.get_or_insert(conn).clone();
         Ok((conn, state.generation))
@@ -305,7 +305,7 @@ impl ClusterLink {
     }
 }
 
-fn timed_out(what: &'static str) -> redis::RedisError {
+fn io_error(what: &'static str) -> redis::RedisError {
     redis::RedisError::from((redis::ErrorKind::Io, what))
 }
 
@@ -557,7 +557,7 @@ impl RedisRelay {
             }
             let got: Vec<(String, u64)> = cmd.query_async(&mut conn).await?;
             if got.len() != chunk.len() {
-                return Err(timed_out("PUBSUB NUMSUB answered another count"));
+                return Err(io_error("PUBSUB NUMSUB answered another count"));
             }
             counts.extend(got.into_iter().map(|(_, n)| n));
         }
@@ -826,9 +826,7 @@ async fn confirmed(
 ) -> redis::RedisResult<()> {
     tokio::time::timeout(RESPONSE_TIMEOUT, command)
         .await
-        .map_err(|_| {
-            redis::RedisError::from((redis::ErrorKind::Io, "no confirmation from Redis"))
-        })?
+        .map_err(|_| io_error("no confirmation from Redis"))?
 }
 
 fn acknowledge(change: Interest) {

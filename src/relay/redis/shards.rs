@@ -328,8 +328,7 @@ impl Subscriber {
                 }
             }
         }
-        self.connected.store(false, Ordering::Relaxed);
-        metrics::gauge!(names::RELAY_CONNECTED).set(0.0);
+        self.down();
     }
 
     /// Opens the cluster connection, retrying with backoff; subscription
