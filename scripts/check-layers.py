@@ -20,7 +20,7 @@ LAYERS = [
     ("foundation", ["config", "files", "rate", "stall", "telemetry"]),
     ("pure types", ["topic", "payload", "protocol", "auth", "event"]),
     ("store, relay, mailboxes, presence", ["store", "relay", "mailbox", "presence"]),
-    ("delivery and the node's core", ["pipeline", "broker", "state"]),
+    ("delivery and the node's core", ["pipeline", "broker", "state", "registrations"]),
     ("edges", ["http", "ws"]),
     ("entry points", ["startup", "dev", "cli"]),
 ]

@@ -123,6 +123,10 @@ pub enum Audience {
     Many(Vec<String>),
 }
 
+/// Longest a connection's token is taken to live (ten years); `exp` beyond
+/// it is treated as this.
+const MAX_TOKEN_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
+
 /// What a verified token allows.
 #[derive(Debug, Clone)]
 pub struct Grants {
@@ -163,6 +167,18 @@ impl Forbidden {
 }
 
 impl Grants {
+    /// When the token stops being accepted (`valid_until`), on the
+    /// runtime's clock: where a connection or stream holding it ends.
+    pub fn expires_at(&self) -> tokio::time::Instant {
+        // Capped: an issuer's far-future `exp` must not overflow the clock.
+        let left = std::time::Duration::from_secs(
+            self.valid_until
+                .saturating_sub(unix_now_secs())
+                .min(MAX_TOKEN_LIFETIME_SECS),
+        );
+        tokio::time::Instant::now() + left
+    }
+
     fn from_claims(claims: Claims) -> Result<Grants, AuthError> {
         if claims.sub.is_empty() {
             return Err(AuthError::MissingClaim("sub".into()));

@@ -62,6 +62,15 @@ impl Event {
         protocol::encode_event_msgpack(self.header(), &self.payload)
     }
 
+    /// The `herald.json` event message as text: the payload of the shared
+    /// JSON WebSocket frame, the same bytes (an event stream's line).
+    /// `None` when the event cannot be encoded (see
+    /// [`ws_frame`](Self::ws_frame)).
+    pub fn json(&self) -> Option<Bytes> {
+        let frame = self.ws_frame(Encoding::Json)?;
+        Some(protocol::ws_frame_payload(&frame))
+    }
+
     /// The event as one WebSocket frame in `encoding`, encoded on first use
     /// and shared by every subscriber. An event that cannot be encoded is
     /// logged and counted once, here, and `None` for every subscriber.

@@ -25,9 +25,11 @@
 //!   memory or in Redis, with per-node leases).
 //! - [`pipeline`] (per topic on this node: who subscribes, the last offset
 //!   delivered, gap-fill, the replay/live seam), [`broker`] (publish and
-//!   subscribe, for the edges), [`state`] (what handlers share).
-//! - Edges: [`http`] (publish, history, health; errors → statuses in one
-//!   place), [`ws`] (handshake, RFC 6455 transport, the session; errors →
+//!   subscribe, for the edges), [`state`] (what handlers share, and each
+//!   connection's place in the connection limits), [`registrations`]
+//!   (what a subscriber holds, released when it goes).
+//! - Edges: [`http`] (publish, history, health, SSE and NDJSON streams;
+//!   errors → statuses in one place), [`ws`] (handshake, RFC 6455 transport, the session; errors →
 //!   error frames or close codes in one place).
 //! - Entry points: [`startup`] (builds and runs a node), [`cli`] (`serve`,
 //!   `token`), [`dev`] (the zero-setup key and banner).
@@ -65,6 +67,17 @@
 //! `subscribed` with that offset, replays up to it from the store, and
 //! everything after comes through the mailbox.
 //!
+//! # The life of a stream
+//! `GET /api/v1/topics/{topic}/events` with `Accept: text/event-stream` (or
+//! NDJSON), or `GET /api/v1/stream?topic=…` → `http::stream` checks the
+//! token, topics and resume position, takes a connection slot and a held
+//! [`mailbox::Mailbox`] (no socket: the stream takes every delivery
+//! itself), and subscribes each topic as a WebSocket would → the response
+//! body opens with each topic's position, replays what the resume asks
+//! for, then writes what its mailbox holds as SSE messages or NDJSON lines,
+//! with heartbeats, until overflow, expiry or shutdown ends it with an
+//! `end` message, or the client leaves and the body is dropped.
+//!
 //! # The life of a connection
 //! `GET /ws` with `Upgrade: websocket` leaves the HTTP dispatcher with its
 //! socket (`ws::upgrade`) → origin, token and sub-protocol are checked
@@ -89,6 +102,7 @@ pub mod pipeline;
 pub mod presence;
 pub mod protocol;
 pub mod rate;
+pub mod registrations;
 pub mod relay;
 pub mod stall;
 pub mod startup;

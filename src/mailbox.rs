@@ -68,8 +68,9 @@ pub struct Outlet {
 struct Shared {
     queue: Mutex<Queue>,
     /// The connection's socket, written by whichever side finds nothing
-    /// waiting ahead of its frame.
-    wire: Arc<TcpStream>,
+    /// waiting ahead of its frame; `None` for a subscriber that takes
+    /// every delivery itself (an event stream: see [`Mailbox::held`]).
+    wire: Option<Arc<TcpStream>>,
     /// The connection's encoding: which of an event's frames it takes.
     encoding: Encoding,
     /// Most events and bytes waiting.
@@ -132,6 +133,13 @@ impl Queue {
 }
 
 impl Shared {
+    /// The socket; a held mailbox has none to write to.
+    fn wire(&self) -> io::Result<&TcpStream> {
+        self.wire
+            .as_deref()
+            .ok_or_else(|| io::ErrorKind::Unsupported.into())
+    }
+
     fn lock(&self) -> MutexGuard<'_, Queue> {
         // No critical section here can panic half-way.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
@@ -144,8 +152,9 @@ impl Shared {
         if let Some(kind) = queue.failed {
             return Err(kind.into());
         }
+        let wire = self.wire()?;
         let written = if queue.unsent.is_empty() {
-            match self.wire.try_write(&frame) {
+            match wire.try_write(&frame) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(e) => {
@@ -179,6 +188,30 @@ impl Mailbox {
         max_bytes: usize,
         parent: &CancellationToken,
     ) -> (Mailbox, Outlet, CancellationToken) {
+        Mailbox::build(id, Some(wire), encoding, capacity, max_bytes, parent)
+    }
+
+    /// A mailbox that holds every delivery for its owner to take with
+    /// [`Outlet::next_held`] (woken by [`Outlet::woken`]), under the same
+    /// bounds and overflow policy: for an event stream, whose bytes go out
+    /// through the HTTP response rather than straight to a socket.
+    pub fn held(
+        id: ConnId,
+        capacity: usize,
+        max_bytes: usize,
+        parent: &CancellationToken,
+    ) -> (Mailbox, Outlet, CancellationToken) {
+        Mailbox::build(id, None, Encoding::Json, capacity, max_bytes, parent)
+    }
+
+    fn build(
+        id: ConnId,
+        wire: Option<Arc<TcpStream>>,
+        encoding: Encoding,
+        capacity: usize,
+        max_bytes: usize,
+        parent: &CancellationToken,
+    ) -> (Mailbox, Outlet, CancellationToken) {
         let overflowed = parent.child_token();
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
@@ -205,7 +238,7 @@ impl Mailbox {
     /// (then the connection is evicted). Never waits. Returns whether the
     /// event was taken.
     pub(crate) fn offer(&self, event: &Arc<Event>) -> bool {
-        let frame = event.ws_frame(self.shared.encoding);
+        let frame = self.frame(|encoding| event.ws_frame(encoding));
         self.take(frame, event.payload.len(), || {
             Delivery::Event(Arc::clone(event))
         })
@@ -213,8 +246,14 @@ impl Mailbox {
 
     /// Delivers a presence diff, as [`offer`](Self::offer) does an event.
     pub(crate) fn offer_presence(&self, diff: &Arc<PresenceDiff>) -> bool {
-        let frame = diff.ws_frame(self.shared.encoding);
+        let frame = self.frame(|encoding| diff.ws_frame(encoding));
         self.take(frame, diff.size(), || Delivery::Presence(Arc::clone(diff)))
+    }
+
+    /// The frame to write to the socket, when there is a socket.
+    fn frame(&self, frame: impl FnOnce(Encoding) -> Option<Bytes>) -> Option<Bytes> {
+        self.shared.wire.as_ref()?;
+        frame(self.shared.encoding)
     }
 
     /// Writes `frame`, or holds what `held` makes (`size` bytes) for the
@@ -227,7 +266,7 @@ impl Mailbox {
         if queue.closed {
             return false;
         }
-        let direct = !queue.holding && queue.held.is_empty();
+        let direct = shared.wire.is_some() && !queue.holding && queue.held.is_empty();
         let size = match (&frame, direct) {
             (Some(frame), true) => frame.len(),
             // Held: for the connection to write once it is done with a
@@ -332,7 +371,7 @@ impl Outlet {
                     .take(MAX_SLICES)
                     .map(|b| IoSlice::new(b))
                     .collect();
-                let written = shared.wire.try_write_vectored(&slices);
+                let written = shared.wire()?.try_write_vectored(&slices);
                 drop(slices);
                 match written {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -350,7 +389,7 @@ impl Outlet {
                     }
                 }
             }
-            shared.wire.writable().await?;
+            shared.wire()?.writable().await?;
         }
     }
 

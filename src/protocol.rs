@@ -806,10 +806,31 @@ pub fn ws_frame(op: OpCode, payload: &[u8]) -> BytesMut {
     frame
 }
 
+/// The payload of a frame [`ws_frame`] made, without copying it: the
+/// frame minus its header (2, 4 or 10 bytes by the payload's length; a
+/// server frame has no mask).
+pub fn ws_frame_payload(frame: &Bytes) -> Bytes {
+    let header = match frame.get(1).map(|b| b & 0x7F) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    frame.slice(header.min(frame.len())..)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::event::Event;
+
+    #[test]
+    fn a_frames_payload_is_found_after_each_size_of_header() {
+        for len in [0, 125, 126, 65_535, 65_536, 70_000] {
+            let payload = vec![b'x'; len];
+            let frame = ws_frame(OpCode::Text, &payload).freeze();
+            assert_eq!(ws_frame_payload(&frame), payload, "payload of {len} bytes");
+        }
+    }
 
     fn json(frame: &str) -> Result<ClientOp, DecodeError> {
         decode(Encoding::Json, frame.as_bytes())

@@ -105,6 +105,9 @@ impl Application {
                     .graceful_shutdown_signal(move || stopping.clone().cancelled_owned())
                     .client_request_timeout(handshake_timeout)
                     .client_disconnect_timeout(ws::LINGER)
+                    // A client that closes its side is gone: an event
+                    // stream it held ends then, not at its next heartbeat.
+                    .h1_allow_half_closed(false)
                     .local_addr(addr)
                     .upgrade(upgrade)
                     // Herald reads neither the host nor the address the

@@ -1,10 +1,13 @@
 //! `GET /api/v1/topics/{topic}/events?since=N&limit=M[&epoch=E]`: retained
-//! events, under the same token rules as subscribing.
+//! events, under the same token rules as subscribing; with a stream
+//! `Accept` (SSE, NDJSON), the topic's events as a stream (see
+//! [`super::stream`]).
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::stream::Format;
 use super::{ApiError, ErrorBody, subscriber_read};
 use crate::protocol::{MAX_EPOCH_BYTES, MAX_OFFSET};
 use crate::state::AppState;
@@ -66,6 +69,9 @@ pub(super) async fn history(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    if let Some(format) = Format::from_accept(req.headers()) {
+        return super::stream::one_topic(&req, &path, state.into_inner(), format).await;
+    }
     let (topic, query) = subscriber_read::<HistoryQuery>(&req, &path, &state)?;
     if query
         .epoch

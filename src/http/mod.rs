@@ -6,10 +6,11 @@ mod introspect;
 mod openapi;
 mod presence;
 mod publish;
+mod stream;
 pub mod ui;
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::header::{self, HeaderMap, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use serde::Serialize;
 
@@ -18,7 +19,7 @@ use crate::auth::{AuthError, Forbidden};
 use crate::broker::PublishError;
 use crate::presence::PresenceError;
 use crate::protocol::ErrorCode;
-use crate::state::AppState;
+use crate::state::{AppState, SlotError};
 use crate::store::StoreError;
 use crate::topic::{Topic, TopicError};
 
@@ -36,6 +37,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             resource("/api/v1/topics/{topic}/presence", "GET")
                 .route(web::get().to(presence::presence)),
         )
+        .service(resource("/api/v1/stream", "GET").route(web::get().to(stream::many_topics)))
         .service(resource("/api/v1/events", "POST").route(web::post().to(publish::publish_batch)))
         .service(resource("/api/v1/node", "GET").route(web::get().to(introspect::node)))
         .service(resource("/api/v1/topics/{topic}", "GET").route(web::get().to(introspect::topic)));
@@ -118,12 +120,8 @@ pub enum ApiError {
     PresenceDisabled(Topic),
     #[error(transparent)]
     Presence(#[from] PresenceError),
-    #[error("this node is at its connection limit ({0}, limits.max_connections); try another node")]
-    TooManyConnections(usize),
-    #[error(
-        "this user already holds {0} connections on this node (limits.max_connections_per_sub)"
-    )]
-    TooManyUserConnections(usize),
+    #[error(transparent)]
+    NoSlot(#[from] SlotError),
     /// Past `limits.http_publish_rate`; `retry_after` is `None` when the
     /// request alone is more than the burst.
     #[error("{message}")]
@@ -137,6 +135,8 @@ pub enum ApiError {
     NotFound,
     #[error("this route takes {0}")]
     MethodNotAllowed(&'static str),
+    #[error("a stream may hold {0} topics (limits.max_subscriptions)")]
+    TooManyTopics(usize),
 }
 
 impl ApiError {
@@ -152,12 +152,13 @@ impl ApiError {
             ApiError::Unavailable(_)
             | ApiError::Store(_)
             | ApiError::Presence(_)
-            | ApiError::TooManyConnections(_) => ErrorCode::Unavailable,
+            | ApiError::NoSlot(SlotError::Node(_)) => ErrorCode::Unavailable,
             ApiError::PresenceDisabled(_) => ErrorCode::PresenceDisabled,
-            ApiError::TooManyUserConnections(_) => ErrorCode::TooManyConnections,
+            ApiError::NoSlot(SlotError::User(_)) => ErrorCode::TooManyConnections,
             ApiError::RateLimited { .. } => ErrorCode::RateLimited,
             ApiError::NotFound | ApiError::NoHistory(_) => ErrorCode::NotFound,
             ApiError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
+            ApiError::TooManyTopics(_) => ErrorCode::TooManySubscriptions,
         }
     }
 }
@@ -287,6 +288,25 @@ pub(crate) fn bearer_token(headers: &header::HeaderMap) -> Result<Option<&str>, 
         _ => Err(AuthError::Malformed(
             "Authorization header must be `Bearer <jwt>`".into(),
         )),
+    }
+}
+
+/// Refuses browser handshakes and streams from origins not listed in
+/// `server.allowed_origins` (cross-site WebSocket hijacking; a stream
+/// refused before it holds a slot). Requests
+/// without an `Origin` header come from non-browser clients and pass.
+pub(crate) fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ApiError> {
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or_default();
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+        Ok(())
+    } else {
+        Err(ApiError::OriginNotAllowed(origin.to_owned()))
     }
 }
 

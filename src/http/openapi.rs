@@ -11,7 +11,7 @@ use utoipa::{Modify, OpenApi};
 #[openapi(
     info(
         title = "Herald",
-        description = "Live-notification broker: publish over HTTP, subscribe over WebSocket (`GET /ws`, see docs/protocol.md)."
+        description = "Live-notification broker: publish over HTTP, subscribe over WebSocket (`GET /ws`) or as an SSE/NDJSON stream (`Accept: text/event-stream` on the history route, `GET /api/v1/stream`); both in docs/protocol.md."
     ),
     paths(
         super::publish::publish_one,

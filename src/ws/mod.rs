@@ -16,7 +16,6 @@ mod socket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use actix_codec::{Encoder, Framed};
 use actix_http::body::BodySize;
@@ -30,10 +29,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::auth::{AuthError, Grants};
-use crate::http::{ApiError, bearer_token};
+use crate::http::{ApiError, bearer_token, check_origin};
 use crate::protocol::{Encoding, JSON_PROTOCOL, MSGPACK_PROTOCOL};
 use crate::stall::WriteTimeout;
-use crate::state::AppState;
+use crate::state::{AppState, ConnectionSlot};
 use crate::telemetry::names;
 pub use close::CloseCause;
 pub(crate) use socket::LINGER;
@@ -212,82 +211,6 @@ fn record<T>(result: &Result<T, ApiError>, peer: Option<SocketAddr>) {
                 .increment(1);
             tracing::info!(?peer, reason, detail = %e, "handshake refused");
         }
-    }
-}
-
-/// One place under `limits.max_connections` and under its user's
-/// `limits.max_connections_per_sub`, given back when dropped.
-pub(crate) struct ConnectionSlot {
-    state: Arc<AppState>,
-    /// The user's key in `connections_by_sub`: a keyed 64-bit hash of the
-    /// `sub`, not a copy of it, to keep every connection small.
-    sub: u64,
-}
-
-impl ConnectionSlot {
-    fn acquire(state: &Arc<AppState>, sub: &str) -> Result<ConnectionSlot, ApiError> {
-        let max = state.settings.limits.max_connections;
-        if state.connections.fetch_add(1, Ordering::Relaxed) >= max {
-            state.connections.fetch_sub(1, Ordering::Relaxed);
-            return Err(ApiError::TooManyConnections(max));
-        }
-        let per_sub = state.settings.limits.max_connections_per_sub;
-        let sub = std::hash::BuildHasher::hash_one(&state.sub_keys, sub);
-        {
-            let mut by_sub = lock(&state.connections_by_sub);
-            let held = by_sub.entry(sub).or_insert(0);
-            if *held >= per_sub {
-                drop(by_sub);
-                state.connections.fetch_sub(1, Ordering::Relaxed);
-                return Err(ApiError::TooManyUserConnections(per_sub));
-            }
-            *held += 1;
-        }
-        metrics::gauge!(names::CONNECTIONS).increment(1.0);
-        Ok(ConnectionSlot {
-            state: Arc::clone(state),
-            sub,
-        })
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        {
-            let mut by_sub = lock(&self.state.connections_by_sub);
-            if let Some(held) = by_sub.get_mut(&self.sub) {
-                *held -= 1;
-                if *held == 0 {
-                    by_sub.remove(&self.sub);
-                }
-            }
-        }
-        self.state.connections.fetch_sub(1, Ordering::Relaxed);
-        metrics::gauge!(names::CONNECTIONS).decrement(1.0);
-    }
-}
-
-/// The lock, even if a thread panicked holding it (the counts stay right:
-/// no critical section here can panic half-way).
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Refuses browser handshakes from origins not listed in
-/// `server.allowed_origins` (cross-site WebSocket hijacking). Requests
-/// without an `Origin` header come from non-browser clients and pass.
-fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ApiError> {
-    if allowed.is_empty() {
-        return Ok(());
-    }
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return Ok(());
-    };
-    let origin = origin.to_str().unwrap_or_default();
-    if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
-        Ok(())
-    } else {
-        Err(ApiError::OriginNotAllowed(origin.to_owned()))
     }
 }
 

@@ -3,7 +3,6 @@
 //! pipeline could not write an event itself), eviction, the heartbeat, the
 //! token's expiry and node shutdown.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::close::CloseCause;
 use super::socket::{Message, Socket};
-use super::{Accepted, Admitted, ConnectionSlot};
+use super::{Accepted, Admitted};
 use crate::auth::{Action, AuthError, Forbidden, Grants, unix_now_secs};
 use crate::broker::{PublishError, Transport};
 use crate::config::LimitSettings;
@@ -24,7 +23,8 @@ use crate::mailbox::{ConnId, Delivery, Mailbox, Outlet};
 use crate::presence::PresenceError;
 use crate::protocol::{self, ClientOp, DecodeError, ErrorCode, Reply, ws_frame};
 use crate::rate::TokenBucket;
-use crate::state::AppState;
+use crate::registrations::Registrations;
+use crate::state::{AppState, ConnectionSlot};
 use crate::store::{Head, IdempotencyKey, NewEvent, Page};
 use crate::telemetry::names;
 use crate::topic::Topic;
@@ -164,10 +164,6 @@ impl OpError {
     }
 }
 
-/// Longest a connection's token is taken to live (ten years); `exp` beyond
-/// it is treated as this.
-const MAX_TOKEN_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
-
 /// Events read from the store per query while replaying (and at most
 /// `limits.max_page_bytes`); the next page is read once this one is
 /// written.
@@ -215,13 +211,7 @@ pub(super) async fn run(accepted: Accepted) {
     );
     let publish_rate = Limited::new(limits.publish_rate, LimitedOps::Publish);
     let subscribe_rate = Limited::new(limits.subscribe_rate, LimitedOps::Subscribe);
-    let subscriptions = Registrations {
-        state: Arc::clone(&state),
-        mailbox,
-        sub: grants.sub.clone(),
-        topics: HashSet::new(),
-        presence: HashSet::new(),
-    };
+    let subscriptions = Registrations::new(Arc::clone(&state), mailbox, grants.sub.clone());
     let conn = Connection {
         state,
         _slot: slot,
@@ -274,7 +264,7 @@ impl Connection {
         let mut heartbeat = tokio::time::interval(server.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_seen = Instant::now();
-        let expiry = tokio::time::sleep_until(expiry_instant(self.grants.valid_until));
+        let expiry = tokio::time::sleep_until(self.grants.expires_at());
         tokio::pin!(expiry);
         tracing::info!(conn = self.id(), sub = %self.grants.sub, ?peer, encoding = self.encoding.protocol_name(), "connection opened");
 
@@ -307,7 +297,7 @@ impl Connection {
                         if handled.is_ok() {
                             last_seen = Instant::now();
                             // A refresh may have moved the expiry.
-                            expiry.as_mut().reset(expiry_instant(self.grants.valid_until));
+                            expiry.as_mut().reset(self.grants.expires_at());
                         }
                         match handled {
                             Ok(()) => self.catch_up().await,
@@ -737,72 +727,6 @@ impl Connection {
     }
 }
 
-/// A connection's mailbox and subscriptions, released from the pipeline
-/// (and the relay's watch) when dropped. The orderly end unsubscribes each
-/// topic and leaves this empty; a task that ends any other way (a panic,
-/// or its future dropped mid-way) still leaves no registration, no gauge
-/// and no Redis subscription behind.
-struct Registrations {
-    state: Arc<AppState>,
-    mailbox: Mailbox,
-    /// The connection's user: the member it makes in a topic's presence.
-    sub: String,
-    topics: HashSet<Topic>,
-    /// The topics (of `topics`) whose presence the connection joined.
-    presence: HashSet<Topic>,
-}
-
-impl Registrations {
-    /// Forgets a topic, leaving its presence if joined; whether it was
-    /// subscribed. The caller unsubscribes it from the broker.
-    fn remove(&mut self, topic: &Topic) -> bool {
-        self.leave_presence(topic);
-        self.topics.remove(topic)
-    }
-
-    /// Leaves a topic's presence, if joined.
-    fn leave_presence(&mut self, topic: &Topic) {
-        if self.presence.remove(topic) {
-            self.state.broker.presence().leave(topic, &self.sub);
-        }
-    }
-}
-
-impl std::ops::Deref for Registrations {
-    type Target = HashSet<Topic>;
-    fn deref(&self) -> &HashSet<Topic> {
-        &self.topics
-    }
-}
-
-impl std::ops::DerefMut for Registrations {
-    fn deref_mut(&mut self) -> &mut HashSet<Topic> {
-        &mut self.topics
-    }
-}
-
-impl Drop for Registrations {
-    fn drop(&mut self) {
-        self.mailbox.close();
-        for topic in self.presence.drain() {
-            self.state.broker.presence().leave(&topic, &self.sub);
-        }
-        for topic in self.topics.drain() {
-            self.state.broker.release(&topic, self.mailbox.id);
-        }
-    }
-}
-
-/// When a token with `exp` (Unix seconds) expires, on the runtime's clock.
-fn expiry_instant(exp: u64) -> tokio::time::Instant {
-    // Capped: an issuer's far-future `exp` must not overflow the clock.
-    let left = Duration::from_secs(
-        exp.saturating_sub(unix_now_secs())
-            .min(MAX_TOKEN_LIFETIME_SECS),
-    );
-    tokio::time::Instant::now() + left
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -839,13 +763,7 @@ mod tests {
         );
         let topic = Topic::parse("t").unwrap();
         state.broker.subscribe(&topic, &mailbox).await.unwrap();
-        let mut registrations = Registrations {
-            state: Arc::clone(&state),
-            mailbox,
-            sub: "unit".into(),
-            topics: HashSet::new(),
-            presence: HashSet::new(),
-        };
+        let mut registrations = Registrations::new(Arc::clone(&state), mailbox, "unit".into());
         registrations.insert(topic.clone());
         assert_eq!(state.broker.local_subscribers(&topic).await, 1);
 

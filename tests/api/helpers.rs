@@ -1140,3 +1140,186 @@ impl Drop for RedisCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// One message of an event stream as a client parses it: an SSE message
+/// (its fields), or one NDJSON line.
+#[derive(Debug, Default, Clone)]
+pub struct StreamMessage {
+    /// SSE `event:`; `None` for the default type.
+    pub event: Option<String>,
+    pub id: Option<String>,
+    /// SSE `data:` (joined lines) or the NDJSON line, as JSON.
+    pub data: Option<Value>,
+    pub retry: Option<u64>,
+    /// Only a comment (SSE) or an empty line (NDJSON): a heartbeat.
+    pub heartbeat: bool,
+}
+
+/// An event stream read over real HTTP: `text/event-stream` or
+/// `application/x-ndjson`.
+pub struct StreamClient {
+    response: reqwest::Response,
+    buf: Vec<u8>,
+    ndjson: bool,
+    /// The last SSE id received, as `EventSource` keeps it.
+    pub last_id: Option<String>,
+}
+
+impl StreamClient {
+    /// `GET url` with `accept`, and `headers`; the refusal's status and
+    /// JSON body if it is not a stream.
+    pub async fn open(
+        url: &str,
+        accept: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<StreamClient, (u16, Value)> {
+        let mut request = reqwest::Client::new().get(url).header("accept", accept);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("the node answers");
+        if response.status() != 200 {
+            let status = response.status().as_u16();
+            return Err((status, response.json().await.unwrap_or(Value::Null)));
+        }
+        let content_type = response.headers()["content-type"].to_str().unwrap();
+        assert_eq!(content_type, accept, "the stream's content type");
+        Ok(StreamClient {
+            response,
+            buf: Vec::new(),
+            ndjson: accept == "application/x-ndjson",
+            last_id: None,
+        })
+    }
+
+    /// [`open`](Self::open), which must succeed.
+    pub async fn sse(url: &str, headers: &[(&str, &str)]) -> StreamClient {
+        Self::open(url, "text/event-stream", headers)
+            .await
+            .expect("the stream opens")
+    }
+
+    pub async fn ndjson(url: &str, headers: &[(&str, &str)]) -> StreamClient {
+        Self::open(url, "application/x-ndjson", headers)
+            .await
+            .expect("the stream opens")
+    }
+
+    /// The next message, within [`RECV_TIMEOUT`]; `None` once the response
+    /// ended.
+    pub async fn next(&mut self) -> Option<StreamMessage> {
+        self.next_within(RECV_TIMEOUT).await
+    }
+
+    /// The next message, within `limit`.
+    pub async fn next_within(&mut self, limit: Duration) -> Option<StreamMessage> {
+        tokio::time::timeout(limit, self.next_message())
+            .await
+            .expect("a stream message within the timeout")
+    }
+
+    async fn next_message(&mut self) -> Option<StreamMessage> {
+        let end: &[u8] = if self.ndjson { b"\n" } else { b"\n\n" };
+        loop {
+            if let Some(at) = self.buf.windows(end.len()).position(|w| w == end) {
+                let raw: Vec<u8> = self.buf.drain(..at + end.len()).collect();
+                let text = String::from_utf8(raw[..at].to_vec()).expect("UTF-8");
+                return Some(if self.ndjson {
+                    self.parse_line(&text)
+                } else {
+                    self.parse_sse(&text)
+                });
+            }
+            match self.response.chunk().await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk),
+                Ok(None) => {
+                    assert!(self.buf.is_empty(), "a partial message at the end");
+                    return None;
+                }
+                Err(e) => panic!("reading the stream: {e}"),
+            }
+        }
+    }
+
+    fn parse_line(&self, line: &str) -> StreamMessage {
+        if line.is_empty() {
+            return StreamMessage {
+                heartbeat: true,
+                ..StreamMessage::default()
+            };
+        }
+        StreamMessage {
+            data: Some(serde_json::from_str(line).expect("each line is JSON")),
+            ..StreamMessage::default()
+        }
+    }
+
+    fn parse_sse(&mut self, text: &str) -> StreamMessage {
+        let mut message = StreamMessage::default();
+        let mut data: Option<String> = None;
+        let mut comments = 0;
+        for line in text.split('\n') {
+            if line.starts_with(':') {
+                comments += 1;
+                continue;
+            }
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "event" => message.event = Some(value.to_owned()),
+                "id" => {
+                    message.id = Some(value.to_owned());
+                    self.last_id = Some(value.to_owned());
+                }
+                "retry" => message.retry = Some(value.parse().expect("retry in ms")),
+                "data" => match &mut data {
+                    Some(d) => {
+                        d.push('\n');
+                        d.push_str(value);
+                    }
+                    None => data = Some(value.to_owned()),
+                },
+                other => panic!("unknown SSE field {other:?} in {text:?}"),
+            }
+        }
+        message.data = data.map(|d| serde_json::from_str(&d).expect("data is JSON"));
+        message.heartbeat = comments > 0
+            && message.event.is_none()
+            && message.id.is_none()
+            && message.retry.is_none()
+            && message.data.is_none();
+        message
+    }
+
+    /// The next message that carries data (skipping heartbeats and
+    /// data-less SSE messages), as JSON.
+    pub async fn next_data(&mut self) -> Value {
+        loop {
+            let message = self.next().await.expect("the stream goes on");
+            if let Some(data) = message.data {
+                return data;
+            }
+        }
+    }
+
+    /// The next event, skipping the opening's `subscribed` messages.
+    pub async fn next_event(&mut self) -> Value {
+        loop {
+            let data = self.next_data().await;
+            match data["op"].as_str() {
+                Some("event") => return data,
+                Some("subscribed") => continue,
+                _ => panic!("expected an event, got {data}"),
+            }
+        }
+    }
+
+    /// The offsets of the next `n` events.
+    pub async fn offsets(&mut self, n: usize) -> Vec<u64> {
+        let mut offsets = Vec::with_capacity(n);
+        for _ in 0..n {
+            offsets.push(self.next_event().await["offset"].as_u64().unwrap());
+        }
+        offsets
+    }
+}
