@@ -157,12 +157,24 @@ pub enum Action {
 
 /// A refused subscribe or publish, with a message saying why.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Forbidden(String);
+#[error("{message}")]
+pub struct Forbidden {
+    message: String,
+    /// The topic refused, when a topic was.
+    topic: Option<Topic>,
+}
 
 impl Forbidden {
     pub fn new(message: impl Into<String>) -> Forbidden {
-        Forbidden(message.into())
+        Forbidden {
+            message: message.into(),
+            topic: None,
+        }
+    }
+
+    /// The topic refused, when a topic was.
+    pub fn topic(&self) -> Option<&Topic> {
+        self.topic.as_ref()
     }
 }
 
@@ -238,7 +250,10 @@ impl Grants {
                  characters outside [A-Za-z0-9_-]",
             );
         }
-        Err(Forbidden(msg))
+        Err(Forbidden {
+            message: msg,
+            topic: Some(topic.clone()),
+        })
     }
 }
 

@@ -69,6 +69,7 @@ impl Application {
         let state_handle = state.clone();
         let handshake_timeout = state.settings.server.handshake_timeout;
         let write_timeout = state.settings.server.write_timeout;
+        let heartbeat_timeout = state.settings.server.heartbeat_timeout;
         // What actix-web's `HttpServer::listen` builds, plus the upgrade
         // hook: WebSocket handshakes leave the HTTP dispatcher with their
         // connection for `ws::upgrade`.
@@ -114,8 +115,14 @@ impl Application {
                     // router's config carries.
                     .finish(map_config(app, |_| AppConfig::default()));
                 // What `HttpService::tcp` does, with every socket's writes
-                // bounded by `server.write_timeout`.
+                // bounded by `server.write_timeout`, and a peer that
+                // acknowledges nothing sent to it (a heartbeat) for
+                // `server.heartbeat_timeout` taken for gone: a phone that
+                // changed networks sends no FIN, and an event stream has no
+                // pong to miss.
                 fn_service(move |io: TcpStream| async move {
+                    let _ =
+                        socket2::SockRef::from(&io).set_tcp_user_timeout(Some(heartbeat_timeout));
                     let peer = io.peer_addr().ok();
                     Ok::<_, actix_http::error::DispatchError>((
                         WriteTimeout::new(io, write_timeout),

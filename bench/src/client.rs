@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use crate::nodes::{SECRET, System};
+use crate::sse::Sse;
 use crate::wire::{Ws, field};
 
 /// The run's time origin, shared by publishers and subscribers.
@@ -62,10 +63,30 @@ fn sign(claims: &serde_json::Value) -> String {
     .expect("HS256 signing cannot fail")
 }
 
+/// How a Herald subscriber receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    WebSocket,
+    /// A Server-Sent Events stream of its one topic.
+    Sse,
+}
+
 /// A connected, authenticated subscriber.
 pub struct Subscriber {
-    pub ws: Ws,
+    conn: Conn,
     system: System,
+}
+
+enum Conn {
+    Ws(Ws),
+    /// An SSE subscriber opens its stream when it subscribes: the topic is
+    /// in the request.
+    SseToOpen {
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        token: String,
+    },
+    Sse(Sse),
 }
 
 /// One received event: its sequence number, the offset the system gave it
@@ -79,10 +100,19 @@ pub struct Received {
 impl Subscriber {
     pub async fn connect(
         system: System,
+        transport: Transport,
         addr: SocketAddr,
         source: Option<IpAddr>,
         token: &str,
     ) -> io::Result<Subscriber> {
+        if system == System::Herald && transport == Transport::Sse {
+            let conn = Conn::SseToOpen {
+                addr,
+                source,
+                token: token.to_owned(),
+            };
+            return Ok(Subscriber { conn, system });
+        }
         let ws = match system {
             System::Herald => {
                 let path = format!("/ws?token={token}");
@@ -99,28 +129,69 @@ impl Subscriber {
                 ws
             }
         };
-        Ok(Subscriber { ws, system })
+        Ok(Subscriber {
+            conn: Conn::Ws(ws),
+            system,
+        })
+    }
+
+    fn ws(&mut self) -> &mut Ws {
+        match &mut self.conn {
+            Conn::Ws(ws) => ws,
+            _ => unreachable!("only Herald subscribes over SSE"),
+        }
+    }
+
+    /// The next frame's or message's bytes.
+    async fn next_data(&mut self) -> io::Result<&[u8]> {
+        match &mut self.conn {
+            Conn::Ws(ws) => ws.next_data().await,
+            Conn::Sse(sse) => sse.next_message().await,
+            Conn::SseToOpen { .. } => Err(io::Error::other("the stream is not open yet")),
+        }
+    }
+
+    /// Ends the connection.
+    pub async fn close(self) {
+        if let Conn::Ws(ws) = self.conn {
+            ws.close().await;
+        }
     }
 
     /// Subscribes to `topic` and waits for the acknowledgement.
     pub async fn subscribe(&mut self, topic: &str) -> io::Result<()> {
+        if let Conn::SseToOpen {
+            addr,
+            source,
+            token,
+        } = &self.conn
+        {
+            let path = format!("/api/v1/topics/{topic}/events?token={token}");
+            let mut sse = Sse::open(*addr, *source, &path).await?;
+            let opening = sse.next_message().await?;
+            if memchr::memmem::find(opening, br#""op":"subscribed""#).is_none() {
+                return Err(refused(opening));
+            }
+            self.conn = Conn::Sse(sse);
+            return Ok(());
+        }
         match self.system {
             System::Herald => {
                 let op = format!(r#"{{"op":"subscribe","id":1,"topic":"{topic}"}}"#);
-                self.ws.send_text(&op).await?;
-                let reply = self.ws.next_data().await?;
+                self.ws().send_text(&op).await?;
+                let reply = self.ws().next_data().await?;
                 if memchr::memmem::find(reply, br#""op":"subscribed""#).is_none() {
                     return Err(refused(reply));
                 }
             }
             System::SocketIo => {
-                self.ws
+                self.ws()
                     .send_text(&format!(r#"420["subscribe","{topic}"]"#))
                     .await?;
                 loop {
-                    let reply = self.ws.next_data().await?;
+                    let reply = self.ws().next_data().await?;
                     if reply == b"2" {
-                        self.ws.send_text("3").await?;
+                        self.ws().send_text("3").await?;
                         continue;
                     }
                     if reply != b"430[true]" {
@@ -138,7 +209,8 @@ impl Subscriber {
     /// answered).
     pub async fn next_event(&mut self) -> io::Result<Received> {
         loop {
-            let frame = self.ws.next_data().await?;
+            let system = self.system;
+            let frame = self.next_data().await?;
             if let (Some(seq), Some(sent)) = (field(frame, br#""i":"#), field(frame, br#""t":"#)) {
                 let latency_us = now_nanos().saturating_sub(sent) / 1000;
                 let offset = field(frame, br#""offset":"#);
@@ -148,8 +220,8 @@ impl Subscriber {
                     latency_us,
                 });
             }
-            if self.system == System::SocketIo && frame == b"2" {
-                self.ws.send_text("3").await?;
+            if system == System::SocketIo && frame == b"2" {
+                self.ws().send_text("3").await?;
             }
         }
     }
@@ -157,9 +229,10 @@ impl Subscriber {
     /// Keeps the connection alive (answering pings) until it closes.
     pub async fn idle(&mut self) -> io::Result<()> {
         loop {
-            let frame = self.ws.next_data().await?;
-            if self.system == System::SocketIo && frame == b"2" {
-                self.ws.send_text("3").await?;
+            let system = self.system;
+            let frame = self.next_data().await?;
+            if system == System::SocketIo && frame == b"2" {
+                self.ws().send_text("3").await?;
             }
         }
     }

@@ -11,6 +11,7 @@ mod http;
 mod nodes;
 mod report;
 mod scenario;
+mod sse;
 mod wire;
 
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+use crate::client::Transport;
 use crate::nodes::{Cluster, Paths, System};
 use crate::report::Report;
 use crate::scenario::{connections, fanout, latency, presence, prune, publish, shards};
@@ -128,6 +130,10 @@ struct FanoutArgs {
     sweep: Vec<usize>,
     #[arg(long, default_value_t = 40_000)]
     sweep_rate: u64,
+    /// Also run the first fan-out with Herald's subscribers on SSE
+    /// streams instead of WebSockets (`fanout_sse`).
+    #[arg(long)]
+    sse: bool,
 }
 
 #[derive(Args, Clone)]
@@ -146,6 +152,9 @@ struct ConnectionsArgs {
     /// All connections on one topic (default: one topic each).
     #[arg(long)]
     shared_topic: bool,
+    /// Also open as many idle SSE streams on Herald (`connections_sse`).
+    #[arg(long)]
+    sse: bool,
 }
 
 #[derive(Args, Clone)]
@@ -261,6 +270,7 @@ async fn run(cli: Cli) -> Result<()> {
                 nodes: 2,
                 sweep: vec![1_000, 5_000, 10_000],
                 sweep_rate: 40_000,
+                sse: true,
             }),
             latency: Some(LatencyArgs {
                 events: 1000,
@@ -269,6 +279,7 @@ async fn run(cli: Cli) -> Result<()> {
             connections: Some(ConnectionsArgs {
                 connections: 15_000,
                 shared_topic: false,
+                sse: true,
             }),
             publish: Some(PublishArgs {
                 seconds: 10.0,
@@ -306,6 +317,7 @@ async fn run(cli: Cli) -> Result<()> {
                 nodes: 2,
                 sweep: Vec::new(),
                 sweep_rate: 40_000,
+                sse: true,
             }),
             latency: Some(LatencyArgs {
                 events: 50,
@@ -314,6 +326,7 @@ async fn run(cli: Cli) -> Result<()> {
             connections: Some(ConnectionsArgs {
                 connections: 100,
                 shared_topic: false,
+                sse: true,
             }),
             publish: Some(PublishArgs {
                 seconds: 1.0,
@@ -377,39 +390,40 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(args) = &plan.fanout {
         // The echo server knows no topics: a floor for one topic only.
         let floor = args.topics == 1;
+        let options = |subscribers, rate| fanout::Options {
+            subscribers,
+            rate,
+            seconds: args.seconds,
+            topics: args.topics,
+            transport: Transport::WebSocket,
+        };
         let mut runs = vec![(
             "fanout".to_owned(),
             floor,
-            fanout::Options {
-                subscribers: args.subscribers,
-                rate: args.rate,
-                seconds: args.seconds,
-                topics: args.topics,
-            },
+            options(args.subscribers, args.rate),
         )];
         if args.overload_rate > 0 {
             runs.push((
                 "fanout_overload".to_owned(),
                 false,
-                fanout::Options {
-                    subscribers: args.subscribers,
-                    rate: args.overload_rate,
-                    seconds: args.seconds,
-                    topics: args.topics,
-                },
+                options(args.subscribers, args.overload_rate),
             ));
         }
         for &subscribers in &args.sweep {
             runs.push((
                 format!("fanout_s{subscribers}"),
                 floor,
-                fanout::Options {
-                    subscribers,
-                    rate: args.sweep_rate,
-                    seconds: args.seconds,
-                    topics: args.topics,
-                },
+                options(subscribers, args.sweep_rate),
             ));
+        }
+        if args.sse && systems.contains(&System::Herald) {
+            // The same load as the first run, each subscriber on an SSE
+            // stream: beside Herald's WebSocket run, not Socket.IO's.
+            let sse = fanout::Options {
+                transport: Transport::Sse,
+                ..options(args.subscribers, args.rate)
+            };
+            runs.insert(1, ("fanout_sse".to_owned(), false, sse));
         }
         for (name, floor, options) in &runs {
             if *floor {
@@ -422,6 +436,9 @@ async fn run(cli: Cli) -> Result<()> {
                 add(or_error(name, System::Echo, result));
             }
             for &system in &systems {
+                if options.transport == Transport::Sse && system != System::Herald {
+                    continue;
+                }
                 let nodes = args.nodes.max(1);
                 let cluster = Cluster::start(system, nodes, nodes > 1, &paths).await?;
                 let result = fanout::run(name, &cluster, options).await;
@@ -469,8 +486,26 @@ async fn run(cli: Cli) -> Result<()> {
         let options = connections::Options {
             connections: args.connections,
             shared_topic: args.shared_topic,
+            transport: Transport::WebSocket,
         };
-        for &system in &systems {
+        let mut runs = vec![(System::Herald, options)];
+        if args.sse {
+            let sse = connections::Options {
+                transport: Transport::Sse,
+                ..options
+            };
+            runs.push((System::Herald, sse));
+        }
+        runs.extend(
+            systems
+                .iter()
+                .filter(|&&s| s != System::Herald)
+                .map(|&s| (s, options)),
+        );
+        for (system, options) in runs {
+            if !systems.contains(&system) {
+                continue;
+            }
             let cluster = Cluster::start(system, 1, true, &paths).await?;
             let result = connections::run(&cluster, &options).await;
             cluster.stop().await;

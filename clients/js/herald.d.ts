@@ -1,5 +1,9 @@
 export type HeraldState = "connecting" | "open" | "reconnecting" | "closed";
 
+/** How the client talks to the node: a WebSocket, or a Server-Sent Events
+ * stream for receiving and HTTP POST for publishing. */
+export type HeraldTransport = "websocket" | "sse";
+
 export interface EventMeta {
   topic: string;
   /** The event's offset in its topic: 1, 2, 3 … For a topic without
@@ -22,6 +26,16 @@ export interface HeraldOptions {
   getToken?: () => string | Promise<string>;
   /** WebSocket constructor; defaults to the global one (pass the `ws` package's in Node.js 20). */
   WebSocket?: unknown;
+  /** The transports to use, in order of preference (default ["websocket", "sse"]). */
+  transports?: HeraldTransport[];
+  /** fetch, for the stream and HTTP publishing; defaults to the global one. */
+  fetch?: typeof fetch;
+  /** The node's HTTP base URL; by default `url` with `ws`→`http` and without its `/ws` path. */
+  httpUrl?: string;
+  /** WebSocket attempts that fail without ever opening before the client falls back to SSE (default 2). */
+  fallbackAfter?: number;
+  /** While on SSE, try WebSocket again every this many ms (default 30000). */
+  websocketRetry?: number;
   /** First reconnect delay in ms (default 250); doubles per attempt, with jitter. */
   minDelay?: number;
   /** Largest reconnect delay in ms (default 15000). */
@@ -78,7 +92,10 @@ export declare class HeraldError extends Error {
 export declare class Herald {
   constructor(options: HeraldOptions);
   readonly state: HeraldState;
-  on(event: "state", listener: (state: HeraldState) => void): () => void;
+  /** The transport in use while open. */
+  readonly transport: HeraldTransport | undefined;
+  /** Called on every change of state, and of transport while open ("open" again). */
+  on(event: "state", listener: (state: HeraldState, info: { transport?: HeraldTransport }) => void): () => void;
   /** A resume could not be complete: events were pruned or the log was recreated. */
   on(event: "truncated", listener: (info: Truncated) => void): () => void;
   on(event: "error", listener: (error: HeraldError) => void): () => void;

@@ -1,9 +1,13 @@
 // Herald client: one WebSocket, automatic reconnect with jittered
 // exponential backoff, and resume with `since`/`epoch` so the application
 // sees every event of a topic once, in order, across dropped networks,
-// node restarts and moves to another node. No dependencies.
+// node restarts and moves to another node. Where WebSocket cannot connect
+// (a proxy that refuses upgrades), it falls back to a Server-Sent Events
+// stream for receiving and HTTP POST for publishing, with the same
+// guarantees, and moves back once WebSocket works. No dependencies.
 
 const STATES = ["connecting", "open", "reconnecting", "closed"];
+const TRANSPORTS = ["websocket", "sse"];
 
 /** Decodes a JWT's `exp` (seconds), or undefined. */
 function tokenExpiry(token) {
@@ -111,21 +115,41 @@ export class Herald {
    * @param {string} [options.token]  a JWT
    * @param {() => Promise<string>|string} [options.getToken]  called at each connect and before the token expires
    * @param {typeof WebSocket} [options.WebSocket]  constructor to use (e.g. the `ws` package in Node.js 20)
+   * @param {string[]} [options.transports]  in order of preference: "websocket", "sse"
    */
   constructor({
     url,
     token,
     getToken,
     WebSocket: Socket = globalThis.WebSocket,
+    fetch: fetchFn = globalThis.fetch?.bind(globalThis),
+    transports = TRANSPORTS,
+    httpUrl,
     minDelay = 250,
     maxDelay = 15000,
     refreshBefore = 30000,
     connectTimeout = 10000,
+    fallbackAfter = 2,
+    websocketRetry = 30000,
   }) {
     if (!url) throw new TypeError("Herald: `url` is required");
     if (!token && !getToken) throw new TypeError("Herald: `token` or `getToken` is required");
-    if (!Socket) throw new TypeError("Herald: no WebSocket here; pass `WebSocket` (e.g. from the `ws` package)");
+    if (transports.length === 0 || transports.some((t) => !TRANSPORTS.includes(t))) {
+      throw new TypeError(`Herald: \`transports\` lists some of ${TRANSPORTS.join(", ")}`);
+    }
+    if (transports.includes("websocket") && !Socket) {
+      throw new TypeError("Herald: no WebSocket here; pass `WebSocket` (e.g. from the `ws` package)");
+    }
+    if (transports.includes("sse") && !fetchFn) throw new TypeError("Herald: no fetch here; pass `fetch`");
     this._url = url;
+    // `wss://host/prefix/ws` → `https://host/prefix`: where the HTTP API is.
+    this._httpUrl = (httpUrl ?? url.replace(/^ws/, "http").replace(/\/ws\/?(\?.*)?$/, "")).replace(/\/$/, "");
+    this._fetch = fetchFn;
+    this._transports = transports;
+    this._fallbackAfter = fallbackAfter;
+    this._websocketRetry = websocketRetry;
+    this._wsFailures = 0;
+    this._fallback = transports[0] === "sse";
     this._getToken = getToken ?? (() => token);
     this._Socket = Socket;
     this._minDelay = minDelay;
@@ -147,8 +171,13 @@ export class Herald {
     return this._state;
   }
 
+  /** The transport in use while open: "websocket" or "sse". */
+  get transport() {
+    return this._transport;
+  }
+
   /**
-   * Listens to "state" (state), "truncated" ({ topic, epoch }), "error" (HeraldError).
+   * Listens to "state" (state, { transport }), "truncated" ({ topic, epoch }), "error" (HeraldError).
    * Returns a function that removes the listener.
    */
   on(event, listener) {
@@ -167,7 +196,7 @@ export class Herald {
     if (!entry) {
       entry = { handlers: new Set(), last: since, epoch };
       this._topics.set(topic, entry);
-      if (this._state === "open") this._sendSubscribe(topic, entry);
+      if (this._state === "open") this._subscribeNow(topic, entry);
     }
     entry.handlers.add(onEvent);
     return () => {
@@ -193,8 +222,10 @@ export class Herald {
     }
     if (!entry.presence) {
       entry.presence = { watchers: new Set(), members: new Map(), known: new Map(), ready: false, generation: 0 };
-      // Joins (again, if subscribed already: a repeated subscribe replays nothing).
-      if (this._state === "open") this._sendSubscribe(topic, entry);
+      // Joins (again, if subscribed already: a repeated subscribe replays
+      // nothing). A stream has no presence: it waits for a WebSocket.
+      if (this._state === "open" && this._transport === "websocket") this._sendSubscribe(topic, entry);
+      else if (this._state === "open") this._subscribeNow(topic, entry);
     }
     const p = entry.presence;
     p.watchers.add(onChange);
@@ -211,7 +242,7 @@ export class Herald {
         if (p.watchers.size > 0 || entry.presence !== p) return;
         clearTimeout(p.retry);
         entry.presence = undefined;
-        if (entry.handlers.size > 0 && this._topics.get(topic) === entry && this._state === "open") {
+        if (entry.handlers.size > 0 && this._topics.get(topic) === entry && this._state === "open" && this._transport === "websocket") {
           // Leave the presence, keep the events.
           this._request({ op: "subscribe", topic, presence: false }).catch(() => {});
         }
@@ -237,9 +268,12 @@ export class Herald {
     this._closed = true;
     clearTimeout(this._retryTimer);
     clearTimeout(this._refreshTimer);
+    clearTimeout(this._probeTimer);
     for (const { reject } of this._pending.values()) reject(new HeraldError("closed", "client closed"));
     this._pending.clear();
     this._socket?.close(1000);
+    this._dropStream();
+    this._transport = undefined;
     this._setState("closed");
   }
 
@@ -249,7 +283,16 @@ export class Herald {
   _release(topic, entry) {
     if (entry.handlers.size > 0 || entry.presence || this._topics.get(topic) !== entry) return;
     this._topics.delete(topic);
-    if (this._state === "open") this._request({ op: "unsubscribe", topic }).catch(() => {});
+    if (this._state !== "open") return;
+    if (this._transport === "sse") this._restartStream();
+    else this._request({ op: "unsubscribe", topic }).catch(() => {});
+  }
+
+  /** Subscribes `topic` on the open connection: a subscribe over
+   * WebSocket, or a new stream that includes it. */
+  _subscribeNow(topic, entry) {
+    if (this._transport === "sse") this._restartStream();
+    else this._sendSubscribe(topic, entry);
   }
 
   /** Takes every page of `topic`'s presence into its view (diffs keep
@@ -382,10 +425,22 @@ export class Herald {
     }
   }
 
+  /** Reports the state, and the transport with it: a move from one
+   * transport to the other while open is reported as "open" again. */
   _setState(state) {
-    if (this._state !== state && STATES.includes(state)) {
-      this._state = state;
-      this._emit("state", state);
+    if (!STATES.includes(state)) return;
+    const transport = state === "open" ? this._transport : undefined;
+    if (this._state === state && this._reportedTransport === transport) return;
+    this._state = state;
+    this._reportedTransport = transport;
+    for (const listener of this._listeners.get("state") ?? []) {
+      try {
+        listener(state, { transport });
+      } catch (e) {
+        queueMicrotask(() => {
+          throw e;
+        });
+      }
     }
   }
 
@@ -398,14 +453,10 @@ export class Herald {
       return this._retry();
     }
     if (this._closed) return;
-    const separator = this._url.includes("?") ? "&" : "?";
-    let socket;
-    try {
-      socket = new this._Socket(`${this._url}${separator}token=${encodeURIComponent(token)}`, "herald.json");
-    } catch (e) {
-      this._emit("error", new HeraldError("connect", `cannot open a WebSocket: ${e?.message ?? e}`));
-      return this._retry();
-    }
+    this._token = token;
+    if (this._fallback) return this._openStream(token);
+    const socket = this._newSocket(token);
+    if (!socket) return this._retry();
     this._socket = socket;
     // Implementations differ in what they fire when a connection fails or
     // drops: `close`, `error`, both, in either order (Node 20's built-in
@@ -415,14 +466,24 @@ export class Herald {
     socket.onopen = () => {
       clearTimeout(connectTimer);
       if (socket !== this._socket) return;
-      this._attempt = 0;
-      this._setState("open");
-      this._scheduleRefresh(token);
-      for (const [topic, entry] of this._topics) this._sendSubscribe(topic, entry);
-      for (const [id, pending] of this._pending) {
-        if (pending.resend) socket.send(JSON.stringify({ ...pending.frame, id }));
-      }
+      this._adoptSocket(socket, token);
     };
+    this._watchSocket(socket, connectTimer);
+  }
+
+  /** A WebSocket to the node with `token`, or undefined (reported). */
+  _newSocket(token) {
+    const separator = this._url.includes("?") ? "&" : "?";
+    try {
+      return new this._Socket(`${this._url}${separator}token=${encodeURIComponent(token)}`, "herald.json");
+    } catch (e) {
+      this._emit("error", new HeraldError("connect", `cannot open a WebSocket: ${e?.message ?? e}`));
+      return undefined;
+    }
+  }
+
+  /** Routes an adopted socket's frames and its end to this client. */
+  _watchSocket(socket, connectTimer) {
     socket.onmessage = (message) => {
       if (socket === this._socket) this._onFrame(message.data);
     };
@@ -436,6 +497,22 @@ export class Herald {
     };
   }
 
+  /** `socket` is open: subscribe everything (resuming), resend what waits. */
+  _adoptSocket(socket, token) {
+    socket.opened = true;
+    this._attempt = 0;
+    this._wsFailures = 0;
+    this._fallback = false;
+    clearTimeout(this._probeTimer);
+    this._transport = "websocket";
+    this._setState("open");
+    this._scheduleRefresh(token);
+    for (const [topic, entry] of this._topics) this._sendSubscribe(topic, entry);
+    for (const [id, pending] of this._pending) {
+      if (pending.resend) socket.send(JSON.stringify({ ...pending.frame, id }));
+    }
+  }
+
   /** `socket` failed or closed: fail what cannot be resent and reconnect,
    * once per socket whatever events led here. */
   _lost(socket, why) {
@@ -446,7 +523,20 @@ export class Herald {
     } catch {
       // Already closed or never opened.
     }
+    // A WebSocket that never opens, again and again: something on the way
+    // (a proxy) refuses it. Streams may still pass.
+    if (!socket.opened && this._transports.includes("sse")) {
+      this._wsFailures += 1;
+      if (this._wsFailures >= this._fallbackAfter) this._fallback = true;
+    }
+    this._disconnected(why);
+  }
+
+  /** The connection (either transport) is gone: reconnect. */
+  _disconnected(why) {
+    this._transport = undefined;
     clearTimeout(this._refreshTimer);
+    clearTimeout(this._probeTimer);
     for (const [id, pending] of this._pending) {
       if (!pending.resend) {
         this._pending.delete(id);
@@ -467,6 +557,240 @@ export class Herald {
     this._retryTimer = setTimeout(() => this._connect(), delay);
   }
 
+  // ---- the stream transport: SSE for receiving, HTTP for publishing ----
+
+  /** Opens one SSE stream of every topic subscribed, each resuming after
+   * its last event (`since=topic:offset:epoch`), or live from its head. */
+  _openStream(token) {
+    const stream = { controller: new AbortController(), opened: false, resuming: new Map() };
+    this._stream = stream;
+    const topics = [...this._topics.keys()];
+    if (topics.length === 0) {
+      // Nothing to receive yet: open, and stream once something is.
+      stream.opened = true;
+      return this._adoptStream(token);
+    }
+    const query = new URLSearchParams();
+    for (const topic of topics) {
+      const entry = this._topics.get(topic);
+      query.append("topic", topic);
+      const resuming = entry.last !== undefined;
+      stream.resuming.set(topic, resuming);
+      if (resuming) query.append("since", entry.epoch === undefined ? `${topic}:${entry.last}` : `${topic}:${entry.last}:${entry.epoch}`);
+    }
+    const connectTimer = setTimeout(() => this._streamLost(stream, "timeout"), this._connectTimeout);
+    this._fetch(`${this._httpUrl}/api/v1/stream?${query}`, {
+      headers: { authorization: `Bearer ${token}`, accept: "text/event-stream" },
+      signal: stream.controller.signal,
+    })
+      .then(async (response) => {
+        clearTimeout(connectTimer);
+        if (this._stream !== stream) return;
+        if (!response.ok) return this._streamRefused(stream, response);
+        stream.opened = true;
+        this._adoptStream(token);
+        await this._readStream(stream, response.body);
+        this._streamLost(stream, stream.end?.reason ?? "end");
+      })
+      .catch((e) => {
+        clearTimeout(connectTimer);
+        this._streamLost(stream, e?.name ?? "error");
+      });
+  }
+
+  /** The stream is open: publish what waits over HTTP, and try WebSocket
+   * again from time to time. */
+  _adoptStream(token) {
+    this._attempt = 0;
+    this._transport = "sse";
+    this._setState("open");
+    this._scheduleRefresh(token);
+    for (const [id, pending] of this._pending) if (pending.resend) this._publishHttp(id);
+    this._scheduleProbe();
+  }
+
+  /** Reads SSE messages until the response ends. */
+  async _readStream(stream, body) {
+    const reader = body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done || this._stream !== stream) return;
+      buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+      let at;
+      while ((at = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, at);
+        buffer = buffer.slice(at + 2);
+        this._onStreamMessage(stream, block);
+        if (this._stream !== stream) return;
+      }
+    }
+  }
+
+  /** One SSE message: an event (the WebSocket event frame), where a
+   * topic stands (`subscribed`), or why the stream ends (`end`). */
+  _onStreamMessage(stream, block) {
+    let type = "message";
+    let data;
+    for (const line of block.split("\n")) {
+      if (line.startsWith(":")) continue;
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+      if (field === "event") type = value;
+      else if (field === "data") data = data === undefined ? value : `${data}\n${value}`;
+    }
+    if (data === undefined) return;
+    if (type === "message") return this._onFrame(data);
+    let frame;
+    try {
+      frame = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (type === "subscribed") {
+      const entry = this._topics.get(frame.topic);
+      if (entry) this._onSubscribed(frame.topic, entry, frame, stream.resuming.get(frame.topic), false);
+    } else if (type === "end") {
+      stream.end = frame;
+    }
+    // `truncated` repeats what `subscribed` says.
+  }
+
+  /** The node refused the stream: a topic the token does not grant is
+   * dropped (as a refused subscribe is) and the rest streamed again at
+   * once; anything else is retried. */
+  async _streamRefused(stream, response) {
+    const body = await response.json().catch(() => ({}));
+    if (this._stream !== stream) return;
+    const error = new HeraldError(body.error ?? "http", body.message ?? `the stream answered ${response.status}`);
+    if (body.topic) error.topic = body.topic;
+    this._emit("error", error);
+    if (response.status === 403 && body.topic && this._topics.has(body.topic)) {
+      this._topics.delete(body.topic);
+      this._stream = undefined;
+      stream.controller.abort();
+      return this._openStream(this._token);
+    }
+    stream.opened = true; // refused by the node, not blocked on the way
+    this._streamLost(stream, response.status);
+  }
+
+  /** The stream failed or ended: reconnect. A stream that never opened
+   * leaves the next attempt to WebSocket (when allowed), and so on in
+   * turn until one works. */
+  _streamLost(stream, why) {
+    if (this._stream !== stream) return;
+    this._stream = undefined;
+    stream.controller.abort();
+    if (!stream.opened && this._transports.includes("websocket")) {
+      this._fallback = false;
+      this._wsFailures = 0;
+    }
+    this._disconnected(why);
+  }
+
+  /** Stops the stream, if any, without reconnecting. */
+  _dropStream() {
+    const stream = this._stream;
+    this._stream = undefined;
+    stream?.controller.abort();
+  }
+
+  /** Streams the topics as they now are (several changes at once make one
+   * new stream); each resumes after its last event, so nothing is lost or
+   * repeated for a topic with history. */
+  _restartStream() {
+    if (this._restarting) return;
+    this._restarting = true;
+    queueMicrotask(() => {
+      this._restarting = false;
+      if (this._closed || this._transport !== "sse" || this._state !== "open") return;
+      this._dropStream();
+      this._openStream(this._token);
+    });
+  }
+
+  /** Publishes a waiting publish over HTTP, with its idempotency key:
+   * retried (once a second, while on the stream) until answered. */
+  async _publishHttp(id) {
+    const pending = this._pending.get(id);
+    if (!pending || pending.http) return;
+    pending.http = true;
+    const { frame } = pending;
+    const binary = frame.data_b64 !== undefined;
+    try {
+      const response = await this._fetch(`${this._httpUrl}/api/v1/topics/${encodeURIComponent(frame.topic)}/events`, {
+        method: "POST",
+        headers: {
+          authorization: `Bearer ${this._token}`,
+          "content-type": binary ? "application/octet-stream" : "application/json",
+          "idempotency-key": frame.key,
+        },
+        body: binary ? fromBase64(frame.data_b64) : JSON.stringify(frame.data),
+      });
+      const body = await response.json().catch(() => ({}));
+      if (this._pending.get(id) !== pending) return;
+      if (response.status === 201) {
+        this._pending.delete(id);
+        return pending.resolve({ op: "published", offset: body.offset });
+      }
+      if (response.status !== 429 && response.status < 500) {
+        this._pending.delete(id);
+        return pending.reject(new HeraldError(body.error ?? "http", body.message ?? `publish answered ${response.status}`));
+      }
+    } catch {
+      // The network: retried below.
+    } finally {
+      pending.http = false;
+    }
+    if (this._pending.get(id) === pending && this._transport === "sse") {
+      setTimeout(() => this._transport === "sse" && this._publishHttp(id), 1000);
+    }
+  }
+
+  /** While on the stream, tries a WebSocket every `websocketRetry` ms. */
+  _scheduleProbe() {
+    clearTimeout(this._probeTimer);
+    if (!this._transports.includes("websocket") || this._closed) return;
+    this._probeTimer = setTimeout(() => this._probe(), this._websocketRetry);
+  }
+
+  /** Opens a WebSocket beside the stream; once it opens, every topic
+   * moves to it (resuming after its last event) and the stream ends. */
+  _probe() {
+    if (this._closed || this._transport !== "sse" || this._state !== "open") return;
+    const token = this._token;
+    const socket = this._newSocket(token);
+    if (!socket) return this._scheduleProbe();
+    let settled = false;
+    const failed = () => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      try {
+        socket.close();
+      } catch {
+        // Never opened.
+      }
+      this._scheduleProbe();
+    };
+    const timer = setTimeout(failed, this._connectTimeout);
+    socket.onerror = failed;
+    socket.onclose = failed;
+    socket.onopen = () => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      if (this._closed || this._transport !== "sse" || this._state !== "open") return void socket.close();
+      this._dropStream();
+      this._socket = socket;
+      this._watchSocket(socket);
+      this._adoptSocket(socket, token);
+    };
+  }
+
   _scheduleRefresh(token) {
     clearTimeout(this._refreshTimer);
     const exp = tokenExpiry(token);
@@ -481,7 +805,15 @@ export class Herald {
         // rescheduling would spin. The node closes with 4001 at expiry and
         // the reconnect asks getToken again.
         if (freshExp === undefined || freshExp <= exp) return;
-        await this._request({ op: "refresh", token: fresh });
+        if (this._transport === "sse") {
+          // A stream's token is its request's: stream again with the new
+          // one, resuming where the old one was.
+          this._token = fresh;
+          this._restartStream();
+        } else {
+          await this._request({ op: "refresh", token: fresh });
+          this._token = fresh;
+        }
         this._scheduleRefresh(fresh);
       } catch (e) {
         this._emit("error", e instanceof HeraldError ? e : new HeraldError("refresh", String(e?.message ?? e)));
@@ -502,18 +834,7 @@ export class Herald {
     // after them).
     const onReply = (reply) => {
       if (this._topics.get(topic) !== entry || reply.op !== "subscribed") return;
-      // Diffs come from here on: take the pages now.
-      if (frame.presence && entry.presence) this._syncPresence(topic, entry);
-      if (reply.truncated) this._emit("truncated", { topic, epoch: reply.epoch });
-      if (reply.epoch === undefined) {
-        // No history: offsets are not comparable across reconnects.
-        entry.last = undefined;
-        entry.epoch = undefined;
-        return;
-      }
-      entry.epoch = reply.epoch;
-      if (!resuming) entry.last = reply.offset; // live from the head on
-      else if (reply.truncated) entry.last = 0; // replay restarts at the oldest retained event
+      this._onSubscribed(topic, entry, reply, resuming, frame.presence);
     };
     this._request(frame, { onReply }).catch((e) => {
       if (e.code === "disconnected") return;
@@ -533,11 +854,33 @@ export class Herald {
     });
   }
 
+  /** Where a topic stands once subscribed (a WebSocket's reply, or a
+   * stream's `subscribed` message): the position to resume from later. */
+  _onSubscribed(topic, entry, reply, resuming, presence) {
+    // Diffs come from here on: take the pages now.
+    if (presence && entry.presence) this._syncPresence(topic, entry);
+    if (reply.truncated) this._emit("truncated", { topic, epoch: reply.epoch });
+    if (reply.epoch === undefined) {
+      // No history: offsets are not comparable across reconnects.
+      entry.last = undefined;
+      entry.epoch = undefined;
+      return;
+    }
+    entry.epoch = reply.epoch;
+    if (!resuming) entry.last = reply.offset; // live from the head on
+    else if (reply.truncated) entry.last = 0; // replay restarts at the oldest retained event
+  }
+
   _request(frame, { resend = false, onReply } = {}) {
     return new Promise((resolve, reject) => {
       const id = this._nextId++;
       this._pending.set(id, { resolve, reject, frame, resend, onReply });
-      if (this._state === "open") this._socket.send(JSON.stringify({ ...frame, id }));
+      if (this._state !== "open") return;
+      if (this._transport === "websocket") return void this._socket.send(JSON.stringify({ ...frame, id }));
+      if (frame.op === "publish") return void this._publishHttp(id);
+      // Presence and the like need a WebSocket: they wait for one.
+      this._pending.delete(id);
+      reject(new HeraldError("disconnected", `${frame.op} needs a WebSocket; the client is on its stream`));
     });
   }
 

@@ -3,6 +3,7 @@
 //! `Accept` (SSE, NDJSON), the topic's events as a stream (see
 //! [`super::stream`]).
 
+use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -119,12 +120,15 @@ pub(super) async fn history(
         .collect();
     let more = range.more();
     drop(read);
-    Ok(HttpResponse::Ok().json(History {
-        topic: topic.as_str(),
-        epoch: &head.epoch,
-        offset: head.last,
-        truncated: plan.truncated,
-        more,
-        events,
-    }))
+    Ok(HttpResponse::Ok()
+        // The same URL streams with another `Accept`.
+        .insert_header((header::VARY, "Accept"))
+        .json(History {
+            topic: topic.as_str(),
+            epoch: &head.epoch,
+            offset: head.last,
+            truncated: plan.truncated,
+            more,
+            events,
+        }))
 }

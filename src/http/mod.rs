@@ -178,6 +178,9 @@ pub(crate) struct TopicPath {
 pub(crate) struct ErrorBody<'a> {
     error: &'static str,
     message: &'a str,
+    /// The topic refused, when the token does not grant one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<&'a str>,
 }
 
 /// `{"status": "ok"}` / `{"status": "ready"}`.
@@ -241,9 +244,14 @@ impl ResponseError for ApiError {
             }
             _ => {}
         }
+        let topic = match self {
+            ApiError::Forbidden(refused) => refused.topic().map(Topic::as_str),
+            _ => None,
+        };
         response.json(ErrorBody {
             error: self.code().as_str(),
             message: &message,
+            topic,
         })
     }
 }

@@ -209,7 +209,7 @@ impl Head {
         let trusted = since == 0 || epoch == Some(self.epoch.as_str());
         let since = if trusted { since } else { 0 };
         // Events after `since` that should exist but are not retained.
-        let first_missing = since + 1;
+        let first_missing = since.saturating_add(1);
         let lost = match self.oldest {
             Some(oldest) => oldest > first_missing,
             None => self.last >= first_missing,

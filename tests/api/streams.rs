@@ -133,6 +133,8 @@ async fn streams_are_refused_with_json_errors_before_they_start() {
         let other = events_url(&node, "billing", &format!("?token={reader}"));
         let (status, body) = StreamClient::open(&other, accept, &[]).await.err().unwrap();
         assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")));
+        // Which topic, for a client streaming several to drop it.
+        assert_eq!(body["topic"], "billing");
     }
     let cases = [
         (one(&format!("?token={reader}&since=x")), 400),
@@ -524,4 +526,65 @@ async fn a_stream_ends_with_going_away_when_its_node_shuts_down() {
     assert!(lines.next().await.is_none());
     let (_node, status) = stopping.await.unwrap();
     assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn accept_ranks_json_over_a_stream_and_a_query_says_each_thing_once() {
+    let node = spawn_node().await;
+    let reader = token("reader", &["t"], &[]);
+    let writer = token("writer", &[], &["t"]);
+    node.publish_ok(&writer, "t", &json!(1)).await;
+    let url = events_url(&node, "t", &format!("?token={reader}"));
+
+    // JSON ranked first: a page of history, not a stream.
+    let page = node
+        .http
+        .get(events_url(&node, "t", ""))
+        .bearer_auth(&reader)
+        .header("accept", "application/json, application/x-ndjson;q=0.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["vary"], "Accept");
+    assert_eq!(
+        page.json::<Value>().await.unwrap()["events"][0]["offset"],
+        1
+    );
+    assert!(
+        StreamClient::open(&url, "text/event-stream;q=0", &[])
+            .await
+            .is_err()
+    );
+
+    let twice = node.url(&format!(
+        "/api/v1/stream?topic=t&token={reader}&token={reader}"
+    ));
+    assert_eq!(
+        StreamClient::open(&twice, SSE, &[]).await.err().unwrap().0,
+        400
+    );
+    let since_twice = node.url(&format!(
+        "/api/v1/stream?topic=t&since=t:0&since=t:1&token={reader}"
+    ));
+    assert_eq!(
+        StreamClient::open(&since_twice, SSE, &[])
+            .await
+            .err()
+            .unwrap()
+            .0,
+        400
+    );
+
+    // An empty Last-Event-ID is no token: the query's is used.
+    let mut first = StreamClient::sse(&format!("{url}&since=0"), &[]).await;
+    assert_eq!(first.offsets(1).await, [1]);
+    let id = first.last_id.clone().unwrap();
+    node.publish_ok(&writer, "t", &json!(2)).await;
+    let mut resumed = StreamClient::sse(
+        &format!("{url}&last_event_id={id}"),
+        &[("last-event-id", "")],
+    )
+    .await;
+    assert_eq!(resumed.offsets(1).await, [2]);
 }

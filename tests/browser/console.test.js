@@ -13,6 +13,8 @@ import { fileURLToPath } from "node:url";
 
 import { chromium } from "playwright-core";
 
+import { UpgradeRefusingProxy } from "../../clients/js/test/node.js";
+
 const ARTIFACTS = join(dirname(fileURLToPath(import.meta.url)), "../../target/browser-artifacts");
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 
@@ -172,4 +174,38 @@ test("two tabs see who is in a topic live, one user in two tabs counts once", as
   await new Promise((resolve) => setTimeout(resolve, 600));
   assert.deepEqual(await members(first), ["dev-console"]);
   await first.close();
+});
+
+test("behind a proxy that refuses WebSocket, the console shows live events over SSE and publishes over HTTP", async () => {
+  const proxy = await UpgradeRefusingProxy.start(port);
+  try {
+    const direct = after_(node.banner, "Console");
+    const consoleUrl = direct.replace(`127.0.0.1:${port}`, `127.0.0.1:${proxy.port}`);
+    assert.notEqual(consoleUrl, direct);
+    const publisher = after_(node.banner, "Publisher token");
+    const page = await browser.newPage();
+    await page.goto(consoleUrl);
+    await page.waitForSelector('#state[data-state="open"][data-transport="sse"]', { timeout: 5000 });
+    assert.ok(proxy.refused >= 1, "the page tried WebSocket first");
+    assert.equal(await page.textContent("#state"), "open (SSE)");
+
+    await page.fill("#topic", "alerts.sse");
+    await page.click("#subscribe-form button");
+    // Wait until the stream carries the new topic, then publish over HTTP.
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const first = await publish(publisher, "alerts.sse", { via: "curl" });
+    await page.waitForSelector(`#events tr[data-topic="alerts.sse"][data-offset="${first}"]`);
+    // The page's own publish goes over HTTP POST.
+    await page.fill("#publish-topic", "alerts.sse");
+    await page.click("#publish-form button");
+    await page.waitForSelector(`text=Published at offset ${first + 1}.`);
+    await page.waitForSelector(`#events tr[data-topic="alerts.sse"][data-offset="${first + 1}"]`);
+    const offsets = await page.$$eval('#events tr[data-topic="alerts.sse"]', (rows) => rows.map((r) => Number(r.dataset.offset)).reverse());
+    assert.deepEqual(offsets, [first, first + 1]);
+    mkdirSync(ARTIFACTS, { recursive: true });
+    await page.screenshot({ path: join(ARTIFACTS, "console-sse.png"), fullPage: true });
+    await page.close();
+  } finally {
+    await proxy.close();
+  }
 });

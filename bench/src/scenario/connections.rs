@@ -1,42 +1,53 @@
-//! connections: C idle, authenticated connections to one node, each
-//! subscribed to its own topic; connections accepted (and subscribed) per
-//! second, and the node's resident memory growth per connection.
+//! connections: C idle, authenticated connections (WebSockets, or SSE
+//! streams) to one node, each subscribed to its own topic; connections
+//! accepted (and subscribed) per second, and the node's resident memory
+//! growth per connection.
 
 use std::time::Duration;
 
 use anyhow::Result;
 
 use super::subscribe_many;
+use crate::client::Transport;
 use crate::nodes::Cluster;
 use crate::report::Report;
 
+#[derive(Clone, Copy)]
 pub struct Options {
     pub connections: usize,
     /// All connections on one topic instead of one topic each, to tell
     /// per-connection from per-topic memory.
     pub shared_topic: bool,
+    /// How Herald's subscribers receive.
+    pub transport: Transport,
 }
 
 /// How long connections sit idle before the node's memory is read.
 const SETTLE: Duration = Duration::from_secs(3);
 
 pub async fn run(cluster: &Cluster, options: &Options) -> Result<Report> {
-    let name = if options.shared_topic {
-        "connections_one_topic"
-    } else {
-        "connections"
+    let name = match (options.shared_topic, options.transport) {
+        (true, _) => "connections_one_topic",
+        (false, Transport::Sse) => "connections_sse",
+        (false, Transport::WebSocket) => "connections",
     };
     let mut report = Report::new(name, cluster.system);
     let node = &cluster.nodes[0];
     let before = node.proc.rss();
     let shared = options.shared_topic;
-    let (subs, took) = subscribe_many(cluster.system, &[node.addr], options.connections, |k| {
-        if shared {
-            "bench.conn".to_owned()
-        } else {
-            format!("bench.conn.{k}")
-        }
-    })
+    let (subs, took) = subscribe_many(
+        cluster.system,
+        options.transport,
+        &[node.addr],
+        options.connections,
+        |k| {
+            if shared {
+                "bench.conn".to_owned()
+            } else {
+                format!("bench.conn.{k}")
+            }
+        },
+    )
     .await?;
     // Idle: each connection only answers the node's pings.
     let mut idle = tokio::task::JoinSet::new();

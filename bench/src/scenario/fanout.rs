@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::{bitset, mark, publish_schedule, subscribe_many, warm_up};
-use crate::client::Subscriber;
+use crate::client::{Subscriber, Transport};
 use crate::nodes::{Cluster, self_cpu};
 use crate::report::{Report, latencies};
 
@@ -26,6 +26,8 @@ pub struct Options {
     /// published to at the same rate: the same offered deliveries as one
     /// topic, over several.
     pub topics: usize,
+    /// How Herald's subscribers receive.
+    pub transport: Transport,
 }
 
 /// What one subscriber saw.
@@ -66,9 +68,13 @@ pub async fn run(name: &str, cluster: &Cluster, options: &Options) -> Result<Rep
     report.set("events", (events * topics.len() as u64) as f64);
 
     let topic_of = |i: usize| i % topics.len();
-    let (subs, _) = subscribe_many(cluster.system, &addrs, subscribers, |i| {
-        topics[topic_of(i)].clone()
-    })
+    let (subs, _) = subscribe_many(
+        cluster.system,
+        options.transport,
+        &addrs,
+        subscribers,
+        |i| topics[topic_of(i)].clone(),
+    )
     .await?;
     let delivered = Arc::new(AtomicU64::new(0));
     let finished = Arc::new(AtomicUsize::new(0));
@@ -256,7 +262,7 @@ async fn receive(
         delivered.fetch_add(1, Ordering::Relaxed);
     }
     if seen.closed.is_none() {
-        sub.ws.close().await;
+        sub.close().await;
     }
     seen
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 
 use super::{bitset, mark, publish_schedule, subscribe_many, warm_up};
+use crate::client::Transport;
 use crate::nodes::Cluster;
 use crate::report::{Report, latencies};
 
@@ -29,7 +30,10 @@ pub async fn run(
     let mut report = Report::new(name, cluster.system);
     let first = cluster.nodes[0].addr;
     let last = cluster.nodes[cluster.nodes.len() - 1].addr;
-    let (mut subs, _) = subscribe_many(cluster.system, &[last], 1, |_| topic.into()).await?;
+    let (mut subs, _) = subscribe_many(cluster.system, Transport::WebSocket, &[last], 1, |_| {
+        topic.into()
+    })
+    .await?;
     let mut sub = subs.pop().expect("one subscriber");
     let events = options.events;
     let receiver = tokio::spawn(async move {
@@ -48,7 +52,7 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        sub.ws.close().await;
+        sub.close().await;
         Ok((micros, duplicates))
     });
     warm_up(first, topic).await?;

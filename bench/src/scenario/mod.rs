@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
-use crate::client::{self, Subscriber};
+use crate::client::{self, Subscriber, Transport};
 use crate::http::Http;
 use crate::nodes::System;
 
@@ -32,9 +32,11 @@ fn source(k: usize) -> IpAddr {
 }
 
 /// Opens `count` subscribers round-robin over `nodes`, subscriber `k` on
-/// `topic(k)`; returns them in order with the time it took.
+/// `topic(k)` (over `transport`, for Herald); returns them in order with
+/// the time it took.
 pub async fn subscribe_many(
     system: System,
+    transport: Transport,
     nodes: &[SocketAddr],
     count: usize,
     topic: impl Fn(usize) -> String,
@@ -49,7 +51,7 @@ pub async fn subscribe_many(
         let topic = topic(k);
         tasks.spawn(async move {
             let _permit = gate.acquire_owned().await.expect("never closed");
-            let mut sub = Subscriber::connect(system, addr, Some(source(k)), &token)
+            let mut sub = Subscriber::connect(system, transport, addr, Some(source(k)), &token)
                 .await
                 .with_context(|| format!("subscriber {k} cannot connect to {addr}"))?;
             sub.subscribe(&topic)

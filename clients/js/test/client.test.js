@@ -4,7 +4,7 @@ import { after, before, test } from "node:test";
 import { WebSocket as WsWebSocket } from "ws";
 
 import { Herald } from "../herald.js";
-import { Node, Redis, eventually, sleep, subscriber, token } from "./node.js";
+import { Node, Redis, UpgradeRefusingProxy, eventually, sleep, subscriber, token } from "./node.js";
 
 let node;
 before(async () => {
@@ -239,5 +239,58 @@ presence = true
     bo.close();
     boAgain.close();
     await room.stop();
+  }
+});
+
+test("behind a proxy that refuses WebSocket, the client falls back to SSE, loses nothing across a restart, publishes, and returns to WebSocket", async () => {
+  const proxy = await UpgradeRefusingProxy.start(node.port);
+  const h = new Herald({
+    url: proxy.url,
+    token: token({ sub: "js-fallback", topics: [">"], publish: [">"] }),
+    minDelay: 100,
+    maxDelay: 500,
+    websocketRetry: 500,
+  });
+  try {
+    const states = [];
+    h.on("state", (state, { transport }) => states.push(transport ? `${state}:${transport}` : state));
+    const received = [];
+    const started = Date.now();
+    h.subscribe("js.fallback", (data, meta) => received.push(meta.offset));
+    await eventually("open on the stream", () => h.state === "open" && h.transport === "sse", 3000);
+    assert.ok(Date.now() - started < 3000, `fell back after ${Date.now() - started} ms`);
+    assert.ok(proxy.refused >= 1, "WebSocket was tried first");
+    assert.deepEqual(states, ["reconnecting", "open:sse"]);
+
+    // Publishing goes over HTTP; the stream receives.
+    const first = await h.publish("js.fallback", { n: 1 });
+    await eventually("the first event", () => received.length === 1);
+
+    await node.kill();
+    await eventually("the client noticed", () => h.state === "reconnecting");
+    await node.restart();
+    const missed = [await node.publish("js.fallback", 2), await node.publish("js.fallback", 3)];
+    await eventually("open on the stream again", () => h.state === "open" && h.transport === "sse", 5000);
+    const live = await node.publish("js.fallback", 4);
+    await eventually("four events", () => received.length >= 4);
+    // Another topic joins the stream without losing the first one's place.
+    const other = [];
+    h.subscribe("js.fallback.other", (data, meta) => other.push(meta.offset));
+    await sleep(300);
+    const otherOffset = await h.publish("js.fallback.other", "x");
+    await eventually("the other topic's event", () => other.length === 1);
+    assert.deepEqual(other, [otherOffset]);
+
+    // The proxy lets WebSocket through again: the client moves back.
+    proxy.refusing = false;
+    await eventually("back on WebSocket", () => h.transport === "websocket", 5000);
+    assert.equal(states.at(-1), "open:websocket");
+    const back = await h.publish("js.fallback", 5);
+    await eventually("five events", () => received.length >= 5);
+    await sleep(200);
+    assert.deepEqual(received, [first, ...missed, live, back], "every event once, in order");
+  } finally {
+    h.close();
+    await proxy.close();
   }
 });

@@ -152,3 +152,48 @@ export class Redis {
     }
   }
 }
+
+/** A TCP proxy in front of a node that refuses WebSocket upgrades (403)
+ * while `refusing` is true, as some corporate proxies do; every other
+ * request passes through untouched. */
+export class UpgradeRefusingProxy {
+  static async start(targetPort) {
+    const proxy = new UpgradeRefusingProxy(targetPort);
+    await new Promise((resolve) => proxy.server.listen(0, "127.0.0.1", resolve));
+    proxy.port = proxy.server.address().port;
+    proxy.url = `ws://127.0.0.1:${proxy.port}/ws`;
+    return proxy;
+  }
+
+  constructor(targetPort) {
+    this.refusing = true;
+    this.refused = 0;
+    this.sockets = new Set();
+    this.server = createServer((client) => {
+      this.sockets.add(client);
+      client.on("close", () => this.sockets.delete(client));
+      client.on("error", () => client.destroy());
+      client.once("data", (first) => {
+        if (this.refusing && /^upgrade:\s*websocket/im.test(first.toString("latin1"))) {
+          this.refused += 1;
+          const body = "WebSocket is not allowed here.\n";
+          client.end(`HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: ${body.length}\r\nconnection: close\r\n\r\n${body}`);
+          return;
+        }
+        const upstream = connect(targetPort, "127.0.0.1");
+        this.sockets.add(upstream);
+        upstream.on("close", () => (this.sockets.delete(upstream), client.destroy()));
+        upstream.on("error", () => upstream.destroy());
+        client.on("close", () => upstream.destroy());
+        upstream.write(first);
+        client.pipe(upstream);
+        upstream.pipe(client);
+      });
+    });
+  }
+
+  async close() {
+    for (const socket of this.sockets) socket.destroy();
+    await new Promise((resolve) => this.server.close(resolve));
+  }
+}

@@ -16,6 +16,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::protocol::MAX_OFFSET;
 use crate::topic::Topic;
 
 /// `Accept` value for Server-Sent Events.
@@ -41,24 +42,44 @@ pub enum Format {
 }
 
 impl Format {
-    /// The stream format `Accept` asks for: the first of
-    /// `text/event-stream` and `application/x-ndjson` it names, or `None`
-    /// (then the request wants a page of history).
+    /// The stream format `Accept` asks for: the stream type it ranks
+    /// highest (`q`), unless it ranks JSON (what a page of history is)
+    /// higher; `None` when it names no stream type (or only with `q=0`).
     pub fn from_accept(headers: &HeaderMap) -> Option<Format> {
-        headers
+        let mut stream: Option<(Format, f32)> = None;
+        let mut json = 0.0f32;
+        for item in headers
             .get_all(header::ACCEPT)
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .find_map(|item| {
-                let media = item.split(';').next().unwrap_or_default().trim();
-                if media.eq_ignore_ascii_case(SSE) {
-                    Some(Format::Sse)
-                } else if media.eq_ignore_ascii_case(NDJSON) {
-                    Some(Format::Ndjson)
-                } else {
-                    None
+        {
+            let mut params = item.split(';');
+            let media = params.next().unwrap_or_default().trim();
+            let q = params
+                .find_map(|p| p.trim().strip_prefix("q="))
+                .map_or(Some(1.0), |q| q.trim().parse::<f32>().ok())
+                .unwrap_or(0.0);
+            if q <= 0.0 {
+                continue;
+            }
+            let format = if media.eq_ignore_ascii_case(SSE) {
+                Format::Sse
+            } else if media.eq_ignore_ascii_case(NDJSON) {
+                Format::Ndjson
+            } else {
+                if ["application/json", "application/*", "*/*"]
+                    .iter()
+                    .any(|m| media.eq_ignore_ascii_case(m))
+                {
+                    json = json.max(q);
                 }
-            })
+                continue;
+            };
+            if stream.is_none_or(|(_, best)| q > best) {
+                stream = Some((format, q));
+            }
+        }
+        stream.filter(|&(_, q)| q >= json).map(|(format, _)| format)
     }
 
     pub fn content_type(self) -> &'static str {
@@ -269,6 +290,10 @@ pub fn decode_token(token: &str, topics: u32, count: usize) -> Result<Vec<Entry>
         let (epoch, after) = rest.split_first_chunk::<8>().ok_or(TokenError::Malformed)?;
         rest = after;
         let offset = take_varint(&mut rest)?;
+        // No log reaches further; `since` is held to the same bound.
+        if offset > MAX_OFFSET {
+            return Err(TokenError::Malformed);
+        }
         let index = usize::try_from(index).map_err(|_| TokenError::Malformed)?;
         if index >= count || entries.iter().any(|e: &Entry| e.index == index) {
             return Err(TokenError::Malformed);
@@ -296,9 +321,11 @@ fn take_varint(input: &mut &[u8]) -> Result<u64, TokenError> {
     for shift in (0..64).step_by(7) {
         let (&b, rest) = input.split_first().ok_or(TokenError::Malformed)?;
         *input = rest;
-        n |= u64::from(b & 0x7F)
-            .checked_shl(shift)
-            .ok_or(TokenError::Malformed)?;
+        // The tenth byte holds the 64th bit only.
+        if shift == 63 && b > 1 {
+            return Err(TokenError::Malformed);
+        }
+        n |= u64::from(b & 0x7F) << shift;
         if b & 0x80 == 0 {
             return Ok(n);
         }
@@ -337,6 +364,20 @@ mod tests {
     }
 
     #[test]
+    fn a_token_with_an_offset_no_log_can_reach_is_refused() {
+        // Crafted: the largest u64, and an overlong varint of a small one.
+        let huge = encode_token(42, [entry(0, 9, u64::MAX)].into_iter(), &mut Vec::new());
+        assert_eq!(decode_token(&huge, 42, 1), Err(TokenError::Malformed));
+        let mut overlong = vec![TOKEN_VERSION];
+        overlong.extend_from_slice(&42u32.to_be_bytes());
+        overlong.push(0); // index 0
+        overlong.extend_from_slice(&9u64.to_be_bytes());
+        overlong.extend_from_slice(&[0x85, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x02]);
+        let overlong = URL_SAFE_NO_PAD.encode(overlong);
+        assert_eq!(decode_token(&overlong, 42, 1), Err(TokenError::Malformed));
+    }
+
+    #[test]
     fn a_foreign_or_broken_token_is_refused() {
         let token = encode_token(42, [entry(1, 9, 5)].into_iter(), &mut Vec::new());
         assert_eq!(decode_token(&token, 43, 2), Err(TokenError::OtherStream));
@@ -354,20 +395,35 @@ mod tests {
     }
 
     #[test]
-    fn accept_picks_the_first_stream_format_named() {
+    fn accept_picks_the_stream_format_ranked_highest() {
         let mut headers = HeaderMap::new();
         assert_eq!(Format::from_accept(&headers), None);
         headers.insert(
             header::ACCEPT,
-            "application/json, Text/Event-Stream;q=0.9, application/x-ndjson"
-                .parse()
-                .unwrap(),
+            "Text/Event-Stream, application/x-ndjson".parse().unwrap(),
         );
         assert_eq!(Format::from_accept(&headers), Some(Format::Sse));
         headers.insert(header::ACCEPT, "application/x-ndjson".parse().unwrap());
         assert_eq!(Format::from_accept(&headers), Some(Format::Ndjson));
         headers.insert(header::ACCEPT, "*/*".parse().unwrap());
         assert_eq!(Format::from_accept(&headers), None);
+        // Ranked: JSON first, or a stream type refused with q=0.
+        headers.insert(
+            header::ACCEPT,
+            "application/json, application/x-ndjson;q=0.1"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(Format::from_accept(&headers), None);
+        headers.insert(header::ACCEPT, "text/event-stream;q=0".parse().unwrap());
+        assert_eq!(Format::from_accept(&headers), None);
+        headers.insert(
+            header::ACCEPT,
+            "text/event-stream;q=0.5, application/x-ndjson;q=0.8, */*;q=0.1"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(Format::from_accept(&headers), Some(Format::Ndjson));
     }
 
     #[test]

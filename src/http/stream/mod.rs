@@ -109,15 +109,27 @@ pub(super) async fn many_topics(
     let mut since = HashMap::new();
     let mut token = None;
     let mut resume_token = None;
+    let once = |slot: &mut Option<String>, name: &str, value: String| {
+        if slot.replace(value).is_some() {
+            return Err(ApiError::BadRequest(format!(
+                "invalid query: `{name}` is given twice"
+            )));
+        }
+        Ok(())
+    };
     for (key, value) in form_urlencoded::parse(req.query_string().as_bytes()) {
         match &*key {
             "topic" => topics.push(Topic::parse(&value)?),
             "since" => {
                 let (topic, offset, epoch) = parse_since(&value)?;
-                since.insert(topic, (offset, epoch));
+                if since.insert(topic.clone(), (offset, epoch)).is_some() {
+                    return Err(ApiError::BadRequest(format!(
+                        "invalid query: since is given twice for \"{topic}\""
+                    )));
+                }
             }
-            "token" => token = Some(value.into_owned()),
-            "last_event_id" => resume_token = Some(value.into_owned()),
+            "token" => once(&mut token, "token", value.into_owned())?,
+            "last_event_id" => once(&mut resume_token, "last_event_id", value.into_owned())?,
             other => {
                 return Err(ApiError::BadRequest(format!(
                     "invalid query: unknown parameter `{other}`; expected topic, since, token or last_event_id"
@@ -153,18 +165,20 @@ fn authenticate(
 }
 
 /// The resume token: `Last-Event-ID` (which a browser resends by itself,
-/// so it wins over the URL's), else `?last_event_id=`.
+/// so it wins over the URL's), else `?last_event_id=`. Either wins over
+/// `since`. An empty one is no token.
 fn last_event_id(req: &HttpRequest, query: Option<String>) -> Result<Option<String>, ApiError> {
-    match req.headers().get(LAST_EVENT_ID) {
-        Some(value) => {
-            let value = value
-                .to_str()
-                .map_err(|_| ApiError::BadRequest(TokenError::Malformed.to_string()))?;
-            // An empty one is what a browser sends before any id.
-            Ok((!value.trim().is_empty()).then(|| value.trim().to_owned()))
-        }
-        None => Ok(query.filter(|q| !q.trim().is_empty())),
+    let header = match req.headers().get(LAST_EVENT_ID) {
+        Some(value) => value
+            .to_str()
+            .map_err(|_| ApiError::BadRequest(TokenError::Malformed.to_string()))?
+            .trim(),
+        None => "",
+    };
+    if !header.is_empty() {
+        return Ok(Some(header.to_owned()));
     }
+    Ok(query.filter(|q| !q.trim().is_empty()))
 }
 
 fn check_since(since: u64, epoch: Option<&str>) -> Result<(), ApiError> {
@@ -283,6 +297,7 @@ async fn open(
         .insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-cache")))
         // Proxies that buffer responses (nginx) pass this one through.
         .insert_header(("x-accel-buffering", HeaderValue::from_static("no")))
+        .insert_header((header::VARY, HeaderValue::from_static("Accept")))
         .streaming(stream.body()))
 }
 

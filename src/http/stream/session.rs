@@ -179,7 +179,8 @@ impl Stream {
             .collect();
         metrics::counter!(names::REPLAYS).increment(replays.len() as u64);
         let every = state.settings.server.heartbeat_interval;
-        let heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let expiry = Box::pin(tokio::time::sleep_until(grants.expires_at()));
         tracing::info!(conn = registrations.mailbox.id, sub = %grants.sub, format = format.name(), topics = positions.len(), "stream opened");
         Stream {
@@ -237,6 +238,10 @@ impl Stream {
         // last one it got.
         if self.overflowed.is_cancelled() {
             return Err(self.stop_cause());
+        }
+        // A stream busy enough never to wait still ends at `exp`.
+        if self.expiry.is_elapsed() {
+            return Err(End::TokenExpired);
         }
         if !self.opened {
             self.opened = true;
@@ -319,6 +324,7 @@ impl Stream {
             }
         };
         let more = range.more() && !events.is_empty();
+        self.heartbeat.reset();
         for event in &events {
             // A replay can outlast the token: it ends with it.
             if self.grants.valid_until <= unix_now_secs() {
@@ -337,6 +343,8 @@ impl Stream {
 
     /// Writes the events the mailbox holds, up to one chunk's worth.
     fn take_held(&mut self, out: &mut Writer) {
+        // A heartbeat only when nothing else went out for a while.
+        self.heartbeat.reset();
         self.held = true;
         while out.len() < CHUNK_BYTES {
             match self.outlet.next_held() {
@@ -361,9 +369,23 @@ impl Stream {
             position.offset = event.offset;
             self.token = None;
         }
-        // An event with no JSON form was logged and counted where it was
-        // encoded; the stream goes on past it.
+        // An event with no JSON form (stored before the edge checked
+        // payloads) was logged and counted where it was encoded; the
+        // stream says so and goes on past it, as a WebSocket does.
         let Some(json) = event.json() else {
+            let message = format!(
+                "event {} of \"{}\" cannot be encoded in JSON; skipped",
+                event.offset, event.topic
+            );
+            let notice = Notice {
+                op: "skipped",
+                topic: Some(event.topic.as_str()),
+                epoch: None,
+                offset: Some(event.offset),
+                reason: None,
+                message: Some(&message),
+            };
+            write_notice(out, "skipped", &notice);
             return;
         };
         let token = match self.format {
