@@ -105,6 +105,10 @@ Receive: open a WebSocket and subscribe, e.g. with npx wscat (or
 python3 -m websockets, or websocat), then type the subscribe line:
   npx wscat -c 'ws://{addr}/ws?token={subscriber}'
   {{\"op\":\"subscribe\",\"id\":1,\"topic\":\"alerts\"}}
+Or follow the topic as a plain HTTP stream, one JSON event per line:
+  curl -N -H 'Accept: application/x-ndjson' \\
+    -H 'Authorization: Bearer {subscriber}' \\
+    http://{addr}/api/v1/topics/alerts/events
 
 Publish (from another terminal):
   curl -i --json '{{\"text\":\"hello\"}}' \\

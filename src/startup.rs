@@ -81,6 +81,7 @@ impl Application {
             .listen("herald", listener, move || {
                 let app_state = state.clone();
                 let app = App::new()
+                    .wrap(http::cors(&app_state.settings.server.allowed_origins))
                     .app_data(app_state.clone())
                     .app_data(http::json_config())
                     .configure(http::routes)

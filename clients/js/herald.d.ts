@@ -26,7 +26,7 @@ export interface HeraldOptions {
   getToken?: () => string | Promise<string>;
   /** WebSocket constructor; defaults to the global one (pass the `ws` package's in Node.js 20). */
   WebSocket?: unknown;
-  /** The transports to use, in order of preference (default ["websocket", "sse"]). */
+  /** The transports to use, in order of preference (default ["websocket", "sse"]); with "sse" first, no WebSocket is tried. */
   transports?: HeraldTransport[];
   /** fetch, for the stream and HTTP publishing; defaults to the global one. */
   fetch?: typeof fetch;
@@ -34,8 +34,10 @@ export interface HeraldOptions {
   httpUrl?: string;
   /** WebSocket attempts that fail without ever opening before the client falls back to SSE (default 2). */
   fallbackAfter?: number;
-  /** While on SSE, try WebSocket again every this many ms (default 30000). */
+  /** While on SSE, try WebSocket again: after 2 s, then less often, up to every this many ms (default 30000). */
   websocketRetry?: number;
+  /** A stream silent this long (the node sends a heartbeat every 20 s by default) is taken as lost and reopened (default 60000). */
+  streamIdleTimeout?: number;
   /** First reconnect delay in ms (default 250); doubles per attempt, with jitter. */
   minDelay?: number;
   /** Largest reconnect delay in ms (default 15000). */

@@ -8,6 +8,16 @@
 
 const STATES = ["connecting", "open", "reconnecting", "closed"];
 const TRANSPORTS = ["websocket", "sse"];
+/** What the node takes as a topic (see docs/protocol.md). */
+const TOPIC = /^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$/;
+const MAX_TOPIC_BYTES = 255;
+/** A WebSocket that closes this soon after opening failed, as far as
+ * falling back is concerned. */
+const CUT_AT_ONCE = 1000;
+/** A connection that lasted this long resets the reconnect backoff. */
+const HEALTHY_AFTER = 5000;
+/** The first WebSocket probe after falling back to the stream. */
+const FIRST_PROBE = 2000;
 
 /** Decodes a JWT's `exp` (seconds), or undefined. */
 function tokenExpiry(token) {
@@ -131,6 +141,7 @@ export class Herald {
     connectTimeout = 10000,
     fallbackAfter = 2,
     websocketRetry = 30000,
+    streamIdleTimeout = 60000,
   }) {
     if (!url) throw new TypeError("Herald: `url` is required");
     if (!token && !getToken) throw new TypeError("Herald: `token` or `getToken` is required");
@@ -148,6 +159,7 @@ export class Herald {
     this._transports = transports;
     this._fallbackAfter = fallbackAfter;
     this._websocketRetry = websocketRetry;
+    this._streamIdleTimeout = streamIdleTimeout;
     this._wsFailures = 0;
     this._fallback = transports[0] === "sse";
     this._getToken = getToken ?? (() => token);
@@ -216,7 +228,8 @@ export class Herald {
    */
   presence(topic, onChange = () => {}) {
     let entry = this._topics.get(topic);
-    if (!entry) {
+    const created = !entry;
+    if (created) {
       entry = { handlers: new Set(), last: undefined, epoch: undefined };
       this._topics.set(topic, entry);
     }
@@ -225,7 +238,7 @@ export class Herald {
       // Joins (again, if subscribed already: a repeated subscribe replays
       // nothing). A stream has no presence: it waits for a WebSocket.
       if (this._state === "open" && this._transport === "websocket") this._sendSubscribe(topic, entry);
-      else if (this._state === "open") this._subscribeNow(topic, entry);
+      else if (this._state === "open" && created) this._subscribeNow(topic, entry);
     }
     const p = entry.presence;
     p.watchers.add(onChange);
@@ -269,6 +282,7 @@ export class Herald {
     clearTimeout(this._retryTimer);
     clearTimeout(this._refreshTimer);
     clearTimeout(this._probeTimer);
+    clearTimeout(this._healthyTimer);
     for (const { reject } of this._pending.values()) reject(new HeraldError("closed", "client closed"));
     this._pending.clear();
     this._socket?.close(1000);
@@ -499,11 +513,13 @@ export class Herald {
 
   /** `socket` is open: subscribe everything (resuming), resend what waits. */
   _adoptSocket(socket, token) {
-    socket.opened = true;
-    this._attempt = 0;
+    socket.opened = Date.now();
+    this._healthy();
     this._wsFailures = 0;
     this._fallback = false;
+    this._probeDelay = undefined;
     clearTimeout(this._probeTimer);
+    this._probeTimer = undefined;
     this._transport = "websocket";
     this._setState("open");
     this._scheduleRefresh(token);
@@ -523,9 +539,10 @@ export class Herald {
     } catch {
       // Already closed or never opened.
     }
-    // A WebSocket that never opens, again and again: something on the way
-    // (a proxy) refuses it. Streams may still pass.
-    if (!socket.opened && this._transports.includes("sse")) {
+    // A WebSocket that never opens (or is cut at once), again and again:
+    // something on the way (a proxy) refuses it. Streams may still pass.
+    const failed = !socket.opened || Date.now() - socket.opened < CUT_AT_ONCE;
+    if (failed && this._transports.includes("sse")) {
       this._wsFailures += 1;
       if (this._wsFailures >= this._fallbackAfter) this._fallback = true;
     }
@@ -537,6 +554,8 @@ export class Herald {
     this._transport = undefined;
     clearTimeout(this._refreshTimer);
     clearTimeout(this._probeTimer);
+    clearTimeout(this._healthyTimer);
+    this._probeTimer = undefined;
     for (const [id, pending] of this._pending) {
       if (!pending.resend) {
         this._pending.delete(id);
@@ -545,6 +564,15 @@ export class Herald {
     }
     if (this._closed) return;
     this._retry();
+  }
+
+  /** The backoff starts again only once a connection has lasted: one that
+   * opens and drops at once (a proxy cutting it) keeps backing off. */
+  _healthy() {
+    clearTimeout(this._healthyTimer);
+    this._healthyTimer = setTimeout(() => {
+      this._attempt = 0;
+    }, HEALTHY_AFTER);
   }
 
   _retry() {
@@ -563,11 +591,27 @@ export class Herald {
    * its last event (`since=topic:offset:epoch`), or live from its head. */
   _openStream(token) {
     const stream = { controller: new AbortController(), opened: false, resuming: new Map() };
+    // Settled once every topic's `subscribed` came (or the stream ended):
+    // a publish waits for it, so that it comes after the subscribe, as on
+    // a WebSocket.
+    stream.ready = new Promise((resolve) => (stream.settle = resolve));
     this._stream = stream;
+    // A name the node would refuse would refuse the whole stream: it is
+    // refused here, as a WebSocket subscribe of it is.
+    for (const [topic, entry] of this._topics) {
+      if (TOPIC.test(topic) && topic.length <= MAX_TOPIC_BYTES) continue;
+      this._topics.delete(topic);
+      if (entry.presence) entry.presence = undefined;
+      const error = new HeraldError("invalid_topic", `topic ${JSON.stringify(topic)} is not a valid topic`);
+      error.topic = topic;
+      this._emit("error", error);
+    }
     const topics = [...this._topics.keys()];
+    stream.waiting = new Set(topics);
     if (topics.length === 0) {
       // Nothing to receive yet: open, and stream once something is.
       stream.opened = true;
+      stream.settle();
       return this._adoptStream(token);
     }
     const query = new URLSearchParams();
@@ -587,6 +631,10 @@ export class Herald {
         clearTimeout(connectTimer);
         if (this._stream !== stream) return;
         if (!response.ok) return this._streamRefused(stream, response);
+        if (!response.body?.getReader) {
+          this._emit("error", new HeraldError("connect", "this fetch cannot read a response as it arrives; no stream"));
+          return this._streamLost(stream, "no streaming body");
+        }
         stream.opened = true;
         this._adoptStream(token);
         await this._readStream(stream, response.body);
@@ -601,12 +649,17 @@ export class Herald {
   /** The stream is open: publish what waits over HTTP, and try WebSocket
    * again from time to time. */
   _adoptStream(token) {
-    this._attempt = 0;
+    this._healthy();
     this._transport = "sse";
     this._setState("open");
     this._scheduleRefresh(token);
+    // Subscribed while the request was on its way: stream those too.
+    const streamed = this._stream?.resuming;
+    if (streamed && (streamed.size !== this._topics.size || [...this._topics.keys()].some((t) => !streamed.has(t)))) {
+      this._restartStream();
+    }
     for (const [id, pending] of this._pending) if (pending.resend) this._publishHttp(id);
-    this._scheduleProbe();
+    if (this._probeTimer === undefined) this._scheduleProbe();
   }
 
   /** Reads SSE messages until the response ends. */
@@ -614,10 +667,24 @@ export class Herald {
     const reader = body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
+    let raw = "";
+    // The node sends a heartbeat when idle: a stream silent for longer is
+    // gone (a NAT forgot it, the laptop slept).
+    const idle = () => {
+      clearTimeout(stream.idleTimer);
+      stream.idleTimer = setTimeout(() => this._streamLost(stream, "idle"), this._streamIdleTimeout);
+    };
+    idle();
     for (;;) {
       const { value, done } = await reader.read();
       if (done || this._stream !== stream) return;
-      buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+      idle();
+      // Line ends: CRLF, CR or LF; a CR at a chunk's end waits for the next
+      // chunk, which may start with its LF.
+      raw += decoder.decode(value, { stream: true });
+      const cut = raw.endsWith("\r") ? raw.length - 1 : raw.length;
+      buffer += raw.slice(0, cut).replace(/\r\n?/g, "\n");
+      raw = raw.slice(cut);
       let at;
       while ((at = buffer.indexOf("\n\n")) >= 0) {
         const block = buffer.slice(0, at);
@@ -652,8 +719,14 @@ export class Herald {
     if (type === "subscribed") {
       const entry = this._topics.get(frame.topic);
       if (entry) this._onSubscribed(frame.topic, entry, frame, stream.resuming.get(frame.topic), false);
+      stream.waiting.delete(frame.topic);
+      if (stream.waiting.size === 0) stream.settle();
     } else if (type === "end") {
       stream.end = frame;
+    } else if (type === "skipped") {
+      const error = new HeraldError("unencodable", frame.message);
+      error.topic = frame.topic;
+      this._emit("error", error);
     }
     // `truncated` repeats what `subscribed` says.
   }
@@ -671,9 +744,13 @@ export class Herald {
       this._topics.delete(body.topic);
       this._stream = undefined;
       stream.controller.abort();
+      stream.settle();
       return this._openStream(this._token);
     }
-    stream.opened = true; // refused by the node, not blocked on the way
+    // The node refused this token (the next attempt asks getToken again):
+    // the stream itself works. Anything else (a path that is not Herald's,
+    // a proxy's error) may be the stream's fault: WebSocket gets its turn.
+    stream.opened = response.status === 401 || response.status === 403;
     this._streamLost(stream, response.status);
   }
 
@@ -684,6 +761,8 @@ export class Herald {
     if (this._stream !== stream) return;
     this._stream = undefined;
     stream.controller.abort();
+    clearTimeout(stream.idleTimer);
+    stream.settle();
     if (!stream.opened && this._transports.includes("websocket")) {
       this._fallback = false;
       this._wsFailures = 0;
@@ -695,7 +774,10 @@ export class Herald {
   _dropStream() {
     const stream = this._stream;
     this._stream = undefined;
-    stream?.controller.abort();
+    if (!stream) return;
+    stream.controller.abort();
+    clearTimeout(stream.idleTimer);
+    stream.settle();
   }
 
   /** Streams the topics as they now are (several changes at once make one
@@ -720,7 +802,14 @@ export class Herald {
     pending.http = true;
     const { frame } = pending;
     const binary = frame.data_b64 !== undefined;
+    let wait = 1000;
+    const timeout = new AbortController();
+    const timer = setTimeout(() => timeout.abort(), this._connectTimeout);
     try {
+      // After the subscribes before it: a restart queued in this tick
+      // starts in a microtask, then its topics' `subscribed` come.
+      await Promise.resolve();
+      await this._stream?.ready;
       const response = await this._fetch(`${this._httpUrl}/api/v1/topics/${encodeURIComponent(frame.topic)}/events`, {
         method: "POST",
         headers: {
@@ -729,6 +818,7 @@ export class Herald {
           "idempotency-key": frame.key,
         },
         body: binary ? fromBase64(frame.data_b64) : JSON.stringify(frame.data),
+        signal: timeout.signal,
       });
       const body = await response.json().catch(() => ({}));
       if (this._pending.get(id) !== pending) return;
@@ -736,25 +826,39 @@ export class Herald {
         this._pending.delete(id);
         return pending.resolve({ op: "published", offset: body.offset });
       }
-      if (response.status !== 429 && response.status < 500) {
+      if (response.status === 401) {
+        // Expired meanwhile: a fresh token, and the same publish again.
+        this._token = await this._getToken();
+      } else if (response.status === 429 || response.status >= 500) {
+        const after = Number(response.headers.get("retry-after"));
+        if (after > 0) wait = after * 1000;
+      } else {
         this._pending.delete(id);
         return pending.reject(new HeraldError(body.error ?? "http", body.message ?? `publish answered ${response.status}`));
       }
     } catch {
-      // The network: retried below.
+      // The network, or no answer in time: retried below.
     } finally {
+      clearTimeout(timer);
       pending.http = false;
     }
     if (this._pending.get(id) === pending && this._transport === "sse") {
-      setTimeout(() => this._transport === "sse" && this._publishHttp(id), 1000);
+      setTimeout(() => this._transport === "sse" && this._publishHttp(id), wait);
     }
   }
 
-  /** While on the stream, tries a WebSocket every `websocketRetry` ms. */
+  /** While on the stream, tries a WebSocket again: soon at first (the
+   * node may just have restarted), then less often, up to every
+   * `websocketRetry` ms. Not when the stream is the preferred transport. */
   _scheduleProbe() {
     clearTimeout(this._probeTimer);
-    if (!this._transports.includes("websocket") || this._closed) return;
-    this._probeTimer = setTimeout(() => this._probe(), this._websocketRetry);
+    this._probeTimer = undefined;
+    if (this._transports[0] !== "websocket" || this._closed) return;
+    this._probeDelay = Math.min(this._websocketRetry, this._probeDelay === undefined ? FIRST_PROBE : this._probeDelay * 2);
+    this._probeTimer = setTimeout(() => {
+      this._probeTimer = undefined;
+      this._probe();
+    }, this._probeDelay);
   }
 
   /** Opens a WebSocket beside the stream; once it opens, every topic

@@ -318,6 +318,37 @@ pub(crate) fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<()
     }
 }
 
+/// How long a browser may cache a preflight's answer.
+const CORS_MAX_AGE_SECS: usize = 3600;
+
+/// Cross-origin access for browser apps served from other origins (the JS
+/// client's stream and HTTP publishing, `EventSource`, `fetch`): the
+/// origins in `server.allowed_origins`, any when it is empty. Tokens
+/// travel in headers or the query, never in cookies, so no credentials are
+/// allowed. A request from another origin is still served (the browser
+/// withholds the answer); streams and WebSockets refuse it themselves.
+pub fn cors(allowed: &[String]) -> actix_cors::Cors {
+    let cors = actix_cors::Cors::default()
+        .allowed_methods(["GET", "POST"])
+        .allowed_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::ACCEPT,
+            header::HeaderName::from_static("idempotency-key"),
+            header::HeaderName::from_static("last-event-id"),
+        ])
+        .expose_headers([header::RETRY_AFTER])
+        .max_age(CORS_MAX_AGE_SECS)
+        .block_on_origin_mismatch(false);
+    if allowed.is_empty() {
+        cors.allow_any_origin().send_wildcard()
+    } else {
+        allowed
+            .iter()
+            .fold(cors, |cors, origin| cors.allowed_origin(origin))
+    }
+}
+
 /// Turns actix's own extractor failures (bad JSON, bad path, bad query) into
 /// Herald's JSON error body.
 pub fn json_config() -> web::JsonConfig {

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::json;
 
-use crate::helpers::{Handshake, SECRET, ServeProcess, herald_command, temp_dir};
+use crate::helpers::{Handshake, SECRET, ServeProcess, StreamClient, herald_command, temp_dir};
 
 const HERALD: &str = env!("CARGO_BIN_EXE_herald");
 
@@ -149,10 +149,15 @@ async fn dev_mode_prints_working_tokens_and_herald_token_reuses_its_key() {
     let publisher = node.token_after("Publisher token");
     assert!(node.banner.iter().any(|l| l.contains("curl")));
     assert!(node.banner.iter().any(|l| l.contains("ws://")));
+    assert!(node.banner.iter().any(|l| l.contains("curl -N")));
 
     let url = format!("ws://{}/ws?token={subscriber}", node.addr);
     let mut client = Handshake::to(&url).open().await;
     client.subscribe("alerts").await;
+    // The banner's `curl -N`: the same topic as an NDJSON stream.
+    let bearer = format!("Bearer {subscriber}");
+    let events = format!("http://{}/api/v1/topics/alerts/events", node.addr);
+    let mut lines = StreamClient::ndjson(&events, &[("authorization", &bearer)]).await;
 
     let http = reqwest::Client::new();
     let published = http
@@ -164,6 +169,7 @@ async fn dev_mode_prints_working_tokens_and_herald_token_reuses_its_key() {
         .unwrap();
     assert_eq!(published.status(), 201);
     assert_eq!(client.recv().await["data"], json!({"text": "hello"}));
+    assert_eq!(lines.next_event().await["data"], json!({"text": "hello"}));
 
     // `herald token` in the same directory signs with the same dev key.
     let out = herald(&dir)

@@ -269,6 +269,21 @@ async fn a_stream_resumes_on_another_node_of_the_cluster() {
     publish_n(&nodes.a, &writer, "feed", 1).await;
     assert_eq!(on_b.offsets(1).await, [6]);
 
+    // NDJSON: the last line's offset and epoch, on the other node.
+    let mut on_a = StreamClient::ndjson(&on(&nodes.a), &[]).await;
+    publish_n(&nodes.b, &writer, "feed", 1).await;
+    let last = on_a.next_event().await;
+    assert_eq!(last["offset"], 7);
+    drop(on_a);
+    publish_n(&nodes.a, &writer, "feed", 2).await;
+    let resumed = format!(
+        "{}&since=7&epoch={}",
+        on(&nodes.b),
+        last["epoch"].as_str().unwrap()
+    );
+    let mut on_b = StreamClient::ndjson(&resumed, &[]).await;
+    assert_eq!(on_b.offsets(2).await, [8, 9]);
+
     let mut lines = StreamClient::ndjson(&format!("{}&since=4", on(&nodes.a)), &[]).await;
     let subscribed = lines.next_data().await;
     assert_eq!(subscribed["truncated"], true, "{subscribed}");
@@ -277,7 +292,7 @@ async fn a_stream_resumes_on_another_node_of_the_cluster() {
         notice["op"], "truncated",
         "since without its epoch is not trusted"
     );
-    assert_eq!(lines.offsets(6).await, [1, 2, 3, 4, 5, 6]);
+    assert_eq!(lines.offsets(9).await, [1, 2, 3, 4, 5, 6, 7, 8, 9]);
 }
 
 #[tokio::test]
@@ -414,7 +429,16 @@ async fn a_stream_ends_when_its_token_expires() {
 }
 
 #[tokio::test]
-async fn a_stream_that_does_not_keep_up_is_ended_while_others_go_on_and_it_resumes() {
+async fn an_sse_stream_that_does_not_keep_up_is_ended_while_others_go_on_and_it_resumes() {
+    a_stream_that_does_not_keep_up_is_ended_while_others_go_on_and_it_resumes(SSE).await;
+}
+
+#[tokio::test]
+async fn an_ndjson_stream_that_does_not_keep_up_is_ended_while_others_go_on_and_it_resumes() {
+    a_stream_that_does_not_keep_up_is_ended_while_others_go_on_and_it_resumes(NDJSON).await;
+}
+
+async fn a_stream_that_does_not_keep_up_is_ended_while_others_go_on_and_it_resumes(accept: &str) {
     // Room for a reader that keeps up to lag by a few batches, not for
     // one that stops.
     let node = spawn_node_with(|s| {
@@ -425,8 +449,9 @@ async fn a_stream_that_does_not_keep_up_is_ended_while_others_go_on_and_it_resum
     let reader = token("reader", &["firehose"], &[]);
     let writer = token("writer", &[], &["firehose"]);
     let url = events_url(&node, "firehose", &format!("?token={reader}"));
-    let mut slow = StreamClient::sse(&url, &[]).await;
-    let mut fast = StreamClient::sse(&url, &[]).await;
+    let open = |url: String| async move { StreamClient::open(&url, accept, &[]).await.unwrap() };
+    let mut slow = open(url.clone()).await;
+    let mut fast = open(url.clone()).await;
     slow.next().await.unwrap();
 
     // 100 batches of 50 events of 4 KiB: 20 MiB, far more than the socket
@@ -468,10 +493,15 @@ async fn a_stream_that_does_not_keep_up_is_ended_while_others_go_on_and_it_resum
 
     // The slow one now reads: what it got, then the end.
     let mut received = Vec::new();
+    let mut last_line = Value::Null;
     let reason = loop {
         let message = slow.next().await.expect("an end message");
         match message.data {
-            Some(data) if data["op"] == "event" => received.push(data["offset"].as_u64().unwrap()),
+            Some(data) if data["op"] == "event" => {
+                received.push(data["offset"].as_u64().unwrap());
+                last_line = data;
+            }
+            Some(data) if data["op"] == "subscribed" => {}
             Some(data) => break data,
             None => {}
         }
@@ -482,9 +512,20 @@ async fn a_stream_that_does_not_keep_up_is_ended_while_others_go_on_and_it_resum
     assert_eq!(received, (1..=received.len() as u64).collect::<Vec<_>>());
     assert!(slow.next().await.is_none());
 
-    // It resumes after the last event it got, and gets all the rest.
-    let last_id = slow.last_id.clone().unwrap();
-    let mut resumed = StreamClient::sse(&url, &[("last-event-id", &last_id)]).await;
+    // It resumes after the last event it got, and gets all the rest: with
+    // its last id (SSE), or its last line's offset and epoch (NDJSON).
+    let mut resumed = match slow.last_id.clone() {
+        Some(id) if accept == SSE => StreamClient::sse(&url, &[("last-event-id", &id)]).await,
+        _ if last_line.is_null() => open(format!("{url}&since=0")).await,
+        _ => {
+            let since = format!(
+                "{url}&since={}&epoch={}",
+                last_line["offset"],
+                last_line["epoch"].as_str().unwrap()
+            );
+            open(since).await
+        }
+    };
     let mut next = received.len() as u64 + 1;
     while next <= total {
         assert_eq!(resumed.next_event().await["offset"].as_u64().unwrap(), next);
@@ -546,7 +587,8 @@ async fn accept_ranks_json_over_a_stream_and_a_query_says_each_thing_once() {
         .await
         .unwrap();
     assert_eq!(page.status(), 200);
-    assert_eq!(page.headers()["vary"], "Accept");
+    let vary = page.headers()["vary"].to_str().unwrap().to_owned();
+    assert!(vary.split(", ").any(|v| v == "Accept"), "{vary}");
     assert_eq!(
         page.json::<Value>().await.unwrap()["events"][0]["offset"],
         1
@@ -587,4 +629,80 @@ async fn accept_ranks_json_over_a_stream_and_a_query_says_each_thing_once() {
     )
     .await;
     assert_eq!(resumed.offsets(1).await, [2]);
+}
+
+#[tokio::test]
+async fn browsers_on_other_origins_may_stream_and_publish_where_allowed() {
+    let open = spawn_node().await;
+    let listed = spawn_node_with(|s| {
+        s.server.allowed_origins = vec!["https://app.example.com".into()];
+    })
+    .await;
+    let preflight = |node: &TestNode, path: &str, origin: &str, method: &str| {
+        node.http
+            .request(reqwest::Method::OPTIONS, node.url(path))
+            .header("origin", origin)
+            .header("access-control-request-method", method)
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type, idempotency-key, last-event-id",
+            )
+            .send()
+    };
+    // Any origin by default: a stream with its Authorization header, and a
+    // JSON publish with its idempotency key.
+    for (path, method) in [
+        ("/api/v1/stream?topic=t", "GET"),
+        ("/api/v1/topics/t/events", "POST"),
+    ] {
+        let answer = preflight(&open, path, "https://elsewhere.example", method)
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{method} {path}");
+        assert_eq!(answer.headers()["access-control-allow-origin"], "*");
+        let allowed = answer.headers()["access-control-allow-headers"]
+            .to_str()
+            .unwrap()
+            .to_ascii_lowercase();
+        for name in ["authorization", "idempotency-key", "last-event-id"] {
+            assert!(allowed.contains(name), "{allowed}");
+        }
+    }
+    // With server.allowed_origins, only those.
+    let answer = preflight(
+        &listed,
+        "/api/v1/stream?topic=t",
+        "https://app.example.com",
+        "GET",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        answer.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let answer = preflight(
+        &listed,
+        "/api/v1/stream?topic=t",
+        "https://evil.example",
+        "GET",
+    )
+    .await
+    .unwrap();
+    assert!(
+        answer
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+    // And the stream itself refuses an origin not listed.
+    let reader = token("reader", &["t"], &[]);
+    let url = listed.url(&format!("/api/v1/stream?topic=t&token={reader}"));
+    let refused = StreamClient::open(&url, SSE, &[("origin", "https://evil.example")])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(refused.0, 403);
+    let mut ok = StreamClient::sse(&url, &[("origin", "https://app.example.com")]).await;
+    assert_eq!(ok.next_data().await["op"], "subscribed");
 }

@@ -191,19 +191,52 @@ test("behind a proxy that refuses WebSocket, the console shows live events over 
 
     await page.fill("#topic", "alerts.sse");
     await page.click("#subscribe-form button");
-    // Wait until the stream carries the new topic, then publish over HTTP.
-    await new Promise((resolve) => setTimeout(resolve, 300));
-    const first = await publish(publisher, "alerts.sse", { via: "curl" });
-    await page.waitForSelector(`#events tr[data-topic="alerts.sse"][data-offset="${first}"]`);
-    // The page's own publish goes over HTTP POST.
+    // The page's own publish goes over HTTP POST, after its subscribe.
     await page.fill("#publish-topic", "alerts.sse");
     await page.click("#publish-form button");
-    await page.waitForSelector(`text=Published at offset ${first + 1}.`);
-    await page.waitForSelector(`#events tr[data-topic="alerts.sse"][data-offset="${first + 1}"]`);
+    await page.waitForSelector("text=Published at offset 1.");
+    await page.waitForSelector('#events tr[data-topic="alerts.sse"][data-offset="1"]');
+    // An event published with curl-style HTTP arrives live on the stream.
+    assert.equal(await publish(publisher, "alerts.sse", { via: "curl" }), 2);
+    await page.waitForSelector('#events tr[data-topic="alerts.sse"][data-offset="2"]');
     const offsets = await page.$$eval('#events tr[data-topic="alerts.sse"]', (rows) => rows.map((r) => Number(r.dataset.offset)).reverse());
-    assert.deepEqual(offsets, [first, first + 1]);
+    assert.deepEqual(offsets, [1, 2]);
     mkdirSync(ARTIFACTS, { recursive: true });
     await page.screenshot({ path: join(ARTIFACTS, "console-sse.png"), fullPage: true });
+    await page.close();
+  } finally {
+    await proxy.close();
+  }
+});
+
+test("an app on another origin, behind a proxy that refuses WebSocket, streams and publishes through the client", async () => {
+  const proxy = await UpgradeRefusingProxy.start(port);
+  try {
+    const token = after_(node.banner, "Console").split("#token=")[1];
+    const page = await browser.newPage();
+    // The app's own origin: the node's address by IP; Herald is reached by
+    // name through the proxy, another origin (CORS).
+    await page.goto(`http://127.0.0.1:${port}/healthz`);
+    const base = `http://localhost:${proxy.port}`;
+    const result = await page.evaluate(
+      async ({ base, token }) => {
+        const { Herald } = await import(`${base}/herald.js`);
+        const h = new Herald({ url: `${base.replace("http", "ws")}/ws`, token });
+        const got = [];
+        h.subscribe("cross.origin", (data, meta) => got.push(meta.offset));
+        const offset = await h.publish("cross.origin", { from: "another origin" });
+        const deadline = Date.now() + 5000;
+        while (got.length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+        const transport = h.transport;
+        h.close();
+        return { offset, got, transport, origin: location.origin };
+      },
+      { base, token },
+    );
+    assert.equal(result.origin, `http://127.0.0.1:${port}`);
+    assert.equal(result.transport, "sse");
+    assert.deepEqual(result.got, [result.offset]);
+    assert.ok(proxy.refused >= 1, "WebSocket was tried first");
     await page.close();
   } finally {
     await proxy.close();
