@@ -280,7 +280,7 @@ async fn open(
     }
     let stream = Stream::new(Parts {
         state: Arc::clone(&state),
-        slot,
+        _slot: slot,
         format,
         grants,
         registrations,

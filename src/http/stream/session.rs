@@ -111,11 +111,13 @@ struct Notice<'a> {
 /// What a subscribed stream is made of (see [`super`]).
 pub(super) struct Parts {
     pub state: Arc<AppState>,
-    pub slot: ConnectionSlot,
+    /// Frees this stream's place under `limits.max_connections` on drop.
+    pub _slot: ConnectionSlot,
     pub format: Format,
     pub grants: crate::auth::Grants,
     pub registrations: Registrations,
     pub outlet: Outlet,
+    /// Cancelled on overflow and (its parent) on shutdown.
     pub overflowed: CancellationToken,
     /// In the order of the stream's sorted topics.
     pub positions: Vec<Position>,
@@ -123,19 +125,10 @@ pub(super) struct Parts {
 }
 
 pub(super) struct Stream {
-    state: Arc<AppState>,
-    /// Frees this stream's place under `limits.max_connections` on drop.
-    _slot: ConnectionSlot,
-    format: Format,
-    grants: crate::auth::Grants,
-    /// Released when the stream is dropped, however it ends.
-    registrations: Registrations,
-    outlet: Outlet,
-    /// Cancelled on overflow and (its parent) on shutdown.
-    overflowed: CancellationToken,
-    positions: Vec<Position>,
+    /// Released when the stream is dropped, however it ends: its slot and
+    /// registrations.
+    parts: Parts,
     by_topic: HashMap<Topic, usize>,
-    topics_fingerprint: u32,
     /// Topics (by place) still to replay, in order.
     replays: VecDeque<usize>,
     heartbeat: Interval,
@@ -155,45 +148,28 @@ pub(super) struct Stream {
 
 impl Stream {
     pub(super) fn new(parts: Parts) -> Stream {
-        let Parts {
-            state,
-            slot,
-            format,
-            grants,
-            registrations,
-            outlet,
-            overflowed,
-            positions,
-            topics_fingerprint,
-        } = parts;
-        let by_topic = positions
+        let by_topic = parts
+            .positions
             .iter()
             .enumerate()
             .map(|(i, p)| (p.topic.clone(), i))
             .collect();
-        let replays: VecDeque<usize> = positions
+        let replays: VecDeque<usize> = parts
+            .positions
             .iter()
             .enumerate()
             .filter(|(_, p)| p.replay_until > p.offset)
             .map(|(i, _)| i)
             .collect();
         metrics::counter!(names::REPLAYS).increment(replays.len() as u64);
-        let every = state.settings.server.heartbeat_interval;
+        let every = parts.state.settings.server.heartbeat_interval;
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let expiry = Box::pin(tokio::time::sleep_until(grants.expires_at()));
-        tracing::info!(conn = registrations.mailbox.id, sub = %grants.sub, format = format.name(), topics = positions.len(), "stream opened");
+        let expiry = Box::pin(tokio::time::sleep_until(parts.grants.expires_at()));
+        tracing::info!(conn = parts.registrations.mailbox.id, sub = %parts.grants.sub, format = parts.format.name(), topics = parts.positions.len(), "stream opened");
         Stream {
-            state,
-            _slot: slot,
-            format,
-            grants,
-            registrations,
-            outlet,
-            overflowed,
-            positions,
+            parts,
             by_topic,
-            topics_fingerprint,
             replays,
             heartbeat,
             expiry,
@@ -221,7 +197,7 @@ impl Stream {
         if self.ended.is_some() {
             return None;
         }
-        let mut out = Writer::new(self.format);
+        let mut out = Writer::new(self.parts.format);
         while out.is_empty() {
             if let Err(end) = self.step(&mut out).await {
                 self.finish(end, &mut out);
@@ -236,7 +212,7 @@ impl Stream {
     async fn step(&mut self, out: &mut Writer) -> Result<(), End> {
         // Once evicted, not one more event: the client resumes after the
         // last one it got.
-        if self.overflowed.is_cancelled() {
+        if self.parts.overflowed.is_cancelled() {
             return Err(self.stop_cause());
         }
         // A stream busy enough never to wait still ends at `exp`.
@@ -257,13 +233,13 @@ impl Stream {
         }
         tokio::select! {
             biased;
-            () = self.overflowed.cancelled() => Err(self.stop_cause()),
+            () = self.parts.overflowed.cancelled() => Err(self.stop_cause()),
             () = &mut self.expiry => Err(End::TokenExpired),
             _ = self.heartbeat.tick() => {
                 out.heartbeat();
                 Ok(())
             }
-            () = self.outlet.woken() => {
+            () = self.parts.outlet.woken() => {
                 self.take_held(out);
                 Ok(())
             }
@@ -274,7 +250,7 @@ impl Stream {
     /// reply a WebSocket subscribe gets) and whether the resume is
     /// truncated; then (SSE) the reconnect delay and starting position.
     fn open(&mut self, out: &mut Writer) {
-        for position in &self.positions {
+        for position in &self.parts.positions {
             let epoch = position.epoch.as_ref().map(|e| e.text.as_str());
             let subscribed = Reply::Subscribed {
                 id: None,
@@ -304,13 +280,13 @@ impl Stream {
     /// Sends one page of a topic's replay, read once the previous page
     /// went out.
     async fn replay_page(&mut self, place: usize, out: &mut Writer) -> Result<(), End> {
-        let position = &self.positions[place];
+        let position = &self.parts.positions[place];
         let (after, until) = (position.offset, position.replay_until);
         let page = Page {
             events: REPLAY_PAGE,
-            bytes: self.state.settings.limits.max_page_bytes,
+            bytes: self.parts.state.settings.limits.max_page_bytes,
         };
-        let state = Arc::clone(&self.state);
+        let state = Arc::clone(&self.parts.state);
         let topic = position.topic.clone();
         let mut range = state.broker.store().range(&topic, after, until, page);
         let events = match range.next().await {
@@ -327,13 +303,13 @@ impl Stream {
         self.heartbeat.reset();
         for event in &events {
             // A replay can outlast the token: it ends with it.
-            if self.grants.valid_until <= unix_now_secs() {
+            if self.parts.grants.valid_until <= unix_now_secs() {
                 return Err(End::TokenExpired);
             }
             self.write_event(event, out);
             metrics::counter!(names::REPLAYED_EVENTS).increment(1);
         }
-        if !more || self.positions[place].offset >= until {
+        if !more || self.parts.positions[place].offset >= until {
             self.replays.pop_front();
             // What arrived live meanwhile goes after the replays.
             self.held = true;
@@ -347,7 +323,7 @@ impl Stream {
         self.heartbeat.reset();
         self.held = true;
         while out.len() < CHUNK_BYTES {
-            match self.outlet.next_held() {
+            match self.parts.outlet.next_held() {
                 Some(Delivery::Event(event)) => self.write_event(&event, out),
                 // A stream does not join presence.
                 Some(Delivery::Presence(_)) => {}
@@ -364,7 +340,7 @@ impl Stream {
         let Some(&place) = self.by_topic.get(&event.topic) else {
             return;
         };
-        let position = &mut self.positions[place];
+        let position = &mut self.parts.positions[place];
         if position.epoch.is_some() {
             position.offset = event.offset;
             self.token = None;
@@ -388,11 +364,11 @@ impl Stream {
             write_notice(out, "skipped", &notice);
             return;
         };
-        let token = match self.format {
+        let token = match self.parts.format {
             Format::Sse => Some(self.current_token()),
             Format::Ndjson => None,
         };
-        let epoch = self.positions[place]
+        let epoch = self.parts.positions[place]
             .epoch
             .as_ref()
             .map(|e| e.json.as_str());
@@ -412,16 +388,21 @@ impl Stream {
     }
 
     fn token(&mut self) -> String {
-        let entries = self.positions.iter().enumerate().filter_map(|(index, p)| {
-            let epoch = p.epoch.as_ref()?;
-            // Nothing received yet: resuming replays from the start.
-            (p.offset > 0).then_some(Entry {
-                index,
-                epoch: epoch.fingerprint,
-                offset: p.offset,
-            })
-        });
-        encode_token(self.topics_fingerprint, entries, &mut self.scratch)
+        let entries = self
+            .parts
+            .positions
+            .iter()
+            .enumerate()
+            .filter_map(|(index, p)| {
+                let epoch = p.epoch.as_ref()?;
+                // Nothing received yet: resuming replays from the start.
+                (p.offset > 0).then_some(Entry {
+                    index,
+                    epoch: epoch.fingerprint,
+                    offset: p.offset,
+                })
+            });
+        encode_token(self.parts.topics_fingerprint, entries, &mut self.scratch)
     }
 
     /// The last message: why the stream ends.
@@ -440,7 +421,7 @@ impl Stream {
 
     /// Why the stop token was cancelled: shutdown or overflow.
     fn stop_cause(&self) -> End {
-        if self.state.shutdown.is_cancelled() {
+        if self.parts.state.shutdown.is_cancelled() {
             End::GoingAway
         } else {
             End::SlowConsumer
@@ -450,9 +431,9 @@ impl Stream {
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        self.registrations.mailbox.close();
+        self.parts.registrations.mailbox.close();
         let reason = self.ended.unwrap_or("client_gone");
-        tracing::info!(conn = self.registrations.mailbox.id, sub = %self.grants.sub, format = self.format.name(), duration_ms = self.started.elapsed().as_millis() as u64, reason, "stream closed");
+        tracing::info!(conn = self.parts.registrations.mailbox.id, sub = %self.parts.grants.sub, format = self.parts.format.name(), duration_ms = self.started.elapsed().as_millis() as u64, reason, "stream closed");
     }
 }
 
