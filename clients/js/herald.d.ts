@@ -32,7 +32,7 @@ export interface HeraldOptions {
   fetch?: typeof fetch;
   /** The node's HTTP base URL; by default `url` with `ws`→`http` and without its `/ws` path. */
   httpUrl?: string;
-  /** WebSocket attempts that fail without ever opening before the client falls back to SSE (default 2). */
+  /** WebSocket attempts that fail without ever opening before the client falls back to SSE (default 2); one that hangs for `connectTimeout` is enough. */
   fallbackAfter?: number;
   /** While on SSE, try WebSocket again: after 2 s, then less often, up to every this many ms (default 30000). */
   websocketRetry?: number;

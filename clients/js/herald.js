@@ -543,7 +543,9 @@ export class Herald {
     // something on the way (a proxy) refuses it. Streams may still pass.
     const failed = !socket.opened || Date.now() - socket.opened < CUT_AT_ONCE;
     if (failed && this._transports.includes("sse")) {
-      this._wsFailures += 1;
+      // A handshake that hangs for `connectTimeout` is enough: another one
+      // would keep the app waiting as long again.
+      this._wsFailures += why === "timeout" ? this._fallbackAfter : 1;
       if (this._wsFailures >= this._fallbackAfter) this._fallback = true;
     }
     this._disconnected(why);

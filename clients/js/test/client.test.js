@@ -295,3 +295,28 @@ test("behind a proxy that refuses WebSocket, the client falls back to SSE, loses
     await proxy.close();
   }
 });
+
+test("a WebSocket handshake that a proxy leaves unanswered falls back after one connectTimeout", async () => {
+  const proxy = await UpgradeRefusingProxy.start(node.port);
+  proxy.hanging = true;
+  const h = new Herald({
+    url: proxy.url,
+    token: token({ sub: "js-hang", topics: [">"], publish: [">"] }),
+    connectTimeout: 1000,
+  });
+  try {
+    const received = [];
+    h.subscribe("js.hang", (data, meta) => received.push(meta.offset));
+    const started = Date.now();
+    await eventually("open on the stream", () => h.state === "open" && h.transport === "sse", 5000);
+    const took = Date.now() - started;
+    assert.ok(took < 1000 + 3000, `fell back after ${took} ms`);
+    assert.equal(proxy.refused, 1, "one hanging handshake was enough");
+    const offset = await h.publish("js.hang", 1);
+    await eventually("the event", () => received.length === 1);
+    assert.deepEqual(received, [offset]);
+  } finally {
+    h.close();
+    await proxy.close();
+  }
+});

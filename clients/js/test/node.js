@@ -153,9 +153,9 @@ export class Redis {
   }
 }
 
-/** A TCP proxy in front of a node that refuses WebSocket upgrades (403)
- * while `refusing` is true, as some corporate proxies do; every other
- * request passes through untouched. */
+/** A TCP proxy in front of a node that refuses WebSocket upgrades (403,
+ * or no answer at all when `hanging`) while `refusing` is true, as some
+ * corporate proxies do; every other request passes through untouched. */
 export class UpgradeRefusingProxy {
   static async start(targetPort) {
     const proxy = new UpgradeRefusingProxy(targetPort);
@@ -167,6 +167,8 @@ export class UpgradeRefusingProxy {
 
   constructor(targetPort) {
     this.refusing = true;
+    /** Leave refused upgrades unanswered rather than answer 403. */
+    this.hanging = false;
     this.refused = 0;
     this.sockets = new Set();
     this.server = createServer((client) => {
@@ -176,6 +178,8 @@ export class UpgradeRefusingProxy {
       client.once("data", (first) => {
         if (this.refusing && /^upgrade:\s*websocket/im.test(first.toString("latin1"))) {
           this.refused += 1;
+          // Some proxies never answer at all.
+          if (this.hanging) return;
           const body = "WebSocket is not allowed here.\n";
           client.end(`HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: ${body.length}\r\nconnection: close\r\n\r\n${body}`);
           return;
