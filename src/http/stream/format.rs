@@ -32,6 +32,9 @@ const MAX_ENTRY_BYTES: usize = 2 + 8 + 9;
 /// Version byte and the fingerprint of the stream's topics.
 const TOKEN_HEADER_BYTES: usize = 1 + 4;
 
+/// A chunk's first allocation, in bytes.
+const CHUNK_START: usize = 512;
+
 /// The two formats a stream is sent in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -108,7 +111,8 @@ impl Writer {
     pub fn new(format: Format) -> Writer {
         Writer {
             format,
-            buf: BytesMut::new(),
+            // Room for a small event and its id without growing.
+            buf: BytesMut::with_capacity(CHUNK_START),
         }
     }
 
@@ -250,12 +254,14 @@ pub fn max_token_len(topics: usize) -> usize {
     (TOKEN_HEADER_BYTES + topics * MAX_ENTRY_BYTES).div_ceil(3) * 4
 }
 
-/// Encodes a token: `scratch` is reused between calls.
+/// Encodes a token into `token`; `scratch` and `token` are reused
+/// between calls (a stream encodes one per event).
 pub fn encode_token(
     topics: u32,
     entries: impl Iterator<Item = Entry>,
     scratch: &mut Vec<u8>,
-) -> String {
+    token: &mut String,
+) {
     scratch.clear();
     scratch.push(TOKEN_VERSION);
     scratch.extend_from_slice(&topics.to_be_bytes());
@@ -264,7 +270,8 @@ pub fn encode_token(
         scratch.extend_from_slice(&entry.epoch.to_be_bytes());
         put_varint(scratch, entry.offset);
     }
-    URL_SAFE_NO_PAD.encode(scratch)
+    token.clear();
+    URL_SAFE_NO_PAD.encode_string(scratch, token);
 }
 
 /// Reads a token for a stream of `count` topics whose fingerprint is
@@ -337,6 +344,12 @@ fn take_varint(input: &mut &[u8]) -> Result<u64, TokenError> {
 mod tests {
     use super::*;
 
+    fn encode(topics: u32, entries: impl Iterator<Item = Entry>) -> String {
+        let mut token = String::new();
+        encode_token(topics, entries, &mut Vec::new(), &mut token);
+        token
+    }
+
     fn entry(index: usize, epoch: u64, offset: u64) -> Entry {
         Entry {
             index,
@@ -348,9 +361,9 @@ mod tests {
     #[test]
     fn a_token_reads_back_as_written() {
         let entries = vec![entry(0, u64::MAX, 1), entry(3, 7, (1 << 63) - 1)];
-        let token = encode_token(42, entries.iter().copied(), &mut Vec::new());
+        let token = encode(42, entries.iter().copied());
         assert_eq!(decode_token(&token, 42, 4), Ok(entries));
-        let empty = encode_token(42, std::iter::empty(), &mut Vec::new());
+        let empty = encode(42, std::iter::empty());
         assert_eq!(decode_token(&empty, 42, 4), Ok(vec![]));
     }
 
@@ -358,7 +371,7 @@ mod tests {
     fn a_token_of_every_topic_at_the_largest_offset_fits_the_bound() {
         let count = 10_000;
         let entries = (0..count).map(|i| entry(i, u64::MAX, (1 << 63) - 1));
-        let token = encode_token(1, entries, &mut Vec::new());
+        let token = encode(1, entries);
         assert!(token.len() <= max_token_len(count));
         assert_eq!(decode_token(&token, 1, count).unwrap().len(), count);
     }
@@ -366,7 +379,7 @@ mod tests {
     #[test]
     fn a_token_with_an_offset_no_log_can_reach_is_refused() {
         // Crafted: the largest u64, and an overlong varint of a small one.
-        let huge = encode_token(42, [entry(0, 9, u64::MAX)].into_iter(), &mut Vec::new());
+        let huge = encode(42, [entry(0, 9, u64::MAX)].into_iter());
         assert_eq!(decode_token(&huge, 42, 1), Err(TokenError::Malformed));
         let mut overlong = vec![TOKEN_VERSION];
         overlong.extend_from_slice(&42u32.to_be_bytes());
@@ -379,7 +392,7 @@ mod tests {
 
     #[test]
     fn a_foreign_or_broken_token_is_refused() {
-        let token = encode_token(42, [entry(1, 9, 5)].into_iter(), &mut Vec::new());
+        let token = encode(42, [entry(1, 9, 5)].into_iter());
         assert_eq!(decode_token(&token, 43, 2), Err(TokenError::OtherStream));
         // Its entry names a topic the stream does not have.
         assert_eq!(decode_token(&token, 42, 1), Err(TokenError::Malformed));

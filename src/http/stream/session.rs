@@ -140,8 +140,10 @@ pub(super) struct Stream {
     held: bool,
     /// Why it ended, once it has.
     ended: Option<&'static str>,
-    /// The token for the positions as they stand, once computed.
-    token: Option<String>,
+    /// The resume token, as of the positions when last brought up to date.
+    token: String,
+    /// A position moved since: the token must be encoded again.
+    token_stale: bool,
     scratch: Vec<u8>,
     started: Instant,
 }
@@ -176,7 +178,8 @@ impl Stream {
             opened: false,
             held: false,
             ended: None,
-            token: None,
+            token: String::new(),
+            token_stale: true,
             scratch: Vec::new(),
             started: Instant::now(),
         }
@@ -272,9 +275,8 @@ impl Stream {
                 write_notice(out, "truncated", &notice);
             }
         }
-        let token = self.token();
-        out.open(RETRY, &token);
-        self.token = Some(token);
+        self.refresh_token();
+        out.open(RETRY, &self.token);
     }
 
     /// Sends one page of a topic's replay, read once the previous page
@@ -343,7 +345,7 @@ impl Stream {
         let position = &mut self.parts.positions[place];
         if position.epoch.is_some() {
             position.offset = event.offset;
-            self.token = None;
+            self.token_stale = true;
         }
         // An event with no JSON form (stored before the edge checked
         // payloads) was logged and counted where it was encoded; the
@@ -365,29 +367,24 @@ impl Stream {
             return;
         };
         let token = match self.parts.format {
-            Format::Sse => Some(self.current_token()),
+            Format::Sse => {
+                self.refresh_token();
+                Some(self.token.as_str())
+            }
             Format::Ndjson => None,
         };
         let epoch = self.parts.positions[place]
             .epoch
             .as_ref()
             .map(|e| e.json.as_str());
-        out.event(&json, token.as_deref(), epoch);
+        out.event(&json, token, epoch);
     }
 
-    /// The token for the positions as they stand, computed once per change.
-    fn current_token(&mut self) -> String {
-        match &self.token {
-            Some(token) => token.clone(),
-            None => {
-                let token = self.token();
-                self.token = Some(token.clone());
-                token
-            }
+    /// Encodes the token for the positions as they stand, once per change.
+    fn refresh_token(&mut self) {
+        if !self.token_stale {
+            return;
         }
-    }
-
-    fn token(&mut self) -> String {
         let entries = self
             .parts
             .positions
@@ -402,7 +399,13 @@ impl Stream {
                     offset: p.offset,
                 })
             });
-        encode_token(self.parts.topics_fingerprint, entries, &mut self.scratch)
+        encode_token(
+            self.parts.topics_fingerprint,
+            entries,
+            &mut self.scratch,
+            &mut self.token,
+        );
+        self.token_stale = false;
     }
 
     /// The last message: why the stream ends.
