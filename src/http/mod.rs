@@ -322,13 +322,26 @@ pub(crate) fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<()
 const CORS_MAX_AGE_SECS: usize = 3600;
 
 /// Cross-origin access for browser apps served from other origins (the JS
-/// client's stream and HTTP publishing, `EventSource`, `fetch`): the
-/// origins in `server.allowed_origins`, any when it is empty. Tokens
-/// travel in headers or the query, never in cookies, so no credentials are
-/// allowed. A request from another origin is still served (the browser
-/// withholds the answer); streams and WebSockets refuse it themselves.
+/// client's stream and HTTP publishing, `EventSource`, `fetch`): the API
+/// under `/api/` and the client itself (`/herald.js`), from the origins in
+/// `server.allowed_origins`, any when it is empty. Operations routes
+/// (`/metrics`, health) stay same-origin: a page elsewhere cannot read
+/// them. Tokens travel in headers or the query, never in cookies, so no
+/// credentials are allowed. A request from another origin is still served
+/// (the browser withholds the answer); streams and WebSockets refuse it
+/// themselves.
 pub fn cors(allowed: &[String]) -> actix_cors::Cors {
-    let cors = actix_cors::Cors::default()
+    let allowed = allowed.to_vec();
+    actix_cors::Cors::default()
+        .allowed_origin_fn(move |origin, head| {
+            let path = head.uri.path();
+            let shared = path.starts_with("/api/") || path == ui::CLIENT_PATH;
+            shared
+                && (allowed.is_empty()
+                    || allowed
+                        .iter()
+                        .any(|a| a.as_bytes().eq_ignore_ascii_case(origin.as_bytes())))
+        })
         .allowed_methods(["GET", "POST"])
         .allowed_headers([
             header::AUTHORIZATION,
@@ -339,14 +352,7 @@ pub fn cors(allowed: &[String]) -> actix_cors::Cors {
         ])
         .expose_headers([header::RETRY_AFTER])
         .max_age(CORS_MAX_AGE_SECS)
-        .block_on_origin_mismatch(false);
-    if allowed.is_empty() {
-        cors.allow_any_origin().send_wildcard()
-    } else {
-        allowed
-            .iter()
-            .fold(cors, |cors, origin| cors.allowed_origin(origin))
-    }
+        .block_on_origin_mismatch(false)
 }
 
 /// Turns actix's own extractor failures (bad JSON, bad path, bad query) into

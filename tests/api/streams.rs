@@ -659,7 +659,10 @@ async fn browsers_on_other_origins_may_stream_and_publish_where_allowed() {
             .await
             .unwrap();
         assert_eq!(answer.status(), 200, "{method} {path}");
-        assert_eq!(answer.headers()["access-control-allow-origin"], "*");
+        assert_eq!(
+            answer.headers()["access-control-allow-origin"],
+            "https://elsewhere.example"
+        );
         let allowed = answer.headers()["access-control-allow-headers"]
             .to_str()
             .unwrap()
@@ -668,6 +671,25 @@ async fn browsers_on_other_origins_may_stream_and_publish_where_allowed() {
             assert!(allowed.contains(name), "{allowed}");
         }
     }
+    // Operations routes stay same-origin: a page elsewhere cannot read the
+    // metrics.
+    let answer = preflight(&open, "/metrics", "https://elsewhere.example", "GET")
+        .await
+        .unwrap();
+    assert!(
+        answer
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+    let read = open
+        .http
+        .get(open.url("/metrics"))
+        .header("origin", "https://elsewhere.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(read.headers().get("access-control-allow-origin").is_none());
     // With server.allowed_origins, only those.
     let answer = preflight(
         &listed,
