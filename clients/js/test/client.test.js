@@ -320,3 +320,32 @@ test("a WebSocket handshake that a proxy leaves unanswered falls back after one 
     await proxy.close();
   }
 });
+
+test("on the stream, a short-lived token is refreshed by streaming again, and nothing is lost", async () => {
+  let calls = 0;
+  const getToken = () => {
+    calls += 1;
+    return token({ sub: "js-sse-refresh", topics: [">"], publish: [">"], exp: Math.floor(Date.now() / 1000) + 3 });
+  };
+  const h = new Herald({ url: node.url, getToken, transports: ["sse"], refreshBefore: 2000 });
+  try {
+    const states = [];
+    h.on("state", (state, { transport }) => states.push(`${state}:${transport ?? ""}`));
+    const received = [];
+    h.subscribe("js.sse.refresh", (data, meta) => received.push(meta.offset));
+    await eventually("open on the stream", () => h.state === "open" && h.transport === "sse");
+    const published = [];
+    const until = Date.now() + 4500;
+    while (Date.now() < until) {
+      published.push(await node.publish("js.sse.refresh", published.length));
+      await sleep(100);
+    }
+    await eventually("every event", () => received.length >= published.length);
+    await sleep(200);
+    assert.ok(calls >= 2, `getToken was called ${calls} times`);
+    assert.deepEqual(received, published, "every event once, in order");
+    assert.deepEqual(states, ["open:sse"], "the stream moved to the new token without a reconnect");
+  } finally {
+    h.close();
+  }
+});
