@@ -744,9 +744,7 @@ export class Herald {
     this._emit("error", error);
     if (response.status === 403 && body.topic && this._topics.has(body.topic)) {
       this._topics.delete(body.topic);
-      this._stream = undefined;
-      stream.controller.abort();
-      stream.settle();
+      this._dropStream();
       return this._openStream(this._token);
     }
     // The node refused this token (the next attempt asks getToken again):
@@ -761,10 +759,7 @@ export class Herald {
    * turn until one works. */
   _streamLost(stream, why) {
     if (this._stream !== stream) return;
-    this._stream = undefined;
-    stream.controller.abort();
-    clearTimeout(stream.idleTimer);
-    stream.settle();
+    this._dropStream();
     if (!stream.opened && this._transports.includes("websocket")) {
       this._fallback = false;
       this._wsFailures = 0;

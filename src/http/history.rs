@@ -9,8 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::stream::Format;
-use super::{ApiError, ErrorBody, subscriber_read};
-use crate::protocol::{MAX_EPOCH_BYTES, MAX_OFFSET};
+use super::{ApiError, ErrorBody, check_position, subscriber_read};
 use crate::state::AppState;
 use crate::store::Page;
 
@@ -74,21 +73,8 @@ pub(super) async fn history(
         return super::stream::one_topic(&req, &path, state.into_inner(), format).await;
     }
     let (topic, query) = subscriber_read::<HistoryQuery>(&req, &path, &state)?;
-    if query
-        .epoch
-        .as_ref()
-        .is_some_and(|e| e.len() > MAX_EPOCH_BYTES)
-    {
-        return Err(ApiError::BadRequest(format!(
-            "epoch must be at most {MAX_EPOCH_BYTES} bytes"
-        )));
-    }
     let since = query.since.unwrap_or(0);
-    if since > MAX_OFFSET {
-        return Err(ApiError::BadRequest(format!(
-            "since must be at most {MAX_OFFSET}"
-        )));
-    }
+    check_position(since, query.epoch.as_deref())?;
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ApiError::BadRequest(format!(

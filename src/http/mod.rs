@@ -18,7 +18,7 @@ use crate::auth::Grants;
 use crate::auth::{AuthError, Forbidden};
 use crate::broker::PublishError;
 use crate::presence::PresenceError;
-use crate::protocol::ErrorCode;
+use crate::protocol::{ErrorCode, MAX_EPOCH_BYTES, MAX_OFFSET};
 use crate::state::{AppState, SlotError};
 use crate::store::StoreError;
 use crate::topic::{Topic, TopicError};
@@ -256,6 +256,22 @@ impl ResponseError for ApiError {
     }
 }
 
+/// Checks a resume position from a query (history, streams): `since`
+/// within what any log reaches, `epoch` no longer than an epoch is.
+pub(crate) fn check_position(since: u64, epoch: Option<&str>) -> Result<(), ApiError> {
+    if epoch.is_some_and(|e| e.len() > MAX_EPOCH_BYTES) {
+        return Err(ApiError::BadRequest(format!(
+            "epoch must be at most {MAX_EPOCH_BYTES} bytes"
+        )));
+    }
+    if since > MAX_OFFSET {
+        return Err(ApiError::BadRequest(format!(
+            "since must be at most {MAX_OFFSET}"
+        )));
+    }
+    Ok(())
+}
+
 /// Verifies the request's bearer token.
 pub(crate) fn authenticate(req: &HttpRequest, state: &AppState) -> Result<Grants, ApiError> {
     let token = bearer_token(req.headers())?.ok_or(AuthError::Missing)?;
@@ -311,11 +327,18 @@ pub(crate) fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<()
         return Ok(());
     };
     let origin = origin.to_str().unwrap_or_default();
-    if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+    if origin_listed(allowed, origin.as_bytes()) {
         Ok(())
     } else {
         Err(ApiError::OriginNotAllowed(origin.to_owned()))
     }
+}
+
+/// Whether `origin` is one of `server.allowed_origins` (case aside).
+fn origin_listed(allowed: &[String], origin: &[u8]) -> bool {
+    allowed
+        .iter()
+        .any(|a| a.as_bytes().eq_ignore_ascii_case(origin))
 }
 
 /// How long a browser may cache a preflight's answer.
@@ -336,11 +359,7 @@ pub fn cors(allowed: &[String]) -> actix_cors::Cors {
         .allowed_origin_fn(move |origin, head| {
             let path = head.uri.path();
             let shared = path.starts_with("/api/") || path == ui::CLIENT_PATH;
-            shared
-                && (allowed.is_empty()
-                    || allowed
-                        .iter()
-                        .any(|a| a.as_bytes().eq_ignore_ascii_case(origin.as_bytes())))
+            shared && (allowed.is_empty() || origin_listed(&allowed, origin.as_bytes()))
         })
         .allowed_methods(["GET", "POST"])
         .allowed_headers([

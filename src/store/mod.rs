@@ -128,6 +128,21 @@ pub struct Page {
     pub bytes: usize,
 }
 
+/// Events read per query while replaying a resume to a subscriber.
+const REPLAY_PAGE_EVENTS: u64 = 500;
+
+impl Page {
+    /// A page of a subscriber's replay (WebSocket or stream): 500 events,
+    /// and at most `max_bytes` (`limits.max_page_bytes`); the next page is
+    /// read once this one is written.
+    pub fn replay(max_bytes: usize) -> Page {
+        Page {
+            events: REPLAY_PAGE_EVENTS,
+            bytes: max_bytes,
+        }
+    }
+}
+
 /// A range of one topic's log, `(after, until]`, read a bounded page at a
 /// time (see [`Store::range`]).
 pub struct Range<'a> {

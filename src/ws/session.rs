@@ -164,11 +164,6 @@ impl OpError {
     }
 }
 
-/// Events read from the store per query while replaying (and at most
-/// `limits.max_page_bytes`); the next page is read once this one is
-/// written.
-const REPLAY_PAGE: u64 = 500;
-
 /// Room in a client frame for the envelope around the payload (op, id,
 /// topic, field names).
 const FRAME_ENVELOPE_BYTES: usize = 4096;
@@ -548,10 +543,7 @@ impl Connection {
             return Ok(());
         }
         metrics::counter!(names::REPLAYS).increment(1);
-        let page = Page {
-            events: REPLAY_PAGE,
-            bytes: self.state.settings.limits.max_page_bytes,
-        };
+        let page = Page::replay(self.state.settings.limits.max_page_bytes);
         let state = Arc::clone(&self.state);
         let mut range = state.broker.store().range(topic, after, head.last, page);
         loop {

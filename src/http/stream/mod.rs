@@ -28,10 +28,9 @@ pub(crate) use format::Format;
 use format::{TokenError, decode_token, fingerprint, topics_fingerprint};
 use session::{Epoch, Parts, Position, Stream};
 
-use super::{ApiError, bearer_token, check_origin};
+use super::{ApiError, bearer_token, check_origin, check_position};
 use crate::auth::{Action, AuthError, Grants};
 use crate::mailbox::Mailbox;
-use crate::protocol::{MAX_EPOCH_BYTES, MAX_OFFSET};
 use crate::registrations::Registrations;
 use crate::state::{AppState, ConnectionSlot};
 use crate::store::Head;
@@ -85,7 +84,7 @@ pub(super) async fn one_topic(
         Some(token) => Resume::Token(token),
         None => match query.since {
             Some(since) => {
-                check_since(since, query.epoch.as_deref())?;
+                check_position(since, query.epoch.as_deref())?;
                 Resume::Since(HashMap::from([(topic.clone(), (since, query.epoch))]))
             }
             None if query.epoch.is_some() => {
@@ -181,20 +180,6 @@ fn last_event_id(req: &HttpRequest, query: Option<String>) -> Result<Option<Stri
     Ok(query.filter(|q| !q.trim().is_empty()))
 }
 
-fn check_since(since: u64, epoch: Option<&str>) -> Result<(), ApiError> {
-    if since > MAX_OFFSET {
-        return Err(ApiError::BadRequest(format!(
-            "since must be at most {MAX_OFFSET}"
-        )));
-    }
-    if epoch.is_some_and(|e| e.len() > MAX_EPOCH_BYTES) {
-        return Err(ApiError::BadRequest(format!(
-            "epoch must be at most {MAX_EPOCH_BYTES} bytes"
-        )));
-    }
-    Ok(())
-}
-
 /// `topic:offset[:epoch]`, a multi-topic stream's `since`.
 fn parse_since(value: &str) -> Result<(Topic, u64, Option<String>), ApiError> {
     let bad = || {
@@ -209,7 +194,7 @@ fn parse_since(value: &str) -> Result<(Topic, u64, Option<String>), ApiError> {
         .and_then(|o| o.parse::<u64>().ok())
         .ok_or_else(bad)?;
     let epoch = parts.next().map(str::to_owned);
-    check_since(offset, epoch.as_deref())?;
+    check_position(offset, epoch.as_deref())?;
     Ok((topic, offset, epoch))
 }
 

@@ -26,10 +26,6 @@ use crate::store::Page;
 use crate::telemetry::names;
 use crate::topic::Topic;
 
-/// Events read from the store per query while replaying (and at most
-/// `limits.max_page_bytes`).
-const REPLAY_PAGE: u64 = 500;
-
 /// A chunk handed to the HTTP response stops growing past this many bytes;
 /// what is left goes in the next one.
 const CHUNK_BYTES: usize = 64 * 1024;
@@ -284,10 +280,7 @@ impl Stream {
     async fn replay_page(&mut self, place: usize, out: &mut Writer) -> Result<(), End> {
         let position = &self.parts.positions[place];
         let (after, until) = (position.offset, position.replay_until);
-        let page = Page {
-            events: REPLAY_PAGE,
-            bytes: self.parts.state.settings.limits.max_page_bytes,
-        };
+        let page = Page::replay(self.parts.state.settings.limits.max_page_bytes);
         let state = Arc::clone(&self.parts.state);
         let topic = position.topic.clone();
         let mut range = state.broker.store().range(&topic, after, until, page);
