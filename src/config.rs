@@ -179,9 +179,16 @@ pub struct ServerSettings {
     /// Browser origins allowed to open a WebSocket; empty allows any.
     #[serde(deserialize_with = "string_or_list")]
     pub allowed_origins: Vec<String>,
-    /// Time a client gets to send its request headers (the handshake).
+    /// Time a client gets to send a request's head (the request line and
+    /// headers, the WebSocket handshake included), from its first byte, on
+    /// every request of a connection; past it, 408 and the connection
+    /// closes.
     #[serde(deserialize_with = "duration")]
     pub handshake_timeout: Duration,
+    /// Time a client gets to send a request's body once its head has
+    /// arrived; past it, 408 and the connection closes.
+    #[serde(deserialize_with = "duration")]
+    pub body_timeout: Duration,
     /// How often the node pings each WebSocket.
     #[serde(deserialize_with = "duration")]
     pub heartbeat_interval: Duration,
@@ -271,6 +278,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("server.bind", "127.0.0.1:8080"),
     ("server.allowed_origins", ""),
     ("server.handshake_timeout", "5s"),
+    ("server.body_timeout", "30s"),
     ("server.heartbeat_interval", "20s"),
     ("server.heartbeat_timeout", "60s"),
     ("server.write_timeout", "30s"),
@@ -423,6 +431,11 @@ impl Settings {
                 server.handshake_timeout,
                 "server.handshake_timeout",
                 "HERALD__SERVER__HANDSHAKE_TIMEOUT",
+            ),
+            (
+                server.body_timeout,
+                "server.body_timeout",
+                "HERALD__SERVER__BODY_TIMEOUT",
             ),
             (
                 server.heartbeat_interval,

@@ -1,38 +1,104 @@
-//! Writes that stall: every HTTP connection's socket is wrapped so that a
-//! write the client does not take within `server.write_timeout` fails, and
-//! the connection with it. A client that requests a large response and
-//! reads nothing thus pins the response's memory for at most that long.
+//! Clients that stall: every HTTP connection's socket is wrapped so that
+//! neither a request the client does not finish nor a response it does not
+//! take can hold the connection (and its file and memory) for long.
 //!
-//! Only a write left waiting arms the timer: an idle keep-alive connection,
-//! or one waiting for its request, is bounded by the HTTP server's own
-//! timeouts. WebSocket connections leave the wrapper at the upgrade; their
-//! session applies the same setting to its own writes.
+//! - **Writes:** a write the client does not take within
+//!   `server.write_timeout` fails, and the connection with it. A client
+//!   that requests a large response and reads nothing thus pins the
+//!   response's memory for at most that long. Only a write left waiting
+//!   arms the timer.
+//! - **Request heads:** from the first byte of a request, its head must be
+//!   in within `server.handshake_timeout`, on every request of a
+//!   kept-alive connection (actix-http bounds only the first): past it the
+//!   client gets a 408 and the connection closes. The HTTP layer tells the
+//!   connection's [`RequestClock`] when a request was dispatched and when
+//!   its answer was done; between the two, the request's body has its own
+//!   deadline (`server.body_timeout`, kept by the HTTP layer) and the
+//!   answer its writes'.
+//!
+//! An idle kept-alive connection, with no byte of a next request, is
+//! closed by the HTTP server at its keep-alive limit. WebSocket connections
+//! leave the wrapper at the upgrade; their session applies the write
+//! timeout to its own writes.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-/// A socket whose writes fail once one has waited `limit`.
-pub struct WriteTimeout<T> {
+/// What a client whose request head ran out of time is sent before the
+/// connection closes (Herald's JSON error body, as every refusal has).
+const HEAD_TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\n\
+content-type: application/json\r\n\
+content-length: 103\r\n\
+connection: close\r\n\r\n\
+{\"error\":\"request_timeout\",\"message\":\"the request head did not arrive within server.handshake_timeout\"}";
+
+/// One connection's place between its requests, shared by its socket and
+/// the HTTP layer (on the connection's own thread, hence `Cell`s).
+///
+/// The head's timer lives here, not in the socket, so that a dispatched
+/// request drops it at once: a stale timer would wake the HTTP dispatcher,
+/// and every wake of an idle connection restarts its keep-alive.
+#[derive(Default)]
+pub struct RequestClock {
+    /// A request was dispatched and is not answered yet: its body and its
+    /// answer are timed by the HTTP layer.
+    busy: Cell<bool>,
+    /// Armed from a request's first byte until the request is dispatched.
+    head: Cell<Option<Pin<Box<Sleep>>>>,
+}
+
+impl RequestClock {
+    /// A request's head is complete and the application has it.
+    pub fn dispatched(&self) {
+        self.busy.set(true);
+        self.head.set(None);
+    }
+
+    /// The request's answer is done (or dropped): what the client sends
+    /// next is a new request.
+    pub fn answered(&self) {
+        self.busy.set(false);
+    }
+}
+
+/// A socket whose writes fail once one has waited `write_limit`, and whose
+/// request heads end the connection with a 408 once one has taken
+/// `head_limit`.
+pub struct Paced<T> {
     inner: T,
-    limit: Duration,
+    write_limit: Duration,
+    head_limit: Duration,
     /// Armed while a write waits; a connection that writes freely never
     /// allocates it.
     waiting: Option<Pin<Box<Sleep>>>,
+    clock: Rc<RequestClock>,
+    /// The head ran out of time: the connection reads as closed.
+    timed_out: bool,
 }
 
-impl<T> WriteTimeout<T> {
-    pub fn new(inner: T, limit: Duration) -> Self {
-        WriteTimeout {
+impl<T> Paced<T> {
+    pub fn new(inner: T, write_limit: Duration, head_limit: Duration) -> Self {
+        Paced {
             inner,
-            limit,
+            write_limit,
+            head_limit,
             waiting: None,
+            clock: Rc::default(),
+            timed_out: false,
         }
+    }
+
+    /// The clock the HTTP layer moves on (see [`RequestClock`]).
+    pub fn clock(&self) -> Rc<RequestClock> {
+        Rc::clone(&self.clock)
     }
 
     /// The socket itself (for a connection that leaves HTTP).
@@ -51,7 +117,7 @@ impl<T> WriteTimeout<T> {
             self.waiting = None;
             return polled;
         }
-        let limit = self.limit;
+        let limit = self.write_limit;
         let timer = self
             .waiting
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
@@ -63,17 +129,46 @@ impl<T> WriteTimeout<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for WriteTimeout<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Paced<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        if self.timed_out {
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.clock.busy.get() {
+            return polled;
+        }
+        let mut head = self.clock.head.take();
+        if head.is_none() {
+            if !matches!(polled, Poll::Ready(Ok(()))) || buf.filled().len() == before {
+                return polled;
+            }
+            // The first byte of a request: its head's time starts.
+            head = Some(Box::pin(tokio::time::sleep(self.head_limit)));
+        }
+        let Some(mut timer) = head else {
+            return polled;
+        };
+        if polled.is_ready() || timer.as_mut().poll(cx).is_pending() {
+            self.clock.head.set(Some(timer));
+            return polled;
+        }
+        // Out of time: a 408 if the socket takes it at once (it holds no
+        // answer: the last one is done), then the connection reads as
+        // closed, which ends it.
+        self.timed_out = true;
+        metrics::counter!(crate::telemetry::names::REQUEST_TIMEOUTS, "part" => "head").increment(1);
+        let _ = Pin::new(&mut self.inner).poll_write(cx, HEAD_TIMEOUT_RESPONSE);
+        Poll::Ready(Ok(()))
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Paced<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -104,5 +199,22 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
         self.watch(cx, polled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_head_timeout_response_is_well_formed() {
+        let text = std::str::from_utf8(HEAD_TIMEOUT_RESPONSE).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["error"], "request_timeout");
     }
 }

@@ -21,12 +21,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Verifier;
 use crate::config::{ConfigError, Settings};
-use crate::stall::WriteTimeout;
+use crate::stall::Paced;
 use crate::state::AppState;
 use crate::{http, ws};
 
 /// How long in-flight requests get to finish once shutdown starts.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long an idle HTTP connection is kept open for its next request
+/// (actix-web's default, named here because request deadlines are set
+/// beside it).
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// Connections the kernel queues for the node before it accepts them
 /// (actix-web's default; Linux caps it at `net.core.somaxconn`).
@@ -55,6 +60,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Application, StartError> {
+        raise_open_file_limit();
         crate::telemetry::metrics();
         crate::event::register_metrics();
         let verifier = Verifier::new(&settings.auth)?;
@@ -82,6 +88,8 @@ impl Application {
                 let app_state = state.clone();
                 let app = App::new()
                     .wrap(http::cors(&app_state.settings.server.allowed_origins))
+                    // Outermost, so that every answer is timed.
+                    .wrap(actix_web::middleware::from_fn(http::pace::pace))
                     .app_data(app_state.clone())
                     .app_data(http::json_config())
                     .configure(http::routes)
@@ -106,11 +114,16 @@ impl Application {
                     // docs, but what actix-web itself calls).
                     .graceful_shutdown_signal(move || stopping.clone().cancelled_owned())
                     .client_request_timeout(handshake_timeout)
+                    .keep_alive(KEEP_ALIVE)
                     .client_disconnect_timeout(ws::LINGER)
                     // A client that closes its side is gone: an event
                     // stream it held ends then, not at its next heartbeat.
                     .h1_allow_half_closed(false)
                     .local_addr(addr)
+                    // The socket's request clock, for `http::pace`.
+                    .on_connect_ext(|io: &Paced<TcpStream>, ext| {
+                        ext.insert(io.clock());
+                    })
                     .upgrade(upgrade)
                     // Herald reads neither the host nor the address the
                     // router's config carries.
@@ -126,7 +139,7 @@ impl Application {
                         socket2::SockRef::from(&io).set_tcp_user_timeout(Some(heartbeat_timeout));
                     let peer = io.peer_addr().ok();
                     Ok::<_, actix_http::error::DispatchError>((
-                        WriteTimeout::new(io, write_timeout),
+                        Paced::new(io, write_timeout, handshake_timeout),
                         Protocol::Http1,
                         peer,
                     ))
@@ -217,6 +230,27 @@ impl Application {
         state.broker.stopped().await;
         result
     }
+}
+
+/// Raises the process's soft limit of open files to its hard limit, as Go's
+/// runtime and many servers do: every connection is a file, and the soft
+/// limit (often 1,024) is a default for programs that open few. Logs both.
+/// A node that still runs out keeps serving the connections it holds; the
+/// HTTP server retries accepting every half second (logged once per
+/// `telemetry::ACCEPT_ERROR_LOG_INTERVAL`, counted in
+/// `herald_accept_errors_total`).
+fn raise_open_file_limit() {
+    use rlimit::Resource;
+    let Ok((soft, hard)) = Resource::NOFILE.get() else {
+        return;
+    };
+    let raised = if soft < hard {
+        Resource::NOFILE.set(hard, hard).is_ok()
+    } else {
+        false
+    };
+    let now = if raised { hard } else { soft };
+    tracing::info!(soft = now, hard, was = soft, "open files limit");
 }
 
 /// Binds the node's listener with room for [`ACCEPT_BACKLOG`] connections

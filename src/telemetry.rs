@@ -17,17 +17,68 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 pub fn init(format: LogFormat) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal as _;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         // Colour codes only for a person at a terminal, not in log files.
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(AcceptErrors.with_filter(tracing_subscriber::filter::filter_fn(is_accept_error)))
+        .with(
+            fmt.with_filter(filter)
+                // Dynamic: asked at every event, not once per call site.
+                .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|meta, _| {
+                    !is_accept_error(meta) || accept_error_log_due()
+                })),
+        )
+        .try_init();
+}
+
+/// How often a node that cannot accept connections says so: the HTTP
+/// server retries every half second, and each failure would be a line.
+pub const ACCEPT_ERROR_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The HTTP server's (actix-server's) own log of a failed `accept()`:
+/// the only error its accept loop logs while it runs.
+fn is_accept_error(meta: &tracing::Metadata<'_>) -> bool {
+    *meta.level() == tracing::Level::ERROR && meta.target() == "actix_server::accept"
+}
+
+/// Whether a failed accept's log line may go out now: the first, then one
+/// per [`ACCEPT_ERROR_LOG_INTERVAL`].
+fn accept_error_log_due() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    // Milliseconds since the first look, plus one so that 0 means never.
+    let now = START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1;
+    let last = LAST.load(Ordering::Relaxed);
+    let due = last == 0 || now - last >= ACCEPT_ERROR_LOG_INTERVAL.as_millis() as u64;
+    due && LAST
+        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+        .is_ok()
+}
+
+/// Counts failed accepts ([`names::ACCEPT_ERRORS`]) whatever the log
+/// filter keeps.
+struct AcceptErrors;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AcceptErrors {
+    fn on_event(&self, _: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        metrics::counter!(names::ACCEPT_ERRORS).increment(1);
+    }
 }
 
 /// Latency buckets, in seconds, for the histograms.
@@ -88,6 +139,8 @@ pub mod names {
     pub const PRUNE_FAILURES: &str = "herald_prune_failures_total";
     pub const PRESENCE_MEMBERS: &str = "herald_presence_members";
     pub const PRESENCE_DIFFS: &str = "herald_presence_diffs_total";
+    pub const REQUEST_TIMEOUTS: &str = "herald_request_timeouts_total";
+    pub const ACCEPT_ERRORS: &str = "herald_accept_errors_total";
 
     /// Every metric Herald documents (README, Operations).
     pub const ALL: &[&str] = &[
@@ -112,6 +165,8 @@ pub mod names {
         PRUNE_FAILURES,
         PRESENCE_MEMBERS,
         PRESENCE_DIFFS,
+        REQUEST_TIMEOUTS,
+        ACCEPT_ERRORS,
     ];
 }
 
@@ -139,8 +194,12 @@ fn register_at_zero() {
         TOPICS_REMOVED,
         PRUNE_FAILURES,
         PRESENCE_DIFFS,
+        ACCEPT_ERRORS,
     ] {
         metrics::counter!(counter).increment(0);
+    }
+    for part in ["head", "body"] {
+        metrics::counter!(REQUEST_TIMEOUTS, "part" => part).increment(0);
     }
     metrics::counter!(HANDSHAKES, "result" => "accepted").increment(0);
     for transport in ["http", "ws"] {
@@ -231,6 +290,14 @@ fn describe() {
     describe_counter!(
         PRESENCE_DIFFS,
         "Presence diffs this node received for the topics its connections watch."
+    );
+    describe_counter!(
+        REQUEST_TIMEOUTS,
+        "HTTP requests cut off with 408 because their head (server.handshake_timeout) or body (server.body_timeout) did not arrive in time, by part."
+    );
+    describe_counter!(
+        ACCEPT_ERRORS,
+        "Connections the node could not accept (e.g. out of open files); it retries, serving what it holds."
     );
     describe_counter!(
         ENCODE_FAILURES,

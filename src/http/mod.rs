@@ -4,6 +4,7 @@
 mod history;
 mod introspect;
 mod openapi;
+pub mod pace;
 mod presence;
 mod publish;
 mod stream;
@@ -137,6 +138,8 @@ pub enum ApiError {
     MethodNotAllowed(&'static str),
     #[error("a stream may hold {0} topics (limits.max_subscriptions)")]
     TooManyTopics(usize),
+    #[error("the request body did not arrive within server.body_timeout")]
+    BodyTimeout,
 }
 
 impl ApiError {
@@ -159,6 +162,7 @@ impl ApiError {
             ApiError::NotFound | ApiError::NoHistory(_) => ErrorCode::NotFound,
             ApiError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
             ApiError::TooManyTopics(_) => ErrorCode::TooManySubscriptions,
+            ApiError::BodyTimeout => ErrorCode::RequestTimeout,
         }
     }
 }
@@ -205,6 +209,7 @@ impl ResponseError for ApiError {
             ErrorCode::RateLimited | ErrorCode::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::TooManySubscriptions => StatusCode::BAD_REQUEST,
             ErrorCode::PresenceDisabled => StatusCode::NOT_FOUND,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 

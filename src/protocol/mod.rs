@@ -83,6 +83,7 @@ pub enum ErrorCode {
     MethodNotAllowed,
     Unavailable,
     PresenceDisabled,
+    RequestTimeout,
 }
 
 impl ErrorCode {
@@ -100,6 +101,7 @@ impl ErrorCode {
         ErrorCode::MethodNotAllowed,
         ErrorCode::Unavailable,
         ErrorCode::PresenceDisabled,
+        ErrorCode::RequestTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -116,6 +118,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::PresenceDisabled => "presence_disabled",
+            ErrorCode::RequestTimeout => "request_timeout",
         }
     }
 }
@@ -229,10 +232,11 @@ mod tests {
                 | ErrorCode::NotFound
                 | ErrorCode::MethodNotAllowed
                 | ErrorCode::Unavailable
-                | ErrorCode::PresenceDisabled => {}
+                | ErrorCode::PresenceDisabled
+                | ErrorCode::RequestTimeout => {}
             }
         }
-        assert_eq!(ErrorCode::ALL.len(), 12);
+        assert_eq!(ErrorCode::ALL.len(), 13);
     }
 
     #[test]

@@ -31,11 +31,11 @@ use tokio::net::TcpStream;
 use crate::auth::{AuthError, Grants};
 use crate::http::{ApiError, bearer_token, check_origin};
 use crate::protocol::{Encoding, JSON_PROTOCOL, MSGPACK_PROTOCOL};
-use crate::stall::WriteTimeout;
+use crate::stall::Paced;
 use crate::state::{AppState, ConnectionSlot};
 use crate::telemetry::names;
 pub use close::CloseCause;
-pub(crate) use socket::LINGER;
+pub use socket::LINGER;
 use socket::Socket;
 pub use socket::WsError;
 
@@ -83,7 +83,7 @@ async fn not_upgraded(
 pub async fn upgrade(
     state: Arc<AppState>,
     req: Request,
-    framed: Framed<WriteTimeout<TcpStream>, h1::Codec>,
+    framed: Framed<Paced<TcpStream>, h1::Codec>,
 ) -> Result<(), actix_web::Error> {
     // Out of the HTTP dispatcher, only this bounds how long a client may
     // take to read the handshake's answer.
@@ -111,7 +111,7 @@ struct Accepted {
 async fn handshake(
     state: Arc<AppState>,
     req: Request,
-    framed: Framed<WriteTimeout<TcpStream>, h1::Codec>,
+    framed: Framed<Paced<TcpStream>, h1::Codec>,
 ) -> Option<Accepted> {
     let head = req.head();
     let peer = head.peer_addr;

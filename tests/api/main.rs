@@ -16,6 +16,7 @@ mod operations;
 mod presence;
 mod regressions;
 mod sharded;
+mod slow;
 mod streams;
 mod transport;
 mod trust;
