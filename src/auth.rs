@@ -3,7 +3,9 @@
 //!
 //! A token is verified with the one algorithm and key the node is configured
 //! with (so `alg: none` and algorithm confusion are refused by construction),
-//! `exp` and `sub` are required, and `iss` / `aud` are checked when set. A
+//! `exp` and `sub` are required, and so are `iss` / `aud` when the node
+//! names an issuer or audience; a header with `crit` is refused (Herald
+//! understands no extension). A
 //! verified token becomes [`Grants`]: the patterns its holder may subscribe
 //! and publish to, with `{sub}` already substituted.
 
@@ -28,6 +30,9 @@ pub const SUB_PLACEHOLDER: &str = "{sub}";
 pub enum AuthError {
     #[error("missing token: send `Authorization: Bearer <jwt>` or the `token` query parameter")]
     Missing,
+    /// On routes that take the token from the header only.
+    #[error("missing token: send `Authorization: Bearer <jwt>`")]
+    MissingBearer,
     #[error("token expired")]
     Expired,
     #[error("token not valid yet (nbf)")]
@@ -42,6 +47,10 @@ pub enum AuthError {
     WrongAudience,
     #[error("token lacks the required claim `{0}`")]
     MissingClaim(String),
+    #[error(
+        "token header lists critical extensions (crit) this node does not understand (RFC 7515 §4.1.11)"
+    )]
+    CriticalExtension,
     #[error("malformed token: {0}")]
     Malformed(String),
     #[error(
@@ -342,7 +351,12 @@ impl Verifier {
         let mut validation = Validation::new(jwt_algorithm(auth.algorithm));
         validation.leeway = auth.leeway.as_secs();
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience is required, not only checked
+        // when present: jsonwebtoken skips an absent claim.
+        let mut required = vec!["exp", "sub"];
+        required.extend(auth.issuer.as_ref().map(|_| "iss"));
+        required.extend(auth.audience.as_ref().map(|_| "aud"));
+        validation.set_required_spec_claims(&required);
         match &auth.issuer {
             Some(iss) => validation.set_issuer(&[iss]),
             None => validation.iss = None,
@@ -356,6 +370,18 @@ impl Verifier {
 
     pub fn verify(&self, token: &str) -> Result<Grants, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?;
+        if data.header.crit.is_some() {
+            return Err(AuthError::CriticalExtension);
+        }
+        // `"aud": null` reads as absent here but as present to
+        // jsonwebtoken's required-claim check.
+        let claims = &data.claims;
+        if self.validation.iss.is_some() && claims.iss.is_none() {
+            return Err(AuthError::MissingClaim("iss".into()));
+        }
+        if self.validation.aud.is_some() && claims.aud.is_none() {
+            return Err(AuthError::MissingClaim("aud".into()));
+        }
         let mut grants = Grants::from_claims(data.claims)?;
         grants.valid_until = grants.exp.saturating_add(self.validation.leeway);
         Ok(grants)

@@ -279,7 +279,7 @@ pub(crate) fn check_position(since: u64, epoch: Option<&str>) -> Result<(), ApiE
 
 /// Verifies the request's bearer token.
 pub(crate) fn authenticate(req: &HttpRequest, state: &AppState) -> Result<Grants, ApiError> {
-    let token = bearer_token(req.headers())?.ok_or(AuthError::Missing)?;
+    let token = bearer_token(req.headers())?.ok_or(AuthError::MissingBearer)?;
     Ok(state.verifier.verify(token)?)
 }
 

@@ -256,3 +256,127 @@ async fn a_sub_outside_the_topic_alphabet_voids_sub_grants_and_the_refusal_says_
         "{reply}"
     );
 }
+
+#[tokio::test]
+async fn a_configured_issuer_or_audience_is_required_on_every_path() {
+    let node = spawn_node_with(|s| {
+        s.auth.issuer = Some("https://auth.example".into());
+        s.auth.audience = Some("herald".into());
+    })
+    .await;
+    let base =
+        || json!({"sub": "a", "exp": now() + 60, "topics": [">"], "publish": [">"], "admin": true});
+    let with = |changes: Value| {
+        let mut claims = base();
+        for (key, value) in changes.as_object().unwrap() {
+            claims[key] = value.clone();
+        }
+        claims_token(claims)
+    };
+    let cases = [
+        (with(json!({"iss": "https://auth.example"})), "aud"),
+        (
+            with(json!({"iss": "https://auth.example", "aud": null})),
+            "aud",
+        ),
+        (with(json!({"aud": "herald"})), "iss"),
+        (with(json!({"aud": "herald", "iss": null})), "iss"),
+        (claims_token(base()), "aud|iss"),
+    ];
+    for (bad, missing) in cases {
+        let says = |message: &str| {
+            missing
+                .split('|')
+                .any(|claim| message.contains(&format!("`{claim}`")))
+        };
+        // The handshake.
+        let (status, body) = node
+            .handshake(&format!("?token={bad}"))
+            .try_open()
+            .await
+            .err()
+            .expect("refused at the handshake");
+        assert_eq!(status, 401, "{body}");
+        assert!(says(body["message"].as_str().unwrap()), "{missing}: {body}");
+        // Publish, introspection and a stream.
+        let published = node.publish(&bad, "t", &json!(1)).await;
+        assert_eq!(published.status(), 401, "{missing}: publish");
+        let node_info = node
+            .http
+            .get(node.url("/api/v1/node"))
+            .bearer_auth(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(node_info.status(), 401, "{missing}: introspection");
+        let stream = node
+            .http
+            .get(node.url(&format!("/api/v1/stream?topic=t&token={bad}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stream.status(), 401, "{missing}: stream");
+    }
+    // `refresh` on an open connection.
+    let good = with(json!({"iss": "https://auth.example", "aud": "herald"}));
+    let mut ws = node.connect(&good).await;
+    let no_aud = with(json!({"iss": "https://auth.example"}));
+    let reply = ws
+        .request(json!({"op": "refresh", "id": 1, "token": no_aud}))
+        .await;
+    assert_eq!(reply["code"], "unauthorized", "{reply}");
+}
+
+#[tokio::test]
+async fn a_token_with_a_crit_header_is_refused() {
+    let node = spawn_node().await;
+    let claims = json!({"sub": "a", "exp": now() + 60, "topics": [">"]});
+    let mut header = Header::new(jsonwebtoken::Algorithm::HS256);
+    header.crit = Some(vec!["exp-ext".into()]);
+    let token = jsonwebtoken::encode(
+        &header,
+        &claims,
+        &EncodingKey::from_secret(crate::helpers::SECRET.as_bytes()),
+    )
+    .unwrap();
+    let (status, body) = node
+        .handshake(&format!("?token={token}"))
+        .try_open()
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(status, 401);
+    assert!(body["message"].as_str().unwrap().contains("crit"), "{body}");
+}
+
+#[tokio::test]
+async fn a_route_that_takes_no_query_token_does_not_suggest_one() {
+    let node = spawn_node().await;
+    for path in [
+        "/api/v1/node",
+        "/api/v1/topics/t/events",
+        "/api/v1/topics/t/presence",
+    ] {
+        let body: Value = node
+            .http
+            .get(node.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains("Authorization: Bearer"),
+            "{path}: {message}"
+        );
+        assert!(!message.contains("query"), "{path}: {message}");
+    }
+    // Where a query token is taken, the message says so.
+    let (_, body) = node.handshake("").try_open().await.err().unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("`token` query"),
+        "{body}"
+    );
+}
