@@ -47,6 +47,8 @@ pub enum AuthError {
     WrongAudience,
     #[error("token lacks the required claim `{0}`")]
     MissingClaim(String),
+    #[error("token claim `sub` is {0} bytes; at most {MAX_SUB_BYTES} are accepted")]
+    SubTooLong(usize),
     #[error(
         "token header lists critical extensions (crit) this node does not understand (RFC 7515 §4.1.11)"
     )]
@@ -120,6 +122,14 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub presence_info: Option<Box<RawValue>>,
 }
+
+/// Longest `sub` a token may carry, in bytes of UTF-8: it names the user in
+/// presence, limits and logs, and a presence page's cursor carries one.
+pub const MAX_SUB_BYTES: usize = 256;
+
+// A cursor (the last `sub` of a page, base64url) always fits what a client
+// may send back.
+const _: () = assert!(MAX_SUB_BYTES.div_ceil(3) * 4 <= crate::protocol::MAX_CURSOR_BYTES);
 
 /// Largest `presence_info` claim, in bytes of JSON text.
 pub const MAX_PRESENCE_INFO: usize = 1024;
@@ -203,6 +213,9 @@ impl Grants {
     fn from_claims(claims: Claims) -> Result<Grants, AuthError> {
         if claims.sub.is_empty() {
             return Err(AuthError::MissingClaim("sub".into()));
+        }
+        if claims.sub.len() > MAX_SUB_BYTES {
+            return Err(AuthError::SubTooLong(claims.sub.len()));
         }
         let mut sub_unusable = false;
         let mut parse = |claim: &'static str, patterns: &[String]| {

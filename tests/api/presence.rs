@@ -832,3 +832,68 @@ async fn a_user_who_moves_to_another_node_within_the_interval_is_not_reported_le
     assert!(diffs.is_empty(), "a reconnect was reported: {diffs:?}");
     assert_eq!(members_on(&a, topic).await, ["ada", "watcher"]);
 }
+
+#[tokio::test]
+async fn a_sub_is_at_most_256_bytes_and_every_member_can_be_paged_past() {
+    let node = spawn_node_with(with_presence).await;
+    // One byte past the bound: refused at the handshake and on HTTP, naming `sub`.
+    let long = "é".repeat(128) + "x";
+    assert_eq!(long.len(), 257);
+    let (status, body) = node
+        .handshake(&format!("?token={}", member_token(&long, None)))
+        .try_open()
+        .await
+        .err()
+        .expect("a 257-byte sub is refused");
+    assert_eq!(status, 401);
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("`sub`") && message.contains("256"),
+        "{message}"
+    );
+    let response = node
+        .http
+        .get(node.url("/api/v1/topics/room.long/presence"))
+        .bearer_auth(member_token(&long, None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    // At the bound: a member like any other, and the page after it is
+    // reachable with the cursor it gave.
+    let longest = "a".repeat(254) + "é";
+    assert_eq!(longest.len(), 256);
+    let _a = join(&node, &longest, "room.long").await;
+    let _b = join(&node, "zz-last", "room.long").await;
+    eventually("both members are in", || async {
+        members_on(&node, "room.long").await.len() == 2
+    })
+    .await;
+    let reader = member_token("reader", None);
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let query = match &cursor {
+            Some(c) => format!("?limit=1&cursor={c}"),
+            None => "?limit=1".to_owned(),
+        };
+        let page: Value = node
+            .http
+            .get(node.url(&format!("/api/v1/topics/room.long/presence{query}")))
+            .bearer_auth(&reader)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(page["members"].is_array(), "{page}");
+        seen.extend(subs(&page["members"]).into_iter().map(str::to_owned));
+        match page["cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    // The first page ends on the longest sub: its cursor is the longest.
+    assert_eq!(seen, vec![longest, "zz-last".to_owned()]);
+}
