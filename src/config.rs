@@ -259,6 +259,12 @@ pub struct LimitSettings {
     /// WebSocket subscribe, unsubscribe and refresh ops per second per
     /// connection (also the burst).
     pub subscribe_rate: u32,
+    /// Frames one WebSocket message may come in; past it the connection
+    /// closes with 1008.
+    pub max_fragments: usize,
+    /// WebSocket control frames (ping, pong) per second per connection,
+    /// also the burst; past it the connection closes with 1008.
+    pub control_frame_rate: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -296,6 +302,8 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("limits.max_connections_per_sub", "100"),
     ("limits.http_publish_rate", "1000"),
     ("limits.subscribe_rate", "100"),
+    ("limits.max_fragments", "64"),
+    ("limits.control_frame_rate", "10"),
     ("redis.prefix", "herald:"),
     ("redis.mode", "standalone"),
     ("store.url", "sqlite://.herald/herald.db"),
@@ -423,6 +431,16 @@ impl Settings {
                 self.limits.subscribe_rate as usize,
                 "limits.subscribe_rate",
                 "HERALD__LIMITS__SUBSCRIBE_RATE",
+            ),
+            (
+                self.limits.max_fragments,
+                "limits.max_fragments",
+                "HERALD__LIMITS__MAX_FRAGMENTS",
+            ),
+            (
+                self.limits.control_frame_rate as usize,
+                "limits.control_frame_rate",
+                "HERALD__LIMITS__CONTROL_FRAME_RATE",
             ),
         ];
         let server = &self.server;

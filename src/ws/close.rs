@@ -18,7 +18,8 @@ pub enum CloseCause {
     /// nothing: cut off without a close frame, which could not reach it.
     Stalled,
     /// The client broke the WebSocket protocol (1002), sent text that is
-    /// not UTF-8 (1007) or a message over the limit (1009).
+    /// not UTF-8 (1007), a message over the limit (1009), or frames over
+    /// their budget (1008, naming the setting).
     Unreadable(WsError),
     /// The node shuts down (1001).
     GoingAway,
@@ -52,6 +53,12 @@ impl CloseCause {
                 (CloseCode::Protocol, "WebSocket protocol error")
             }
             CloseCause::Unreadable(WsError::Io(_)) => return None,
+            CloseCause::Unreadable(WsError::OverBudget(setting)) => {
+                return Some(CloseReason {
+                    code: CloseCode::Policy,
+                    description: Some(format!("frames over {setting}")),
+                });
+            }
             CloseCause::GoingAway => (CloseCode::Away, "server shutting down"),
             CloseCause::SlowConsumer => (CloseCode::Again, "slow consumer: outbound queue full"),
             CloseCause::HeartbeatTimeout => (CloseCode::Policy, "heartbeat timeout: no pong"),
@@ -85,6 +92,7 @@ impl CloseCause {
             CloseCause::Unreadable(WsError::TooBig),
             CloseCause::Unreadable(WsError::InvalidUtf8),
             CloseCause::Unreadable(WsError::Protocol(String::new())),
+            CloseCause::Unreadable(WsError::OverBudget("")),
             CloseCause::GoingAway,
             CloseCause::SlowConsumer,
             CloseCause::HeartbeatTimeout,

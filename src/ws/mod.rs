@@ -161,8 +161,9 @@ async fn handshake(
         )
         .ok()?;
     io.write_all(&parts.write_buf).await.ok()?;
-    let max_message = session::max_message(&state.settings.limits);
-    let socket = Socket::new(io, parts.read_buf, max_message);
+    let limits = &state.settings.limits;
+    let budget = socket::Budget::new(limits, session::max_message(limits));
+    let socket = Socket::new(io, parts.read_buf, budget);
     Some(Accepted {
         state,
         admitted,

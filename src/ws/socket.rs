@@ -21,7 +21,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::config::LimitSettings;
 use crate::mailbox::Outlet;
+use crate::rate::TokenBucket;
 
 /// Room reserved for each read from the socket.
 const READ_CHUNK: usize = 4096;
@@ -54,6 +56,10 @@ pub enum WsError {
     InvalidUtf8,
     #[error("WebSocket protocol error: {0}")]
     Protocol(String),
+    /// Frames past a budget that holds whatever they carry: fragments of
+    /// one message, control frames per second. Names the setting.
+    #[error("frames over {0}")]
+    OverBudget(&'static str),
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -68,21 +74,48 @@ impl From<ProtocolError> for WsError {
     }
 }
 
+/// What a client's frames may cost, whatever they carry: a message that
+/// never completes, or control frames that are no message at all, would
+/// otherwise be parsed without end.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Largest message (and frame) taken from the client.
+    pub max_message: usize,
+    /// Frames one message may come in (`limits.max_fragments`).
+    pub max_fragments: usize,
+    /// Pings and pongs per second, also the burst
+    /// (`limits.control_frame_rate`).
+    pub control_rate: u32,
+}
+
+impl Budget {
+    /// The budget `limits` sets, for messages of at most `max_message`.
+    pub fn new(limits: &LimitSettings, max_message: usize) -> Budget {
+        Budget {
+            max_message,
+            max_fragments: limits.max_fragments,
+            control_rate: limits.control_frame_rate,
+        }
+    }
+}
+
 /// One WebSocket connection's socket, and the bytes read from it.
 pub struct Socket {
     io: Arc<TcpStream>,
     /// Read but not yet parsed; empty, without allocation, between frames.
     read_buf: BytesMut,
-    /// The first fragments of a message whose last has not arrived.
-    partial: Option<(OpCode, BytesMut)>,
-    /// Largest message (and frame) taken from the client.
-    max_message: usize,
+    /// The first fragments of a message whose last has not arrived, and how
+    /// many frames it came in so far.
+    partial: Option<(OpCode, BytesMut, usize)>,
+    budget: Budget,
+    /// Control frames the client may still send.
+    control: TokenBucket,
 }
 
 impl Socket {
     /// Takes over a connection whose handshake was answered; `read` holds
     /// bytes the client sent after it.
-    pub fn new(io: TcpStream, read: BytesMut, max_message: usize) -> Socket {
+    pub fn new(io: TcpStream, read: BytesMut, budget: Budget) -> Socket {
         // Frames are written whole, one write each: do not let Nagle hold
         // one back until the previous is acknowledged.
         let _ = io.set_nodelay(true);
@@ -90,7 +123,8 @@ impl Socket {
             io: Arc::new(io),
             read_buf: compact(read),
             partial: None,
-            max_message,
+            control: TokenBucket::new(budget.control_rate),
+            budget,
         }
     }
 
@@ -128,11 +162,13 @@ impl Socket {
                     "reserved bits set, but no extension was negotiated".into(),
                 ));
             }
-            let Some((fin, op, data)) = Parser::parse(&mut self.read_buf, true, self.max_message)?
+            let Some((fin, op, data)) =
+                Parser::parse(&mut self.read_buf, true, self.budget.max_message)?
             else {
                 // A frame announced longer than the limit is refused as soon
                 // as its header is in, not buffered to its announced length.
-                if announced_len(&self.read_buf).is_some_and(|n| n > self.max_message as u64) {
+                if announced_len(&self.read_buf).is_some_and(|n| n > self.budget.max_message as u64)
+                {
                     return Err(WsError::TooBig);
                 }
                 self.read_buf = compact(std::mem::take(&mut self.read_buf));
@@ -142,6 +178,9 @@ impl Socket {
             if !fin && matches!(op, OpCode::Ping | OpCode::Pong | OpCode::Close) {
                 // RFC 6455 §5.5: control frames are never fragmented.
                 return Err(WsError::Protocol("fragmented control frame".into()));
+            }
+            if matches!(op, OpCode::Ping | OpCode::Pong) && !self.control.try_take() {
+                return Err(WsError::OverBudget("limits.control_frame_rate"));
             }
             match op {
                 OpCode::Ping => return Ok(Some(Message::Ping(data.freeze()))),
@@ -156,17 +195,21 @@ impl Socket {
                     ));
                 }
                 OpCode::Text | OpCode::Binary if fin => return complete(op, data).map(Some),
-                OpCode::Text | OpCode::Binary => self.partial = Some((op, data)),
+                OpCode::Text | OpCode::Binary => self.partial = Some((op, data, 1)),
                 OpCode::Continue => {
-                    let Some((_, joined)) = self.partial.as_mut() else {
+                    let Some((_, joined, frames)) = self.partial.as_mut() else {
                         return Err(WsError::Protocol("continuation of no message".into()));
                     };
-                    if joined.len() + data.len() > self.max_message {
+                    if joined.len() + data.len() > self.budget.max_message {
                         return Err(WsError::TooBig);
+                    }
+                    *frames += 1;
+                    if *frames > self.budget.max_fragments {
+                        return Err(WsError::OverBudget("limits.max_fragments"));
                     }
                     joined.extend_from_slice(&data);
                     if fin {
-                        let (op, joined) = self.partial.take().expect("checked above");
+                        let (op, joined, _) = self.partial.take().expect("checked above");
                         return complete(op, joined).map(Some);
                     }
                 }

@@ -3,10 +3,11 @@
 //! upgrades to other routes. Raw TCP where a WebSocket client library would
 //! not send such bytes.
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -42,16 +43,19 @@ fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
 
 /// A handshake request for `path`, written by hand.
 fn handshake_request(node: &TestNode, path: &str) -> Vec<u8> {
+    handshake_request_to(node.addr, path)
+}
+
+fn handshake_request_to(addr: SocketAddr, path: &str) -> Vec<u8> {
     format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        node.addr
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     .into_bytes()
 }
 
 /// Reads the HTTP response head; returns it and whatever followed it.
-async fn read_head(tcp: &mut TcpStream) -> (String, Vec<u8>) {
+async fn read_head(tcp: &mut (impl AsyncRead + Unpin)) -> (String, Vec<u8>) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -70,7 +74,7 @@ async fn read_head(tcp: &mut TcpStream) -> (String, Vec<u8>) {
 
 /// Reads the next unmasked server frame other than a ping: (opcode,
 /// payload).
-async fn read_frame(tcp: &mut TcpStream, buffered: &mut Vec<u8>) -> (u8, Vec<u8>) {
+async fn read_frame(tcp: &mut (impl AsyncRead + Unpin), buffered: &mut Vec<u8>) -> (u8, Vec<u8>) {
     loop {
         let (opcode, payload) = read_any_frame(tcp, buffered).await;
         if opcode != 0x9 {
@@ -79,7 +83,10 @@ async fn read_frame(tcp: &mut TcpStream, buffered: &mut Vec<u8>) -> (u8, Vec<u8>
     }
 }
 
-async fn read_any_frame(tcp: &mut TcpStream, buffered: &mut Vec<u8>) -> (u8, Vec<u8>) {
+async fn read_any_frame(
+    tcp: &mut (impl AsyncRead + Unpin),
+    buffered: &mut Vec<u8>,
+) -> (u8, Vec<u8>) {
     let mut chunk = [0u8; 4096];
     loop {
         if buffered.len() >= 2 {
@@ -114,8 +121,12 @@ async fn read_any_frame(tcp: &mut TcpStream, buffered: &mut Vec<u8>) -> (u8, Vec
 /// Opens a raw connection to `/ws`, sending `extra` in the same write as the
 /// handshake; returns the socket and the bytes read past the 101's head.
 async fn raw_connect(node: &TestNode, extra: &[u8]) -> (TcpStream, Vec<u8>) {
-    let mut tcp = TcpStream::connect(node.addr).await.unwrap();
-    let mut request = handshake_request(node, &format!("/ws?token={}", client()));
+    raw_connect_to(node.addr, extra).await
+}
+
+async fn raw_connect_to(addr: SocketAddr, extra: &[u8]) -> (TcpStream, Vec<u8>) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let mut request = handshake_request_to(addr, &format!("/ws?token={}", client()));
     request.extend_from_slice(extra);
     tcp.write_all(&request).await.unwrap();
     let (head, rest) = read_head(&mut tcp).await;
@@ -358,4 +369,87 @@ async fn a_frame_with_reserved_bits_fails_the_connection_with_1002() {
     let (opcode, payload) = read_frame(&mut tcp, &mut buffered).await;
     assert_eq!(opcode, 0x8, "a close frame");
     assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1002);
+}
+
+/// CPU time a process has used, user and system, from `/proc` (in the
+/// kernel's clock ticks, 100 a second on Linux).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name: state is field 3 of stat(5), utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// Opens a WebSocket to `addr`, sends `opening`, then `unit` over and over
+/// (for at most 5 s) until the node sends a close frame: its code, and how
+/// long that took. `None` if none came within 2 s.
+async fn flood(addr: SocketAddr, opening: &[u8], unit: &[u8]) -> Option<(u16, Duration)> {
+    let (tcp, mut buffered) = raw_connect_to(addr, &[]).await;
+    let (mut reader, mut writer) = tcp.into_split();
+    let started = Instant::now();
+    writer.write_all(opening).await.unwrap();
+    let batch = unit.repeat(1_000);
+    let flooding = tokio::spawn(async move {
+        while started.elapsed() < Duration::from_secs(5) {
+            if writer.write_all(&batch).await.is_err() {
+                break;
+            }
+        }
+    });
+    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            let (opcode, payload) = read_frame(&mut reader, &mut buffered).await;
+            if opcode == 0x8 {
+                return close_code(&payload);
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|code| (code, started.elapsed()));
+    flooding.abort();
+    closed
+}
+
+#[tokio::test]
+async fn floods_of_frames_that_complete_no_message_are_closed_with_1008_at_little_cost() {
+    let node =
+        crate::helpers::ServeProcess::start("frame-floods", &[], std::process::Stdio::null()).await;
+    let addr: SocketAddr = format!("127.0.0.1:{}", node.port).parse().unwrap();
+    let pid = node.child.0.id();
+    let floods = [
+        (
+            "empty continuations of a message that never ends",
+            client_frame(0x1, false, b"{"),
+            client_frame(0x0, false, b""),
+        ),
+        ("pings", Vec::new(), client_frame(0x9, true, b"")),
+        (
+            "unsolicited pongs",
+            Vec::new(),
+            client_frame(0xA, true, b""),
+        ),
+    ];
+    for (what, opening, unit) in floods {
+        let before = cpu_time(pid);
+        let (code, after) = flood(addr, &opening, &unit)
+            .await
+            .unwrap_or_else(|| panic!("a flood of {what} was not closed within 2 s"));
+        let cpu = cpu_time(pid) - before;
+        assert_eq!(code, 1008, "{what}");
+        assert!(
+            after < Duration::from_secs(1),
+            "{what}: closed after {after:?}"
+        );
+        assert!(
+            cpu < Duration::from_millis(500),
+            "{what}: the node spent {cpu:?} of CPU"
+        );
+    }
 }
