@@ -311,6 +311,18 @@ pub fn is_published_secret(secret: &str) -> bool {
     PUBLISHED_SECRETS.contains(&secret) || folded.contains("changeme")
 }
 
+/// Whether `secret` is made of one repeated character, or of one class of
+/// characters only (digits, lowercase or uppercase letters): such a secret
+/// is guessed long before its length suggests.
+pub fn is_weak_secret(secret: &str) -> bool {
+    let bytes = secret.as_bytes();
+    let one_class = |class: fn(&u8) -> bool| bytes.iter().all(class);
+    bytes.windows(2).all(|w| w[0] == w[1])
+        || one_class(u8::is_ascii_digit)
+        || one_class(u8::is_ascii_lowercase)
+        || one_class(u8::is_ascii_uppercase)
+}
+
 fn jwt_algorithm(a: Algorithm) -> jsonwebtoken::Algorithm {
     match a {
         Algorithm::HS256 => jsonwebtoken::Algorithm::HS256,
@@ -345,6 +357,15 @@ impl Verifier {
                         "this secret is published in Herald's own files, so anyone could sign \
                          tokens (admin included) for this node; choose your own, e.g. \
                          `openssl rand -base64 32`",
+                    ));
+                }
+                if is_weak_secret(secret) {
+                    return Err(ConfigError::invalid(
+                        "auth.jwt_secret",
+                        "HERALD__AUTH__JWT_SECRET",
+                        "is one repeated character or one class of characters (only digits, \
+                         only lowercase or only uppercase letters), which is guessed easily; \
+                         choose a random one, e.g. `openssl rand -base64 32`",
                     ));
                 }
                 DecodingKey::from_secret(secret.as_bytes())

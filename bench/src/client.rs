@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use crate::nodes::{SECRET, System};
+use crate::nodes::{System, secret};
 use crate::sse::Sse;
 use crate::wire::{Ws, field};
 
@@ -58,7 +58,7 @@ fn sign(claims: &serde_json::Value) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        &jsonwebtoken::EncodingKey::from_secret(secret().as_bytes()),
     )
     .expect("HS256 signing cannot fail")
 }

@@ -27,7 +27,17 @@ const REDIS_CLUSTER_NODES: usize = 6;
 pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 2000;
 
 /// The HS256 secret every node of a run verifies tokens with.
-pub const SECRET: &str = "herald-bench-secret-0123456789abcdef";
+pub fn secret() -> &'static str {
+    static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SECRET.get_or_init(|| {
+        use std::io::Read as _;
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut random| random.read_exact(&mut bytes))
+            .expect("/dev/urandom gives 32 bytes");
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    })
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum System {
@@ -452,7 +462,7 @@ impl Cluster {
                         .current_dir(&paths.work_dir)
                         .env("RUST_LOG", "warn")
                         .env("HERALD__SERVER__BIND", addr.to_string())
-                        .env("HERALD__AUTH__JWT_SECRET", SECRET)
+                        .env("HERALD__AUTH__JWT_SECRET", secret())
                         .env(
                             "HERALD__STORE__URL",
                             format!("{}/{db}", server.trim_end_matches('/')),
@@ -475,7 +485,7 @@ impl Cluster {
                     command
                         .arg(paths.socketio_dir.join("server.js"))
                         .env("PORT", port.to_string())
-                        .env("JWT_SECRET", SECRET)
+                        .env("JWT_SECRET", secret())
                         .env(
                             "REDIS_URL",
                             redis_url.as_deref().unwrap_or("redis://127.0.0.1:6379"),

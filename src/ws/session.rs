@@ -727,7 +727,13 @@ mod tests {
 
     async fn node_state(dir: &std::path::Path) -> Arc<AppState> {
         let mut settings = Settings::defaults();
-        settings.auth.jwt_secret = Some("unit-test-secret-0123456789abcdef".into());
+        // Drawn at random: no secret written in Herald's files starts a node.
+        let secret = format!(
+            "{:032x}{:032x}",
+            rand::random::<u128>(),
+            rand::random::<u128>()
+        );
+        settings.auth.jwt_secret = Some(secret.into());
         settings.store.url = format!("sqlite://{}", dir.join("herald.db").display()).into();
         let verifier = Verifier::new(&settings.auth).unwrap();
         let state = AppState::new(settings, verifier, 0, CancellationToken::new());

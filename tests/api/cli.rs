@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::json;
 
-use crate::helpers::{Handshake, SECRET, ServeProcess, StreamClient, herald_command, temp_dir};
+use crate::helpers::{Handshake, ServeProcess, StreamClient, herald_command, secret, temp_dir};
 
 const HERALD: &str = env!("CARGO_BIN_EXE_herald");
 
@@ -233,7 +233,7 @@ async fn token_refuses_invalid_patterns_and_missing_keys() {
     let dir = temp_dir("token");
     let out = herald(&dir)
         .args(["token", "--sub", "a", "--topics", "a..b"])
-        .env("HERALD__AUTH__JWT_SECRET", SECRET)
+        .env("HERALD__AUTH__JWT_SECRET", secret())
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -266,7 +266,7 @@ async fn token_warns_about_tokens_that_cannot_do_anything() {
         let out = herald(&dir)
             .arg("token")
             .args(args)
-            .env("HERALD__AUTH__JWT_SECRET", SECRET)
+            .env("HERALD__AUTH__JWT_SECRET", secret())
             .output()
             .unwrap();
         assert!(out.status.success(), "{args:?}");
@@ -280,7 +280,7 @@ async fn token_warns_about_tokens_that_cannot_do_anything() {
     // A useful token gets no warning.
     let out = herald(&dir)
         .args(["token", "--sub", "alice", "--topics", "user.{sub}.>"])
-        .env("HERALD__AUTH__JWT_SECRET", SECRET)
+        .env("HERALD__AUTH__JWT_SECRET", secret())
         .output()
         .unwrap();
     assert!(
@@ -328,7 +328,7 @@ async fn start_cluster_script(
                 format!("{} {} {}", ports[0], ports[1], ports[2]),
             )
             .env("HERALD_CLUSTER_REDIS_PORT", redis_port.to_string())
-            .env("HERALD_JWT_SECRET", SECRET)
+            .env("HERALD_JWT_SECRET", secret())
             .env("HERALD_CLUSTER_STORE_URL", pg.url())
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
@@ -621,7 +621,7 @@ async fn tokens_and_secrets_never_reach_the_logs_even_at_trace_level() {
         ("subscriber token", sub.as_str()),
         ("publisher token", publ.as_str()),
         ("refresh token", refreshed.as_str()),
-        ("signing secret", SECRET),
+        ("signing secret", secret()),
         ("payload", "secret-payload"),
     ] {
         // A JWT's signature part alone is as secret as the whole token.
@@ -654,7 +654,7 @@ async fn serve_takes_bind_on_the_command_line_and_host_names() {
     let mut child = crate::helpers::KillOnDrop(
         herald(&dir)
             .args(["serve", "--bind", &format!("localhost:{port}")])
-            .env("HERALD__AUTH__JWT_SECRET", SECRET)
+            .env("HERALD__AUTH__JWT_SECRET", secret())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -670,7 +670,7 @@ async fn serve_takes_bind_on_the_command_line_and_host_names() {
 
     let out = herald(&dir)
         .args(["serve", "--bind", "nowhere"])
-        .env("HERALD__AUTH__JWT_SECRET", SECRET)
+        .env("HERALD__AUTH__JWT_SECRET", secret())
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -694,7 +694,7 @@ async fn cluster_script_shows_the_log_of_a_node_that_cannot_start() {
             format!("{} {} {}", ports[0], ports[1], ports[2]),
         )
         .env("HERALD_CLUSTER_REDIS_PORT", free_port().to_string())
-        .env("HERALD_JWT_SECRET", SECRET)
+        .env("HERALD_JWT_SECRET", secret())
         // A cluster refuses a SQLite store: every node exits at start-up.
         .env("HERALD_CLUSTER_STORE_URL", "sqlite://cluster.db")
         .output()

@@ -8,8 +8,8 @@ use herald::config::TopicRule;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    PgDatabase, RedisServer, SECRET, ServeProcess, TestNode, TwoNodes, WsClient, eventually,
-    get_text, spawn_node, spawn_node_with, temp_dir, token,
+    PgDatabase, RedisServer, ServeProcess, TestNode, TwoNodes, WsClient, eventually, get_text,
+    secret, spawn_node, spawn_node_with, temp_dir, token,
 };
 
 fn subscriber() -> String {
@@ -397,7 +397,7 @@ async fn migrations_apply_to_a_fresh_database_and_reapply_as_a_no_op() {
 async fn a_cluster_with_a_sqlite_store_is_refused_at_start_up() {
     let out = Command::new(env!("CARGO_BIN_EXE_herald"))
         .arg("serve")
-        .env("HERALD__AUTH__JWT_SECRET", SECRET)
+        .env("HERALD__AUTH__JWT_SECRET", secret())
         .env("HERALD__REDIS__URL", "redis://127.0.0.1:1")
         // Never the default 8080: a developer's own node may hold it.
         .env("HERALD__SERVER__BIND", "127.0.0.1:0")

@@ -16,8 +16,18 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
-/// The HS256 secret of test nodes.
-pub const SECRET: &str = "test-secret-0123456789-0123456789-abcdef";
+/// The HS256 secret of this run's test nodes: drawn at random, so that no
+/// secret written in Herald's files can start a node.
+pub fn secret() -> &'static str {
+    static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SECRET.get_or_init(random_secret)
+}
+
+/// A fresh random HS256 secret (32 bytes, base64).
+pub fn random_secret() -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
+}
 
 /// How long a test waits for a frame it expects before failing.
 pub const RECV_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,7 +67,7 @@ pub async fn spawn_node_with(adjust: impl FnOnce(&mut Settings)) -> TestNode {
     let dir = temp_dir("node");
     let mut settings = Settings::defaults();
     settings.server.bind = "127.0.0.1:0".into();
-    settings.auth.jwt_secret = Some(SECRET.into());
+    settings.auth.jwt_secret = Some(secret().into());
     settings.store.url = format!("sqlite://{}", dir.join("herald.db").display()).into();
     adjust(&mut settings);
     let app = Application::build(settings)
@@ -89,7 +99,7 @@ pub fn claims_token(claims: Value) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        &jsonwebtoken::EncodingKey::from_secret(secret().as_bytes()),
     )
     .unwrap()
 }
@@ -747,7 +757,7 @@ impl ServeProcess {
     ) -> ServeProcess {
         let mut cmd = herald_command(&dir);
         cmd.arg("serve")
-            .env("HERALD__AUTH__JWT_SECRET", SECRET)
+            .env("HERALD__AUTH__JWT_SECRET", secret())
             .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
             .stdout(std::process::Stdio::null())
             .stderr(stderr);

@@ -250,7 +250,7 @@ async fn an_idle_kept_alive_connection_still_closes_at_its_keep_alive_limit() {
 
 #[tokio::test]
 async fn a_node_out_of_open_files_serves_what_it_holds_says_so_once_and_recovers() {
-    use crate::helpers::{KillOnDrop, SECRET, WsClient, eventually, free_port, temp_dir};
+    use crate::helpers::{KillOnDrop, WsClient, eventually, free_port, secret, temp_dir};
     // A hard limit the node cannot raise its soft limit past.
     const FILES: u32 = 128;
     let dir = temp_dir("nofile");
@@ -261,7 +261,7 @@ async fn a_node_out_of_open_files_serves_what_it_holds_says_so_once_and_recovers
         .arg(env!("CARGO_BIN_EXE_herald"))
         .arg("serve")
         .current_dir(&dir)
-        .env("HERALD__AUTH__JWT_SECRET", SECRET)
+        .env("HERALD__AUTH__JWT_SECRET", secret())
         .env("HERALD__SERVER__BIND", format!("127.0.0.1:{port}"))
         // Connections that send nothing are held, not timed out.
         .env("HERALD__SERVER__HANDSHAKE_TIMEOUT", "60s")

@@ -1,13 +1,15 @@
 // Starts real Herald nodes (the binary in HERALD_BIN) and, for cluster
 // tests, a private redis-server, for the client tests; signs their tokens.
 import { spawn } from "node:child_process";
-import { createHmac } from "node:crypto";
+import { createHmac, randomBytes } from "node:crypto";
 import { mkdtempSync, writeFileSync } from "node:fs";
 import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
-export const SECRET = "js-client-test-secret-0123456789-abcdef";
+// Drawn at random for each run: no secret written in Herald's files starts
+// a node.
+export const SECRET = randomBytes(32).toString("base64");
 
 const b64url = (value) => Buffer.from(JSON.stringify(value)).toString("base64url");
 
