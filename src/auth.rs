@@ -59,6 +59,8 @@ pub enum AuthError {
         "token claim `presence_info` must be a JSON object of at most {MAX_PRESENCE_INFO} bytes: {0}"
     )]
     BadPresenceInfo(String),
+    #[error("token claim `limits`: {0}")]
+    BadLimits(String),
     #[error("token grants an invalid pattern {pattern:?} in `{claim}`: {reason}")]
     BadGrant {
         claim: &'static str,
@@ -121,6 +123,102 @@ pub struct Claims {
     /// [`MAX_PRESENCE_INFO`] bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub presence_info: Option<Box<RawValue>>,
+    /// Limits for the holder's `sub` that override the node's, keyed like
+    /// the settings (see [`TokenLimits`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// What a token's `limits` claim may set for its own `sub`, overriding the
+/// node's `limits.*` for that user: a backend's service token may publish
+/// far more than a browser user. Only a token the node verifies can carry
+/// them, so only its key's holder can grant them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenLimits {
+    /// `limits.http_publish_rate` for this `sub`.
+    pub http_publish_rate: Option<u32>,
+    /// `limits.http_read_rate` for this `sub`.
+    pub http_read_rate: Option<u32>,
+    /// `limits.max_connections_per_sub` for this `sub`.
+    pub max_connections_per_sub: Option<u32>,
+}
+
+impl TokenLimits {
+    /// The keys a token may set, as in the settings (`limits.<key>`).
+    pub const KEYS: &[&str] = &[
+        "http_publish_rate",
+        "http_read_rate",
+        "max_connections_per_sub",
+    ];
+
+    fn slot(&mut self, key: &str) -> Option<&mut Option<u32>> {
+        match key {
+            "http_publish_rate" => Some(&mut self.http_publish_rate),
+            "http_read_rate" => Some(&mut self.http_read_rate),
+            "max_connections_per_sub" => Some(&mut self.max_connections_per_sub),
+            _ => None,
+        }
+    }
+
+    /// Sets `key` to `value` (a positive integer), or says why not.
+    pub fn set(&mut self, key: &str, value: u64) -> Result<(), String> {
+        let keys = Self::KEYS.join(", ");
+        let slot = self
+            .slot(key)
+            .ok_or_else(|| format!("unknown limit `{key}`; a token may set {keys}"))?;
+        match u32::try_from(value) {
+            Ok(v) if v > 0 => {
+                *slot = Some(v);
+                Ok(())
+            }
+            _ => Err(format!(
+                "`{key}` must be a whole number from 1 to {}",
+                u32::MAX
+            )),
+        }
+    }
+
+    /// Reads the `limits` claim.
+    fn from_claim(claim: &serde_json::Map<String, serde_json::Value>) -> Result<Self, AuthError> {
+        let mut limits = TokenLimits::default();
+        for (key, value) in claim {
+            let value = value
+                .as_u64()
+                .ok_or_else(|| AuthError::BadLimits(format!("`{key}` must be a whole number")))?;
+            limits.set(key, value).map_err(AuthError::BadLimits)?;
+        }
+        Ok(limits)
+    }
+
+    /// Reads `key=value,key=value` (`herald token --limits`).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut limits = TokenLimits::default();
+        for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+            let value = value
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| format!("`{}` must be a whole number", key.trim()))?;
+            limits.set(key.trim(), value)?;
+        }
+        Ok(limits)
+    }
+
+    /// The `limits` claim, when any is set.
+    fn to_claim(self) -> Option<serde_json::Map<String, serde_json::Value>> {
+        let set = [
+            ("http_publish_rate", self.http_publish_rate),
+            ("http_read_rate", self.http_read_rate),
+            ("max_connections_per_sub", self.max_connections_per_sub),
+        ];
+        let claim: serde_json::Map<_, _> = set
+            .into_iter()
+            .filter_map(|(key, value)| Some((key.to_owned(), value?.into())))
+            .collect();
+        (!claim.is_empty()).then_some(claim)
+    }
 }
 
 /// Longest `sub` a token may carry, in bytes of UTF-8: it names the user in
@@ -165,6 +263,8 @@ pub struct Grants {
     sub_unusable: bool,
     /// The `presence_info` claim, checked: JSON text of an object.
     pub presence_info: Option<Arc<str>>,
+    /// The `limits` claim: the node's limits this token overrides.
+    pub limits: TokenLimits,
 }
 
 /// Which right a request needs.
@@ -244,8 +344,15 @@ impl Grants {
             .presence_info
             .map(|info| check_presence_info(&info).map(|()| Arc::from(info.get())))
             .transpose()?;
+        let limits = claims
+            .limits
+            .as_ref()
+            .map(TokenLimits::from_claim)
+            .transpose()?
+            .unwrap_or_default();
         Ok(Grants {
             presence_info,
+            limits,
             sub: claims.sub,
             exp: claims.exp,
             valid_until: claims.exp,
@@ -432,6 +539,8 @@ pub struct TokenSpec<'a> {
     pub publish: &'a [String],
     pub admin: bool,
     pub presence_info: Option<&'a RawValue>,
+    /// The node's limits it overrides for its `sub`.
+    pub limits: TokenLimits,
     /// How long it is valid.
     pub ttl: Duration,
 }
@@ -491,6 +600,7 @@ impl Signer {
             publish: spec.publish.to_vec(),
             admin: spec.admin,
             presence_info: spec.presence_info.map(ToOwned::to_owned),
+            limits: spec.limits.to_claim(),
         };
         jsonwebtoken::encode(&self.header, &claims, &self.key)
     }
@@ -535,6 +645,7 @@ mod tests {
             publish: publish.iter().map(|s| s.to_string()).collect(),
             admin: false,
             presence_info: None,
+            limits: None,
         })
         .unwrap()
     }
@@ -574,6 +685,7 @@ mod tests {
             publish: vec![],
             admin: false,
             presence_info: None,
+            limits: None,
         };
         assert!(matches!(
             Grants::from_claims(claims),

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use serde_json::value::RawValue;
 
-use crate::auth::{Signer, TokenSpec, check_patterns, check_presence_info};
+use crate::auth::{Signer, TokenLimits, TokenSpec, check_patterns, check_presence_info};
 use crate::config::{ConfigError, Settings, TopicRule};
 use crate::startup::Application;
 use crate::store::Store;
@@ -68,6 +68,11 @@ enum Command {
         /// `presence_info` claim).
         #[arg(long)]
         presence_info: Option<String>,
+        /// Limits for this `sub` that override the node's, for a backend's
+        /// service token, e.g. http_publish_rate=50000,max_connections_per_sub=1000
+        /// (keys: http_publish_rate, http_read_rate, max_connections_per_sub).
+        #[arg(long, value_parser = TokenLimits::parse)]
+        limits: Option<TokenLimits>,
         /// Lifetime, e.g. 30m, 1h, 7d.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
@@ -89,6 +94,7 @@ pub fn run() -> ExitCode {
             publish,
             admin,
             presence_info,
+            limits,
             ttl,
             config,
         } => token(
@@ -99,6 +105,7 @@ pub fn run() -> ExitCode {
                 publish: &publish,
                 admin,
                 presence_info: None,
+                limits: limits.unwrap_or_default(),
                 ttl,
             },
             presence_info.as_deref(),

@@ -259,6 +259,9 @@ pub struct LimitSettings {
     /// WebSocket subscribe, unsubscribe and refresh ops per second per
     /// connection (also the burst).
     pub subscribe_rate: u32,
+    /// HTTP reads (history, presence, introspection) per second per user
+    /// (token `sub`) on a node, also the burst.
+    pub http_read_rate: u32,
     /// Frames one WebSocket message may come in; past it the connection
     /// closes with 1008.
     pub max_fragments: usize,
@@ -302,6 +305,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("limits.max_connections_per_sub", "100"),
     ("limits.http_publish_rate", "1000"),
     ("limits.subscribe_rate", "100"),
+    ("limits.http_read_rate", "100"),
     ("limits.max_fragments", "64"),
     ("limits.control_frame_rate", "10"),
     ("redis.prefix", "herald:"),
@@ -431,6 +435,11 @@ impl Settings {
                 self.limits.subscribe_rate as usize,
                 "limits.subscribe_rate",
                 "HERALD__LIMITS__SUBSCRIBE_RATE",
+            ),
+            (
+                self.limits.http_read_rate as usize,
+                "limits.http_read_rate",
+                "HERALD__LIMITS__HTTP_READ_RATE",
             ),
             (
                 self.limits.max_fragments,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-use crate::auth::{Signer, TokenSpec};
+use crate::auth::{Signer, TokenLimits, TokenSpec};
 use crate::config::{Algorithm, Settings};
 use crate::files;
 
@@ -64,6 +64,7 @@ pub fn banner(settings: &Settings, addr: std::net::SocketAddr) -> Result<String,
             publish: &[],
             admin: false,
             presence_info: None,
+            limits: TokenLimits::default(),
             ttl: DEV_TOKEN_TTL,
         })
         .map_err(|e| e.to_string())?;
@@ -74,6 +75,7 @@ pub fn banner(settings: &Settings, addr: std::net::SocketAddr) -> Result<String,
             publish: &all,
             admin: false,
             presence_info: None,
+            limits: TokenLimits::default(),
             ttl: DEV_TOKEN_TTL,
         })
         .map_err(|e| e.to_string())?;
@@ -84,6 +86,7 @@ pub fn banner(settings: &Settings, addr: std::net::SocketAddr) -> Result<String,
             publish: &all,
             admin: false,
             presence_info: None,
+            limits: TokenLimits::default(),
             ttl: DEV_TOKEN_TTL,
         })
         .map_err(|e| e.to_string())?;

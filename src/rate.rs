@@ -37,6 +37,14 @@ impl TokenBucket {
         self.rate
     }
 
+    /// Moves its rate (and burst) to `per_second`, keeping the tokens it
+    /// holds up to the new burst.
+    fn set_rate(&mut self, per_second: u32) {
+        self.refill();
+        self.rate = f64::from(per_second);
+        self.tokens = self.tokens.min(self.rate);
+    }
+
     /// Takes one token if there is one.
     pub fn try_take(&mut self) -> bool {
         self.try_take_n(1).is_ok()
@@ -102,11 +110,22 @@ impl PerUser {
 
     /// Takes `n` tokens from `sub`'s bucket (see [`TokenBucket::try_take_n`]).
     pub fn try_take(&self, sub: &str, n: u32) -> Result<(), Option<Duration>> {
+        self.try_take_at(sub, self.rate, n)
+    }
+
+    /// [`try_take`](Self::try_take) at `rate` for this `sub` (its token's
+    /// own limit), rather than the configured one.
+    pub fn try_take_at(&self, sub: &str, rate: u32, n: u32) -> Result<(), Option<Duration>> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         let result = match buckets.by_sub.get_mut(sub) {
-            Some(bucket) => bucket.try_take_n(n),
+            Some(bucket) => {
+                if bucket.rate != f64::from(rate) {
+                    bucket.set_rate(rate);
+                }
+                bucket.try_take_n(n)
+            }
             None => {
-                let mut bucket = TokenBucket::new(self.rate);
+                let mut bucket = TokenBucket::new(rate);
                 let result = bucket.try_take_n(n);
                 buckets.by_sub.insert(sub.to_owned(), bucket);
                 result

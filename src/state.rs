@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Grants;
 use crate::auth::Verifier;
 use crate::broker::Broker;
 use crate::config::{ConfigError, Settings};
@@ -32,6 +33,8 @@ pub struct AppState {
     pub(crate) sub_keys: std::hash::RandomState,
     /// `limits.http_publish_rate`, per user.
     pub(crate) http_publish_rate: PerUser,
+    /// `limits.http_read_rate`, per user.
+    pub(crate) http_read_rate: PerUser,
     /// A random id for this node's process, for introspection and logs.
     pub node_id: String,
     pub started: std::time::Instant,
@@ -51,6 +54,7 @@ impl AppState {
         let broker = Broker::new(&settings, &node, shutdown.clone()).await?;
         Ok(AppState {
             http_publish_rate: PerUser::new(settings.limits.http_publish_rate),
+            http_read_rate: PerUser::new(settings.limits.http_read_rate),
             settings,
             verifier,
             broker,
@@ -90,14 +94,24 @@ pub(crate) struct ConnectionSlot {
 }
 
 impl ConnectionSlot {
-    pub(crate) fn acquire(state: &Arc<AppState>, sub: &str) -> Result<ConnectionSlot, SlotError> {
+    /// A place for a connection of the holder of `grants`, whose token may
+    /// set its own `max_connections_per_sub`.
+    pub(crate) fn acquire(
+        state: &Arc<AppState>,
+        grants: &Grants,
+    ) -> Result<ConnectionSlot, SlotError> {
         let max = state.settings.limits.max_connections;
         if state.connections.fetch_add(1, Ordering::Relaxed) >= max {
             state.connections.fetch_sub(1, Ordering::Relaxed);
             return Err(SlotError::Node(max));
         }
-        let per_sub = state.settings.limits.max_connections_per_sub;
-        let sub = std::hash::BuildHasher::hash_one(&state.sub_keys, sub);
+        let per_sub = grants
+            .limits
+            .max_connections_per_sub
+            .map_or(state.settings.limits.max_connections_per_sub, |own| {
+                own as usize
+            });
+        let sub = std::hash::BuildHasher::hash_one(&state.sub_keys, &grants.sub);
         {
             let mut by_sub = lock(&state.connections_by_sub);
             let held = by_sub.entry(sub).or_insert(0);

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Serialize;
 
-use super::{ApiError, ErrorBody, authenticate};
+use super::{ApiError, ErrorBody, authenticate_read};
 use crate::auth::{Action, Forbidden};
 use crate::state::AppState;
 use crate::store::Backend;
@@ -46,7 +46,7 @@ pub(super) async fn node(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let grants = authenticate(&req, &state)?;
+    let grants = authenticate_read(&req, &state)?;
     if !grants.admin {
         return Err(
             Forbidden::new("node introspection needs a token with the `admin` claim").into(),
@@ -106,7 +106,7 @@ pub(super) async fn topic(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let grants = authenticate(&req, &state)?;
+    let grants = authenticate_read(&req, &state)?;
     let topic = Topic::parse(&path)?;
     if !grants.admin {
         grants.check(Action::Publish, &topic)?;

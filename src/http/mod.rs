@@ -20,6 +20,7 @@ use crate::auth::{AuthError, Forbidden};
 use crate::broker::PublishError;
 use crate::presence::PresenceError;
 use crate::protocol::{ErrorCode, MAX_EPOCH_BYTES, MAX_OFFSET};
+use crate::rate::PerUser;
 use crate::state::{AppState, SlotError};
 use crate::store::StoreError;
 use crate::topic::{Topic, TopicError};
@@ -277,6 +278,65 @@ pub(crate) fn check_position(since: u64, epoch: Option<&str>) -> Result<(), ApiE
     Ok(())
 }
 
+/// What a per-user rate limits on HTTP.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Quota {
+    /// Events published (`limits.http_publish_rate`); a batch counts its
+    /// events.
+    Publish,
+    /// Reads: history, presence, introspection (`limits.http_read_rate`).
+    Read,
+}
+
+/// Takes `n` from the bucket of `limit` that the holder of `grants` has,
+/// at the rate its token sets or else the node's, or says when to retry.
+pub(crate) fn take_quota(
+    limit: &PerUser,
+    quota: Quota,
+    grants: &Grants,
+    n: u32,
+) -> Result<(), ApiError> {
+    let (what, setting, own) = match quota {
+        Quota::Publish => (
+            "events",
+            "limits.http_publish_rate",
+            grants.limits.http_publish_rate,
+        ),
+        Quota::Read => (
+            "reads",
+            "limits.http_read_rate",
+            grants.limits.http_read_rate,
+        ),
+    };
+    let rate = own.unwrap_or(limit.rate());
+    limit
+        .try_take_at(&grants.sub, rate, n)
+        .map_err(|retry_after| {
+            let message = match retry_after {
+                Some(_) => format!(
+                    "more than {rate} {what} per second from this user \
+                 ({setting}); retry after Retry-After seconds"
+                ),
+                None => format!(
+                    "a batch of {n} {what} is more than {setting} \
+                 ({rate} per second) allows at once; send smaller batches"
+                ),
+            };
+            ApiError::RateLimited {
+                message,
+                retry_after,
+            }
+        })
+}
+
+/// Verifies the request's bearer token for a read, and counts the read
+/// toward the user's `limits.http_read_rate`.
+pub(crate) fn authenticate_read(req: &HttpRequest, state: &AppState) -> Result<Grants, ApiError> {
+    let grants = authenticate(req, state)?;
+    take_quota(&state.http_read_rate, Quota::Read, &grants, 1)?;
+    Ok(grants)
+}
+
 /// Verifies the request's bearer token.
 pub(crate) fn authenticate(req: &HttpRequest, state: &AppState) -> Result<Grants, ApiError> {
     let token = bearer_token(req.headers())?.ok_or(AuthError::MissingBearer)?;
@@ -291,7 +351,7 @@ pub(crate) fn subscriber_read<Q: serde::de::DeserializeOwned>(
     path: &str,
     state: &AppState,
 ) -> Result<(Topic, Q), ApiError> {
-    let grants = authenticate(req, state)?;
+    let grants = authenticate_read(req, state)?;
     let topic = Topic::parse(path)?;
     grants.check(crate::auth::Action::Subscribe, &topic)?;
     let query = web::Query::<Q>::from_query(req.query_string())

@@ -7,8 +7,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::Quota;
 use super::{ApiError, ErrorBody, authenticate};
 use crate::auth::Action;
+use crate::auth::Grants;
 use crate::broker::Transport;
 use crate::payload::Payload;
 use crate::protocol::{BASE64_LENIENT, check_key};
@@ -111,26 +113,9 @@ fn idempotency_key(req: &HttpRequest, publisher: &str) -> Result<Option<Idempote
 }
 
 /// Counts `events` against the user's `limits.http_publish_rate`.
-fn take_quota(state: &AppState, sub: &str, events: usize) -> Result<(), ApiError> {
-    let limit = &state.http_publish_rate;
+fn take_quota(state: &AppState, grants: &Grants, events: usize) -> Result<(), ApiError> {
     let n = u32::try_from(events).unwrap_or(u32::MAX);
-    limit.try_take(sub, n).map_err(|retry_after| {
-        let rate = limit.rate();
-        let message = match retry_after {
-            Some(_) => format!(
-                "more than {rate} events per second from this user \
-                 (limits.http_publish_rate); retry after Retry-After seconds"
-            ),
-            None => format!(
-                "a batch of {events} events is more than limits.http_publish_rate \
-                 ({rate} per second) allows at once; send smaller batches"
-            ),
-        };
-        ApiError::RateLimited {
-            message,
-            retry_after,
-        }
-    })
+    super::take_quota(&state.http_publish_rate, Quota::Publish, grants, n)
 }
 
 /// A published event's place in its topic.
@@ -173,7 +158,7 @@ pub(super) async fn publish_one(
     let body = read_body(&req, body, limit).await?;
     let payload = payload_of(&req, body)?;
     let key = idempotency_key(&req, &grants.sub)?;
-    take_quota(&state, &grants.sub, 1)?;
+    take_quota(&state, &grants, 1)?;
     let event = NewEvent {
         topic: topic.clone(),
         payload,
@@ -313,7 +298,7 @@ pub(super) async fn publish_batch(
             }),
         });
     }
-    take_quota(&state, &grants.sub, events.len())?;
+    take_quota(&state, &grants, events.len())?;
     let offsets = state.broker.publish(events, Transport::Http).await?;
     Ok(HttpResponse::Created().json(BatchPublished { offsets }))
 }

@@ -133,8 +133,18 @@ impl Book for LocalBook {
         query: &'a PresenceQuery,
     ) -> BoxFuture<'a, Result<PresencePage, PresenceError>> {
         Box::pin(async move {
-            let mut rosters = self.lock();
-            let roster = rosters.of(topic);
+            let rosters = self.lock();
+            // A read makes nothing: a topic nobody joined is an empty
+            // page in an epoch of its own (its first change starts
+            // another, and the reader takes the pages again).
+            let empty;
+            let roster = match rosters.topics.get(topic) {
+                Some(roster) => roster,
+                None => {
+                    empty = Roster::new();
+                    &empty
+                }
+            };
             let count = roster.members.len() as u64;
             let (members, more) = if query.count_only {
                 (None, false)

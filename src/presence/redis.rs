@@ -40,9 +40,6 @@ use crate::topic::Topic;
 
 /// How long a topic's `epoch` and `seq` outlive its last member.
 const IDLE_META_MS: u64 = 24 * 3600 * 1000;
-/// How long an `epoch` made by reading a topic nobody joined lives: a
-/// read must not make lasting keys.
-const READ_META_MS: u64 = 60 * 1000;
 /// Incarnations claimed per reaping pass, from each of the two sets.
 const REAP_BATCH: usize = 10;
 
@@ -114,21 +111,19 @@ return seq
 "#;
 
 /// A page of a topic's members with the `seq` it includes, or only the
-/// count. KEYS: members, info, meta. ARGV: epoch if new, how long a meta
-/// made by this read lives (ms; the first change keeps it), the `sub` to start after (empty: from the first), most
-/// members, `1` for the count only.
+/// count. KEYS: members, info, meta. ARGV: the epoch to answer for a topic
+/// with none (nobody joined it, or not for a day), the `sub` to start after
+/// (empty: from the first), most members, `1` for the count only. A read
+/// writes nothing: a topic with no epoch gets one at its first change, and
+/// a client that read it empty takes the pages again then (another epoch).
 const PAGE: &str = r#"
-if redis.call('HSETNX', KEYS[3], 'epoch', ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[3], 'seq', 0)
-  redis.call('PEXPIRE', KEYS[3], ARGV[2])
-end
-local epoch = redis.call('HGET', KEYS[3], 'epoch')
+local epoch = redis.call('HGET', KEYS[3], 'epoch') or ARGV[1]
 local seq = tonumber(redis.call('HGET', KEYS[3], 'seq') or '0')
 local count = redis.call('ZCARD', KEYS[1])
-if ARGV[5] == '1' then return {epoch, seq, count, 0, {}, {}} end
+if ARGV[4] == '1' then return {epoch, seq, count, 0, {}, {}} end
 local from = '-'
-if ARGV[3] ~= '' then from = '(' .. ARGV[3] end
-local limit = tonumber(ARGV[4])
+if ARGV[2] ~= '' then from = '(' .. ARGV[2] end
+local limit = tonumber(ARGV[3])
 local subs = redis.call('ZRANGE', KEYS[1], from, '+', 'BYLEX', 'LIMIT', 0, limit + 1)
 local more = 0
 if #subs > limit then
@@ -378,7 +373,6 @@ impl Book for RedisBook {
                 .key(self.key(t, "info"))
                 .key(self.key(t, "meta"))
                 .arg(new_epoch())
-                .arg(READ_META_MS)
                 .arg(query.after.as_deref().unwrap_or(""))
                 .arg(query.limit)
                 .arg(if query.count_only { "1" } else { "0" });

@@ -185,7 +185,7 @@ fn admit(state: &Arc<AppState>, head: &RequestHead) -> Result<Admitted, ApiError
     };
     let grants = state.verifier.verify(token)?;
     let (encoding, named_protocol) = negotiate(headers)?;
-    let slot = ConnectionSlot::acquire(state, &grants.sub)?;
+    let slot = ConnectionSlot::acquire(state, &grants)?;
     verify_handshake(head).map_err(|e| match e {
         // RFC 6455 §4.2.2: name the version this server speaks.
         HandshakeError::NoVersionHeader | HandshakeError::UnsupportedVersion => {

@@ -708,3 +708,63 @@ async fn cluster_script_shows_the_log_of_a_node_that_cannot_start() {
         "the node's own error is shown: {stderr}"
     );
 }
+
+#[tokio::test]
+async fn token_limits_mints_a_service_token_whose_limits_a_node_applies() {
+    let dir = temp_dir("token-limits");
+    let mint = |limits: &str| {
+        herald(&dir)
+            .args([
+                "token",
+                "--sub",
+                "backend",
+                "--publish",
+                "jobs.>",
+                "--limits",
+                limits,
+            ])
+            .env("HERALD__AUTH__JWT_SECRET", secret())
+            .output()
+            .unwrap()
+    };
+    let out = mint("http_publish_rate=50000,max_connections_per_sub=1000");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    // The claim, as the node reads it.
+    use base64::Engine as _;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        claims["limits"],
+        json!({"http_publish_rate": 50000, "max_connections_per_sub": 1000})
+    );
+    // A node takes 2,000 events at once from it (twice the default rate).
+    let node = crate::helpers::spawn_node_with(|s| s.retention.history = false).await;
+    let events: Vec<_> = (0..1000)
+        .map(|i| json!({"topic": "jobs.a", "data": i}))
+        .collect();
+    for _ in 0..2 {
+        let response = node.publish_batch(&token, &json!(events)).await;
+        assert_eq!(response.status(), 201);
+    }
+    // Unknown keys and bad values are refused before anything is signed.
+    for (limits, says) in [
+        ("max_connections=5", "unknown limit `max_connections`"),
+        ("http_publish_rate=0", "from 1"),
+        ("http_publish_rate", "key=value"),
+    ] {
+        let out = mint(limits);
+        assert!(!out.status.success(), "{limits}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{limits}: {stderr}");
+        assert!(out.stdout.is_empty());
+    }
+}

@@ -14,6 +14,7 @@ mod http;
 mod js_client;
 mod operations;
 mod presence;
+mod reads;
 mod regressions;
 mod sharded;
 mod slow;

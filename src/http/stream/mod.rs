@@ -242,7 +242,7 @@ async fn open(
             asked
         }
     };
-    let slot = ConnectionSlot::acquire(&state, &grants.sub)?;
+    let slot = ConnectionSlot::acquire(&state, &grants)?;
     let limits = &state.settings.limits;
     let id = state.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let (mailbox, outlet, overflowed) = Mailbox::held(
