@@ -39,6 +39,7 @@ pub(super) struct StoreInfo {
         (status = 200, description = "This node", body = NodeInfo),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "The token lacks the admin claim", body = ErrorBody),
+        (status = 429, description = "More than limits.http_read_rate reads per second from this user; see Retry-After", body = ErrorBody),
     ),
     security(("bearer" = [])),
 )]
@@ -97,6 +98,7 @@ pub(super) struct TopicInfo<'a> {
         (status = 400, description = "Bad body or invalid topic", body = ErrorBody),
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "The token does not grant this topic", body = ErrorBody),
+        (status = 429, description = "More than limits.http_read_rate reads per second from this user; see Retry-After", body = ErrorBody),
         (status = 503, description = "The event store is unavailable", body = ErrorBody),
     ),
     security(("bearer" = [])),

@@ -45,6 +45,7 @@ pub(super) struct Presence<'a> {
         (status = 401, description = "Missing or invalid token", body = ErrorBody),
         (status = 403, description = "The token does not grant this topic", body = ErrorBody),
         (status = 404, description = "The topic keeps no presence (`presence_disabled`)", body = ErrorBody),
+        (status = 429, description = "More than limits.http_read_rate reads per second from this user; see Retry-After", body = ErrorBody),
         (status = 503, description = "Presence is unavailable (Redis cannot be reached)", body = ErrorBody),
     ),
     security(("bearer" = [])),
