@@ -290,12 +290,7 @@ async fn a_configured_issuer_or_audience_is_required_on_every_path() {
                 .any(|claim| message.contains(&format!("`{claim}`")))
         };
         // The handshake.
-        let (status, body) = node
-            .handshake(&format!("?token={bad}"))
-            .try_open()
-            .await
-            .err()
-            .expect("refused at the handshake");
+        let (status, body) = node.refused(&bad).await;
         assert_eq!(status, 401, "{body}");
         assert!(says(body["message"].as_str().unwrap()), "{missing}: {body}");
         // Publish, introspection and a stream.
@@ -339,12 +334,7 @@ async fn a_token_with_a_crit_header_is_refused() {
         &EncodingKey::from_secret(crate::helpers::secret().as_bytes()),
     )
     .unwrap();
-    let (status, body) = node
-        .handshake(&format!("?token={token}"))
-        .try_open()
-        .await
-        .err()
-        .expect("refused");
+    let (status, body) = node.refused(&token).await;
     assert_eq!(status, 401);
     assert!(body["message"].as_str().unwrap().contains("crit"), "{body}");
 }

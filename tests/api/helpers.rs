@@ -84,6 +84,19 @@ pub async fn spawn_node_with(adjust: impl FnOnce(&mut Settings)) -> TestNode {
     }
 }
 
+/// `room.>` topics keep presence; changes are sent every 100 ms.
+pub fn with_presence(s: &mut Settings) {
+    s.topics = vec![herald::config::TopicRule {
+        pattern: "room.>".into(),
+        history: None,
+        max_age: None,
+        max_events: None,
+        presence: Some(true),
+    }];
+    s.presence.batch_interval = Duration::from_millis(100);
+    s.limits.subscribe_rate = 10_000;
+}
+
 /// An HS256 token for the test secret.
 pub fn token(sub: &str, topics: &[&str], publish: &[&str]) -> String {
     claims_token(json!({
@@ -202,6 +215,14 @@ impl TestNode {
     /// A handshake to `/ws` with `query` appended (e.g. `?token=…`).
     pub fn handshake(&self, query: &str) -> Handshake {
         Handshake::to(&format!("ws://{}/ws{}", self.addr, query))
+    }
+
+    /// The refusal of a handshake with `token`: its status and JSON body.
+    pub async fn refused(&self, token: &str) -> (u16, Value) {
+        match self.handshake(&format!("?token={token}")).try_open().await {
+            Ok(_) => panic!("a handshake that should be refused was accepted"),
+            Err(refusal) => refusal,
+        }
     }
 
     /// A `herald.msgpack` connection authenticated with `token`.

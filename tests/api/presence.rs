@@ -4,26 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use herald::config::{Settings, TopicRule};
+use herald::config::Settings;
 use serde_json::{Value, json};
 
 use crate::helpers::{
     PgDatabase, RedisServer, ServeProcess, TestNode, WsClient, claims_token, eventually, now,
-    spawn_node_with, token,
+    spawn_node_with, token, with_presence,
 };
-
-/// `room.>` topics keep presence; changes are sent every 100 ms.
-fn with_presence(s: &mut Settings) {
-    s.topics = vec![TopicRule {
-        pattern: "room.>".into(),
-        history: None,
-        max_age: None,
-        max_events: None,
-        presence: Some(true),
-    }];
-    s.presence.batch_interval = Duration::from_millis(100);
-    s.limits.subscribe_rate = 10_000;
-}
 
 /// A token for `sub` on `room.>`, with `presence_info` when given.
 fn member_token(sub: &str, info: Option<Value>) -> String {
@@ -839,12 +826,7 @@ async fn a_sub_is_at_most_256_bytes_and_every_member_can_be_paged_past() {
     // One byte past the bound: refused at the handshake and on HTTP, naming `sub`.
     let long = "é".repeat(128) + "x";
     assert_eq!(long.len(), 257);
-    let (status, body) = node
-        .handshake(&format!("?token={}", member_token(&long, None)))
-        .try_open()
-        .await
-        .err()
-        .expect("a 257-byte sub is refused");
+    let (status, body) = node.refused(&member_token(&long, None)).await;
     assert_eq!(status, 401);
     let message = body["message"].as_str().unwrap();
     assert!(
@@ -877,16 +859,12 @@ async fn a_sub_is_at_most_256_bytes_and_every_member_can_be_paged_past() {
             Some(c) => format!("?limit=1&cursor={c}"),
             None => "?limit=1".to_owned(),
         };
-        let page: Value = node
-            .http
-            .get(node.url(&format!("/api/v1/topics/room.long/presence{query}")))
-            .bearer_auth(&reader)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page = node
+            .get_json(
+                &format!("/api/v1/topics/room.long/presence{query}"),
+                &reader,
+            )
+            .await;
         assert!(page["members"].is_array(), "{page}");
         seen.extend(subs(&page["members"]).into_iter().map(str::to_owned));
         match page["cursor"].as_str() {

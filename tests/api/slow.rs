@@ -308,14 +308,7 @@ async fn a_node_out_of_open_files_serves_what_it_holds_says_so_once_and_recovers
         http.get(url("/healthz")).send().await.is_ok()
     })
     .await;
-    let metrics = http
-        .get(url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = crate::helpers::get_text(&http, url("/metrics")).await;
     let failed: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("herald_accept_errors_total "))
