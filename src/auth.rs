@@ -430,6 +430,28 @@ pub fn is_weak_secret(secret: &str) -> bool {
         || one_class(u8::is_ascii_uppercase)
 }
 
+/// What a PEM key setting must hold for `algorithm`, said when it does not.
+fn expected_pem(algorithm: Algorithm, private: bool) -> &'static str {
+    match (algorithm, private) {
+        (Algorithm::RS256, false) => {
+            "an RSA public key in PEM (`-----BEGIN PUBLIC KEY-----` or \
+             `-----BEGIN RSA PUBLIC KEY-----`), the whole text with its line breaks"
+        }
+        (Algorithm::RS256, true) => {
+            "an RSA private key in PEM (`-----BEGIN PRIVATE KEY-----` or \
+             `-----BEGIN RSA PRIVATE KEY-----`), the whole text with its line breaks"
+        }
+        (_, false) => {
+            "an EC P-256 public key in PEM (`-----BEGIN PUBLIC KEY-----`), the whole text \
+             with its line breaks"
+        }
+        (_, true) => {
+            "an EC P-256 private key in PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`; convert \
+             a `BEGIN EC PRIVATE KEY` with `openssl pkcs8 -topk8 -nocrypt`)"
+        }
+    }
+}
+
 fn jwt_algorithm(a: Algorithm) -> jsonwebtoken::Algorithm {
     match a {
         Algorithm::HS256 => jsonwebtoken::Algorithm::HS256,
@@ -485,7 +507,11 @@ impl Verifier {
                     DecodingKey::from_ec_pem(pem.as_bytes())
                 };
                 parsed.map_err(|e| {
-                    ConfigError::invalid("auth.public_key_pem", "HERALD__AUTH__PUBLIC_KEY_PEM", e)
+                    ConfigError::invalid(
+                        "auth.public_key_pem",
+                        "HERALD__AUTH__PUBLIC_KEY_PEM",
+                        format!("{e}: expected {}", expected_pem(auth.algorithm, false)),
+                    )
                 })?
             }
         };
@@ -575,7 +601,11 @@ impl Signer {
                     EncodingKey::from_ec_pem(pem)
                 };
                 parsed.map_err(|e| {
-                    ConfigError::invalid("auth.private_key_pem", "HERALD__AUTH__PRIVATE_KEY_PEM", e)
+                    ConfigError::invalid(
+                        "auth.private_key_pem",
+                        "HERALD__AUTH__PRIVATE_KEY_PEM",
+                        format!("{e}: expected {}", expected_pem(auth.algorithm, true)),
+                    )
                 })?
             }
         };

@@ -74,7 +74,7 @@ enum Command {
         #[arg(long, value_parser = TokenLimits::parse)]
         limits: Option<TokenLimits>,
         /// Lifetime, e.g. 30m, 1h, 7d.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "1h", value_parser = parse_ttl, allow_hyphen_values = true)]
         ttl: Duration,
         /// Settings file (TOML), layered over config/default.toml.
         #[arg(long)]
@@ -250,6 +250,24 @@ fn token(
     Ok(())
 }
 
+/// Past this, `herald token` warns: a leaked token stays good until `exp`.
+const LONG_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A token's lifetime from `--ttl`: a positive duration such as `30m`.
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    const USAGE: &str = "give a positive duration such as 30m, 1h or 7d";
+    if text.trim_start().starts_with('-') {
+        return Err(format!("a token's lifetime cannot be negative; {USAGE}"));
+    }
+    let ttl = humantime::parse_duration(text).map_err(|e| format!("{e}; {USAGE}"))?;
+    if ttl.is_zero() {
+        return Err(format!(
+            "a token with no lifetime is expired as soon as it is made; {USAGE}"
+        ));
+    }
+    Ok(ttl)
+}
+
 /// What makes a token useless, said before it is printed (it is still
 /// printed: a test may want exactly that token).
 fn token_warnings(
@@ -267,8 +285,12 @@ fn token_warnings(
                 .to_owned(),
         );
     }
-    if ttl.is_zero() {
-        warnings.push("--ttl 0s: the token is expired as soon as it is made".to_owned());
+    if ttl > LONG_TTL {
+        warnings.push(format!(
+            "--ttl {}: a token that lives longer than a week cannot be taken back \
+             (Herald has no revocation); give browsers short tokens and refresh them",
+            humantime::format_duration(ttl)
+        ));
     }
     let uses_sub = topics
         .iter()

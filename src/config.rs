@@ -18,6 +18,13 @@ use serde::{Deserialize, Deserializer};
 pub enum ConfigError {
     #[error("cannot read settings: {0}")]
     Load(#[from] config::ConfigError),
+    /// An unknown key, with where it was found (a file, or an environment
+    /// variable), which the settings library leaves out.
+    #[error("cannot read settings: {error} (in {origin})")]
+    Unknown {
+        error: config::ConfigError,
+        origin: String,
+    },
     #[error("invalid setting `{key}` (env {env}): {reason}")]
     Invalid {
         key: &'static str,
@@ -281,6 +288,57 @@ pub struct DevSettings {
 /// TTL, and each renewal is a Redis round trip.
 const MIN_NODE_TTL: Duration = Duration::from_secs(2);
 
+/// The settings file read when present, before `--config` (no extension:
+/// `config/default.toml`, or another format the settings library reads).
+const DEFAULT_FILE: &str = "config/default";
+
+/// Where an unknown key came from: the environment variable that sets it,
+/// or the file that names it. The settings library says where a bad value
+/// came from, but not an unknown key.
+fn unknown_key_origin(error: &config::ConfigError, file: Option<&Path>) -> Option<String> {
+    let text = error.to_string();
+    let field = text.strip_prefix("unknown field `")?.split('`').next()?;
+    // `for key `server``, `for key `topics[0]``, or none for a section.
+    let section = text
+        .split_once("for key `")
+        .and_then(|(_, rest)| rest.split('`').next())
+        .map(|key| key.split('[').next().unwrap_or(key));
+    let variable = match section {
+        Some(section) => format!("HERALD__{section}__{field}"),
+        None => format!("HERALD__{field}__"),
+    };
+    let from_env = std::env::vars().map(|(name, _)| name).find(|name| {
+        let (name, wanted) = (name.to_ascii_uppercase(), variable.to_ascii_uppercase());
+        if section.is_some() {
+            name == wanted
+        } else {
+            name.starts_with(&wanted)
+        }
+    });
+    if let Some(name) = from_env {
+        return Some(format!("the environment variable {name}"));
+    }
+    // A file layer: the one that names the field as a key.
+    let files = file
+        .map(Path::to_path_buf)
+        .into_iter()
+        .chain([PathBuf::from(format!("{DEFAULT_FILE}.toml"))]);
+    for path in files {
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let names = text.lines().any(|line| {
+            let line = line.trim_start().trim_start_matches('[');
+            line.strip_prefix(field)
+                .is_some_and(|rest| rest.trim_start().starts_with(['=', ']', '.']))
+        });
+        if names {
+            return Some(format!("the file {}", path.display()));
+        }
+    }
+    None
+}
+
 /// Built-in defaults, the first layer. Every setting has one here, so the
 /// README's settings table and this list can be compared line by line.
 const DEFAULTS: &[(&str, &str)] = &[
@@ -326,7 +384,7 @@ impl Settings {
     /// Loads the layers described in the module doc.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
         let mut builder = Self::defaults_builder()?
-            .add_source(config::File::with_name("config/default").required(false));
+            .add_source(config::File::with_name(DEFAULT_FILE).required(false));
         if let Some(file) = file {
             builder = builder.add_source(config::File::from(file).required(true));
         }
@@ -337,7 +395,11 @@ impl Settings {
                     .separator("__"),
             )
             .build()?
-            .try_deserialize()?;
+            .try_deserialize()
+            .map_err(|error| match unknown_key_origin(&error, file) {
+                Some(origin) => ConfigError::Unknown { error, origin },
+                None => ConfigError::Load(error),
+            })?;
         settings.validate()?;
         Ok(settings)
     }

@@ -254,8 +254,8 @@ async fn token_warns_about_tokens_that_cannot_do_anything() {
     let cases: [(&[&str], &str); 3] = [
         (&["--sub", "a"], "grants nothing"),
         (
-            &["--sub", "a", "--topics", "alerts", "--ttl", "0s"],
-            "expired",
+            &["--sub", "a", "--topics", "alerts", "--ttl", "30d"],
+            "longer than a week",
         ),
         (
             &["--sub", "alice@example.com", "--topics", "user.{sub}.>"],
@@ -767,4 +767,103 @@ async fn token_limits_mints_a_service_token_whose_limits_a_node_applies() {
         assert!(stderr.contains(says), "{limits}: {stderr}");
         assert!(out.stdout.is_empty());
     }
+}
+
+#[tokio::test]
+async fn token_refuses_a_lifetime_that_is_zero_or_negative() {
+    let dir = temp_dir("token-ttl");
+    for ttl in [&["--ttl", "0s"][..], &["--ttl=-5m"], &["--ttl", "-5m"]] {
+        let out = herald(&dir)
+            .args(["token", "--sub", "a", "--topics", "alerts"])
+            .args(ttl)
+            .env("HERALD__AUTH__JWT_SECRET", secret())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{ttl:?}");
+        assert!(out.stdout.is_empty(), "{ttl:?} printed a token");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("positive duration"), "{ttl:?}: {stderr}");
+        assert!(!stderr.contains("unexpected argument"), "{ttl:?}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_setting_names_the_file_or_the_variable_it_came_from() {
+    let dir = temp_dir("unknown-setting");
+    std::fs::write(
+        dir.join("herald.toml"),
+        "[server]\nbindd = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let out = herald(&dir)
+        .args(["serve", "--config", "herald.toml"])
+        .env("HERALD__AUTH__JWT_SECRET", secret())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("`bindd`") && stderr.contains("the file herald.toml"),
+        "{stderr}"
+    );
+    for (variable, field) in [
+        ("HERALD__SERVER__BINDD", "`bindd`"),
+        ("HERALD__SERVERR__BIND", "`serverr`"),
+    ] {
+        let out = herald(&dir)
+            .arg("serve")
+            .env("HERALD__AUTH__JWT_SECRET", secret())
+            .env(variable, "127.0.0.1:0")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(field) && stderr.contains(&format!("environment variable {variable}")),
+            "{stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_key_that_is_not_pem_says_what_is_expected() {
+    let dir = temp_dir("bad-pem");
+    for (algorithm, setting, says) in [
+        (
+            "RS256",
+            "HERALD__AUTH__PUBLIC_KEY_PEM",
+            "an RSA public key in PEM",
+        ),
+        (
+            "ES256",
+            "HERALD__AUTH__PUBLIC_KEY_PEM",
+            "an EC P-256 public key in PEM",
+        ),
+    ] {
+        let out = herald(&dir)
+            .arg("serve")
+            .env("HERALD__AUTH__ALGORITHM", algorithm)
+            .env(setting, "not a key")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("auth.public_key_pem") && stderr.contains(says),
+            "{algorithm}: {stderr}"
+        );
+        assert!(stderr.contains("BEGIN PUBLIC KEY"), "{stderr}");
+    }
+    let out = herald(&dir)
+        .args(["token", "--sub", "a", "--topics", "a"])
+        .env("HERALD__AUTH__ALGORITHM", "ES256")
+        .env("HERALD__AUTH__PRIVATE_KEY_PEM", "not a key")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("auth.private_key_pem") && stderr.contains("PKCS#8"),
+        "{stderr}"
+    );
 }
