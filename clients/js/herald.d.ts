@@ -1,4 +1,6 @@
-export type HeraldState = "connecting" | "open" | "reconnecting" | "closed";
+/** "unauthorized": the node refused the token (401/403) even after asking
+ * `getToken` again; see `refusal`, and `reconnect()` to try again. */
+export type HeraldState = "connecting" | "open" | "reconnecting" | "unauthorized" | "closed";
 
 /** How the client talks to the node: a WebSocket, or a Server-Sent Events
  * stream for receiving and HTTP POST for publishing. */
@@ -94,6 +96,10 @@ export declare class HeraldError extends Error {
 export declare class Herald {
   constructor(options: HeraldOptions);
   readonly state: HeraldState;
+  /** While "unauthorized": the node's reason (code and message). */
+  readonly refusal: HeraldError | undefined;
+  /** After "unauthorized": connects again, asking `getToken` afresh. */
+  reconnect(): void;
   /** The transport in use while open. */
   readonly transport: HeraldTransport | undefined;
   /** Called on every change of state, and of transport while open ("open" again). */
@@ -112,7 +118,9 @@ export declare class Herald {
     topic: string,
     onChange?: (members: Map<string, unknown>, change: PresenceChange) => void,
   ): PresenceView;
-  /** Resolves with the event's offset. */
+  /** Resolves with the event's offset; rejects with the node's error when
+   * it refuses the publish (400, 403, 413, 401 after a fresh token, 429 after
+   * its retries) or the token ("unauthorized"). */
   publish(topic: string, data: unknown | Uint8Array, options?: PublishOptions): Promise<number>;
   close(): void;
 }

@@ -6,7 +6,7 @@
 // stream for receiving and HTTP POST for publishing, with the same
 // guarantees, and moves back once WebSocket works. No dependencies.
 
-const STATES = ["connecting", "open", "reconnecting", "closed"];
+const STATES = ["connecting", "open", "reconnecting", "unauthorized", "closed"];
 const TRANSPORTS = ["websocket", "sse"];
 /** What the node takes as a topic (see docs/protocol.md). */
 const TOPIC = /^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$/;
@@ -18,6 +18,9 @@ const CUT_AT_ONCE = 1000;
 const HEALTHY_AFTER = 5000;
 /** The first WebSocket probe after falling back to the stream. */
 const FIRST_PROBE = 2000;
+/** Times a publish answered 429 is retried (after `Retry-After`) before it
+ * is rejected with the node's error. */
+const PUBLISH_RATE_RETRIES = 3;
 
 /** Decodes a JWT's `exp` (seconds), or undefined. */
 function tokenExpiry(token) {
@@ -178,9 +181,26 @@ export class Herald {
     this._connect();
   }
 
-  /** connecting | open | reconnecting | closed */
+  /** connecting | open | reconnecting | unauthorized | closed */
   get state() {
     return this._state;
+  }
+
+  /** Why the node refused the token, while `state` is "unauthorized": a
+   * HeraldError with the node's code and message. */
+  get refusal() {
+    return this._refusal;
+  }
+
+  /** Connects again after "unauthorized" (e.g. once the user signed in
+   * again): `getToken` is asked for a token afresh. */
+  reconnect() {
+    if (this._closed || this._state !== "unauthorized") return;
+    this._refusal = undefined;
+    this._authRetried = false;
+    this._attempt = 0;
+    this._setState("connecting");
+    this._connect();
   }
 
   /** The transport in use while open: "websocket" or "sse". */
@@ -514,6 +534,7 @@ export class Herald {
   /** `socket` is open: subscribe everything (resuming), resend what waits. */
   _adoptSocket(socket, token) {
     socket.opened = Date.now();
+    this._authRetried = false;
     this._healthy();
     this._wsFailures = 0;
     this._fallback = false;
@@ -539,6 +560,64 @@ export class Herald {
     } catch {
       // Already closed or never opened.
     }
+    // A browser's WebSocket does not say why its handshake failed: the
+    // same request without the upgrade does (401/403 with the node's
+    // reason). A refused token is no reason to fall back. (A handshake
+    // left unanswered is not a refusal: the node answers those at once.)
+    if (!socket.opened && why !== "timeout" && this._fetch) {
+      const asked = this._token;
+      return void this._whyRefused(asked).then((refusal) => {
+        if (this._closed || this._socket || this._stream) return;
+        if (refusal) return this._refused(refusal);
+        this._countFailure(socket, why);
+      });
+    }
+    this._countFailure(socket, why);
+  }
+
+  /** The node's refusal of `token` at the handshake, if it refuses it:
+   * asks `GET /ws` without the upgrade, which runs the same checks. */
+  async _whyRefused(token) {
+    const timeout = new AbortController();
+    const timer = setTimeout(() => timeout.abort(), this._connectTimeout);
+    try {
+      const separator = this._url.includes("?") ? "&" : "?";
+      const url = `${this._url.replace(/^ws/, "http")}${separator}token=${encodeURIComponent(token)}`;
+      const response = await this._fetch(url, { signal: timeout.signal });
+      if (response.status !== 401 && response.status !== 403) return undefined;
+      const body = await response.json().catch(() => ({}));
+      return new HeraldError(body.error ?? "unauthorized", body.message ?? `the node answered ${response.status}`);
+    } catch {
+      return undefined; // unreachable: the socket's failure stands
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** The node refused the token (401/403 at the handshake or the stream's
+   * request): `getToken` is asked again once, at once; refused again, the
+   * client stops in state "unauthorized" with the node's reason, and what
+   * waits to be published is rejected with it. */
+  _refused(error) {
+    this._transport = undefined;
+    if (!this._authRetried) {
+      this._authRetried = true;
+      return void this._connect();
+    }
+    this._authRetried = false;
+    this._refusal = error;
+    clearTimeout(this._refreshTimer);
+    clearTimeout(this._probeTimer);
+    this._probeTimer = undefined;
+    for (const pending of this._pending.values()) pending.reject(error);
+    this._pending.clear();
+    this._setState("unauthorized");
+    this._emit("error", error);
+  }
+
+  /** A WebSocket that failed for another reason than its token: counts
+   * toward falling back to the stream, and reconnects. */
+  _countFailure(socket, why) {
     // A WebSocket that never opens (or is cut at once), again and again:
     // something on the way (a proxy) refuses it. Streams may still pass.
     const failed = !socket.opened || Date.now() - socket.opened < CUT_AT_ONCE;
@@ -611,10 +690,18 @@ export class Herald {
     const topics = [...this._topics.keys()];
     stream.waiting = new Set(topics);
     if (topics.length === 0) {
-      // Nothing to receive yet: open, and stream once something is.
+      // Nothing to receive yet: open once the node takes the token, and
+      // stream once something is to be received.
       stream.opened = true;
       stream.settle();
-      return this._adoptStream(token);
+      return void this._whyRefused(token).then((refusal) => {
+        if (this._stream !== stream) return;
+        if (refusal) {
+          this._dropStream();
+          return this._refused(refusal);
+        }
+        this._adoptStream(token);
+      });
     }
     const query = new URLSearchParams();
     for (const topic of topics) {
@@ -651,6 +738,7 @@ export class Herald {
   /** The stream is open: publish what waits over HTTP, and try WebSocket
    * again from time to time. */
   _adoptStream(token) {
+    this._authRetried = false;
     this._healthy();
     this._transport = "sse";
     this._setState("open");
@@ -741,16 +829,20 @@ export class Herald {
     if (this._stream !== stream) return;
     const error = new HeraldError(body.error ?? "http", body.message ?? `the stream answered ${response.status}`);
     if (body.topic) error.topic = body.topic;
-    this._emit("error", error);
+    const tokenRefused = response.status === 401 || (response.status === 403 && !body.topic);
+    if (!tokenRefused) this._emit("error", error);
     if (response.status === 403 && body.topic && this._topics.has(body.topic)) {
       this._topics.delete(body.topic);
       this._dropStream();
       return this._openStream(this._token);
     }
-    // The node refused this token (the next attempt asks getToken again):
-    // the stream itself works. Anything else (a path that is not Herald's,
-    // a proxy's error) may be the stream's fault: WebSocket gets its turn.
-    stream.opened = response.status === 401 || response.status === 403;
+    // The node refused this token: no transport helps. Anything else (a
+    // path that is not Herald's, a proxy's error) may be the stream's
+    // fault: WebSocket gets its turn.
+    if (tokenRefused) {
+      this._dropStream();
+      return this._refused(error);
+    }
     this._streamLost(stream, response.status);
   }
 
@@ -823,15 +915,24 @@ export class Herald {
         this._pending.delete(id);
         return pending.resolve({ op: "published", offset: body.offset });
       }
-      if (response.status === 401) {
-        // Expired meanwhile: a fresh token, and the same publish again.
-        this._token = await this._getToken();
-      } else if (response.status === 429 || response.status >= 500) {
+      const refusal = new HeraldError(body.error ?? "http", body.message ?? `publish answered ${response.status}`);
+      // Expired meanwhile: a fresh token, and the same publish again, once.
+      // Past its retries a rate limit is the answer too.
+      const fresh = response.status === 401 && !pending.tokenRetried ? await this._getToken() : undefined;
+      const limited = response.status === 429 && (pending.limited = (pending.limited ?? 0) + 1) <= PUBLISH_RATE_RETRIES;
+      if (fresh !== undefined && fresh !== this._token) {
+        pending.tokenRetried = true;
+        this._token = fresh;
+        wait = 0;
+      } else if (limited || response.status >= 500) {
         const after = Number(response.headers.get("retry-after"));
         if (after > 0) wait = after * 1000;
+      } else if (response.status === 401) {
+        // Refused again with a fresh token: the client's token is.
+        return this._refused(refusal);
       } else {
         this._pending.delete(id);
-        return pending.reject(new HeraldError(body.error ?? "http", body.message ?? `publish answered ${response.status}`));
+        return pending.reject(refusal);
       }
     } catch {
       // The network, or no answer in time: retried below.
@@ -974,6 +1075,7 @@ export class Herald {
 
   _request(frame, { resend = false, onReply } = {}) {
     return new Promise((resolve, reject) => {
+      if (this._state === "unauthorized") return void reject(this._refusal);
       const id = this._nextId++;
       this._pending.set(id, { resolve, reject, frame, resend, onReply });
       if (this._state !== "open") return;

@@ -423,7 +423,9 @@ pub fn cors(allowed: &[String]) -> actix_cors::Cors {
     actix_cors::Cors::default()
         .allowed_origin_fn(move |origin, head| {
             let path = head.uri.path();
-            let shared = path.starts_with("/api/") || path == ui::CLIENT_PATH;
+            // `/ws` too: a client whose WebSocket failed asks it over
+            // HTTP why (a refused token answers 401 with the reason).
+            let shared = path.starts_with("/api/") || path == ui::CLIENT_PATH || path == "/ws";
             shared && (allowed.is_empty() || origin_listed(&allowed, origin.as_bytes()))
         })
         .allowed_methods(["GET", "POST"])

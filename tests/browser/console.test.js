@@ -242,3 +242,17 @@ test("an app on another origin, behind a proxy that refuses WebSocket, streams a
     await proxy.close();
   }
 });
+
+test("a token the node refuses is said by the token field, and the page does not fall back", async () => {
+  const consoleUrl = after_(node.banner, "Console").replace(/#token=.*/, "#token=garbage");
+  const page = await browser.newPage();
+  try {
+    await page.goto(consoleUrl);
+    await page.waitForSelector('#state[data-state="unauthorized"]', { timeout: 10000 });
+    assert.equal(await page.getAttribute("#token", "aria-invalid"), "true");
+    assert.match(await page.textContent("#notice"), /refused this token: malformed token/);
+    assert.equal(await page.getAttribute("#state", "data-transport"), "");
+  } finally {
+    await page.close();
+  }
+});

@@ -349,3 +349,97 @@ test("on the stream, a short-lived token is refreshed by streaming again, and no
     h.close();
   }
 });
+
+/** A token the node refuses: signed with another secret. */
+const forged = () => {
+  const [header, payload] = token({ sub: "js-bad", topics: [">"], publish: [">"] }).split(".");
+  return `${header}.${payload}.${Buffer.from("not the signature").toString("base64url")}`;
+};
+
+for (const transports of [["websocket", "sse"], ["sse"]]) {
+  test(`a refused token is an error, not a fallback (${transports.join(", ")})`, async () => {
+    let asked = 0;
+    const h = new Herald({
+      url: node.url,
+      getToken: () => {
+        asked += 1;
+        return forged();
+      },
+      transports,
+      minDelay: 50,
+    });
+    try {
+      const states = [];
+      const errors = [];
+      h.on("state", (state, { transport }) => states.push(transport ? `${state}:${transport}` : state));
+      h.on("error", (e) => errors.push(e));
+      const published = h.publish("js.refused", 1);
+      await assert.rejects(published, (e) => e.code === "unauthorized" && /signature/.test(e.message));
+      await eventually("unauthorized", () => h.state === "unauthorized", 5000);
+      assert.equal(asked, 2, "getToken is asked once more, then no more");
+      assert.equal(h.refusal.code, "unauthorized");
+      assert.match(h.refusal.message, /signature/);
+      assert.ok(!states.some((s) => s.startsWith("open")), `never open: ${states}`);
+      assert.ok(errors.some((e) => e.code === "unauthorized"));
+      // It stays there: no reconnect loop, and a publish is refused at once.
+      await sleep(300);
+      assert.equal(asked, 2);
+      await assert.rejects(h.publish("js.refused", 2), (e) => e.code === "unauthorized");
+    } finally {
+      h.close();
+    }
+  });
+}
+
+test("a token refused once and fresh from getToken the second time opens", async () => {
+  let asked = 0;
+  const h = new Herald({
+    url: node.url,
+    getToken: () => (++asked === 1 ? forged() : token({ sub: "js-second", topics: [">"], publish: [">"] })),
+  });
+  try {
+    await opened(h);
+    assert.equal(h.transport, "websocket");
+    assert.equal(asked, 2);
+  } finally {
+    h.close();
+  }
+});
+
+test("publish over HTTP rejects with the node's error on 403, 413 and 400", async () => {
+  const h = new Herald({
+    url: node.url,
+    token: token({ sub: "js-http-errors", topics: [">"], publish: ["js.allowed.>"] }),
+    transports: ["sse"],
+  });
+  try {
+    await opened(h);
+    await assert.rejects(h.publish("js.other", 1), (e) => e.code === "forbidden");
+    await assert.rejects(h.publish("js.allowed.big", "x".repeat(70_000)), (e) => e.code === "payload_too_large");
+    await assert.rejects(h.publish("js.allowed..x", 1), (e) => e.code === "invalid_topic");
+    let deep = 1;
+    for (let i = 0; i < 200; i++) deep = [deep];
+    await assert.rejects(h.publish("js.allowed.deep", deep), (e) => e.code === "bad_request");
+  } finally {
+    h.close();
+  }
+});
+
+test("publish over HTTP rejects with rate_limited after its retries", async () => {
+  const limited = await Node.start({ HERALD__LIMITS__HTTP_PUBLISH_RATE: "1" });
+  const h = new Herald({
+    url: limited.url,
+    token: token({ sub: "js-limited", topics: [">"], publish: [">"] }),
+    transports: ["sse"],
+  });
+  try {
+    await opened(h);
+    const results = await Promise.allSettled([1, 2, 3, 4, 5, 6, 7, 8].map((n) => h.publish("js.limited", n)));
+    const refused = results.filter((r) => r.status === "rejected");
+    assert.ok(refused.length > 0, "some publishes are refused in the end");
+    for (const r of refused) assert.equal(r.reason.code, "rate_limited");
+  } finally {
+    h.close();
+    await limited.stop();
+  }
+});
