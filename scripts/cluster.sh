@@ -25,6 +25,7 @@
 #                         a random one drawn for this run, printed at the end)
 #   HERALD_CLUSTER_STORE_URL  the shared event store (default:
 #                         postgres://postgres@127.0.0.1:5432/herald_cluster, created if missing)
+#   HERALD_CLUSTER_DIR    where the logs and Redis's files go (default: .herald/cluster)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +41,7 @@ done
 secret=${HERALD_JWT_SECRET:-$(head -c 32 /dev/urandom | base64 | tr -d '\n')}
 store_url=${HERALD_CLUSTER_STORE_URL:-postgres://postgres@127.0.0.1:5432/herald_cluster}
 read -r -a ports <<<"${HERALD_CLUSTER_PORTS:-8081 8082 8083}"
-logs=.herald/cluster
+logs=${HERALD_CLUSTER_DIR:-.herald/cluster}
 mkdir -p "$logs"
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

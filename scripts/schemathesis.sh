@@ -25,6 +25,9 @@ for _ in $(seq 100); do
 done
 token=$(cd "$dir" && "$bin" token --sub schemathesis --topics '>' --publish '>' --admin --ttl 1h)
 
+# From the node's folder: schemathesis keeps its database (.hypothesis/)
+# where it runs, which must not be the source tree.
+cd "$dir"
 timeout 600 schemathesis run "http://127.0.0.1:$port/api/v1/openapi.json" \
     --header "Authorization: Bearer $token" \
     --checks all \

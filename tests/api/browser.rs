@@ -6,11 +6,9 @@ use std::process::Command;
 
 #[test]
 fn console_page_works_in_a_real_browser() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-    assert!(
-        dir.join("node_modules/playwright-core").exists(),
-        "run `npm ci --prefix tests/browser` first (.ci/run does)"
-    );
+    // The page's test imports the client's test support: both in place.
+    crate::testenv::js_package("clients/js");
+    let dir = crate::testenv::js_package("tests/browser");
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(
         Path::new(&chromium).exists(),
@@ -20,6 +18,7 @@ fn console_page_works_in_a_real_browser() {
         .args(["--test", "console.test.js"])
         .current_dir(&dir)
         .env("HERALD_BIN", env!("CARGO_BIN_EXE_herald"))
+        .env("HERALD_TEST_ARTIFACTS", crate::testenv::artifacts())
         .output()
         .expect("Node.js 20+ runs the browser tests");
     let report = String::from_utf8_lossy(&output.stdout);

@@ -330,6 +330,7 @@ async fn start_cluster_script(
             .env("HERALD_CLUSTER_REDIS_PORT", redis_port.to_string())
             .env("HERALD_JWT_SECRET", secret())
             .env("HERALD_CLUSTER_STORE_URL", pg.url())
+            .env("HERALD_CLUSTER_DIR", temp_dir("cluster-script"))
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -697,6 +698,7 @@ async fn cluster_script_shows_the_log_of_a_node_that_cannot_start() {
         .env("HERALD_JWT_SECRET", secret())
         // A cluster refuses a SQLite store: every node exits at start-up.
         .env("HERALD_CLUSTER_STORE_URL", "sqlite://cluster.db")
+        .env("HERALD_CLUSTER_DIR", temp_dir("cluster-script-fails"))
         .output()
         .await
         .unwrap();

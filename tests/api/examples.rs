@@ -3,7 +3,7 @@
 //! HTTP-published event and publishes one.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -11,22 +11,19 @@ use serde_json::json;
 
 use crate::helpers::{KillOnDrop, spawn_node, token};
 
-async fn run_example(topic: &str, program: &str, script: &str, dir: &str) {
+async fn run_example(topic: &str, program: &Path, script: &str, examples: &Path) {
     let node = spawn_node().await;
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples")
-        .join(dir);
     let mut child = KillOnDrop(
         Command::new(program)
             .arg(script)
-            .current_dir(&examples)
+            .current_dir(examples)
             .env("HERALD_URL", format!("ws://{}/ws", node.addr))
             .env("HERALD_TOKEN", token("example", &[">"], &[">"]))
             .env("HERALD_TOPIC", topic)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("{program} runs the {dir} example: {e}")),
+            .unwrap_or_else(|e| panic!("{} runs {script}: {e}", program.display())),
     );
     let stdout = child.0.stdout.take().unwrap();
     let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
@@ -35,64 +32,82 @@ async fn run_example(topic: &str, program: &str, script: &str, dir: &str) {
             let _ = lines_tx.send(line);
         }
     });
-    let mut next_line = async || {
-        tokio::time::timeout(Duration::from_secs(20), lines.recv())
-            .await
-            .unwrap_or_else(|_| panic!("{script} printed nothing more within 20 s"))
-            .unwrap_or_else(|| panic!("{script} exited early"))
+    // What the child says on stderr, shown with any failure.
+    let stderr = child.0.stderr.take().unwrap();
+    let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let said_by_child = said.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut said = said_by_child.lock().unwrap();
+            said.push_str(&line);
+            said.push('\n');
+        }
+    });
+    let stderr = || {
+        // Let the child's last words arrive.
+        std::thread::sleep(Duration::from_millis(200));
+        format!("\n--- {script}'s stderr ---\n{}", said.lock().unwrap())
     };
+    let mut next_line =
+        async || match tokio::time::timeout(Duration::from_secs(20), lines.recv()).await {
+            Ok(Some(line)) => line,
+            Ok(None) => panic!("{script} exited early{}", stderr()),
+            Err(_) => panic!("{script} printed nothing more within 20 s{}", stderr()),
+        };
     assert_eq!(next_line().await, format!("subscribed to {topic}"));
     node.publish_ok(&token("p", &[], &[">"]), topic, &json!({"from": "http"}))
         .await;
-    assert_eq!(
-        next_line().await,
-        format!("event 1: {}", json_text(program))
-    );
+    let json = if script.ends_with(".mjs") {
+        r#"{"from":"http"}"#
+    } else {
+        r#"{"from": "http"}"#
+    };
+    assert_eq!(next_line().await, format!("event 1: {json}"));
     assert_eq!(next_line().await, "published at offset 2");
     let status = child.0.wait().unwrap();
-    assert!(status.success(), "{script} exited with {status}");
+    assert!(
+        status.success(),
+        "{script} exited with {status}{}",
+        stderr()
+    );
 }
 
-/// How each language prints `{"from":"http"}`.
-fn json_text(program: &str) -> String {
-    if program == "node" {
-        r#"{"from":"http"}"#.into()
-    } else {
-        r#"{"from": "http"}"#.into()
-    }
+fn python_examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python")
 }
 
 #[tokio::test]
 async fn node_ws_example_works_unchanged() {
-    assert!(
-        Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/node/node_modules/ws"
-        ))
-        .exists(),
-        "run `npm ci --prefix examples/node` first (.ci/run does)"
-    );
-    run_example("examples.node", "node", "subscribe.mjs", "node").await;
+    let examples = crate::testenv::js_package("examples/node");
+    run_example(
+        "examples.node",
+        Path::new("node"),
+        "subscribe.mjs",
+        &examples,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn python_websockets_example_works_unchanged() {
+    let python = crate::testenv::python();
     run_example(
         "examples.websockets",
-        "python3",
+        &python,
         "websockets_example.py",
-        "python",
+        &python_examples(),
     )
     .await;
 }
 
 #[tokio::test]
 async fn python_aiohttp_example_works_unchanged() {
+    let python = crate::testenv::python();
     run_example(
         "examples.aiohttp",
-        "python3",
+        &python,
         "aiohttp_example.py",
-        "python",
+        &python_examples(),
     )
     .await;
 }

@@ -9,14 +9,10 @@ use crate::helpers::PgDatabase;
 async fn javascript_client_tests_pass_against_real_nodes() {
     // The cluster test's store (the test starts its own redis-server).
     let pg = PgDatabase::create().await;
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/js");
-    assert!(
-        std::path::Path::new(dir).join("node_modules/ws").exists(),
-        "run `npm ci --prefix clients/js` first (.ci/run does)"
-    );
+    let dir = crate::testenv::js_package("clients/js");
     let output = Command::new("node")
         .args(["--experimental-websocket", "--test", "test/client.test.js"])
-        .current_dir(dir)
+        .current_dir(&dir)
         .env("HERALD_BIN", env!("CARGO_BIN_EXE_herald"))
         .env("HERALD_TEST_STORE_URL", pg.url())
         .output()

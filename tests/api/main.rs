@@ -19,6 +19,7 @@ mod regressions;
 mod sharded;
 mod slow;
 mod streams;
+mod testenv;
 mod transport;
 mod trust;
 mod ws;

@@ -1,21 +1,21 @@
 // The console page in headless Chromium against a real `herald serve --dev`:
 // it connects, shows an event published over HTTP, and after the node is
 // restarted while events are published it shows every missed event once,
-// in order. A screenshot is kept in target/browser-artifacts/.
+// in order. Screenshots are kept in HERALD_TEST_ARTIFACTS (the build
+// folder's test-env/artifacts under scripts/test.sh).
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { mkdirSync, mkdtempSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { fileURLToPath } from "node:url";
 
 import { chromium } from "playwright-core";
 
 import { UpgradeRefusingProxy } from "../../clients/js/test/node.js";
 
-const ARTIFACTS = join(dirname(fileURLToPath(import.meta.url)), "../../target/browser-artifacts");
+const ARTIFACTS = process.env.HERALD_TEST_ARTIFACTS ?? mkdtempSync(join(tmpdir(), "herald-browser-artifacts-"));
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 
 async function freePort() {
