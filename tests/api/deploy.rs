@@ -101,3 +101,66 @@ async fn through_haproxy_events_flow_and_a_stopped_node_is_taken_out() {
     }
     drop((b, c));
 }
+
+/// The settings file in `deploy/kubernetes/configmap.yaml`, out of its
+/// YAML block.
+fn configmap_settings() -> String {
+    let yaml = include_str!("../../deploy/kubernetes/configmap.yaml");
+    let block = yaml
+        .split_once("default.toml: |\n")
+        .expect("the ConfigMap holds default.toml")
+        .1;
+    block
+        .lines()
+        .map_while(|line| {
+            line.strip_prefix("    ")
+                .or((line.is_empty()).then_some(""))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn a_kubernetes_node_reads_the_same_settings_file_as_a_compose_node() {
+    let settings_of = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect()
+    };
+    let configmap = configmap_settings();
+    assert_eq!(
+        settings_of(&configmap),
+        settings_of(include_str!("../../deploy/herald.toml")),
+        "the ConfigMap's default.toml differs from deploy/herald.toml"
+    );
+    // A node started with it as config/default.toml serves the console.
+    let dir = temp_dir("configmap");
+    std::fs::create_dir_all(dir.join("config")).unwrap();
+    std::fs::write(dir.join("config/default.toml"), &configmap).unwrap();
+    let mut child = KillOnDrop(
+        crate::helpers::herald_command(&dir)
+            .arg("serve")
+            .env("HERALD__AUTH__JWT_SECRET", crate::helpers::secret())
+            .env("HERALD__SERVER__BIND", "127.0.0.1:0")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // The port it took, from its log.
+    let stderr = child.0.stderr.take().unwrap();
+    let addr = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.split("addr=").nth(1).map(|a| a.trim().to_owned()))
+    })
+    .await
+    .unwrap()
+    .expect("the node logs its address");
+    let page = reqwest::get(format!("http://{addr}/")).await.unwrap();
+    assert_eq!(page.status(), 200, "the console is on");
+}
