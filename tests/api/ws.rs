@@ -353,14 +353,17 @@ async fn a_subscriber_whose_socket_pushes_back_gets_every_event_in_order_once_it
 #[tokio::test]
 async fn a_subscriber_that_reads_slower_than_a_topic_publishes_is_not_cut_off_while_it_reads() {
     // Four publishers send about 17 MB of frames faster than the client
-    // reads them; it reads all the while, at its own pace, for about
-    // twice `server.write_timeout`. Every wait for room in its socket is
-    // short and ends in progress, so it is not a stalled client; its queue
-    // stays inside the bounds, so it is not a slow consumer either.
+    // reads them; it reads all the while, at its own pace, for longer than
+    // `server.write_timeout` (400 frames, 10 ms apart). Every wait for room
+    // in its socket is short and ends in progress, so it is not a stalled
+    // client; its queue stays inside the bounds, so it is not a slow
+    // consumer either. The timeout is 3 s rather than 1 s: on a loaded
+    // machine the reading task itself may not run for a second, which is
+    // a stall by the node's definition.
     const PUBLISHERS: u64 = 4;
     const EACH: u64 = 100;
     let node = spawn_node_with(|s| {
-        s.server.write_timeout = std::time::Duration::from_secs(1);
+        s.server.write_timeout = std::time::Duration::from_secs(3);
         s.limits.outbound_queue_bytes = 64 << 20;
     })
     .await;
@@ -390,7 +393,7 @@ async fn a_subscriber_that_reads_slower_than_a_topic_publishes_is_not_cut_off_wh
     let mut offsets = Vec::new();
     for _ in 0..PUBLISHERS * EACH {
         offsets.push(reader.recv().await["offset"].as_u64().unwrap());
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     for publishing in publishers {
         publishing.await.unwrap();
