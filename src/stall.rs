@@ -30,7 +30,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 /// What a client whose request head ran out of time is sent before the
 /// connection closes (Herald's JSON error body, as every refusal has).
@@ -51,7 +51,12 @@ pub struct RequestClock {
     /// A request was dispatched and is not answered yet: its body and its
     /// answer are timed by the HTTP layer.
     busy: Cell<bool>,
-    /// Armed from a request's first byte until the request is dispatched.
+    /// When the first byte of the request under way arrived, until it is
+    /// dispatched.
+    head_since: Cell<Option<Instant>>,
+    /// The head's timer, armed only once the socket has to wait for the
+    /// rest of a head: a head that arrives whole (nearly every one) never
+    /// allocates it.
     head: Cell<Option<Pin<Box<Sleep>>>>,
 }
 
@@ -59,6 +64,7 @@ impl RequestClock {
     /// A request's head is complete and the application has it.
     pub fn dispatched(&self) {
         self.busy.set(true);
+        self.head_since.set(None);
         self.head.set(None);
     }
 
@@ -143,18 +149,25 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Paced<T> {
         if self.clock.busy.get() {
             return polled;
         }
-        let mut head = self.clock.head.take();
-        if head.is_none() {
-            if !matches!(polled, Poll::Ready(Ok(()))) || buf.filled().len() == before {
+        let since = match self.clock.head_since.get() {
+            Some(since) => since,
+            None if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before => {
+                // The first byte of a request: its head's time starts.
+                self.clock.head_since.set(Some(Instant::now()));
                 return polled;
             }
-            // The first byte of a request: its head's time starts.
-            head = Some(Box::pin(tokio::time::sleep(self.head_limit)));
-        }
-        let Some(mut timer) = head else {
-            return polled;
+            None => return polled,
         };
-        if polled.is_ready() || timer.as_mut().poll(cx).is_pending() {
+        if polled.is_ready() {
+            return polled;
+        }
+        let deadline = since + self.head_limit;
+        let mut timer = self
+            .clock
+            .head
+            .take()
+            .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.as_mut().poll(cx).is_pending() {
             self.clock.head.set(Some(timer));
             return polled;
         }
