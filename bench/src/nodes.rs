@@ -471,7 +471,8 @@ impl Cluster {
                         // Every client of a run is one user ("bench"): the
                         // per-user limits would measure themselves.
                         .env("HERALD__LIMITS__MAX_CONNECTIONS_PER_SUB", "20000")
-                        .env("HERALD__LIMITS__HTTP_PUBLISH_RATE", "100000000");
+                        .env("HERALD__LIMITS__HTTP_PUBLISH_RATE", "100000000")
+                        .env("HERALD__LIMITS__HTTP_READ_RATE", "100000000");
                     if let Some(url) = &redis_url {
                         command.env("HERALD__REDIS__URL", url);
                     }

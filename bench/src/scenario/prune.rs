@@ -14,7 +14,7 @@
 //! vacuums them. `--vacuum-after-small` also vacuums between the phases,
 //! as autovacuum would on a server where the log had just emptied: the
 //! pass's statements are then planned for empty tables (see
-//! docs/benchmarks.md for what that does to the many topics' removal).
+//! docs/benchmarks-history.md for what that does to the many topics' removal).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
