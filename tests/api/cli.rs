@@ -17,6 +17,17 @@ fn herald(dir: &Path) -> Command {
     herald_command(dir)
 }
 
+/// Runs `command`, which must fail; what it said on stderr.
+fn refused(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    assert!(!out.status.success(), "{command:?} succeeded");
+    assert!(
+        out.stdout.is_empty() || !out.stdout.starts_with(b"ey"),
+        "printed a token"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// A running `serve --dev` and the lines of its banner.
 struct DevNode {
     child: Child,
@@ -775,15 +786,12 @@ async fn token_limits_mints_a_service_token_whose_limits_a_node_applies() {
 async fn token_refuses_a_lifetime_that_is_zero_or_negative() {
     let dir = temp_dir("token-ttl");
     for ttl in [&["--ttl", "0s"][..], &["--ttl=-5m"], &["--ttl", "-5m"]] {
-        let out = herald(&dir)
-            .args(["token", "--sub", "a", "--topics", "alerts"])
-            .args(ttl)
-            .env("HERALD__AUTH__JWT_SECRET", secret())
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{ttl:?}");
-        assert!(out.stdout.is_empty(), "{ttl:?} printed a token");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = refused(
+            herald(&dir)
+                .args(["token", "--sub", "a", "--topics", "alerts"])
+                .args(ttl)
+                .env("HERALD__AUTH__JWT_SECRET", secret()),
+        );
         assert!(stderr.contains("positive duration"), "{ttl:?}: {stderr}");
         assert!(!stderr.contains("unexpected argument"), "{ttl:?}: {stderr}");
     }
@@ -797,13 +805,11 @@ async fn an_unknown_setting_names_the_file_or_the_variable_it_came_from() {
         "[server]\nbindd = \"127.0.0.1:0\"\n",
     )
     .unwrap();
-    let out = herald(&dir)
-        .args(["serve", "--config", "herald.toml"])
-        .env("HERALD__AUTH__JWT_SECRET", secret())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(
+        herald(&dir)
+            .args(["serve", "--config", "herald.toml"])
+            .env("HERALD__AUTH__JWT_SECRET", secret()),
+    );
     assert!(
         stderr.contains("`bindd`") && stderr.contains("the file herald.toml"),
         "{stderr}"
@@ -812,14 +818,12 @@ async fn an_unknown_setting_names_the_file_or_the_variable_it_came_from() {
         ("HERALD__SERVER__BINDD", "`bindd`"),
         ("HERALD__SERVERR__BIND", "`serverr`"),
     ] {
-        let out = herald(&dir)
-            .arg("serve")
-            .env("HERALD__AUTH__JWT_SECRET", secret())
-            .env(variable, "127.0.0.1:0")
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = refused(
+            herald(&dir)
+                .arg("serve")
+                .env("HERALD__AUTH__JWT_SECRET", secret())
+                .env(variable, "127.0.0.1:0"),
+        );
         assert!(
             stderr.contains(field) && stderr.contains(&format!("environment variable {variable}")),
             "{stderr}"
@@ -842,28 +846,24 @@ async fn a_key_that_is_not_pem_says_what_is_expected() {
             "an EC P-256 public key in PEM",
         ),
     ] {
-        let out = herald(&dir)
-            .arg("serve")
-            .env("HERALD__AUTH__ALGORITHM", algorithm)
-            .env(setting, "not a key")
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = refused(
+            herald(&dir)
+                .arg("serve")
+                .env("HERALD__AUTH__ALGORITHM", algorithm)
+                .env(setting, "not a key"),
+        );
         assert!(
             stderr.contains("auth.public_key_pem") && stderr.contains(says),
             "{algorithm}: {stderr}"
         );
         assert!(stderr.contains("BEGIN PUBLIC KEY"), "{stderr}");
     }
-    let out = herald(&dir)
-        .args(["token", "--sub", "a", "--topics", "a"])
-        .env("HERALD__AUTH__ALGORITHM", "ES256")
-        .env("HERALD__AUTH__PRIVATE_KEY_PEM", "not a key")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(
+        herald(&dir)
+            .args(["token", "--sub", "a", "--topics", "a"])
+            .env("HERALD__AUTH__ALGORITHM", "ES256")
+            .env("HERALD__AUTH__PRIVATE_KEY_PEM", "not a key"),
+    );
     assert!(
         stderr.contains("auth.private_key_pem") && stderr.contains("PKCS#8"),
         "{stderr}"

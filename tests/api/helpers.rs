@@ -265,16 +265,18 @@ impl TestNode {
             .unwrap()
     }
 
-    pub async fn get_json(&self, path: &str, token: &str) -> Value {
+    /// `GET path` with `token` as its bearer.
+    pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
         self.http
             .get(self.url(path))
             .bearer_auth(token)
             .send()
             .await
             .unwrap()
-            .json()
-            .await
-            .unwrap()
+    }
+
+    pub async fn get_json(&self, path: &str, token: &str) -> Value {
+        self.get(path, token).await.json().await.unwrap()
     }
 
     /// A task that publishes `count` events to `topic` over HTTP, one after
@@ -676,6 +678,22 @@ impl TestNode {
 /// The body of `GET url` (e.g. a node's `/metrics`), as text.
 pub async fn get_text(http: &reqwest::Client, url: String) -> String {
     http.get(url).send().await.unwrap().text().await.unwrap()
+}
+
+/// Checks a 429 `rate_limited` refusal that names `setting`; returns its
+/// `Retry-After`, in seconds.
+pub async fn rate_limited(refused: reqwest::Response, setting: &str) -> u64 {
+    assert_eq!(refused.status(), 429);
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains(setting), "{body}");
+    retry_after
 }
 
 /// A child process stopped when the test ends, even when it fails first:

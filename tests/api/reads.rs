@@ -12,15 +12,6 @@ fn reader(sub: &str) -> String {
     claims_token(json!({"sub": sub, "exp": now() + 3600, "topics": [">"], "publish": [">"]}))
 }
 
-async fn get(node: &TestNode, path: &str, token: &str) -> reqwest::Response {
-    node.http
-        .get(node.url(path))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn history_presence_and_introspection_count_toward_limits_http_read_rate() {
     const RATE: u32 = 6;
@@ -37,30 +28,16 @@ async fn history_presence_and_introspection_count_toward_limits_http_read_rate()
     ];
     // One bucket for every read route: the burst, then 429.
     for i in 0..RATE as usize {
-        let response = get(&node, paths[i % paths.len()], &ada).await;
+        let response = node.get(paths[i % paths.len()], &ada).await;
         assert_eq!(response.status(), 200, "read {i}");
     }
     for path in paths {
-        let refused = get(&node, path, &ada).await;
-        assert_eq!(refused.status(), 429, "{path}");
-        let retry: u64 = refused.headers()["retry-after"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!(retry >= 1);
-        let body: Value = refused.json().await.unwrap();
-        assert_eq!(body["error"], "rate_limited");
-        assert!(
-            body["message"]
-                .as_str()
-                .unwrap()
-                .contains("limits.http_read_rate"),
-            "{body}"
-        );
+        let refused = node.get(path, &ada).await;
+        let retry = crate::helpers::rate_limited(refused, "limits.http_read_rate").await;
+        assert!(retry >= 1, "{path}");
     }
     // Another user is not held back by ada's reads.
-    assert_eq!(get(&node, paths[0], &reader("bo")).await.status(), 200);
+    assert_eq!(node.get(paths[0], &reader("bo")).await.status(), 200);
 }
 
 #[tokio::test]
@@ -95,7 +72,7 @@ async fn reads_of_topics_nobody_joined_or_published_to_leave_nothing_behind() {
             format!("/api/v1/topics/{room}/events"),
             format!("/api/v1/topics/{room}"),
         ] {
-            let response = get(&node, &path, &ada).await;
+            let response = node.get(&path, &ada).await;
             assert_eq!(response.status(), 200, "{path}");
         }
     }

@@ -333,22 +333,8 @@ async fn http_publishing_is_rate_limited_per_user_with_retry_after() {
     let batch = json!([{"topic": "r", "data": 1}, {"topic": "r", "data": 2}]);
     assert_eq!(node.publish_batch(&hasty, &batch).await.status(), 201);
     let refused = node.publish(&hasty, "r", &json!(3)).await;
-    assert_eq!(refused.status(), 429);
-    let retry_after: u64 = refused.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = crate::helpers::rate_limited(refused, "limits.http_publish_rate").await;
     assert_eq!(retry_after, 1, "a token comes back within half a second");
-    let body: Value = refused.json().await.unwrap();
-    assert_eq!(body["error"], "rate_limited");
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("limits.http_publish_rate"),
-        "{body}"
-    );
     // Another user has a bucket of its own.
     assert_eq!(
         node.publish(&publisher(), "r", &json!(7)).await.status(),
