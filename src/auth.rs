@@ -540,8 +540,9 @@ impl Verifier {
         if data.header.crit.is_some() {
             return Err(AuthError::CriticalExtension);
         }
-        // `"aud": null` reads as absent here but as present to
-        // jsonwebtoken's required-claim check.
+        // jsonwebtoken's required-claim check refuses these already; this
+        // holds the rule where Herald reads the claims, whatever that
+        // library's check does in a later version.
         let claims = &data.claims;
         if self.validation.iss.is_some() && claims.iss.is_none() {
             return Err(AuthError::MissingClaim("iss".into()));

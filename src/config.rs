@@ -284,6 +284,9 @@ pub struct DevSettings {
     pub secret_file: PathBuf,
 }
 
+/// Longest of the `server.*` timeouts.
+const MAX_SERVER_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// Shortest `presence.node_ttl`: a node renews its lease six times per
 /// TTL, and each renewal is a Redis round trip.
 const MIN_NODE_TTL: Duration = Duration::from_secs(2);
@@ -542,8 +545,14 @@ impl Settings {
                 "HERALD__SERVER__WRITE_TIMEOUT",
             ),
         ] {
-            if value.is_zero() {
-                return Err(ConfigError::invalid(key, env, "must be greater than 0"));
+            // Bounded: a deadline is an instant this far ahead, which must
+            // exist.
+            if value.is_zero() || value > MAX_SERVER_TIMEOUT {
+                return Err(ConfigError::invalid(
+                    key,
+                    env,
+                    "must be greater than 0 and at most 1 day",
+                ));
             }
         }
         let presence = &self.presence;

@@ -54,10 +54,16 @@ pub struct RequestClock {
     /// When the first byte of the request under way arrived, until it is
     /// dispatched.
     head_since: Cell<Option<Instant>>,
-    /// The head's timer, armed only once the socket has to wait for the
-    /// rest of a head: a head that arrives whole (nearly every one) never
-    /// allocates it.
+    /// The head's timer, armed once the socket waits with part of a head
+    /// in (the wait after a head's last bytes included: the HTTP layer
+    /// reads until the socket has nothing more before it parses).
     head: Cell<Option<Pin<Box<Sleep>>>>,
+    /// The connection ends after the answer under way, by this instant at
+    /// the latest: what it reads from now on is no request (the rest of a
+    /// body nobody read, which the HTTP server drains, or the client's last
+    /// bytes while the node lingers), so no head is timed, and a client that
+    /// keeps sending cannot keep it open.
+    closing: Cell<Option<Instant>>,
 }
 
 impl RequestClock {
@@ -72,6 +78,14 @@ impl RequestClock {
     /// next is a new request.
     pub fn answered(&self) {
         self.busy.set(false);
+    }
+
+    /// The connection closes once this answer is sent (the HTTP layer said
+    /// `Connection: close`), and is cut at `by` if the client still sends.
+    pub fn closing(&self, by: Instant) {
+        self.closing.set(Some(by));
+        self.head_since.set(None);
+        self.head.set(None);
     }
 }
 
@@ -112,6 +126,21 @@ impl<T> Paced<T> {
         self.inner
     }
 
+    /// Whether `deadline` passed; if not, the clock's timer wakes this
+    /// connection then.
+    fn expired(&self, cx: &mut Context<'_>, deadline: Instant) -> bool {
+        let mut timer = self
+            .clock
+            .head
+            .take()
+            .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.as_mut().poll(cx).is_pending() {
+            self.clock.head.set(Some(timer));
+            return false;
+        }
+        true
+    }
+
     /// Passes a ready write through and disarms the timer; a pending one
     /// arms it and fails once it fires.
     fn watch<R>(
@@ -149,6 +178,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Paced<T> {
         if self.clock.busy.get() {
             return polled;
         }
+        if let Some(by) = self.clock.closing.get() {
+            // Answered already: past `by`, the connection just ends.
+            if polled.is_ready() || !self.expired(cx, by) {
+                return polled;
+            }
+            self.timed_out = true;
+            return Poll::Ready(Ok(()));
+        }
         let since = match self.clock.head_since.get() {
             Some(since) => since,
             None if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before => {
@@ -161,22 +198,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Paced<T> {
         if polled.is_ready() {
             return polled;
         }
-        let deadline = since + self.head_limit;
-        let mut timer = self
-            .clock
-            .head
-            .take()
-            .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if timer.as_mut().poll(cx).is_pending() {
-            self.clock.head.set(Some(timer));
+        if !self.expired(cx, since + self.head_limit) {
             return polled;
         }
-        // Out of time: a 408 if the socket takes it at once (it holds no
-        // answer: the last one is done), then the connection reads as
-        // closed, which ends it.
+        // Out of time: the connection reads as closed, which ends it. A 408
+        // goes first if the socket takes it at once, and only if no write
+        // waits: the end of the last answer may still be queued behind a
+        // client that reads slowly, and the 408 must not cut into it.
         self.timed_out = true;
         metrics::counter!(crate::telemetry::names::REQUEST_TIMEOUTS, "part" => "head").increment(1);
-        let _ = Pin::new(&mut self.inner).poll_write(cx, HEAD_TIMEOUT_RESPONSE);
+        if self.waiting.is_none() {
+            let _ = Pin::new(&mut self.inner).poll_write(cx, HEAD_TIMEOUT_RESPONSE);
+        }
         Poll::Ready(Ok(()))
     }
 }

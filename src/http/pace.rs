@@ -38,30 +38,34 @@ pub async fn pace<B: MessageBody + 'static>(
     if let Some(clock) = &clock {
         clock.dispatched();
     }
-    let late = Rc::new(Cell::new(false));
-    if has_body(&req) {
-        let limit = req
-            .app_data::<web::Data<AppState>>()
-            .map_or(DEFAULT_BODY_TIMEOUT, |s| s.settings.server.body_timeout);
+    let body = Rc::new(Cell::new(Body::Reading));
+    let with_body = has_body(&req);
+    let limit = req
+        .app_data::<web::Data<AppState>>()
+        .map_or(DEFAULT_BODY_TIMEOUT, |s| s.settings.server.body_timeout);
+    // The body's deadline: read by the handler or drained by the HTTP
+    // server, it is in by then or the connection ends.
+    let deadline = Instant::now() + limit;
+    if with_body {
         let inner = req.take_payload();
         req.set_payload(Payload::Stream {
             payload: Box::pin(Timed {
                 inner,
-                deadline: Instant::now() + limit,
+                deadline,
                 timer: None,
-                late: Rc::clone(&late),
+                body: Rc::clone(&body),
             }),
         });
     }
     let res = next.call(req).await;
-    if late.get() {
+    let late = body.get() == Body::Late;
+    if late {
         metrics::counter!(crate::telemetry::names::REQUEST_TIMEOUTS, "part" => "body").increment(1);
     }
-    let res = match res {
-        Ok(res) if late.get() => {
+    let mut res = match res {
+        Ok(res) if late => {
             let (request, _) = res.into_parts();
-            let mut res = ApiError::BodyTimeout.error_response();
-            res.head_mut().set_connection_type(ConnectionType::Close);
+            let res = ApiError::BodyTimeout.error_response();
             ServiceResponse::new(request, res).map_into_right_body()
         }
         Ok(res) => res.map_into_left_body(),
@@ -72,13 +76,24 @@ pub async fn pace<B: MessageBody + 'static>(
             if let Some(clock) = &clock {
                 clock.answered();
             }
-            return Err(if late.get() {
+            return Err(if late {
                 ApiError::BodyTimeout.into()
             } else {
                 e
             });
         }
     };
+    // A body the handler did not read to its end (it answered first, or
+    // ran out of time) ends the connection: what follows on it is that
+    // body's rest, not a next request.
+    if with_body && body.get() != Body::Done {
+        res.response_mut()
+            .head_mut()
+            .set_connection_type(ConnectionType::Close);
+        if let Some(clock) = &clock {
+            clock.closing(deadline);
+        }
+    }
     Ok(res.map_body(|_, body| Answer { body, clock }))
 }
 
@@ -94,13 +109,24 @@ fn has_body(req: &ServiceRequest) -> bool {
             .is_some_and(|length| length.as_bytes() != b"0")
 }
 
+/// How far a request's body was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body {
+    /// Not to its end (perhaps not at all).
+    Reading,
+    /// To its end.
+    Done,
+    /// Its deadline passed first.
+    Late,
+}
+
 /// A request body that fails once its deadline passes.
 struct Timed {
     inner: Payload,
     deadline: Instant,
     /// Armed the first time the body makes the reader wait.
     timer: Option<Pin<Box<Sleep>>>,
-    late: Rc<Cell<bool>>,
+    body: Rc<Cell<Body>>,
 }
 
 impl Stream for Timed {
@@ -109,6 +135,9 @@ impl Stream for Timed {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         if let Poll::Ready(item) = Pin::new(&mut this.inner).poll_next(cx) {
+            if item.is_none() {
+                this.body.set(Body::Done);
+            }
             return Poll::Ready(item);
         }
         let deadline = this.deadline;
@@ -118,7 +147,7 @@ impl Stream for Timed {
         if timer.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        this.late.set(true);
+        this.body.set(Body::Late);
         Poll::Ready(Some(Err(PayloadError::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             "the request body did not arrive within server.body_timeout",

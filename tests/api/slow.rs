@@ -341,3 +341,49 @@ async fn a_node_out_of_open_files_serves_what_it_holds_says_so_once_and_recovers
         "{said} log lines for {failed} failed accepts:\n{log}"
     );
 }
+
+#[tokio::test]
+async fn an_answer_given_before_its_body_was_read_closes_the_connection_without_a_408() {
+    // The body's rest, which the server drains, is bounded by the body's
+    // deadline, not held open for as long as the client sends it.
+    let node = spawn_node_with(|s| {
+        s.server.handshake_timeout = HEAD;
+        s.server.body_timeout = BODY;
+    })
+    .await;
+    let mut stream = TcpStream::connect(node.addr).await.unwrap();
+    // Refused (401) before its body is read; the body goes on in chunks.
+    stream
+        .write_all(
+            b"POST /api/v1/topics/t/events HTTP/1.1\r\nhost: herald\r\n\
+              authorization: Bearer not-a-token\r\ncontent-type: application/json\r\n\
+              transfer-encoding: chunked\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut sent = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let closed = loop {
+        assert!(
+            started.elapsed() < BODY + SLACK,
+            "still open after {:?}: {:?}",
+            started.elapsed(),
+            String::from_utf8_lossy(&sent)
+        );
+        let _ = stream.write_all(b"1\r\n \r\n").await;
+        match tokio::time::timeout(Duration::from_millis(300), stream.read(&mut chunk)).await {
+            Err(_) => continue,
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => sent.extend_from_slice(&chunk[..n]),
+        }
+    };
+    assert!(closed);
+    let sent = String::from_utf8_lossy(&sent);
+    assert!(sent.starts_with("HTTP/1.1 401"), "{sent:?}");
+    assert!(
+        sent.to_ascii_lowercase().contains("connection: close"),
+        "{sent:?}"
+    );
+    assert!(!sent.contains("408"), "a 408 after the answer: {sent:?}");
+}
