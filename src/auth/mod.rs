@@ -5,9 +5,10 @@
 //! with (so `alg: none` and algorithm confusion are refused by construction),
 //! `exp` and `sub` are required, and so are `iss` / `aud` when the node
 //! names an issuer or audience; a header with `crit` is refused (Herald
-//! understands no extension). A
-//! verified token becomes [`Grants`]: the patterns its holder may subscribe
-//! and publish to, with `{sub}` already substituted.
+//! understands no extension). A verified token becomes [`Grants`]: the
+//! patterns its holder may subscribe and publish to, with `{sub}` already
+//! substituted, and the limits its `limits` claim sets (`limits.rs`). Which
+//! keys a node refuses is in `keys.rs`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -21,6 +22,13 @@ use serde_json::value::RawValue;
 
 use crate::config::{Algorithm, AuthSettings, ConfigError};
 use crate::topic::{Pattern, Topic, is_valid_segment};
+
+mod keys;
+mod limits;
+
+use keys::expected_pem;
+pub use keys::{is_published_secret, is_weak_secret};
+pub use limits::TokenLimits;
 
 /// The placeholder in a grant pattern that stands for the token's `sub`.
 pub const SUB_PLACEHOLDER: &str = "{sub}";
@@ -127,98 +135,6 @@ pub struct Claims {
     /// the settings (see [`TokenLimits`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<serde_json::Map<String, serde_json::Value>>,
-}
-
-/// What a token's `limits` claim may set for its own `sub`, overriding the
-/// node's `limits.*` for that user: a backend's service token may publish
-/// far more than a browser user. Only a token the node verifies can carry
-/// them, so only its key's holder can grant them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TokenLimits {
-    /// `limits.http_publish_rate` for this `sub`.
-    pub http_publish_rate: Option<u32>,
-    /// `limits.http_read_rate` for this `sub`.
-    pub http_read_rate: Option<u32>,
-    /// `limits.max_connections_per_sub` for this `sub`.
-    pub max_connections_per_sub: Option<u32>,
-}
-
-impl TokenLimits {
-    /// The keys a token may set, as in the settings (`limits.<key>`).
-    pub const KEYS: &[&str] = &[
-        "http_publish_rate",
-        "http_read_rate",
-        "max_connections_per_sub",
-    ];
-
-    fn slot(&mut self, key: &str) -> Option<&mut Option<u32>> {
-        match key {
-            "http_publish_rate" => Some(&mut self.http_publish_rate),
-            "http_read_rate" => Some(&mut self.http_read_rate),
-            "max_connections_per_sub" => Some(&mut self.max_connections_per_sub),
-            _ => None,
-        }
-    }
-
-    /// Sets `key` to `value` (a positive integer), or says why not.
-    pub fn set(&mut self, key: &str, value: u64) -> Result<(), String> {
-        let keys = Self::KEYS.join(", ");
-        let slot = self
-            .slot(key)
-            .ok_or_else(|| format!("unknown limit `{key}`; a token may set {keys}"))?;
-        match u32::try_from(value) {
-            Ok(v) if v > 0 => {
-                *slot = Some(v);
-                Ok(())
-            }
-            _ => Err(format!(
-                "`{key}` must be a whole number from 1 to {}",
-                u32::MAX
-            )),
-        }
-    }
-
-    /// Reads the `limits` claim.
-    fn from_claim(claim: &serde_json::Map<String, serde_json::Value>) -> Result<Self, AuthError> {
-        let mut limits = TokenLimits::default();
-        for (key, value) in claim {
-            let value = value
-                .as_u64()
-                .ok_or_else(|| AuthError::BadLimits(format!("`{key}` must be a whole number")))?;
-            limits.set(key, value).map_err(AuthError::BadLimits)?;
-        }
-        Ok(limits)
-    }
-
-    /// Reads `key=value,key=value` (`herald token --limits`).
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let mut limits = TokenLimits::default();
-        for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (key, value) = pair
-                .split_once('=')
-                .ok_or_else(|| format!("{pair:?} is not key=value"))?;
-            let value = value
-                .trim()
-                .parse::<u64>()
-                .map_err(|_| format!("`{}` must be a whole number", key.trim()))?;
-            limits.set(key.trim(), value)?;
-        }
-        Ok(limits)
-    }
-
-    /// The `limits` claim, when any is set.
-    fn to_claim(self) -> Option<serde_json::Map<String, serde_json::Value>> {
-        let set = [
-            ("http_publish_rate", self.http_publish_rate),
-            ("http_read_rate", self.http_read_rate),
-            ("max_connections_per_sub", self.max_connections_per_sub),
-        ];
-        let claim: serde_json::Map<_, _> = set
-            .into_iter()
-            .filter_map(|(key, value)| Some((key.to_owned(), value?.into())))
-            .collect();
-        (!claim.is_empty()).then_some(claim)
-    }
 }
 
 /// Longest `sub` a token may carry, in bytes of UTF-8: it names the user in
@@ -400,56 +316,6 @@ pub fn check_presence_info(info: &RawValue) -> Result<(), AuthError> {
         return Err(AuthError::BadPresenceInfo("it is not an object".into()));
     }
     crate::payload::check_json(text).map_err(|e| AuthError::BadPresenceInfo(e.to_string()))
-}
-
-/// Signing secrets that appeared as defaults or examples in Herald's own
-/// files (compose file, scripts, docs). Anyone can read them, so a node
-/// started with one is refused; so is any secret still saying "change me".
-const PUBLISHED_SECRETS: &[&str] = &["local-cluster-secret-change-me-0123456789"];
-
-/// Whether `secret` is one of [`PUBLISHED_SECRETS`] or an unedited
-/// placeholder.
-pub fn is_published_secret(secret: &str) -> bool {
-    let folded: String = secret
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .collect::<String>()
-        .to_ascii_lowercase();
-    PUBLISHED_SECRETS.contains(&secret) || folded.contains("changeme")
-}
-
-/// Whether `secret` is made of one repeated character, or of one class of
-/// characters only (digits, lowercase or uppercase letters): such a secret
-/// is guessed long before its length suggests.
-pub fn is_weak_secret(secret: &str) -> bool {
-    let bytes = secret.as_bytes();
-    let one_class = |class: fn(&u8) -> bool| bytes.iter().all(class);
-    bytes.windows(2).all(|w| w[0] == w[1])
-        || one_class(u8::is_ascii_digit)
-        || one_class(u8::is_ascii_lowercase)
-        || one_class(u8::is_ascii_uppercase)
-}
-
-/// What a PEM key setting must hold for `algorithm`, said when it does not.
-fn expected_pem(algorithm: Algorithm, private: bool) -> &'static str {
-    match (algorithm, private) {
-        (Algorithm::RS256, false) => {
-            "an RSA public key in PEM (`-----BEGIN PUBLIC KEY-----` or \
-             `-----BEGIN RSA PUBLIC KEY-----`), the whole text with its line breaks"
-        }
-        (Algorithm::RS256, true) => {
-            "an RSA private key in PEM (`-----BEGIN PRIVATE KEY-----` or \
-             `-----BEGIN RSA PRIVATE KEY-----`), the whole text with its line breaks"
-        }
-        (_, false) => {
-            "an EC P-256 public key in PEM (`-----BEGIN PUBLIC KEY-----`), the whole text \
-             with its line breaks"
-        }
-        (_, true) => {
-            "an EC P-256 private key in PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`; convert \
-             a `BEGIN EC PRIVATE KEY` with `openssl pkcs8 -topk8 -nocrypt`)"
-        }
-    }
 }
 
 fn jwt_algorithm(a: Algorithm) -> jsonwebtoken::Algorithm {
