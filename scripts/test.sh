@@ -28,6 +28,7 @@ need redis-cli redis-tools
 need haproxy haproxy
 need python3 python3
 need prlimit util-linux
+need openssl openssl
 [[ -x "${CHROMIUM:-/usr/bin/chromium}" ]] || missing+=(chromium)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 pg_bin=

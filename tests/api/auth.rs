@@ -6,10 +6,50 @@ use serde_json::{Value, json};
 
 use crate::helpers::{claims_token, now, spawn_node, spawn_node_with, token};
 
-const RSA_PRIVATE: &str = include_str!("keys/rsa_private.pem");
-const RSA_PUBLIC: &str = include_str!("keys/rsa_public.pem");
-const EC_PRIVATE: &str = include_str!("keys/ec_private.pem");
-const EC_PUBLIC: &str = include_str!("keys/ec_public.pem");
+/// A key pair made for this run with `openssl` (PEM: PKCS#8 private key,
+/// SPKI public key): no key written in the repository verifies a token.
+struct KeyPair {
+    private: String,
+    public: String,
+}
+
+fn key_pair(algorithm: &[&str]) -> KeyPair {
+    let dir = crate::helpers::temp_dir("keys");
+    let private = dir.join("private.pem");
+    let made = std::process::Command::new("openssl")
+        .args(["genpkey", "-out"])
+        .arg(&private)
+        .args(algorithm)
+        .output()
+        .expect("openssl makes the test's key pairs (apt-get install openssl)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let public = std::process::Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&private)
+        .output()
+        .unwrap();
+    assert!(public.status.success());
+    let pair = KeyPair {
+        private: std::fs::read_to_string(&private).unwrap(),
+        public: String::from_utf8(public.stdout).unwrap(),
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    pair
+}
+
+fn rsa() -> &'static KeyPair {
+    static PAIR: std::sync::OnceLock<KeyPair> = std::sync::OnceLock::new();
+    PAIR.get_or_init(|| key_pair(&["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]))
+}
+
+fn ec() -> &'static KeyPair {
+    static PAIR: std::sync::OnceLock<KeyPair> = std::sync::OnceLock::new();
+    PAIR.get_or_init(|| key_pair(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]))
+}
 
 fn b64(v: &Value) -> String {
     use base64::Engine as _;
@@ -148,24 +188,24 @@ async fn rs256_node_verifies_rsa_tokens_and_refuses_algorithm_confusion() {
     let node = spawn_node_with(|s| {
         s.auth.algorithm = Algorithm::RS256;
         s.auth.jwt_secret = None;
-        s.auth.public_key_pem = Some(RSA_PUBLIC.into());
+        s.auth.public_key_pem = Some(rsa().public.clone());
     })
     .await;
     let claims = json!({"sub": "a", "exp": now() + 60, "topics": ["alerts"]});
-    let rsa = jsonwebtoken::encode(
+    let signed = jsonwebtoken::encode(
         &Header::new(jsonwebtoken::Algorithm::RS256),
         &claims,
-        &EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap(),
+        &EncodingKey::from_rsa_pem(rsa().private.as_bytes()).unwrap(),
     )
     .unwrap();
-    node.connect(&rsa).await.subscribe("alerts").await;
+    node.connect(&signed).await.subscribe("alerts").await;
 
     // HS256 "signed" with the public key as the HMAC secret: the classic
     // confusion attack. It must not verify.
     let confused = jsonwebtoken::encode(
         &Header::new(jsonwebtoken::Algorithm::HS256),
         &claims,
-        &EncodingKey::from_secret(RSA_PUBLIC.as_bytes()),
+        &EncodingKey::from_secret(rsa().public.as_bytes()),
     )
     .unwrap();
     let (status, _) = node
@@ -182,16 +222,16 @@ async fn es256_node_verifies_ec_tokens() {
     let node = spawn_node_with(|s| {
         s.auth.algorithm = Algorithm::ES256;
         s.auth.jwt_secret = None;
-        s.auth.public_key_pem = Some(EC_PUBLIC.into());
+        s.auth.public_key_pem = Some(ec().public.clone());
     })
     .await;
-    let ec = jsonwebtoken::encode(
+    let signed = jsonwebtoken::encode(
         &Header::new(jsonwebtoken::Algorithm::ES256),
         &json!({"sub": "a", "exp": now() + 60, "topics": ["alerts"]}),
-        &EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap(),
+        &EncodingKey::from_ec_pem(ec().private.as_bytes()).unwrap(),
     )
     .unwrap();
-    node.connect(&ec).await.subscribe("alerts").await;
+    node.connect(&signed).await.subscribe("alerts").await;
     let hs = token("a", &["alerts"], &[]);
     let (status, _) = node
         .handshake(&format!("?token={hs}"))
