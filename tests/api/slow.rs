@@ -242,8 +242,11 @@ async fn an_idle_kept_alive_connection_still_closes_at_its_keep_alive_limit() {
         sent.is_empty(),
         "an idle connection is closed without a reply: {sent:?}"
     );
+    // At its keep-alive, not at a head's deadline (2 s): actix times
+    // keep-alive from a clock it refreshes every 500 ms, so up to that much
+    // early (4.5 s was seen).
     assert!(
-        closed >= herald::startup::KEEP_ALIVE - Duration::from_millis(100),
+        closed >= herald::startup::KEEP_ALIVE - Duration::from_secs(1) && closed > HEAD + SLACK,
         "{closed:?}"
     );
 }
