@@ -108,14 +108,10 @@ impl PerUser {
         self.rate
     }
 
-    /// Takes `n` tokens from `sub`'s bucket (see [`TokenBucket::try_take_n`]).
-    pub fn try_take(&self, sub: &str, n: u32) -> Result<(), Option<Duration>> {
-        self.try_take_at(sub, self.rate, n)
-    }
-
-    /// [`try_take`](Self::try_take) at `rate` for this `sub` (its token's
-    /// own limit), rather than the configured one.
-    pub fn try_take_at(&self, sub: &str, rate: u32, n: u32) -> Result<(), Option<Duration>> {
+    /// Takes `n` tokens from `sub`'s bucket (see [`TokenBucket::try_take_n`]),
+    /// which refills at `rate` (the configured [`rate`](Self::rate), or the
+    /// one the user's token sets).
+    pub fn try_take(&self, sub: &str, rate: u32, n: u32) -> Result<(), Option<Duration>> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         let result = match buckets.by_sub.get_mut(sub) {
             Some(bucket) => {
@@ -162,8 +158,8 @@ mod tests {
     #[test]
     fn users_have_buckets_of_their_own() {
         let users = PerUser::new(2);
-        assert!(users.try_take("a", 2).is_ok());
-        assert!(users.try_take("a", 1).is_err());
-        assert!(users.try_take("b", 2).is_ok());
+        assert!(users.try_take("a", 2, 2).is_ok());
+        assert!(users.try_take("a", 2, 1).is_err());
+        assert!(users.try_take("b", 2, 2).is_ok());
     }
 }

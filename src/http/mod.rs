@@ -309,24 +309,22 @@ pub(crate) fn take_quota(
         ),
     };
     let rate = own.unwrap_or(limit.rate());
-    limit
-        .try_take_at(&grants.sub, rate, n)
-        .map_err(|retry_after| {
-            let message = match retry_after {
-                Some(_) => format!(
-                    "more than {rate} {what} per second from this user \
+    limit.try_take(&grants.sub, rate, n).map_err(|retry_after| {
+        let message = match retry_after {
+            Some(_) => format!(
+                "more than {rate} {what} per second from this user \
                  ({setting}); retry after Retry-After seconds"
-                ),
-                None => format!(
-                    "a batch of {n} {what} is more than {setting} \
+            ),
+            None => format!(
+                "a batch of {n} {what} is more than {setting} \
                  ({rate} per second) allows at once; send smaller batches"
-                ),
-            };
-            ApiError::RateLimited {
-                message,
-                retry_after,
-            }
-        })
+            ),
+        };
+        ApiError::RateLimited {
+            message,
+            retry_after,
+        }
+    })
 }
 
 /// Verifies the request's bearer token for a read, and counts the read
